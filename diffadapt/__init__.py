@@ -1,0 +1,74 @@
+"""diffadapt: FourierFT, BOFT/OFT, HRA and FRoD adapters for diffusion models.
+
+Five lines in a notebook::
+
+    import diffadapt as da
+    da.add_adapter(pipe.unet, da.BOFTConfig(boft_block_size=8), "subject")   # or da.load_adapter
+    da.set_adapters(pipe.unet, ["subject"], [0.8])
+    image = pipe("a photo of sks dog").images[0]
+    da.merge_adapters(pipe.unet)  # bake for speed; da.unmerge_adapters restores bit-exactly
+"""
+
+from __future__ import annotations
+
+from diffadapt._version import __version__
+
+from diffadapt.checkpoint import CheckpointError, load_adapter, read_adapter, save_adapter  # noqa: E402
+from diffadapt.methods import METHOD_NAMES, AdapterConfig, AdapterConfigError, get_method  # noqa: E402
+from diffadapt.model import (  # noqa: E402
+    active_adapters,
+    add_adapter,
+    adapter_parameters,
+    count_parameters,
+    delete_adapter,
+    disable_adapters,
+    enable_adapters,
+    list_adapters,
+    merge_adapters,
+    set_adapter_strength,
+    set_adapters,
+    unload,
+    unmerge_adapters,
+)
+from diffadapt.targets import PRESETS  # noqa: E402
+
+_CONFIGS = {
+    "FourierFTConfig": "fourierft",
+    "BOFTConfig": "boft",
+    "OFTConfig": "oft",
+    "HRAConfig": "hra",
+    "FRoDConfig": "frod",
+}
+
+
+def __getattr__(name: str):
+    if name in _CONFIGS:
+        return get_method(_CONFIGS[name]).config_class
+    raise AttributeError(f"module 'diffadapt' has no attribute {name!r}")
+
+
+__all__ = [
+    *_CONFIGS,
+    "AdapterConfig",
+    "AdapterConfigError",
+    "CheckpointError",
+    "METHOD_NAMES",
+    "PRESETS",
+    "active_adapters",
+    "add_adapter",
+    "adapter_parameters",
+    "count_parameters",
+    "delete_adapter",
+    "disable_adapters",
+    "enable_adapters",
+    "get_method",
+    "list_adapters",
+    "load_adapter",
+    "merge_adapters",
+    "read_adapter",
+    "save_adapter",
+    "set_adapter_strength",
+    "set_adapters",
+    "unload",
+    "unmerge_adapters",
+]

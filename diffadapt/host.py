@@ -1,0 +1,219 @@
+"""AdapterHost: one wrapper layer, for every method, around one base Linear / Conv1D / Conv2d.
+
+A host keeps several named adapters (``AdapterSlot``) and computes the layer with the active
+ones composed in *activation order*: the first active adapter is the first to touch the
+input. In weight terms, with ``f_k`` the weight map of adapter ``k``
+(``W -> diag(s) W R^T`` for rotations, ``W -> W + dW`` for additive methods)::
+
+    W_eff = f_1(f_2(... f_n(W)))
+
+Unmerged, this is evaluated on activations: rotations turn the running input, additive
+adapters add ``z_k @ dW_k^T`` (scaled by the output scales of the rotations before them), and
+the base layer runs last on the fully rotated input. Merging writes exactly ``W_eff`` into the
+base weight; the original weight is kept on the host so unmerging restores it bit for bit.
+Merged adapters count as the innermost ones (applied after any live adapters).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from diffadapt.methods.base import AdapterConfig, LayerSpec, Method
+
+SUPPORTED_LAYERS = (nn.Linear, Conv1D, nn.Conv2d)
+
+
+def layer_spec(name: str, module: nn.Module) -> LayerSpec:
+    """Describe a supported base layer for the method math."""
+    if isinstance(module, nn.Linear):
+        return LayerSpec(name, "linear", module.out_features, module.in_features)
+    if isinstance(module, Conv1D):
+        return LayerSpec(name, "conv1d", module.nf, module.weight.shape[0])
+    if isinstance(module, nn.Conv2d):
+        return LayerSpec(
+            name, "conv2d", module.out_channels, module.in_channels // module.groups, tuple(module.kernel_size)
+        )
+    raise TypeError(
+        f"Module {name!r} is a {type(module).__name__}; diffadapt adapts nn.Linear, transformers Conv1D and "
+        "nn.Conv2d layers."
+    )
+
+
+def weight_2d(module: nn.Module) -> Tensor:
+    """The base weight as ``(out_features, fan_in)`` (a view, no copy)."""
+    if isinstance(module, Conv1D):
+        return module.weight.T
+    return module.weight.flatten(1)
+
+
+class SharedState(nn.Module):
+    """Fixed tensors shared by a group of layers (e.g. FRoD's basis); one object, many users."""
+
+    def __init__(self, tensors: dict[str, Tensor]):
+        super().__init__()
+        for key, value in tensors.items():
+            self.register_buffer(key, value, persistent=False)
+
+
+class AdapterSlot(nn.Module):
+    """One named adapter on one layer: its config, trainable parameters and fixed buffers."""
+
+    def __init__(
+        self,
+        method: type[Method],
+        config: AdapterConfig,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        shared: Optional[SharedState] = None,
+    ):
+        super().__init__()
+        self.method = method
+        self.config = config
+        self.param_names = tuple(params)
+        for key, value in params.items():
+            self.register_parameter(key, nn.Parameter(value))
+        for key, value in buffers.items():
+            self.register_buffer(key, value, persistent=False)
+        self.shared = shared
+
+    def params(self) -> dict[str, Tensor]:
+        return {key: getattr(self, key) for key in self.param_names}
+
+    def buffers_dict(self) -> dict[str, Tensor]:
+        out = dict(self.shared.named_buffers()) if self.shared is not None else {}
+        out.update(self.named_buffers(recurse=False))
+        return out
+
+    def prepare(self, strength: Union[float, Tensor], training: bool):
+        return self.method.prepare(self.config, self.params(), self.buffers_dict(), strength, training)
+
+
+class AdapterHost(nn.Module):
+    """Wraps ``base_layer`` and hosts named adapters on it (see module docstring)."""
+
+    def __init__(self, base_layer: nn.Module, name: str):
+        super().__init__()
+        self.base_layer = base_layer
+        self.spec = layer_spec(name, base_layer)
+        self.adapters = nn.ModuleDict()
+        self.active: list[tuple[str, float]] = []  # live adapters, activation order
+        self.merged: list[tuple[str, float]] = []  # baked into base_layer's weight
+        self.disabled = False
+        self.register_buffer("original_weight", None, persistent=False)
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def add(self, adapter_name: str, slot: AdapterSlot) -> None:
+        if adapter_name in self.adapters:
+            raise ValueError(f"Layer {self.spec.name!r} already has an adapter named {adapter_name!r}.")
+        self.adapters[adapter_name] = slot
+
+    def set_active(self, names_strengths: list[tuple[str, float]], merge: bool = False) -> None:
+        """Make these adapters live (activation order) with strengths; ``merge`` bakes them."""
+        self.unmerge()
+        self.active = [(n, float(s)) for n, s in names_strengths if n in self.adapters]
+        if merge:
+            self.merge()
+
+    def remove(self, adapter_name: str) -> None:
+        remaining = [(n, s) for n, s in self.active + self.merged if n != adapter_name]
+        was_merged = bool(self.merged)
+        self.unmerge()
+        del self.adapters[adapter_name]
+        self.active = remaining
+        if was_merged:
+            self.merge()
+
+    # -- weights ------------------------------------------------------------------------------
+    def _write_weight(self, w2d: Tensor) -> None:
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            if isinstance(self.base_layer, Conv1D):
+                weight.copy_(w2d.T)
+            else:
+                weight.copy_(w2d.reshape(weight.shape))
+
+    def effective_weight(
+        self, adapters: list[tuple[str, float]], weight: Optional[Tensor] = None, training: bool = False
+    ) -> Tensor:
+        """``f_1(...f_n(W))`` for ``adapters`` in activation order (differentiable)."""
+        w = weight_2d(self.base_layer) if weight is None else weight
+        for adapter_name, strength in reversed(adapters):
+            slot = self.adapters[adapter_name]
+            prep = slot.prepare(strength, training)
+            w = slot.method.apply_to_weight(w, prep)
+        return w
+
+    @torch.no_grad()
+    def merge(self, adapter_names: Optional[list[str]] = None) -> None:
+        """Bake the chosen active adapters (default: all active) into the base weight.
+
+        The product is computed in float32 (or float64 for a float64 model) and written once,
+        so merged == unmerged within rounding of that precision and the weight dtype.
+        """
+        chosen = [(n, s) for n, s in self.active if (adapter_names is None or n in adapter_names) and s != 0.0]
+        if not chosen:
+            return
+        weight = self.base_layer.weight
+        if self.original_weight is None:
+            self.original_weight = weight.detach().clone()
+        compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        # merged adapters are innermost: the new ones wrap the already merged stack
+        w = self.effective_weight(chosen, weight_2d(self.base_layer).to(compute))
+        self._write_weight(w.to(weight.dtype))
+        self.merged = chosen + self.merged
+        self.active = [(n, s) for n, s in self.active if (n, s) not in chosen]
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight bit-exactly; merged adapters become live again."""
+        if self.original_weight is None:
+            return
+        self.base_layer.weight.copy_(self.original_weight)
+        self.original_weight = None
+        self.active = self.active + self.merged
+        self.merged = []
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        # strength exactly 0 means "off": the base layer runs untouched (bit-exact)
+        live = [(n, s) for n, s in self.active if s != 0.0]
+        if self.disabled or not live:
+            return self.base_layer(x, *args, **kwargs)
+        base = self.base_layer
+        if isinstance(base, nn.Conv2d):
+            w = self.effective_weight(live, training=self.training).to(x.dtype)
+            return base._conv_forward(x, w.reshape(base.weight.shape), base.bias)
+        z, scale, extra = x, None, None
+        for adapter_name, strength in live:
+            slot = self.adapters[adapter_name]
+            method = slot.method
+            prep = slot.prepare(strength, self.training)
+            if method.multiplicative:
+                z = method.rotate_input(z, prep)
+                s = method.output_scale(prep)
+                if s is not None:
+                    scale = s if scale is None else scale * s
+            else:
+                d = method.delta_output(z, prep)
+                if scale is not None:
+                    d = d * scale
+                extra = d if extra is None else extra + d
+        if scale is None:
+            y = F.linear(z, weight_2d(base), base.bias)
+        else:
+            y = F.linear(z, weight_2d(base)) * scale.to(z.dtype)
+            if base.bias is not None:
+                y = y + base.bias
+        if extra is not None:
+            y = y + extra.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        live = ", ".join(f"{n}@{s:g}" for n, s in self.active) or "-"
+        merged = ", ".join(f"{n}@{s:g}" for n, s in self.merged) or "-"
+        return f"adapters={list(self.adapters)}, active=[{live}], merged=[{merged}]"

@@ -1,0 +1,255 @@
+"""The contract between one method's math and the adapter runtime.
+
+A method is one file under ``diffadapt/methods/`` holding
+
+* a config dataclass (subclass of :class:`AdapterConfig`) with the method's hyper-parameters,
+  field-level validation (``validate``) and layer-level validation (``check_layer``), and
+* a stateless :class:`Method` subclass: pure tensor functions, no ``nn.Module`` bookkeeping.
+
+The runtime (``diffadapt.host``) owns parameters and buffers, decides when to call what, and
+composes several adapters on one layer. It talks to every method through this contract only.
+
+Conventions
+-----------
+* ``x`` is a batch of activations with the feature dimension last, ``(..., in_features)``.
+* ``W`` is the layer weight as a 2-D matrix ``(out_features, fan_in)``: ``nn.Linear.weight``,
+  ``transformers`` ``Conv1D.weight.T``, or ``nn.Conv2d.weight.flatten(1)`` (``fan_in =
+  in_channels/groups * kh * kw``). The layer computes ``y = x @ W.T + b``.
+* A *multiplicative* method (OFT, BOFT, HRA) has ``W_eff = diag(s) @ W @ R.T`` with ``R``
+  orthogonal-ish and ``s`` an optional output scale, i.e. ``y = s * ((x @ R) @ W.T) + b``.
+  ``rotate_input`` computes ``x @ R``; ``output_scale`` returns ``s`` (or ``None``);
+  ``apply_to_weight`` returns ``diag(s) @ W @ R.T`` (merge, and conv layers).
+* An *additive* method (FourierFT, FRoD) has ``W_eff = W + dW``. ``delta_output`` computes
+  ``x @ dW.T`` and ``apply_to_weight`` returns ``W + dW``.
+* ``strength`` (a float or 0-d tensor) scales the adapter: 0 must give the base layer exactly
+  and 1 the trained adapter exactly; each method documents what happens in between.
+* ``prepare`` runs once per forward and turns parameters into the small per-step factors
+  (rotation blocks, WY factors, ...). Everything else takes its output. It must not sync
+  with the host (no ``.item()``, no Python branching on tensor values) so that the whole
+  forward compiles with ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+import torch
+from torch import Tensor
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """``pattern`` is a module-name suffix (``"attn1.to_q"``) or a full-match regex."""
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+class AdapterConfigError(ValueError):
+    """A config that cannot work: a bad value, or a value that does not fit a layer."""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a method may know about the layer it adapts."""
+
+    name: str  # dotted module path, used in error messages
+    kind: str  # "linear" | "conv1d" (transformers Conv1D) | "conv2d"
+    out_features: int
+    in_features: int  # input features (linear) or in_channels // groups (conv2d)
+    kernel_size: tuple[int, ...] = ()
+
+    @property
+    def fan_in(self) -> int:
+        """Width of the 2-D weight matrix ``W`` (out_features, fan_in)."""
+        return self.in_features * math.prod(self.kernel_size)
+
+    def describe(self) -> str:
+        shape = f"{self.out_features}x{self.fan_in}"
+        if self.kernel_size:
+            k = "x".join(map(str, self.kernel_size))
+            shape += f" (conv {self.in_features} channels, kernel {k})"
+        return f"{self.name!r} [{self.kind}, weight {shape}]"
+
+
+# Fields every config has: which layers to adapt (PEFT's names and meanings).
+TARGETING_FIELDS = (
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+    "overrides",
+)
+
+
+@dataclass
+class AdapterConfig:
+    """Base of every method's config.
+
+    Targeting follows PEFT: ``target_modules`` is a list of module-name suffixes, a regex
+    string (full match), or ``"all-linear"``; ``exclude_modules`` likewise removes modules;
+    ``layers_to_transform`` / ``layers_pattern`` restrict to some block indices.
+    ``overrides`` maps a regex or suffix to a dict of field values for matching layers
+    (generalises PEFT's ``rank_pattern`` / ``n_frequency_pattern``).
+    """
+
+    method: ClassVar[str] = ""
+    peft_type: ClassVar[str] = ""
+
+    target_modules: Optional[Union[list[str], str]] = None
+    exclude_modules: Optional[Union[list[str], str]] = None
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    modules_to_save: Optional[list[str]] = None
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    init_weights: bool = True
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation ---------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check field values on their own. Subclasses extend (and call super)."""
+        if self.bias != "none":
+            raise AdapterConfigError(
+                f"{type(self).__name__}: bias={self.bias!r} is not supported; diffadapt adapters leave "
+                "biases frozen (bias='none')."
+            )
+        if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
+            raise AdapterConfigError(f"{type(self).__name__}: target_modules is an empty list.")
+
+    def check_layer(self, layer: LayerSpec) -> None:
+        """Raise AdapterConfigError naming ``layer`` if this config cannot adapt it."""
+
+    # -- per-layer values -----------------------------------------------------------------
+    def for_layer(self, name: str) -> "AdapterConfig":
+        """This config with the ``overrides`` that match module ``name`` applied."""
+        changes: dict[str, Any] = {}
+        for pattern, values in self.overrides.items():
+            if pattern_matches(pattern, name):
+                changes.update(values)
+        if not changes:
+            return self
+        return dataclasses.replace(self, overrides={}, **changes)
+
+    # -- (de)serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["method"] = self.method
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in data if k not in names and k != "method")
+        if unknown:
+            raise AdapterConfigError(f"{cls.__name__}: unknown config fields {unknown}.")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """Fields of PEFT's config class for this method (without peft_type & co)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        """Build from an ``adapter_config.json`` written by PEFT (extra keys ignored)."""
+        raise NotImplementedError
+
+
+class Method:
+    """Stateless math of one method. Every function is a classmethod/staticmethod."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[AdapterConfig]]
+    multiplicative: ClassVar[bool]
+    # adapter parameter name (ours) -> PEFT state-dict suffix; what PEFT files store
+    peft_keys: ClassVar[dict[str, str]] = {}
+
+    # -- injection time -------------------------------------------------------------------
+    @classmethod
+    def init_shared(
+        cls, config: AdapterConfig, layers: list[LayerSpec], weights: list[Tensor]
+    ) -> list[dict[str, Tensor]]:
+        """State shared by several layers, computed once for the whole model (FRoD's bases).
+
+        Returns one dict per layer (the same dict object for layers that share). The default
+        is no shared state.
+        """
+        return [{} for _ in layers]
+
+    @classmethod
+    def init_layer(
+        cls, config: AdapterConfig, layer: LayerSpec, weight: Tensor, shared: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Return ``(params, buffers)`` for one layer: trainable tensors and fixed ones.
+
+        ``weight`` is the 2-D base weight (see module docstring), on the model's device.
+        Buffers must be regenerable from the config, the base weight and ``shared``; they
+        are never saved.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def shared_from_saved(
+        cls,
+        config: AdapterConfig,
+        layers: list[LayerSpec],
+        weights: list[Tensor],
+        saved: dict[str, Tensor],
+    ) -> list[dict[str, Tensor]]:
+        """Like ``init_shared`` but from tensors a checkpoint stored (PEFT key names, e.g.
+        ``base_model.frod_V.<category>``). Methods without shared state accept none."""
+        if saved:
+            raise AdapterConfigError(
+                f"Unexpected tensors for a {cls.name} adapter: {', '.join(sorted(saved)[:5])}."
+            )
+        return cls.init_shared(config, layers, weights)
+
+    @classmethod
+    def peft_extra_state(
+        cls, config: AdapterConfig, layers: list[LayerSpec], buffers: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """Tensors PEFT's file holds besides per-layer parameters (FRoD's projections)."""
+        return {}
+
+    # -- every step -----------------------------------------------------------------------
+    @classmethod
+    def prepare(
+        cls,
+        config: AdapterConfig,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        strength: Union[float, Tensor],
+        training: bool = False,
+    ) -> Any:
+        """Turn parameters into the per-step factors used below (dropout happens here)."""
+        raise NotImplementedError
+
+    # multiplicative methods
+    @staticmethod
+    def rotate_input(x: Tensor, prep: Any) -> Tensor:  # x @ R
+        raise NotImplementedError
+
+    @staticmethod
+    def output_scale(prep: Any) -> Optional[Tensor]:  # s (out_features,) or None
+        return None
+
+    # additive methods
+    @staticmethod
+    def delta_output(x: Tensor, prep: Any) -> Tensor:  # x @ dW.T
+        raise NotImplementedError
+
+    # both
+    @staticmethod
+    def apply_to_weight(weight: Tensor, prep: Any) -> Tensor:
+        """The effective 2-D weight: ``diag(s) W R^T`` or ``W + dW`` (merge and conv path)."""
+        raise NotImplementedError

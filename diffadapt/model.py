@@ -1,0 +1,289 @@
+"""Model-level adapter API: add, activate with strengths, merge, unmerge, delete, unload.
+
+All functions take the (diffusers or transformers) model itself and change it in place, like
+diffusers' LoRA verbs. What diffadapt knows about a model lives in ``model._diffadapt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from diffadapt.host import SUPPORTED_LAYERS, AdapterHost, AdapterSlot, SharedState, layer_spec, weight_2d
+from diffadapt.methods import AdapterConfig, AdapterConfigError, get_method
+from diffadapt.targets import preset_pattern, select_targets
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class ModelAdapters:
+    """diffadapt's record on a model: configs by adapter name and the current mode."""
+
+    configs: dict[str, AdapterConfig] = field(default_factory=dict)
+    active: list[tuple[str, float]] = field(default_factory=list)
+    merged: bool = False
+    disabled: bool = False
+    requires_grad: dict[str, bool] = field(default_factory=dict)  # base params before injection
+
+
+def adapter_state(model: nn.Module) -> ModelAdapters:
+    state = model.__dict__.get("_diffadapt")
+    if state is None:
+        raise ValueError(f"This {type(model).__name__} has no diffadapt adapters; add or load one first.")
+    return state
+
+
+def hosts(model: nn.Module) -> list[tuple[str, AdapterHost]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterHost)]
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    module = model.get_submodule(name)
+    return module.base_layer if isinstance(module, AdapterHost) else module
+
+
+def _check_name(model: nn.Module, adapter_name: str) -> None:
+    state = model.__dict__.get("_diffadapt")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"Adapter names are non-empty strings without '.', got {adapter_name!r}.")
+    if state is not None and adapter_name in state.configs:
+        raise ValueError(
+            f"This {type(model).__name__} already has an adapter named {adapter_name!r}; pick another "
+            "adapter_name or delete_adapter() it first."
+        )
+
+
+def resolve_targets(model: nn.Module, config: AdapterConfig, preset: Optional[str] = None) -> AdapterConfig:
+    """Fill ``target_modules`` from ``preset`` (default 'attention' for known architectures)."""
+    if preset is not None and config.target_modules is not None:
+        raise AdapterConfigError("Give either a preset or target_modules, not both.")
+    if config.target_modules is None:
+        return dataclasses.replace(config, target_modules=preset_pattern(model, preset or "attention"))
+    return config
+
+
+def build_slots(
+    model: nn.Module,
+    config: AdapterConfig,
+    names: Sequence[str],
+    saved_shared: Optional[dict[str, torch.Tensor]] = None,
+) -> dict[str, AdapterSlot]:
+    """Create (without installing) one AdapterSlot per module name. Raises before any change.
+
+    ``saved_shared`` are non-layer tensors from a checkpoint (e.g. FRoD's saved bases)."""
+    method = get_method(config.method)
+    modules = [_module(model, n) for n in names]
+    specs = [layer_spec(n, m) for n, m in zip(names, modules)]
+    configs = [config.for_layer(n) for n in names]
+    for cfg, spec in zip(configs, specs):
+        cfg.check_layer(spec)
+    weights = [weight_2d(m).detach() for m in modules]
+    if saved_shared is None:
+        shared = method.init_shared(config, specs, weights)
+    else:
+        shared = method.shared_from_saved(config, specs, weights, saved_shared)
+    shared_modules: dict[int, SharedState] = {}
+    slots = {}
+    for name, cfg, spec, weight, common in zip(names, configs, specs, weights, shared):
+        params, buffers = method.init_layer(cfg, spec, weight, common)
+        if weight.dtype in _LOW_PRECISION:  # train adapters in fp32, like PEFT's autocast_adapter_dtype
+            params = {k: v.float() for k, v in params.items()}
+        holder = None
+        if common:
+            holder = shared_modules.setdefault(id(common), SharedState(common))
+        slots[name] = AdapterSlot(method, cfg, params, buffers, holder)
+    return slots
+
+
+def install_slots(model: nn.Module, adapter_name: str, config: AdapterConfig, slots: dict[str, AdapterSlot]) -> None:
+    """Put built slots into the model (cannot fail half-way) and make the adapter the active one."""
+    state = model.__dict__.get("_diffadapt")
+    if state is None:
+        state = ModelAdapters(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+        model.__dict__["_diffadapt"] = state
+    for name, slot in slots.items():
+        module = model.get_submodule(name)
+        if not isinstance(module, AdapterHost):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            module = AdapterHost(module, name)
+            setattr(parent, child, module)
+        module.add(adapter_name, slot)
+    state.configs[adapter_name] = config
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for slot in slots.values():
+        for p in slot.parameters():
+            p.requires_grad_(True)
+    set_adapters(model, adapter_name)
+
+
+def add_adapter(
+    model: nn.Module, config: AdapterConfig, adapter_name: str = "default", *, preset: Optional[str] = None
+) -> list[str]:
+    """Inject a new adapter described by ``config``; returns the adapted module names.
+
+    Without ``target_modules`` the architecture's ``preset`` is used ('attention' by default;
+    'attention+ff' adds the feed-forward layers). Injection is atomic: if any layer fails
+    validation or initialisation the model is left exactly as it was. The new adapter becomes
+    the active one and the only trainable parameters are its own.
+    """
+    _check_name(model, adapter_name)
+    config = resolve_targets(model, config, preset)
+    names = select_targets(model, config, SUPPORTED_LAYERS)
+    slots = build_slots(model, config, names)
+    install_slots(model, adapter_name, config, slots)
+    return names
+
+
+def _names_and_weights(
+    state: ModelAdapters, adapter_names: Union[str, Sequence[str]], weights
+) -> list[tuple[str, float]]:
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    unknown = [n for n in names if n not in state.configs]
+    if unknown:
+        raise ValueError(f"Unknown adapter(s) {unknown}; this model has {sorted(state.configs)}.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"Adapter names repeat in {names}.")
+    if weights is None:
+        weights = [1.0] * len(names)
+    elif isinstance(weights, (int, float)):
+        weights = [float(weights)] * len(names)
+    weights = list(weights)
+    if len(weights) != len(names):
+        raise ValueError(f"Got {len(weights)} strengths for {len(names)} adapters {names}.")
+    return [(n, float(w)) for n, w in zip(names, weights)]
+
+
+def set_adapters(
+    model: nn.Module,
+    adapter_names: Union[str, Sequence[str]],
+    weights: Union[float, Sequence[float], None] = None,
+) -> None:
+    """Activate ``adapter_names`` (activation order) with strengths ``weights`` (default 1).
+
+    Strength 0 is the base model exactly, 1 the trained adapter; see each method for values in
+    between. If the model is merged, the new choice is merged instead (a merge-switch).
+    """
+    state = adapter_state(model)
+    chosen = _names_and_weights(state, adapter_names, weights)
+    for _, host in hosts(model):
+        host.set_active(chosen, merge=state.merged and not state.disabled)
+    state.active = chosen
+
+
+def set_adapter_strength(model: nn.Module, adapter_name: str, strength: float) -> None:
+    state = adapter_state(model)
+    if adapter_name not in [n for n, _ in state.active]:
+        raise ValueError(f"Adapter {adapter_name!r} is not active; active: {[n for n, _ in state.active]}.")
+    set_adapters(model, [n for n, _ in state.active], [strength if n == adapter_name else s for n, s in state.active])
+
+
+def active_adapters(model: nn.Module) -> list[tuple[str, float]]:
+    state = model.__dict__.get("_diffadapt")
+    return [] if state is None or state.disabled else list(state.active)
+
+
+def list_adapters(model: nn.Module) -> dict[str, dict]:
+    """name -> method, number of layers, number of parameters, strength if active."""
+    state = adapter_state(model)
+    info = {n: {"method": c.method, "layers": 0, "parameters": 0, "strength": None} for n, c in state.configs.items()}
+    for n, s in state.active:
+        info[n]["strength"] = s
+    for _, host in hosts(model):
+        for n, slot in host.adapters.items():
+            info[n]["layers"] += 1
+            info[n]["parameters"] += sum(p.numel() for p in slot.parameters())
+    return info
+
+
+def disable_adapters(model: nn.Module) -> None:
+    """Run the base model (merged weights are restored first)."""
+    state = adapter_state(model)
+    for _, host in hosts(model):
+        host.unmerge()
+        host.disabled = True
+    state.disabled = True
+
+
+def enable_adapters(model: nn.Module) -> None:
+    state = adapter_state(model)
+    for _, host in hosts(model):
+        host.disabled = False
+        if state.merged:
+            host.merge()
+    state.disabled = False
+
+
+def merge_adapters(model: nn.Module, adapter_names: Optional[Sequence[str]] = None) -> None:
+    """Bake the active adapters (or the chosen active ones) into the base weights."""
+    state = adapter_state(model)
+    if adapter_names is not None:
+        _names_and_weights(state, adapter_names, None)
+    for _, host in hosts(model):
+        if not host.disabled:
+            host.merge(list(adapter_names) if adapter_names is not None else None)
+    state.merged = True
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """Restore every base weight bit for bit; merged adapters run live again."""
+    state = adapter_state(model)
+    for _, host in hosts(model):
+        host.unmerge()
+    state.merged = False
+
+
+def _replace_host(model: nn.Module, name: str, host: AdapterHost) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, host.base_layer)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    state = adapter_state(model)
+    _names_and_weights(state, adapter_name, None)
+    for name, host in hosts(model):
+        if adapter_name in host.adapters:
+            host.remove(adapter_name)
+            if not host.adapters:
+                _replace_host(model, name, host)
+    del state.configs[adapter_name]
+    state.active = [(n, s) for n, s in state.active if n != adapter_name]
+    if not state.configs:
+        unload(model)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter: the original modules go back, weights bit-identical."""
+    state = model.__dict__.get("_diffadapt")
+    for name, host in hosts(model):
+        host.unmerge()
+        _replace_host(model, name, host)
+    if state is not None:
+        for n, p in model.named_parameters():
+            p.requires_grad_(state.requires_grad.get(n, p.requires_grad))
+        del model.__dict__["_diffadapt"]
+    return model
+
+
+def adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+    """``{"<module path>.<param>": parameter}`` of one adapter (the live tensors)."""
+    out = {}
+    for name, host in hosts(model):
+        slot = host.adapters[adapter_name] if adapter_name in host.adapters else None
+        if slot is not None:
+            for key, value in slot.params().items():
+                out[f"{name}.{key}"] = value
+    return out
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

@@ -1,0 +1,133 @@
+"""Which modules of a model get adapters: PEFT-style target matching and per-architecture presets.
+
+``target_modules`` means what it means in PEFT: a list of module-name suffixes, one regex string
+(full match), or ``"all-linear"``. Presets are anchored regexes per architecture, so that a bare
+``proj_out`` never hits the top-level output layer of a DiT.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Iterable, Optional, Union
+
+from torch import nn
+
+from diffadapt.methods.base import AdapterConfigError, pattern_matches  # noqa: F401
+
+_QKVO = r"(to_q|to_k|to_v|to_out\.0)"
+_JOINT = r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+_FF = r"ff\.net\.(0\.proj|2)"
+_CLIP = r"(text_model\.)?encoder\.layers\.\d+\."
+
+# architecture (model class name) -> preset name -> anchored regex (full match on module path)
+PRESETS: dict[str, dict[str, str]] = {
+    "UNet2DConditionModel": {
+        "attention": rf".*transformer_blocks\.\d+\.attn[12]\.{_QKVO}",
+        "attention+ff": rf".*transformer_blocks\.\d+\.(attn[12]\.{_QKVO}|{_FF})",
+    },
+    "SD3Transformer2DModel": {
+        "attention": rf"transformer_blocks\.\d+\.attn\.{_JOINT}",
+        "attention+ff": rf"transformer_blocks\.\d+\.(attn\.{_JOINT}|ff(_context)?\.net\.(0\.proj|2))",
+    },
+    "FluxTransformer2DModel": {
+        "attention": rf"(transformer_blocks\.\d+\.attn\.{_JOINT}|single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v))",
+        "attention+ff": (
+            rf"(transformer_blocks\.\d+\.(attn\.{_JOINT}|ff(_context)?\.net\.(0\.proj|2))"
+            r"|single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))"
+        ),
+    },
+    "PixArtTransformer2DModel": {
+        "attention": rf"transformer_blocks\.\d+\.attn[12]\.{_QKVO}",
+        "attention+ff": rf"transformer_blocks\.\d+\.(attn[12]\.{_QKVO}|{_FF})",
+    },
+    "CLIPTextModel": {
+        "attention": rf"{_CLIP}self_attn\.(q_proj|k_proj|v_proj|out_proj)",
+        "attention+ff": rf"{_CLIP}(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))",
+    },
+}
+PRESETS["CLIPTextModelWithProjection"] = PRESETS["CLIPTextModel"]
+PRESET_ALIASES = {"attn": "attention", "attn-ff": "attention+ff", "attn+ff": "attention+ff", "all": "attention+ff"}
+
+
+def architecture(model: nn.Module) -> str:
+    return type(model).__name__
+
+
+def preset_pattern(model: nn.Module, preset: str) -> str:
+    """The regex of ``preset`` for ``model``'s architecture."""
+    arch = architecture(model)
+    if arch not in PRESETS:
+        raise AdapterConfigError(
+            f"No target presets for {arch}; presets exist for {', '.join(sorted(PRESETS))}. "
+            "Pass target_modules (module-name suffixes or a regex) instead."
+        )
+    key = PRESET_ALIASES.get(preset, preset)
+    if key not in PRESETS[arch]:
+        raise AdapterConfigError(
+            f"Unknown preset {preset!r} for {arch}; choose one of {', '.join(sorted(PRESETS[arch]))}."
+        )
+    return PRESETS[arch][key]
+
+
+def _matches(spec: Union[str, list[str], None], name: str, module: nn.Module) -> bool:
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        if spec == "all-linear":
+            from transformers.pytorch_utils import Conv1D
+
+            return isinstance(module, (nn.Linear, Conv1D))
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def _layer_index(name: str, layers_pattern: Union[str, list[str], None]) -> Optional[int]:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [r"[^.]+"])
+    for pattern in patterns:
+        m = re.match(rf"(.*\.)?{pattern}\.(\d+)(\.|$)", name)
+        if m:
+            return int(m.group(2))
+    return None
+
+
+def select_targets(model: nn.Module, config, supported: tuple[type, ...]) -> list[str]:
+    """Names of the modules ``config`` targets, in model order. Raises if none match."""
+    from diffadapt.host import AdapterHost
+
+    layers = set(
+        [config.layers_to_transform] if isinstance(config.layers_to_transform, int) else (config.layers_to_transform or [])
+    )
+    names = []
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterHost):
+            module = module.base_layer
+        elif not isinstance(module, supported) or ".base_layer" in f".{name}":
+            continue
+        candidates.append(name)
+        if not _matches(config.target_modules, name, module):
+            continue
+        if _matches(config.exclude_modules, name, module):
+            continue
+        if layers and _layer_index(name, config.layers_pattern) not in layers:
+            continue
+        names.append(name)
+    if not names:
+        raise AdapterConfigError(no_match_message(config.target_modules, candidates, type(model).__name__))
+    return names
+
+
+def no_match_message(target: object, candidates: Iterable[str], arch: str) -> str:
+    candidates = list(candidates)
+    wanted = [target] if isinstance(target, str) else list(target or [])
+    near: list[str] = []
+    for t in wanted:
+        tails = {c.split(".")[-1]: c for c in candidates}
+        near += [tails[k] for k in difflib.get_close_matches(str(t).split(".")[-1], list(tails), n=3, cutoff=0.4)]
+        near += difflib.get_close_matches(str(t), candidates, n=3, cutoff=0.4)
+    near = list(dict.fromkeys(near))[:6] or candidates[:6]
+    return (
+        f"target_modules={target!r} matches no adaptable layer of this {arch} ({len(candidates)} Linear/Conv "
+        f"layers). Nearest module names: {', '.join(near)}."
+    )
