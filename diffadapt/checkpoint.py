@@ -169,6 +169,8 @@ def load_adapter(
     config, tensors = read_adapter(path)
     layers, extra = split_keys(model, config, tensors)
     method = get_method(config.method)
+    first = next(iter(layers.values()))
+    config = method.config_for_saved(config, {k: tuple(v.shape) for k, v in first.items()})
     slots = build_slots(model, config, list(layers), saved_shared=extra)
     problems = []
     for name, slot in slots.items():

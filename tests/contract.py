@@ -64,3 +64,14 @@ def merged_forward(method, config, module, params, buffers, x, strength=1.0):
     if isinstance(module, nn.Conv2d):
         return module._conv_forward(x, W_eff.reshape(module.weight.shape), module.bias)
     return F.linear(x, W_eff, module.bias)
+
+
+class Holder(nn.Module):
+    """A one-layer model, so PEFT can wrap a bare layer under the name ``layer``."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)

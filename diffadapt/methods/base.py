@@ -215,6 +215,12 @@ class Method:
         return cls.init_shared(config, layers, weights)
 
     @classmethod
+    def config_for_saved(cls, config: AdapterConfig, shapes: dict[str, tuple[int, ...]]) -> AdapterConfig:
+        """The config a checkpoint's tensors were really trained with (``shapes``: our param
+        name -> shape of one layer's saved tensor). Default: the config as written."""
+        return config
+
+    @classmethod
     def peft_extra_state(
         cls, config: AdapterConfig, layers: list[LayerSpec], buffers: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:

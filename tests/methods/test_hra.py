@@ -13,6 +13,7 @@ from transformers.pytorch_utils import Conv1D
 from diffadapt.methods.base import AdapterConfigError, LayerSpec
 from diffadapt.methods.hra import HRA, HRAConfig, wy_factors
 from tests import contract
+from tests.contract import Holder
 
 peft = pytest.importorskip("peft")
 from peft import HRAConfig as PeftHRAConfig  # noqa: E402
@@ -20,13 +21,6 @@ from peft import get_peft_model  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 
-class Holder(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 def make_layer(kind: str) -> nn.Module:

@@ -1,0 +1,309 @@
+"""BOFT: butterfly orthogonal fine-tuning (Liu et al. 2024, https://arxiv.org/abs/2311.06243).
+
+Math
+----
+``d`` = fan_in, ``b`` block size, ``N = d / b`` blocks, ``m`` butterfly factors. Trainable
+``boft_R`` of shape ``(m, N, b, b)`` (only its skew part is used) and ``boft_s``, the output
+scale (``(d_out, 1)``; ``(1, d_out)`` on conv2d layers, PEFT's layout). Per block::
+
+    S = (R - R^T) / 2,      Q = (I - S)(I + S)^{-1}            (PEFT's Cayley; orthogonal)
+
+Factor ``i`` is ``M_i = P_i blockdiag(Q_i[0..N-1]) P_i^T`` with the butterfly permutation
+``P_i``: cut ``d`` into runs of ``b 2^i``, each run into ``2^{i+1}`` chunks of ``b/2`` and list
+the even chunks, then the odd ones (``P_0 = I``). So block ``k`` of run ``r`` of factor ``i``
+pairs chunk ``k`` with chunk ``k + 2^i`` of that run. With ``R = M_{m-1} ... M_0``::
+
+    W_eff = diag(s) W R^T,          y = s * ((x R) W^T) + bias.
+
+Fast form (nothing ``d x d`` is built, no index buffers): a permutation ``P_i`` is a reshape
++ axis swap (``x P_i`` = ``x.view(runs, 2, 2^i, b/2)`` with the two middle axes swapped); each
+factor is one ``bmm`` of a block-major view of the activations with the ``b x b`` blocks (see
+:func:`butterfly_rotate`). ``x R`` runs the factors ``m-1 .. 0``; ``W R^T`` runs ``0 .. m-1``
+with transposed blocks. All ``m N`` blocks come from one batched
+``solve_ex`` (no host sync) in float32 (float64 for float64 params) and are cast to the
+activation / weight dtype where used. Conv2d of any kernel goes through ``apply_to_weight`` on
+``weight.flatten(1)`` (PEFT's flattening order).
+
+Strength ``a``: ``Q_a = Cayley(a S)`` (orthogonal for every ``a``; ``a = 0`` gives ``I`` exactly)
+and ``s_a = lerp(1, s, a) = 1 + a (s - 1)`` (``torch.lerp`` returns ``1`` at ``a = 0`` and ``s``
+at ``a = 1`` exactly, and it works for any sign of ``s``).
+
+Dropout (``boft_dropout = p``, training only, PEFT's semantics): one factor drawn at random
+gets ``int(p N)`` of its blocks, drawn at random, replaced by the identity.
+
+PEFT differences: without its JIT CUDA extension (every CPU machine, and current torch on GPU)
+PEFT silently trains ``m = 1`` while its config still says ``m``; such files hold ``boft_R`` of
+shape ``(1, N, b, b)``. :meth:`BOFTConfig.for_saved_factors` gives the config PEFT really used.
+PEFT has no Conv1D, no grouped conv and only square kernels; diffadapt has all three.
+
+The helpers :func:`cayley`, :func:`drop_blocks` and :func:`butterfly_rotate` are shared with
+OFT (``oft.py``), BOFT's one-factor case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from diffadapt.methods.base import TARGETING_FIELDS, AdapterConfig, AdapterConfigError, LayerSpec, Method
+
+LAYER_KINDS = ("linear", "conv1d", "conv2d")
+_BOFT_FIELDS = ("boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "boft_dropout")
+
+
+# -- shared config helpers (OFT uses them too) ----------------------------------------------------
+def check_int(owner: str, name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise AdapterConfigError(f"{owner}: {name} must be an integer >= {minimum}, got {name}={value!r}.")
+
+
+def check_prob(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise AdapterConfigError(f"{owner}: {name} is a probability in [0, 1), got {name}={value!r}.")
+
+
+def check_kind(method: str, layer: LayerSpec) -> None:
+    if layer.kind not in LAYER_KINDS:
+        raise AdapterConfigError(
+            f"{method} cannot adapt {layer.describe()}: layer kind {layer.kind!r} is not one of "
+            f"{', '.join(LAYER_KINDS)}. Remove it from target_modules."
+        )
+
+
+def peft_dict(config: AdapterConfig, fields: tuple[str, ...]) -> dict[str, Any]:
+    """``fields`` + PEFT's common fields of ``config``, for PEFT's config class."""
+    if config.overrides:
+        raise AdapterConfigError(
+            f"{type(config).__name__}: PEFT's config has no per-layer settings, so overrides="
+            f"{config.overrides!r} cannot be written in PEFT format. Save in diffadapt format or drop them."
+        )
+    common = ("init_weights", "bias", "fan_in_fan_out") + tuple(f for f in TARGETING_FIELDS if f != "overrides")
+    out = {k: getattr(config, k) for k in fields + common}
+    for k in ("target_modules", "exclude_modules"):
+        if isinstance(out[k], (set, tuple)):
+            out[k] = sorted(out[k])
+    return out
+
+
+def from_peft(cls: type[AdapterConfig], data: dict[str, Any], fields: tuple[str, ...], **defaults: Any):
+    """Build ``cls`` from an ``adapter_config.json`` dict; PEFT bookkeeping keys are ignored."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"overrides"}
+    kw = {**defaults, **{k: v for k, v in data.items() if k in names}}
+    for k in ("target_modules", "exclude_modules"):
+        if isinstance(kw.get(k), (set, tuple)):
+            kw[k] = sorted(kw[k])
+    return cls(**kw)
+
+
+# -- shared math -------------------------------------------------------------------------------
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half/bfloat16/float32 parameters, float64 for float64 (gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def cayley(skew: Tensor) -> Tensor:
+    """``Q = (I - S)(I + S)^{-1}`` for a batch ``(..., b, b)`` of skew-symmetric ``S``.
+
+    One batched ``solve_ex`` of ``(I + S) Q = I - S`` (the two factors commute); ``I + S`` is
+    always invertible for skew ``S``, so the error check (a host sync) is skipped.
+    """
+    eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
+    return torch.linalg.solve_ex(eye + skew, eye - skew)[0]
+
+
+def drop_blocks(blocks: Tensor, p: float) -> Tensor:
+    """PEFT's multiplicative dropout on ``(m, N, b, b)`` blocks: in one random factor,
+    ``int(p N)`` random blocks become the identity. Random draws stay on the device."""
+    m, n, b, _ = blocks.shape
+    k = int(p * n)
+    if k == 0:
+        return blocks
+    dev = blocks.device
+    chosen = torch.randperm(n, device=dev) < k  # exactly k True, at random places
+    factor = torch.arange(m, device=dev) == torch.randint(m, (1,), device=dev)
+    mask = (factor[:, None] & chosen[None, :])[..., None, None]
+    return torch.where(mask, torch.eye(b, dtype=blocks.dtype, device=dev), blocks)
+
+
+def butterfly_rotate(x: Tensor, blocks: Tensor, transpose: bool = False) -> Tensor:
+    """``x @ R`` (or ``x @ R^T`` with ``transpose``) for ``R = M_{m-1} ... M_0``.
+
+    ``x`` is ``(..., d)``; ``blocks`` ``(m, N, b, b)`` with ``N b = d`` (``N = 1`` is broadcast
+    over all blocks: OFT's ``block_share``). No ``d x d`` matrix, no index buffers:
+
+    * ``m = 1``: one bmm on the strided ``(N, T, b)`` view of ``x``, one copy back.
+    * ``m > 1``: feature-major, on ``(N, b, T)`` views (token axis innermost, so the copies
+      move long rows): each factor is ``bmm(Q^T, u)``. Factor ``i``'s block ``(run, k)`` holds
+      chunks ``k`` and ``k + 2^i`` of its run, so between factors the layout changes by swapping
+      two axes of a 6-d view: ``m + 1`` copies in all (the first and last also transpose).
+    """
+    m, _, b, _ = blocks.shape
+    d = x.shape[-1]
+    n, h = d // b, b // 2
+    right = blocks.to(x.dtype).expand(m, n, b, b)  # rows are right-multiplied: x_blk @ Q
+    if transpose:
+        right = right.mT
+    if m == 1:
+        return torch.bmm(x.reshape(-1, n, b).transpose(0, 1), right[0]).transpose(0, 1).reshape(x.shape)
+    left = right.mT  # x M = (M^T x^T)^T
+    order = list(range(m)) if transpose else list(range(m - 1, -1, -1))
+    zt = x.reshape(-1, d).T  # (d, T) view
+    t = zt.shape[1]
+    first, last = 2 ** order[0], 2 ** order[-1]
+    if first == 1:
+        u = zt.reshape(n, b, t)
+    else:  # (run, pair bit, chunk, h, T) -> (run, chunk, pair bit, h, T)
+        u = zt.view(d // (b * first), 2, first, h, t).transpose(1, 2).reshape(n, b, t)
+    for j, i in enumerate(order):
+        if j:  # factor order[j-1] -> i: view (run, bit, chunk, bit', h, T), swap the two pair bits
+            big = 2 ** max(i, order[j - 1])
+            u = u.view(d // (b * big), 2, big // 2, 2, h, t).transpose(1, 3).reshape(n, b, t)
+        u = torch.bmm(left[i], u)
+    if last == 1:
+        return u.permute(2, 0, 1).contiguous().view(x.shape)  # row-major like x: same GEMM downstream
+    return u.view(d // (b * last), last, 2, h, t).permute(4, 0, 2, 1, 3).contiguous().view(x.shape)
+
+
+# -- BOFT ----------------------------------------------------------------------------------------
+@dataclass
+class BOFTConfig(AdapterConfig):
+    """PEFT's ``BOFTConfig``: set exactly one of ``boft_block_size`` / ``boft_block_num``."""
+
+    method: ClassVar[str] = "boft"
+    peft_type: ClassVar[str] = "BOFT"
+
+    boft_block_size: int = 4
+    boft_block_num: int = 0
+    boft_n_butterfly_factor: int = 1
+    boft_dropout: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        name = type(self).__name__
+        check_int(name, "boft_block_size", self.boft_block_size, 0)
+        check_int(name, "boft_block_num", self.boft_block_num, 0)
+        check_int(name, "boft_n_butterfly_factor", self.boft_n_butterfly_factor, 1)
+        check_prob(name, "boft_dropout", self.boft_dropout)
+        if (self.boft_block_size == 0) == (self.boft_block_num == 0):
+            raise AdapterConfigError(
+                f"{name}: set exactly one of boft_block_size ({self.boft_block_size}) and boft_block_num "
+                f"({self.boft_block_num}) to a positive value and the other to 0 (block size x block "
+                "number = the layer's fan_in)."
+            )
+
+    def layout(self, layer: LayerSpec) -> tuple[int, int, int]:
+        """``(m, N, b)`` for ``layer``; raises AdapterConfigError naming the layer if it does not fit."""
+        check_kind("BOFT", layer)
+        d, m = layer.fan_in, self.boft_n_butterfly_factor
+        given = f"boft_block_size={self.boft_block_size}" if self.boft_block_size else f"boft_block_num={self.boft_block_num}"
+        if d % (self.boft_block_size or self.boft_block_num):
+            raise AdapterConfigError(
+                f"BOFT cannot adapt {layer.describe()}: {given} does not divide fan_in={d}. Pick a divisor "
+                "of fan_in (set it for this layer with overrides) or exclude the layer."
+            )
+        b = self.boft_block_size or d // self.boft_block_num
+        n = d // b
+        if m > 1 and (b % 2 or n % 2 ** (m - 1)):
+            raise AdapterConfigError(
+                f"BOFT cannot adapt {layer.describe()}: boft_n_butterfly_factor={m} needs an even block size "
+                f"and a block count divisible by 2^{m - 1}={2 ** (m - 1)}, but {given} gives {n} blocks of "
+                f"size {b}. Lower boft_n_butterfly_factor or change the block size for this layer."
+            )
+        return m, n, b
+
+    def check_layer(self, layer: LayerSpec) -> None:
+        self.layout(layer)
+
+    def for_saved_factors(self, n_factors: int) -> "BOFTConfig":
+        """The config PEFT actually trained for a saved ``boft_R`` with ``n_factors`` factors.
+
+        PEFT without its CUDA extension drops to one factor but saves the requested
+        ``boft_n_butterfly_factor``; the tensor shape tells the truth.
+        """
+        if n_factors == self.boft_n_butterfly_factor:
+            return self
+        warnings.warn(
+            f"BOFT file says boft_n_butterfly_factor={self.boft_n_butterfly_factor} but its boft_R holds "
+            f"{n_factors} factor(s) (PEFT without its CUDA extension silently uses 1); using {n_factors}."
+        )
+        return dataclasses.replace(self, boft_n_butterfly_factor=n_factors)
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        return peft_dict(self, _BOFT_FIELDS)
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> "BOFTConfig":
+        return from_peft(cls, data, _BOFT_FIELDS)
+
+
+class RotationFactors(NamedTuple):
+    """Per-step factors: ``blocks`` ``(m, N, b, b)`` (compute dtype), ``scale`` ``(d_out,)`` or None."""
+
+    blocks: Tensor
+    scale: Optional[Tensor]
+
+
+class BOFT(Method):
+    """``W_eff = diag(s_a) W R_a^T`` with ``R_a`` the butterfly product of ``Cayley(a S)`` blocks."""
+
+    name: ClassVar[str] = "boft"
+    config_class: ClassVar[type[AdapterConfig]] = BOFTConfig
+    multiplicative: ClassVar[bool] = True
+    peft_keys: ClassVar[dict[str, str]] = {"boft_R": "boft_R", "boft_s": "boft_s"}
+
+    @classmethod
+    def config_for_saved(cls, config: BOFTConfig, shapes: dict[str, tuple[int, ...]]) -> BOFTConfig:
+        return config.for_saved_factors(shapes["boft_R"][0]) if "boft_R" in shapes else config
+
+    @classmethod
+    def init_layer(
+        cls, config: BOFTConfig, layer: LayerSpec, weight: Tensor, shared: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``boft_R`` zeros (identity) or N(0, 0.1); ``boft_s`` ones or N(1, 0.1) (PEFT's inits)."""
+        m, n, b = config.layout(layer)
+        kw = dict(dtype=compute_dtype(weight.dtype), device=weight.device)
+        r = torch.zeros(m, n, b, b, **kw)
+        s = torch.ones((1, layer.out_features) if layer.kind == "conv2d" else (layer.out_features, 1), **kw)
+        if not config.init_weights:
+            r.normal_(0.0, 0.1)
+            s.normal_(1.0, 0.1)
+        return {"boft_R": r, "boft_s": s}, {}
+
+    @classmethod
+    def prepare(
+        cls,
+        config: BOFTConfig,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        strength: Union[float, Tensor],
+        training: bool = False,
+    ) -> RotationFactors:
+        r = params["boft_R"]
+        r = r.to(compute_dtype(r.dtype))
+        skew = 0.5 * (r - r.mT) * strength
+        blocks = cayley(skew.flatten(0, 1)).view(skew.shape)
+        if training and config.boft_dropout > 0:
+            blocks = drop_blocks(blocks, config.boft_dropout)
+        s = params["boft_s"]
+        a = strength.to(s.dtype) if isinstance(strength, Tensor) else strength
+        return RotationFactors(blocks, torch.lerp(torch.ones_like(s), s, a).reshape(-1))
+
+    @staticmethod
+    def rotate_input(x: Tensor, prep: RotationFactors) -> Tensor:
+        """``x @ R`` in ``x``'s dtype."""
+        return butterfly_rotate(x, prep.blocks)
+
+    @staticmethod
+    def output_scale(prep: RotationFactors) -> Optional[Tensor]:
+        return prep.scale
+
+    @staticmethod
+    def apply_to_weight(weight: Tensor, prep: RotationFactors) -> Tensor:
+        """``diag(s) W R^T`` in ``W``'s dtype."""
+        w = butterfly_rotate(weight, prep.blocks, transpose=True)
+        return w if prep.scale is None else w * prep.scale.to(w.dtype)[:, None]

@@ -1,0 +1,270 @@
+"""FourierFT: a weight update given by ``n`` trainable coefficients of its 2-D Fourier spectrum.
+
+Math (W is ``(d_out, d_in)``, ``d_in`` = fan_in; Conv1D's ``d_in`` is its true input width and
+Conv2d's is ``in_channels * kh * kw`` over ``weight.flatten(1)``)::
+
+    positions  idx = randperm(d_out * d_in, generator=Generator().manual_seed(seed))[:n]   (CPU)
+               j_m = idx_m // d_in  (row),   k_m = idx_m % d_in  (column)
+    spectrum   F[j_m, k_m] = c_m,  zero elsewhere           (c = ``fourierft_spectrum``, length n)
+    update     dW = scaling * Re(ifft2(F))
+                  = scaling / (d_out d_in) * sum_m c_m cos(2 pi (j_m p / d_out + k_m q / d_in))
+    layer      W_eff = W + a * dW,   a = strength
+
+``ifft2`` uses torch's default ("backward") normalisation, the 1/(d_out d_in) above; this is
+PEFT's ``get_delta_weight`` and its positions, so PEFT files load bit-compatibly. Strength is
+linear (``c -> a * scaling * c``): a = 0 gives dW = 0 exactly, a = 1 the trained update, values
+in between interpolate W + a dW (negative values subtract, > 1 extrapolates).
+
+Two exact ways to compute ``x @ dW.T`` (``FourierFTConfig.fast_path``):
+
+* ``"dense"`` -- build dW once per call in fp32 as an ``irfft2`` of the Hermitian half-grid
+  ``(F + F[-j, -k]) / 2`` (whose inverse FFT is real and equals Re(ifft2(F))), cast it to the
+  activation dtype, one GEMM: O(d_out d_in log(d_out d_in) + T d_out d_in).
+* ``"fft"`` -- transform the activations instead, O(T (d_in log d_in + n + d_out log d_out)):
+  y[p] = scaling / d_in * Re(ifft_p(Z)),  Z[j] = sum_{m: j_m = j} c_m conj(X[k_m]),  X = rfft(x)
+  along d_in; the gather at k_m and scatter-add into j_m use index buffers fixed at init
+  (details in :func:`delta_output_fft`).
+* ``"auto"`` (default) picks by device and shape: see :func:`choose_path`.
+
+FFTs run in fp32 (fp64 for fp64 inputs) because torch has no bf16 FFT; results are cast to the
+activation dtype. Trainable ``fourierft_spectrum`` is created in fp32 (PEFT casts it to the base
+weight dtype; the runtime owns that choice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffadapt.methods.base import AdapterConfig, AdapterConfigError, LayerSpec, Method
+
+# keys PEFT writes into adapter_config.json that carry no FourierFT meaning for us
+_PEFT_BOOKKEEPING = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+    "peft_version", "auto_mapping",
+}
+_PATHS = ("auto", "dense", "fft")
+
+
+@dataclass
+class FourierFTConfig(AdapterConfig):
+    """PEFT's ``FourierFTConfig`` fields, plus ``fast_path`` (diffadapt only, never saved to PEFT).
+
+    ``n_frequency_pattern`` maps a module-name key to its own ``n_frequency`` with PEFT's rule
+    (first key with ``re.match(rf".*\\.{key}$", name)``, or the exact name); the generic
+    ``overrides`` are applied after it and win. ``fan_in_fan_out`` is kept for PEFT files only:
+    the runtime always hands W as ``(out, in)``.
+    """
+
+    method: ClassVar[str] = "fourierft"
+    peft_type: ClassVar[str] = "FOURIERFT"
+
+    n_frequency: int = 1000
+    scaling: float = 150.0
+    random_loc_seed: int = 777
+    n_frequency_pattern: dict[str, int] = field(default_factory=dict)
+    init_weights: bool = False  # PEFT default: spectrum ~ N(0, 1); True: zeros (identity)
+    fast_path: str = "auto"  # "auto" | "dense" | "fft"
+
+    def validate(self) -> None:
+        super().validate()
+        name = type(self).__name__
+        for key, n in [(None, self.n_frequency), *self.n_frequency_pattern.items()]:
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                where = "n_frequency" if key is None else f"n_frequency_pattern[{key!r}]"
+                raise AdapterConfigError(f"{name}: {where}={n!r} must be a positive integer (PEFT default 1000).")
+        scaling = self.scaling
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+            raise AdapterConfigError(f"{name}: scaling={self.scaling!r} must be a finite number (PEFT default 150.0).")
+        if isinstance(self.random_loc_seed, bool) or not isinstance(self.random_loc_seed, int):
+            raise AdapterConfigError(
+                f"{name}: random_loc_seed={self.random_loc_seed!r} must be an integer; the frequency positions "
+                "are drawn from it (PEFT default 777)."
+            )
+        if self.fast_path not in _PATHS:
+            raise AdapterConfigError(f"{name}: fast_path={self.fast_path!r}; choose one of {', '.join(_PATHS)}.")
+
+    def check_layer(self, layer: LayerSpec) -> None:
+        cfg = self.for_layer(layer.name)
+        if layer.kind not in ("linear", "conv1d", "conv2d"):
+            raise AdapterConfigError(
+                f"FourierFT cannot adapt {layer.describe()}: only linear, conv1d and conv2d layers."
+            )
+        size = layer.out_features * layer.fan_in
+        if cfg.n_frequency > size:
+            raise AdapterConfigError(
+                f"FourierFT n_frequency={cfg.n_frequency} does not fit {layer.describe()}: its spectrum has only "
+                f"{layer.out_features}*{layer.fan_in}={size} entries. Lower n_frequency for this layer "
+                "(n_frequency_pattern / overrides) or exclude it."
+            )
+
+    def for_layer(self, name: str) -> "FourierFTConfig":
+        cfg = self
+        if self.n_frequency_pattern:
+            hit = next((k for k in self.n_frequency_pattern if re.match(rf".*\.{k}$", name)), name)
+            n = self.n_frequency_pattern.get(hit, self.n_frequency)
+            cfg = dataclasses.replace(self, n_frequency=n, n_frequency_pattern={})
+        return AdapterConfig.for_layer(cfg, name)
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        pattern: dict[str, int] = {}
+        for pat, values in reversed(list(self.overrides.items())):  # ours: last match wins; PEFT: first
+            if set(values) != {"n_frequency"}:
+                raise AdapterConfigError(
+                    f"FourierFTConfig: override {pat!r} sets {sorted(values)}; a PEFT file can only vary "
+                    "n_frequency per layer (n_frequency_pattern). Drop the other keys to export."
+                )
+            # PEFT tests re.match(rf".*\.{key}$", name): literal dotted suffix, or full match of `pat`
+            key = pat if re.fullmatch(r"\w+", pat) else f"{re.escape(pat)}$|(?:{pat})"
+            pattern.setdefault(key, values["n_frequency"])
+        for key, n in self.n_frequency_pattern.items():
+            pattern.setdefault(key, n)
+        names = ("n_frequency", "scaling", "random_loc_seed", "fan_in_fan_out", "target_modules", "exclude_modules",
+                 "bias", "modules_to_save", "layers_to_transform", "layers_pattern", "init_weights")
+        out = {k: getattr(self, k) for k in names}
+        out["n_frequency_pattern"] = pattern
+        return out
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> "FourierFTConfig":
+        ours = {f.name for f in dataclasses.fields(cls)} - {"overrides", "fast_path"}
+        # unknown keys holding a neutral value (None, False, {}, []) are harmless; others are refused
+        skip = ours | _PEFT_BOOKKEEPING
+        unknown = sorted(k for k, v in data.items() if k not in skip and v not in (None, False, {}, []))
+        if unknown:
+            raise AdapterConfigError(f"FourierFTConfig: PEFT config has fields diffadapt does not know: {unknown}.")
+        kwargs = {k: v for k, v in data.items() if k in ours}
+        if kwargs.get("n_frequency_pattern") is None:
+            kwargs.pop("n_frequency_pattern", None)
+        return cls(**kwargs)
+
+
+class FourierPrep(NamedTuple):
+    coef: Tensor  # (n,) a * scaling * c
+    buffers: dict
+    d_out: int
+    d_in: int
+    path: str
+
+
+def choose_path(tokens: int, d_out: int, d_in: int, n: int, device: torch.device) -> str:
+    """The cheaper exact form for ``tokens`` rows. Off CPU: ``"dense"`` (one tensor-core GEMM; the
+    FFT form is memory-bound there -- not yet measured on a GPU). On CPU, a cost model fitted to
+    one-thread fp32 timings (T = 4096, n = 1000): per token a GEMM costs d_out*d_in multiply-adds,
+    the FFT form ~10 (d_in log2 d_in + d_out log2 d_out) + 170 n of them (its gathers are
+    memory-bound). It picks dense at d = 320 and fft at d = 640 / 1280, as measured."""
+    if device.type != "cpu":
+        return "dense"
+    fft = 10 * (d_in * math.log2(max(d_in, 2)) + d_out * math.log2(max(d_out, 2))) + 170 * n
+    dense = tokens * d_out * d_in + 8 * d_out * d_in * math.log2(max(d_out * d_in, 2))  # GEMM + build dW
+    return "fft" if tokens * fft < dense else "dense"
+
+
+def delta_weight(coef: Tensor, buffers: dict, d_out: int, d_in: int, dtype: torch.dtype) -> Tensor:
+    """dW = Re(ifft2(F)) for ``F[j_m, k_m] = coef_m``, as an irfft2 of the Hermitian half-grid
+    ``(F + F[-j, -k]) / 2`` (columns 0 .. d_in // 2)."""
+    vals = torch.cat([coef, coef]).to(dtype) * buffers["w_half2d"].to(dtype)
+    grid = torch.zeros(d_out * (d_in // 2 + 1), dtype=dtype, device=coef.device)
+    grid = grid.index_add(0, buffers["pos_half2d"], vals).view(d_out, d_in // 2 + 1)
+    return torch.fft.irfft2(grid, s=(d_out, d_in))
+
+
+def delta_output_dense(x: Tensor, prep: FourierPrep) -> Tensor:
+    """x @ dW.T with dW built once per call (fp32) and cast to x's dtype: one extra GEMM."""
+    dW = delta_weight(prep.coef, prep.buffers, prep.d_out, prep.d_in, torch.promote_types(x.dtype, torch.float32))
+    return F.linear(x, dW.to(x.dtype))
+
+
+def delta_output_fft(x: Tensor, prep: FourierPrep) -> Tensor:
+    """x @ dW.T exactly through FFTs of the activations; dW is never formed.
+
+    With X = rfft(x) and Xc = conj(X) / d_in, every frequency m reads Xc[kk_m] and adds
+    ``coef_m * Xc[kk_m]`` to output bin jj_m (kk = k, jj = j if k <= d_in/2, else kk = d_in - k,
+    jj = -j: conj(X[k]) = X[d_in - k] and Re(conj(z) e^{it}) = Re(z e^{-it})); y = Re(ifft(Z)).
+    Bins past d_out/2 are folded, conjugated, onto the half-spectrum so one irfft finishes it.
+    All of it is one real gather -> scale -> scatter-add on the interleaved (re, im) values.
+    """
+    b, dt = prep.buffers, torch.promote_types(x.dtype, torch.float32)
+    lead, T = x.shape[:-1], x.numel() // x.shape[-1]
+    X = torch.view_as_real(torch.fft.rfft(x.reshape(T, prep.d_in).to(dt), dim=-1)).flatten(-2)  # (T, 2*(d_in//2+1))
+    w = (prep.coef.to(dt) * (1.0 / prep.d_in)).index_select(0, b["src"]) * b["w_fft"].to(dt)
+    G = torch.gather(X, -1, b["gather"].expand(T, -1)) * w
+    H = torch.zeros(T, 2 * (prep.d_out // 2 + 1), dtype=dt, device=x.device)
+    H = H.scatter_add(-1, b["scatter"].expand(T, -1), G)
+    y = torch.fft.irfft(torch.view_as_complex(H.view(T, -1, 2)), n=prep.d_out, dim=-1)
+    return y.to(x.dtype).reshape(*lead, prep.d_out)
+
+
+class FourierFT(Method):
+    name: ClassVar[str] = "fourierft"
+    config_class: ClassVar[type[AdapterConfig]] = FourierFTConfig
+    multiplicative: ClassVar[bool] = False
+    peft_keys: ClassVar[dict[str, str]] = {"fourierft_spectrum": "fourierft_spectrum"}
+
+    @staticmethod
+    def positions(n: int, d_out: int, d_in: int, seed: int) -> tuple[Tensor, Tensor]:
+        """PEFT's (row, col) of the n trainable frequencies (CPU generator, bit-identical)."""
+        idx = torch.randperm(d_out * d_in, generator=torch.Generator().manual_seed(seed))[:n]
+        return idx // d_in, idx % d_in
+
+    @classmethod
+    def init_layer(cls, config, layer, weight, shared):
+        cfg = config.for_layer(layer.name)
+        cfg.check_layer(layer)
+        d_out, d_in, n = layer.out_features, layer.fan_in, cfg.n_frequency
+        j, k = cls.positions(n, d_out, d_in, cfg.random_loc_seed)
+        hi, ho, ar = d_in // 2, d_out // 2, torch.arange(n)
+        # dense path: (j, k) and its mirror (-j, -k), each kept at weight 1/2 if in the half-grid
+        jm, km = (-j) % d_out, (-k) % d_in
+        pos = torch.cat([j * (hi + 1) + k.clamp(max=hi), jm * (hi + 1) + km.clamp(max=hi)])
+        w2d = torch.cat([(k <= hi).float(), (km <= hi).float()]) * 0.5
+        # fft path (see delta_output_fft): read Xc[kk], add to full bin jj, fold bins > d_out/2
+        lo = k <= hi
+        kk, jj = torch.where(lo, k, d_in - k), torch.where(lo, j, jm)
+        plain, mirror = jj <= ho, (-jj) % d_out <= ho  # both for DC / Nyquist bins
+        src = torch.cat([ar[plain], ar[mirror]])
+        slot = torch.cat([jj[plain], ((-jj) % d_out)[mirror]])
+        conj = torch.cat([torch.zeros_like(ar[plain]), torch.ones_like(ar[mirror])]).bool()
+        # Xc = conj(X): imag weight -1/2; a folded (conjugated) entry flips it back to +1/2
+        w_fft = torch.stack([torch.full(conj.shape, 0.5), torch.where(conj, 0.5, -0.5)], -1).flatten()
+        pair = torch.tensor([0, 1])
+        dev = weight.device
+        buffers = {
+            "rows": j.to(dev), "cols": k.to(dev),  # PEFT's `indices`
+            "pos_half2d": pos.to(dev), "w_half2d": w2d.to(dev),
+            "src": src.repeat_interleave(2).to(dev), "w_fft": w_fft.to(dev),
+            "gather": (2 * kk[src, None] + pair).flatten().to(dev),
+            "scatter": (2 * slot[:, None] + pair).flatten().to(dev),
+            "shape": torch.empty(d_out, d_in, 0, device=dev),  # carries (d_out, d_in) as static sizes
+        }
+        # torch.randn(n) on the CPU default generator, as PEFT draws it
+        spectrum = torch.zeros(n) if cfg.init_weights else torch.randn(n)
+        dt = torch.promote_types(weight.dtype, torch.float32) if weight.dtype.is_floating_point else torch.float32
+        return {"fourierft_spectrum": spectrum.to(device=dev, dtype=dt)}, buffers
+
+    @classmethod
+    def prepare(cls, config, params, buffers, strength, training=False):
+        coef = params["fourierft_spectrum"] * config.scaling
+        coef = coef * strength
+        d_out, d_in, _ = buffers["shape"].shape
+        return FourierPrep(coef, buffers, d_out, d_in, config.fast_path)
+
+    @staticmethod
+    def delta_output(x: Tensor, prep: FourierPrep) -> Tensor:
+        path = prep.path
+        if path == "auto":
+            path = choose_path(x.numel() // x.shape[-1], prep.d_out, prep.d_in, prep.coef.shape[0], x.device)
+        return delta_output_fft(x, prep) if path == "fft" else delta_output_dense(x, prep)
+
+    @staticmethod
+    def apply_to_weight(weight: Tensor, prep: FourierPrep) -> Tensor:
+        dt = torch.promote_types(weight.dtype, torch.float32)
+        dW = delta_weight(prep.coef, prep.buffers, prep.d_out, prep.d_in, dt)
+        return (weight.to(dt) + dW).to(weight.dtype)

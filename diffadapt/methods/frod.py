@@ -1,0 +1,471 @@
+"""FRoD: a shared rotated basis per layer category, trainable spectrum and sparse coupling.
+
+Math (W is ``(d_out, d_in)``; x a row of activations, ``y = x W^T``)
+---------------------------------------------------------------------
+Shared basis, one per *group* of layers with the same role (module path without its numeric
+components, e.g. ``down_blocks.attentions.transformer_blocks.attn1.to_q``) **and** weight shape.
+With the group's weights ``W_1..W_N`` (in PEFT's block order) stacked as ``A = [W_1; ..; W_N]``::
+
+    if N d_out >= d_in:  A = Q R (reduced QR),  Q = [Q_1; ..; Q_N]
+                         T = 1/N sum_i (Q_i^T Q_i + alpha I)^{-1}        (alpha = regularization_alpha)
+                         T = E diag(.) E^T (eigh),   V = R^T E
+    else:                A = P Sigma Vh (full SVD),  V = Vh^T
+Sparse pattern, one per group: ``nnz = floor(d_in^2 sparse_rate)`` distinct off-diagonal
+positions ``(r_m, c_m)`` -- the first ``nnz`` entries of CPU ``randperm(d_in (d_in - 1))`` over
+the row-major list of off-diagonal cells, from ONE generator seeded with ``projection_prng_key``
+and drawn group by group in the order of PEFT's sorted category names.
+
+Per layer (float64): ``B = W V^{-T}``, ``Lambda0 = ||B[:, j]||`` (column norms), ``U = B / Lambda0``,
+so ``W = U diag(Lambda0) V^T``. Trainable: ``frod_lambda_l`` (d_in,) = Lambda (init Lambda0) and
+``frod_lambda_s_values`` (nnz,) = s (init 0), ``S[r_m, c_m] = s_m``. PEFT replaces W by
+``U (Lambda + S) V^T``; we keep it additive, equal to that up to the reconstruction rounding::
+
+    dW = U (diag(Lambda - Lambda0) + S) V^T,        W_eff = W + a dW      (a = strength)
+
+so init is the base layer *exactly* and ``a`` interpolates (0 = base bit-exactly, 1 = trained
+adapter, in between the spectrum and couplings move linearly: ``Lambda0 + a (Lambda - Lambda0)``,
+``a S``). Dropout (``frod_dropout``, training only) acts on the adapter branch's input, as PEFT.
+
+Forward, exact either way (:func:`uses_weight_path` picks by shape, no host sync), with the
+core ``M = diag(a (Lambda - Lambda0)) + a S`` scattered dense once per call (d_in^2 numbers, like
+V): few tokens ``((x V) M^T) U^T``; many tokens ``x dW^T`` with ``dW = (U M) V^T``. A sparse
+gather/``index_add`` for ``(x V) S^T`` was measured and dropped (CPU, 1 thread, fp32, fwd+bwd,
+sparse_rate 0.01: d=320, T=4096: 95 ms vs 79 ms with the dense core, 36 ms via dW; d=768,
+T=154: 21 vs 15 ms; it wins only near sparse_rate 0.001, saves T x nnz activations, and on GPUs
+scattered adds lose to GEMMs by far more).
+
+Precision and devices of the shared basis: decompositions run on the weights' device, batched
+over groups of equal (N, d_out, d_in), in float64 on CPU and float32 elsewhere. PEFT runs them
+one category at a time in float32 on CPU; its V is *not* a stable function of the weights (sign
+flips, and arbitrary bases of (near-)degenerate eigenspaces, e.g. every single-layer group has
+``T = I/(1+alpha)``), so a float64 V differs from PEFT's. ``projection_mode="peft"`` reproduces
+PEFT's float32 CPU op sequence (V bit-equal to PEFT's, same torch/CPU build); ``from_peft_dict``
+selects it. Trained S values only mean something with the very V they were trained on: save V
+(``save_projection=True``) unless the adapter is ``"peft"`` mode and PEFT must regenerate it.
+Only nn.Linear and transformers Conv1D are supported (PEFT's scope).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffadapt.methods.base import AdapterConfig, AdapterConfigError, LayerSpec, Method
+
+_PEFT_BOOKKEEPING = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping",
+}
+_PEFT_FIELDS = (
+    "target_modules", "layers_to_transform", "layers_pattern", "modules_to_save", "init_weights", "fan_in_fan_out",
+    "bias", "projection_prng_key", "save_projection", "frod_dropout", "sparse_rate", "regularization_alpha",
+    "progressbar", "runtime_offload_base_weight",
+)
+_PER_LAYER_FIELDS = {"frod_dropout", "init_weights"}  # the rest is shared by a whole group
+_MAX_BATCH_ELEMS = 1 << 27  # elements of the (G, N, d_in, d_in) Gram stack decomposed at once
+
+
+def peft_category(module_name: str) -> str:
+    """PEFT's sharing category of a module path (``_category_from_key``): the last two path
+    components joined by ``_`` (only the last one if the one before is a block index), with
+    BERT's ``attention.output.dense`` renamed ``attention_output``. Names the
+    ``base_model.frod_V.<category>`` / ``frod_s_indices`` / ``frod_s_size`` keys of PEFT files."""
+    parts = module_name.split(".")
+    if len(parts) == 1 or parts[-2].isdigit():
+        return parts[-1]
+    if parts[-2:] == ["output", "dense"] and len(parts) >= 3 and parts[-3] == "attention":
+        return "attention_output"
+    return f"{parts[-2]}_{parts[-1]}"
+
+
+def _peft_block_index(name: str, fallback: int) -> int:
+    """PEFT's order of layers inside a category: the index after a ``layers`` component, else
+    the first numeric component, else the layer's position among the targets."""
+    parts = name.split(".")
+    if "layers" in parts and parts.index("layers") + 1 < len(parts) and parts[parts.index("layers") + 1].isdigit():
+        return int(parts[parts.index("layers") + 1])
+    return next((int(p) for p in parts if p.isdigit()), fallback)
+
+
+def sparse_nnz(d_in: int, sparse_rate: float) -> int:
+    """PEFT's count of off-diagonal S entries (at least one when sparse_rate > 0)."""
+    off = d_in * (d_in - 1)
+    nnz = min(int(d_in * d_in * sparse_rate), off)
+    return max(1, nnz) if sparse_rate > 0 and off > 0 else nnz
+
+
+def _draw_pattern(d: int, nnz: int, generator: torch.Generator) -> Tensor:
+    """(2, nnz) rows/cols: PEFT's ``randperm`` over the row-major off-diagonal cells, decoded
+    arithmetically (cell k -> row k // (d-1), column p = k % (d-1), skipping the diagonal)."""
+    if nnz == 0:
+        return torch.empty(2, 0, dtype=torch.long)
+    k = torch.randperm(d * (d - 1), generator=generator)[:nnz]
+    rows = k // (d - 1)
+    p = k - rows * (d - 1)
+    return torch.stack([rows, p + (p >= rows).long()])
+
+
+def _basis_batched(w: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """V for G groups at once: ``w`` (G, N, d_out, d_in) -> (V (G, d_in, d_in), ok (G,))."""
+    G, N, o, i = w.shape
+    stacked = w.reshape(G, N * o, i)
+    if N * o < i:
+        return torch.linalg.svd(stacked, full_matrices=True).Vh.mT, torch.ones(G, dtype=torch.bool)
+    q, r = torch.linalg.qr(stacked)
+    q = q.reshape(G, N, o, i)
+    eye = torch.eye(i, dtype=w.dtype, device=w.device)
+    inv, info = torch.linalg.inv_ex(q.mT @ q + alpha * eye)
+    ok = (info == 0).all(1)
+    t = torch.where(ok[:, None, None], inv.sum(1) / N, eye)  # eigh must not see a failed inverse
+    return r.mT @ torch.linalg.eigh(t).eigenvectors, ok.cpu()
+
+
+def _basis_peft(mats: list[Tensor], alpha: float) -> tuple[Tensor, bool]:
+    """PEFT's exact float32 CPU op sequence for one category (batched inv rounds differently)."""
+    stacked = torch.cat(mats, dim=0)
+    if stacked.shape[0] < stacked.shape[1]:
+        return torch.linalg.svd(stacked, full_matrices=True)[2].T, True
+    q, r = torch.linalg.qr(stacked)
+    i, o = r.shape[1], mats[0].shape[0]
+    t, ok = torch.zeros(i, i, dtype=r.dtype), True
+    for n in range(len(mats)):
+        qn = q[n * o : (n + 1) * o, :]
+        inv, info = torch.linalg.inv_ex(qn.T @ qn + alpha * torch.eye(i, dtype=r.dtype))
+        t += inv
+        ok = ok and int(info) == 0
+    if not ok:
+        return r, False
+    t /= len(mats)
+    return r.T @ torch.linalg.eigh(t)[1], ok
+
+
+@dataclass
+class FRoDConfig(AdapterConfig):
+    """PEFT's ``FrodConfig`` (same fields, defaults and meanings).
+
+    ``progressbar`` is accepted and ignored (no output); ``save_projection`` tells checkpoint
+    I/O to write V and the S pattern (recommended: V is not reproducible across devices/dtypes);
+    ``fan_in_fan_out`` is kept for PEFT files only (the runtime hands W as (out, in));
+    ``runtime_offload_base_weight`` must be False (a PEFT memory trick the runtime does not do).
+    ``overrides`` may only set ``frod_dropout`` / ``init_weights``: the rest is shared per group.
+    ``projection_mode`` (diffadapt only, never written to PEFT): ``"fast"`` = decompositions on
+    the weights' device, batched, float64 on CPU / float32 elsewhere; ``"peft"`` = PEFT's float32
+    CPU sequence, V equal to PEFT's where groups coincide with PEFT's categories (slower).
+    """
+
+    method: ClassVar[str] = "frod"
+    peft_type: ClassVar[str] = "FROD"
+
+    sparse_rate: float = 0.01
+    regularization_alpha: float = 1e-3
+    projection_prng_key: int = 0
+    save_projection: bool = True
+    frod_dropout: float = 0.0
+    progressbar: bool = True
+    runtime_offload_base_weight: bool = False
+    projection_mode: str = "fast"
+
+    def validate(self) -> None:
+        super().validate()
+        name = type(self).__name__
+
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not number(self.sparse_rate) or not 0 <= self.sparse_rate <= 1:
+            raise AdapterConfigError(f"{name}: sparse_rate={self.sparse_rate!r} must be in [0, 1] (PEFT default 0.01).")
+        if not number(self.regularization_alpha) or self.regularization_alpha < 0:
+            raise AdapterConfigError(
+                f"{name}: regularization_alpha={self.regularization_alpha!r} must be a finite number >= 0 "
+                "(PEFT default 1e-3; 0 fails on layers with d_out < d_in)."
+            )
+        if isinstance(self.projection_prng_key, bool) or not isinstance(self.projection_prng_key, int):
+            raise AdapterConfigError(f"{name}: projection_prng_key={self.projection_prng_key!r} must be an int seed.")
+        if not number(self.frod_dropout) or not 0 <= self.frod_dropout < 1:
+            raise AdapterConfigError(f"{name}: frod_dropout={self.frod_dropout!r} must be in [0, 1).")
+        for flag in ("save_projection", "progressbar", "fan_in_fan_out", "init_weights"):
+            if not isinstance(getattr(self, flag), bool):
+                raise AdapterConfigError(f"{name}: {flag}={getattr(self, flag)!r} must be True or False.")
+        if self.runtime_offload_base_weight is not False:
+            raise AdapterConfigError(
+                f"{name}: runtime_offload_base_weight={self.runtime_offload_base_weight!r} is not supported: "
+                "diffadapt keeps base weights where the model puts them (its additive form needs W). Use False."
+            )
+        if self.projection_mode not in ("fast", "peft"):
+            raise AdapterConfigError(f"{name}: projection_mode={self.projection_mode!r}; choose 'fast' or 'peft'.")
+        for pattern, values in self.overrides.items():
+            bad = sorted(set(values) - _PER_LAYER_FIELDS)
+            if bad:
+                raise AdapterConfigError(
+                    f"{name}: override {pattern!r} sets {bad}; FRoD shares V and the S pattern across a group of "
+                    f"layers, so only {sorted(_PER_LAYER_FIELDS)} may vary per layer."
+                )
+
+    def check_layer(self, layer: LayerSpec) -> None:
+        if layer.kind not in ("linear", "conv1d"):
+            raise AdapterConfigError(
+                f"FRoD cannot adapt {layer.describe()}: only nn.Linear and transformers Conv1D layers are "
+                f"supported (like PEFT), not {layer.kind!r}. Remove it from target_modules (SD1.x proj_in/proj_out "
+                "are 1x1 Conv2d)."
+            )
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        if self.overrides or self.exclude_modules:
+            raise AdapterConfigError(
+                f"FRoDConfig: PEFT's FrodConfig has no per-layer settings and no exclude_modules, so "
+                f"overrides={self.overrides!r} / exclude_modules={self.exclude_modules!r} cannot be written in PEFT "
+                "format. List the targets explicitly and drop the overrides, or save in diffadapt format."
+            )
+        out = {k: getattr(self, k) for k in _PEFT_FIELDS}
+        if isinstance(out["target_modules"], (set, tuple)):
+            out["target_modules"] = sorted(out["target_modules"])
+        return out
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> "FRoDConfig":
+        """Bookkeeping keys are ignored; ``runtime_offload_base_weight=True`` (a PEFT memory
+        option with no effect on the math) is read as False; ``projection_mode="peft"`` so that a
+        file without saved projections regenerates PEFT's V."""
+        unknown = sorted(k for k in data if k not in _PEFT_FIELDS and k not in _PEFT_BOOKKEEPING)
+        if unknown:
+            raise AdapterConfigError(f"FRoDConfig: PEFT config has fields diffadapt does not know: {unknown}.")
+        kw = {k: data[k] for k in _PEFT_FIELDS if k in data}
+        kw["runtime_offload_base_weight"] = False
+        kw["projection_mode"] = "peft"
+        if isinstance(kw.get("target_modules"), (set, tuple)):
+            kw["target_modules"] = sorted(kw["target_modules"])
+        return cls(**kw)
+
+
+class FRoDPrep(NamedTuple):
+    V: Tensor  # (d_in, d_in) shared basis
+    U: Tensor  # (d_out, d_in)
+    lam: Tensor  # (d_in,) a (Lambda - Lambda0)
+    vals: Tensor  # (nnz,) a s
+    rows: Tensor  # (nnz,) r_m
+    cols: Tensor  # (nnz,) c_m
+    dropout: float  # probability, 0 outside training
+
+
+def uses_weight_path(tokens: int, d_out: int, d_in: int) -> bool:
+    """Build dW per call (``T d_out d_in + 2 d_out d_in^2`` flops) rather than go through the
+    basis (``T d_in (2 d_in + d_out)``): cheaper once ``T >= d_out``. CPU, one thread, fp32,
+    forward+backward, d_in = d_out: d=320, T=4096: dW 36 ms, basis 79 ms; d=768, T=384: 54 vs 37 ms;
+    d=1280, T=1024: 397 vs 408 ms."""
+    return tokens >= d_out
+
+
+def _core(p: FRoDPrep, dtype: torch.dtype) -> Tensor:
+    """diag(lam) + S as a dense (d_in, d_in) matrix (repeated cells add, as PEFT's coalesce)."""
+    m = torch.diag(p.lam.to(dtype))
+    return m.index_put((p.rows, p.cols), p.vals.to(dtype), accumulate=True)
+
+
+def _delta_weight(p: FRoDPrep, dtype: torch.dtype) -> Tensor:
+    return (p.U.to(dtype) @ _core(p, dtype)) @ p.V.to(dtype).mT
+
+
+class FRoD(Method):
+    name: ClassVar[str] = "frod"
+    config_class: ClassVar[type[AdapterConfig]] = FRoDConfig
+    multiplicative: ClassVar[bool] = False
+    peft_keys: ClassVar[dict[str, str]] = {
+        "frod_lambda_l": "frod_lambda_l", "frod_lambda_s_values": "frod_lambda_s_values",
+    }
+
+    @staticmethod
+    def group_key(layer: LayerSpec) -> str:
+        """Sharing group: role (path without numeric components) and weight shape."""
+        role = ".".join(p for p in layer.name.split(".") if not p.isdigit())
+        return f"{role}@{layer.out_features}x{layer.fan_in}"
+
+    @classmethod
+    def init_shared(
+        cls, config: FRoDConfig, layers: list[LayerSpec], weights: list[Tensor]
+    ) -> list[dict[str, Tensor]]:
+        """``{"V": (d_in, d_in) in the weight dtype, "indices": (2, nnz) long}`` per layer; the
+        same dict (same tensors) for all layers of a group (see ``projection_mode``)."""
+        for layer in layers:
+            config.check_layer(layer)
+        groups: dict[str, list[int]] = {}
+        for j, layer in enumerate(layers):
+            groups.setdefault(cls.group_key(layer), []).append(j)
+        for members in groups.values():
+            members.sort(key=lambda j: _peft_block_index(layers[j].name, j))
+        order = sorted(groups, key=lambda k: (min(peft_category(layers[j].name) for j in groups[k]), k))
+
+        bases: dict[str, Tensor] = {}
+        buckets: dict[tuple, list[str]] = {}
+        for k in order:
+            first = weights[groups[k][0]]
+            buckets.setdefault((len(groups[k]), *first.shape, first.device), []).append(k)
+        alpha = config.regularization_alpha
+        failed = []
+        for (n, o, i, device), keys in buckets.items():
+            if config.projection_mode == "peft":
+                for k in keys:
+                    bases[k], good = _basis_peft([weights[j].detach().float().cpu() for j in groups[k]], alpha)
+                    failed += [] if good else [k]
+                continue
+            dtype = torch.float64 if device.type == "cpu" else torch.float32
+            step = max(1, _MAX_BATCH_ELEMS // (n * i * (i + o)))
+            for s in range(0, len(keys), step):
+                chunk = keys[s : s + step]
+                w = torch.stack([torch.stack([weights[j].detach().to(dtype) for j in groups[k]]) for k in chunk])
+                v, ok = _basis_batched(w, alpha)
+                bases.update(zip(chunk, v))
+                failed += [k for k, good in zip(chunk, ok.tolist()) if not good]
+        if failed:
+            where = ", ".join(layers[j].describe() for j in groups[failed[0]])
+            raise AdapterConfigError(
+                f"FRoD: the joint basis of {where} is singular with regularization_alpha={alpha} (Q_i^T Q_i + "
+                "alpha I has no inverse); use a positive value (PEFT default 1e-3)."
+            )
+        gen = torch.Generator(device="cpu").manual_seed(config.projection_prng_key)
+        shared: dict[str, dict[str, Tensor]] = {}
+        for k in order:
+            first = weights[groups[k][0]]
+            d = first.shape[1]
+            idx = _draw_pattern(d, sparse_nnz(d, config.sparse_rate), gen)
+            shared[k] = {"V": bases[k].to(device=first.device, dtype=first.dtype), "indices": idx.to(first.device)}
+        return [shared[cls.group_key(layer)] for layer in layers]
+
+    @classmethod
+    def shared_from_projections(
+        cls,
+        config: FRoDConfig,
+        layers: list[LayerSpec],
+        weights: list[Tensor],
+        saved: dict[str, dict[str, Tensor]],
+        keys: Optional[Sequence[str]] = None,
+    ) -> list[dict[str, Tensor]]:
+        """Like :meth:`init_shared` with V / pattern loaded instead of computed. ``saved`` maps a
+        key to ``{"V": (d_in, d_in), "indices": (2, nnz)}`` (other entries, e.g. "size", are
+        ignored); ``keys[j]`` is layer j's key (default :meth:`group_key`; pass
+        ``[peft_category(l.name) for l in layers]`` for a PEFT file)."""
+        keys = [cls.group_key(layer) for layer in layers] if keys is None else list(keys)
+        built: dict[str, dict[str, Tensor]] = {}
+        out = []
+        for layer, w, k in zip(layers, weights, keys):
+            config.check_layer(layer)
+            if k not in saved:
+                raise AdapterConfigError(
+                    f"FRoD: no saved projection {k!r} for {layer.describe()} (saved: {sorted(saved)}). Re-save the "
+                    "adapter with save_projection=True, or set save_projection=False to recompute V."
+                )
+            if k not in built:
+                idx = torch.as_tensor(saved[k]["indices"]).to(device=w.device, dtype=torch.long)
+                built[k] = {"V": torch.as_tensor(saved[k]["V"]).to(device=w.device, dtype=w.dtype), "indices": idx}
+            V, idx = built[k]["V"], built[k]["indices"]
+            d = layer.fan_in
+            idx_ok = idx.dim() == 2 and idx.shape[0] == 2 and (idx.numel() == 0 or 0 <= idx.min() <= idx.max() < d)
+            if V.shape != (d, d) or not idx_ok:
+                raise AdapterConfigError(
+                    f"FRoD: saved projection {k!r} (V {tuple(V.shape)}, indices {tuple(idx.shape)}) does not fit "
+                    f"{layer.describe()}: expected V ({d}, {d}) and indices (2, nnz) in [0, {d}). Check that the "
+                    "file belongs to this model."
+                )
+            out.append(built[k])
+        return out
+
+    @staticmethod
+    def _peft_keys_fit(layers: list[LayerSpec], same_basis) -> bool:
+        """PEFT's category names can key the projections if each category holds one basis."""
+        first: dict[str, int] = {}
+        for j, layer in enumerate(layers):
+            k = first.setdefault(peft_category(layer.name), j)
+            if not same_basis(k, j):
+                return False
+        return True
+
+    @classmethod
+    def peft_extra_state(
+        cls, config: FRoDConfig, layers: list[LayerSpec], buffers: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """``base_model.frod_V.<key>``, ``.frod_s_indices.<key>``, ``.frod_s_size.<key>`` (PEFT's
+        names) unless ``save_projection`` is False."""
+        if not config.save_projection:
+            return {}
+        if cls._peft_keys_fit(layers, lambda i, j: buffers[i]["V"] is buffers[j]["V"]):
+            keys = [peft_category(layer.name) for layer in layers]
+        else:  # PEFT would mix shapes or groups in one category: diffadapt's own group keys
+            keys = [cls.group_key(layer) for layer in layers]
+        out = {}
+        for key, buf in zip(keys, buffers):
+            d = buf["V"].shape[0]
+            out[f"base_model.frod_V.{key}"] = buf["V"]
+            out[f"base_model.frod_s_indices.{key}"] = buf["indices"]
+            out[f"base_model.frod_s_size.{key}"] = torch.tensor([d, d], dtype=torch.long)
+        return out
+
+    @classmethod
+    def shared_from_saved(
+        cls, config: FRoDConfig, layers: list[LayerSpec], weights: list[Tensor], saved: dict[str, Tensor]
+    ) -> list[dict[str, Tensor]]:
+        """Bases from a checkpoint's ``base_model.frod_*`` tensors; recomputed when the file was
+        written with ``save_projection=False``."""
+        projections: dict[str, dict[str, Tensor]] = {}
+        for name, value in saved.items():
+            for prefix, field in (("base_model.frod_V.", "V"), ("base_model.frod_s_indices.", "indices")):
+                if name.startswith(prefix):
+                    projections.setdefault(name[len(prefix):], {})[field] = value
+                    break
+            else:
+                if not name.startswith("base_model.frod_s_size."):
+                    raise AdapterConfigError(f"FRoD: unexpected tensor {name!r} {tuple(value.shape)} in the file.")
+        if not projections:
+            if config.save_projection:
+                raise AdapterConfigError(
+                    "FRoD: the file holds no projections (base_model.frod_V.*) but its config says "
+                    "save_projection=True; it is incomplete. Re-save it with save_projection=True."
+                )
+            return cls.init_shared(config, layers, weights)
+        peft_keys = [peft_category(layer.name) for layer in layers]
+        keys = peft_keys if all(k in projections for k in peft_keys) else None  # None: group keys
+        return cls.shared_from_projections(config, layers, weights, projections, keys=keys)
+
+    @classmethod
+    def init_layer(cls, config, layer, weight, shared):
+        V, idx = shared["V"], shared["indices"]
+        w64 = weight.detach().to(torch.float64)
+        v64 = V.to(device=weight.device, dtype=torch.float64)
+        b, info = torch.linalg.solve_ex(v64, w64.mT)  # V^{-1} W^T
+        b = b.mT if int(info) == 0 else w64 @ torch.linalg.pinv(v64, rtol=1e-6).mT  # singular V: PEFT's fallback
+        lam0 = b.norm(dim=0)
+        u = torch.where(lam0 > 1e-12, b / lam0, torch.zeros_like(b))
+        # through float32 as PEFT, so that U and Lambda0 round exactly as PEFT's in every dtype
+        u, lam0 = u.float().to(weight.dtype), lam0.float().to(weight.dtype)
+        lam = lam0.clone()
+        vals = torch.zeros(idx.shape[1], device=weight.device, dtype=weight.dtype)
+        if not config.init_weights:  # PEFT's random start, same RNG order
+            vals.normal_(0.0, 0.1)
+            lam.add_(torch.randn_like(lam) * 0.1)
+        params = {"frod_lambda_l": lam, "frod_lambda_s_values": vals}
+        return params, {"V": V, "indices": idx, "U": u, "lambda0": lam0}
+
+    @classmethod
+    def prepare(cls, config, params, buffers, strength: Union[float, Tensor], training: bool = False) -> FRoDPrep:
+        lam = (params["frod_lambda_l"] - buffers["lambda0"]) * strength
+        vals = params["frod_lambda_s_values"] * strength
+        idx = buffers["indices"]
+        p = config.frod_dropout if training else 0.0
+        return FRoDPrep(buffers["V"], buffers["U"], lam, vals, idx[0], idx[1], p)
+
+    @staticmethod
+    def delta_output(x: Tensor, prep: FRoDPrep) -> Tensor:
+        if prep.dropout > 0:
+            x = F.dropout(x, prep.dropout, training=True)
+        d_out, d_in = prep.U.shape
+        if uses_weight_path(x.numel() // d_in, d_out, d_in):
+            return F.linear(x, _delta_weight(prep, x.dtype))
+        return F.linear(F.linear(x @ prep.V.to(x.dtype), _core(prep, x.dtype)), prep.U.to(x.dtype))
+
+    @staticmethod
+    def apply_to_weight(weight: Tensor, prep: FRoDPrep) -> Tensor:
+        """``W + a dW``, dW built in float32 at least (float64 for float64 weights)."""
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        return (weight.to(dtype) + _delta_weight(prep, dtype)).to(weight.dtype)

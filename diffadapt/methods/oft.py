@@ -1,0 +1,233 @@
+"""OFT: orthogonal fine-tuning (Qiu et al. 2023, https://arxiv.org/abs/2306.07280), PEFT >= 0.18 format.
+
+Math
+----
+``d`` = fan_in, ``b`` block size, ``r = d / b`` blocks (PEFT's ``r``). Trainable ``oft_R`` of
+shape ``(r, b(b-1)/2)`` (PEFT key ``<path>.oft_R.weight``; ``(1, ...)`` with ``block_share``): the
+strict upper triangle of each block in row-major (``torch.triu_indices(b, b, 1)``) order, ``U``,
+with ``S = U - U^T`` (no 1/2, unlike BOFT). Each block ``Q`` acts as ``x_blk @ Q``::
+
+    exact Cayley  (use_cayley_neumann=False):  Q = (I - S)(I + S)^{-1}
+    Cayley-Neumann (use_cayley_neumann=True, n = num_cayley_neumann_terms), PEFT's truncation:
+        Q = I + 2(S + S^2 + ... + S^k) + S^{k+1},  k = max(n - 2, 2)   (n > 2; so n = 3 and
+        n = 4 agree; n = 2: I + 2S, n = 1: I), a truncation of (I + S)(I - S)^{-1}
+
+so the Neumann matrix approximates the *transpose* of the exact one: the same ``oft_R`` under
+the two settings rotates (about) oppositely; to convert a file between them negate ``oft_R``.
+Neumann ``Q`` is orthogonal only up to the truncation error (``O(|S|^n)``).
+
+    W_eff = W R^T,  R = blockdiag(Q_1 .. Q_r),  y = (x R) W^T + bias
+
+computed as in BOFT (one factor): a bmm of the ``(r, T, b)`` view with the blocks; conv2d of
+any kernel through ``apply_to_weight`` on ``weight.flatten(1)``.
+
+* ``coft`` (constrained OFT): each block's skew matrix is clamped to the Frobenius ball of
+  radius ``eps / sqrt(rows of oft_R)``: ``S <- S * min(1, radius / |S|_F)``. PEFT overwrites
+  the parameter in place with the projection on every forward; diffadapt projects functionally
+  in ``prepare`` (same output for any stored ``oft_R``; the gradient flows through the
+  projection instead of PEFT's projected-gradient step, so training trajectories may differ).
+* ``block_share``: one block for all ``r`` positions.
+* ``module_dropout = p`` (training only): ``int(p r)`` random blocks become the identity, as
+  PEFT documents. PEFT 0.21 builds that dropout layer but never calls it (a no-op there).
+
+Strength ``a``: the skew matrix is scaled, ``Q_a = Cayley(a S)`` (or Neumann(``a S``)): exactly
+``I`` at ``a = 0`` and the trained blocks at ``a = 1``; orthogonal for every ``a`` with exact Cayley.
+
+Defaults: diffadapt's ``use_cayley_neumann`` default is **False** (exact, orthogonal Cayley; one
+batched ``solve_ex`` per layer and step, no host sync), PEFT's is True. Every saved
+``adapter_config.json`` carries the field explicitly, so PEFT computes the same function;
+:meth:`OFTConfig.from_peft_dict` fills a missing field with PEFT's default (True), which is what
+PEFT computes for such files.
+
+Layer fit follows PEFT: a block size (or ``r``) that does not divide fan_in is replaced by the
+nearest divisor, with a warning (files written by PEFT rely on this, e.g. 4-channel convs).
+PEFT's own un-merged Conv2d forward for kernels > 1 (unfold, rotate, *fold*) is not
+``conv(x, W R^T)`` (nor the base layer at init, since fold sums overlapping patches); diffadapt
+always computes ``conv(x, W R^T)``, which is what PEFT's merge produces.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar, Union
+
+import torch
+from torch import Tensor
+
+from diffadapt.methods.base import AdapterConfig, AdapterConfigError, LayerSpec
+from diffadapt.methods.boft import (
+    BOFT,
+    RotationFactors,
+    cayley,
+    check_int,
+    check_kind,
+    check_prob,
+    compute_dtype,
+    drop_blocks,
+    from_peft,
+    peft_dict,
+)
+
+_OFT_FIELDS = (
+    "r", "oft_block_size", "module_dropout", "coft", "eps", "block_share",
+    "use_cayley_neumann", "num_cayley_neumann_terms",
+)
+
+
+def nearest_divisor(n: int, p: int) -> int:
+    """PEFT's adjustment of a block size / count ``p`` that does not divide ``n``: the closest
+    divisor of ``n`` (the lower one on ties), ``n`` itself when ``p >= n``."""
+    if p >= n:
+        return n
+    lower = next(q for q in range(p, 0, -1) if n % q == 0)
+    higher = next(q for q in range(p, n + 1) if n % q == 0)
+    return lower if p - lower <= higher - p else higher
+
+
+@dataclass
+class OFTConfig(AdapterConfig):
+    """PEFT's ``OFTConfig`` (set exactly one of ``r`` / ``oft_block_size``); see module docstring
+    for the ``use_cayley_neumann`` default."""
+
+    method: ClassVar[str] = "oft"
+    peft_type: ClassVar[str] = "OFT"
+
+    r: int = 0
+    oft_block_size: int = 32
+    module_dropout: float = 0.0
+    coft: bool = False
+    eps: float = 6e-5
+    block_share: bool = False
+    use_cayley_neumann: bool = False
+    num_cayley_neumann_terms: int = 5
+
+    def validate(self) -> None:
+        super().validate()
+        name = type(self).__name__
+        check_int(name, "r", self.r, 0)
+        check_int(name, "oft_block_size", self.oft_block_size, 0)
+        check_int(name, "num_cayley_neumann_terms", self.num_cayley_neumann_terms, 1)
+        check_prob(name, "module_dropout", self.module_dropout)
+        if (self.r == 0) == (self.oft_block_size == 0):
+            raise AdapterConfigError(
+                f"{name}: set exactly one of r ({self.r}) and oft_block_size ({self.oft_block_size}) to a "
+                "positive value and the other to 0 (r x oft_block_size = the layer's fan_in)."
+            )
+        if self.coft and not (isinstance(self.eps, (int, float)) and self.eps > 0):
+            raise AdapterConfigError(
+                f"{name}: coft=True needs a positive eps (the radius of the allowed rotation), got eps={self.eps!r}."
+            )
+
+    def layout(self, layer: LayerSpec) -> tuple[int, int]:
+        """``(r, b)`` for ``layer``, adjusted to divisors of fan_in as PEFT does (with a warning)."""
+        check_kind("OFT", layer)
+        d = layer.fan_in
+        key, given = ("oft_block_size", self.oft_block_size) if self.oft_block_size else ("r", self.r)
+        fitted = given if d % given == 0 else nearest_divisor(d, given)
+        if fitted != given:
+            warnings.warn(
+                f"OFT on {layer.describe()}: {key}={given} does not divide fan_in={d}; using {key}={fitted} "
+                "for this layer (as PEFT does)."
+            )
+        return (d // fitted, fitted) if key == "oft_block_size" else (fitted, d // fitted)
+
+    def check_layer(self, layer: LayerSpec) -> None:
+        self.layout(layer)
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        return peft_dict(self, _OFT_FIELDS)
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> "OFTConfig":
+        """A missing ``use_cayley_neumann`` means PEFT's default, True. Files without
+        ``oft_block_size`` are PEFT < 0.14 OFT, a different parameterization (PEFT refuses them too)."""
+        if "oft_block_size" not in data:
+            raise AdapterConfigError(
+                "OFTConfig: this adapter_config.json has no oft_block_size, so it was written by PEFT < 0.14, "
+                "whose OFT weights are incompatible with the current format. Retrain the adapter with "
+                "PEFT >= 0.14 or diffadapt."
+            )
+        version = str(data.get("peft_version") or "0.0.0").partition("@")[0].split(".")
+        numeric = tuple(int(v) if v.isdigit() else 0 for v in version[:2])
+        if data.get("use_cayley_neumann", True) and numeric < (0, 18):
+            warnings.warn(
+                "OFT file from PEFT < 0.18 (or without peft_version) that uses the Cayley-Neumann series "
+                "(explicitly or by PEFT's default): PEFT 0.18 changed that series, and older OFT used exact "
+                "Cayley. The current series is computed, as PEFT does; if the adapter was trained with exact "
+                "Cayley, set use_cayley_neumann=False."
+            )
+        return from_peft(cls, data, _OFT_FIELDS, use_cayley_neumann=True)
+
+
+def neumann(skew: Tensor, terms: int) -> Tensor:
+    """PEFT's Cayley-Neumann blocks ``I + 2(S + ... + S^k) + S^{k+1}``, ``k = max(n-2, 2)`` (n > 2)."""
+    eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
+    if terms == 1:
+        return eye.expand(skew.shape)
+    q = eye + 2.0 * skew
+    if terms > 2:
+        power = skew @ skew
+        q = q + 2.0 * power
+        for _ in range(3, terms - 1):
+            power = power @ skew
+            q = q + 2.0 * power
+        q = q + power @ skew
+    return q
+
+
+def coft_project(vec: Tensor, eps: float) -> Tensor:
+    """Clamp each block's ``|S|_F = sqrt(2) |vec|`` to ``eps / sqrt(rows)`` (PEFT's COFT projection)."""
+    radius = eps / math.sqrt(vec.shape[0])
+    norm = math.sqrt(2.0) * torch.linalg.vector_norm(vec, dim=-1, keepdim=True)
+    return vec * (radius / norm.clamp_min(radius))
+
+
+class OFT(BOFT):
+    """``W_eff = W R_a^T`` with ``R_a = blockdiag(Cayley(a S_k))``: BOFT with one factor, no scale."""
+
+    name: ClassVar[str] = "oft"
+    config_class: ClassVar[type[AdapterConfig]] = OFTConfig
+    multiplicative: ClassVar[bool] = True
+    peft_keys: ClassVar[dict[str, str]] = {"oft_R": "oft_R.weight"}
+
+    @classmethod
+    def init_layer(
+        cls, config: OFTConfig, layer: LayerSpec, weight: Tensor, shared: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``oft_R`` zeros (identity) or N(0, 0.1) (PEFT's inits); buffer ``triu_index``: flat
+        positions of the packed upper-triangle entries in a ``b x b`` block."""
+        r, b = config.layout(layer)
+        rows, cols = torch.triu_indices(b, b, 1, device=weight.device)
+        vec = torch.zeros(1 if config.block_share else r, b * (b - 1) // 2,
+                          dtype=compute_dtype(weight.dtype), device=weight.device)
+        if not config.init_weights:
+            vec.normal_(0.0, 0.1)
+        return {"oft_R": vec}, {"triu_index": rows * b + cols}
+
+    @classmethod
+    def prepare(
+        cls,
+        config: OFTConfig,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        strength: Union[float, Tensor],
+        training: bool = False,
+    ) -> RotationFactors:
+        vec = params["oft_R"]
+        vec = vec.to(compute_dtype(vec.dtype))
+        if config.coft:
+            vec = coft_project(vec, config.eps)
+        rows, n = vec.shape
+        b = (1 + math.isqrt(1 + 8 * n)) // 2
+        upper = vec.new_zeros(rows, b * b).index_copy(1, buffers["triu_index"], vec).view(rows, b, b)
+        skew = (upper - upper.mT) * strength
+        if config.use_cayley_neumann:
+            blocks = neumann(skew, config.num_cayley_neumann_terms)
+        else:
+            blocks = cayley(skew)
+        blocks = blocks[None]
+        if training and config.module_dropout > 0:
+            blocks = drop_blocks(blocks, config.module_dropout)
+        return RotationFactors(blocks, None)
