@@ -13,18 +13,20 @@ from __future__ import annotations
 
 from diffadapt._version import __version__
 
-from diffadapt.checkpoint import CheckpointError, load_adapter, read_adapter, save_adapter  # noqa: E402
+from diffadapt.checkpoint import CheckpointError, read_adapter  # noqa: E402
 from diffadapt.methods import METHOD_NAMES, AdapterConfig, AdapterConfigError, get_method  # noqa: E402
-from diffadapt.model import (  # noqa: E402
+from diffadapt.model import add_adapter, adapter_parameters, count_parameters  # noqa: E402
+from diffadapt.pipeline import (  # noqa: E402  (every verb takes a model or a pipeline)
     active_adapters,
-    add_adapter,
-    adapter_parameters,
-    count_parameters,
     delete_adapter,
     disable_adapters,
     enable_adapters,
+    hotswap_adapter,
     list_adapters,
+    load_adapter,
     merge_adapters,
+    read_pipeline_adapter,
+    save_adapter,
     set_adapter_strength,
     set_adapters,
     unload,
@@ -62,6 +64,8 @@ __all__ = [
     "disable_adapters",
     "enable_adapters",
     "get_method",
+    "hotswap_adapter",
+    "read_pipeline_adapter",
     "list_adapters",
     "load_adapter",
     "merge_adapters",

@@ -21,7 +21,8 @@ from torch import nn
 
 from diffadapt._version import __version__
 from diffadapt.methods import AdapterConfig, AdapterConfigError, get_method, method_for_peft_type
-from diffadapt.model import adapter_state, build_slots, hosts, install_slots, _check_name
+from diffadapt.host import AdapterSlot
+from diffadapt.model import _check_name, adapter_state, build_slots, hosts, install_slots
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -63,16 +64,12 @@ def peft_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
     return out
 
 
-def save_adapter(
-    model: nn.Module, save_directory: Union[str, os.PathLike], adapter_name: str = "default", base_model: Optional[str] = None
+def write_peft_folder(
+    folder: Union[str, os.PathLike], config: AdapterConfig, tensors: dict[str, torch.Tensor], base_model: Optional[str] = None
 ) -> Path:
-    """Write one adapter as a PEFT folder; returns the folder."""
-    config = adapter_state(model).configs.get(adapter_name)
-    if config is None:
-        raise ValueError(f"No adapter named {adapter_name!r}; this model has {sorted(adapter_state(model).configs)}.")
-    folder = Path(save_directory)
+    """Write ``tensors`` (PEFT key names) and ``config`` as a PEFT adapter folder."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = peft_state_dict(model, adapter_name)
     metadata = {
         "format": "pt",
         "diffadapt_version": __version__,
@@ -84,7 +81,26 @@ def save_adapter(
     return folder
 
 
+def save_adapter(
+    model: nn.Module, save_directory: Union[str, os.PathLike], adapter_name: str = "default", base_model: Optional[str] = None
+) -> Path:
+    """Write one adapter of ``model`` as a PEFT folder; returns the folder."""
+    config = adapter_state(model).configs.get(adapter_name)
+    if config is None:
+        raise ValueError(f"No adapter named {adapter_name!r}; this model has {sorted(adapter_state(model).configs)}.")
+    return write_peft_folder(save_directory, config, peft_state_dict(model, adapter_name), base_model)
+
+
 # -- load ---------------------------------------------------------------------------------------
+def read_safetensors(path: Union[str, os.PathLike]) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Header metadata and tensors of a safetensors file (CheckpointError if unreadable)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+
+
 def read_adapter(path: Union[str, os.PathLike]) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """Config and tensors of a PEFT-layout folder (or its safetensors file)."""
     path = Path(path)
@@ -92,12 +108,7 @@ def read_adapter(path: Union[str, os.PathLike]) -> tuple[AdapterConfig, dict[str
     weights = folder / WEIGHTS_NAME if path.is_dir() else path
     if not weights.is_file():
         raise CheckpointError(f"No {WEIGHTS_NAME} in {folder} (diffadapt reads safetensors only, never .bin).")
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises several types for a damaged file
-        raise CheckpointError(f"{weights} is not a readable safetensors file: {exc}") from None
+    metadata, tensors = read_safetensors(weights)
     if "diffadapt_config" in metadata:
         data = json.loads(metadata["diffadapt_config"])
         return get_method(data["method"]).config_class.from_dict(data), tensors
@@ -156,17 +167,14 @@ def split_keys(
     return layers, extra
 
 
-def load_adapter(
-    model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default"
-) -> AdapterConfig:
-    """Load a PEFT-layout adapter (folder or safetensors file) as ``adapter_name`` and activate it.
+def prepare_adapter(
+    model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Tensor], source: object = "the file"
+) -> tuple[AdapterConfig, dict[str, AdapterSlot]]:
+    """Build the slots of a saved adapter for ``model`` and fill them, without touching the model.
 
-    Every tensor is checked against the layer it belongs to before the model is touched: a
-    mismatch raises CheckpointError naming the first offending keys and shapes, and leaves the
-    model as it was.
+    Every tensor is checked against the layer it belongs to: a mismatch raises CheckpointError
+    naming the first offending keys and shapes.
     """
-    _check_name(model, adapter_name)
-    config, tensors = read_adapter(path)
     layers, extra = split_keys(model, config, tensors)
     method = get_method(config.method)
     first = next(iter(layers.values()))
@@ -185,12 +193,25 @@ def load_adapter(
         problems += [f"unexpected {name}.{k}" for k in values if k not in slot.param_names]
     if problems:
         raise CheckpointError(
-            f"Adapter at {path} does not fit this {type(model).__name__}: " + "; ".join(problems[:5])
+            f"Adapter in {source} does not fit this {type(model).__name__}: " + "; ".join(problems[:5])
             + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
         )
     with torch.no_grad():
         for name, slot in slots.items():
             for key, param in slot.params().items():
                 param.copy_(layers[name][key])
+    return config, slots
+
+
+def load_adapter(
+    model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default"
+) -> AdapterConfig:
+    """Load a PEFT-layout adapter (folder or safetensors file) as ``adapter_name`` and activate it.
+
+    A file that does not fit raises CheckpointError and leaves the model as it was.
+    """
+    _check_name(model, adapter_name)
+    config, tensors = read_adapter(path)
+    config, slots = prepare_adapter(model, config, tensors, path)
     install_slots(model, adapter_name, config, slots)
     return config

@@ -216,7 +216,7 @@ def test_bad_adapter_names_are_refused():
     da.add_adapter(model, SMALL["hra"](target_modules=["q_proj"]), "a")
     with pytest.raises(ValueError, match="already has an adapter named 'a'"):
         da.add_adapter(model, SMALL["hra"](target_modules=["q_proj"]), "a")
-    with pytest.raises(ValueError, match=r"Unknown adapter\(s\) \['b'\]; this model has \['a'\]"):
+    with pytest.raises(ValueError, match=r"Unknown adapter\(s\) \['b'\]; loaded: \['a'\]"):
         da.set_adapters(model, ["b"])
     with pytest.raises(ValueError, match="2 strengths for 1 adapters"):
         da.set_adapters(model, ["a"], [1.0, 2.0])
@@ -267,7 +267,7 @@ def test_corrupt_and_missing_checkpoints(tmp_path):
     (folder / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(da.CheckpointError, match="not a readable safetensors file"):
         da.load_adapter(tm.tiny_clip(), folder)
-    with pytest.raises(da.CheckpointError, match="No adapter_model.safetensors"):
+    with pytest.raises(da.CheckpointError, match="No adapter at .*nowhere"):
         da.load_adapter(tm.tiny_clip(), tmp_path / "nowhere")
 
 

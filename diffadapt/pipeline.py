@@ -1,0 +1,312 @@
+"""Adapters on whole diffusers pipelines: one artifact for every adapted component, and the
+generation-time verbs (load, set_adapters, merge, ...) for a pipeline or a single model.
+
+Every verb here takes either a model (UNet, transformer, text encoder) or a pipeline; for a
+pipeline it acts on each component that has adapters (``unet``/``transformer``,
+``text_encoder``, ``text_encoder_2``, ``controlnet``, ...), found through ``pipe.components``.
+
+Pipeline adapter artifact, two interchangeable forms:
+
+* a folder: ``diffadapt_adapter.json`` (metadata) and one PEFT folder per component
+  (``unet/adapter_config.json`` + ``unet/adapter_model.safetensors``, ...), so each component
+  stays loadable by PEFT;
+* a single ``.safetensors`` file for sharing: keys ``<component>.<PEFT key>``, the metadata
+  and every component's config in the safetensors header (``diffadapt``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from diffadapt import checkpoint, model as mdl
+from diffadapt._version import __version__
+from diffadapt.checkpoint import CheckpointError
+from diffadapt.methods import AdapterConfig, get_method
+
+META_NAME = "diffadapt_adapter.json"
+FORMAT = "diffadapt.pipeline-adapter"
+DENOISERS = ("unet", "transformer")
+
+
+@dataclass
+class PipelineAdapter:
+    """A saved adapter for (some components of) a pipeline."""
+
+    components: dict[str, tuple[AdapterConfig, dict[str, torch.Tensor]]]
+    metadata: dict[str, Any] = field(default_factory=dict)  # method, base_model, instance_prompt, ...
+    classes: dict[str, Optional[str]] = field(default_factory=dict)  # component -> model class name
+
+
+# -- what a verb acts on ------------------------------------------------------------------------
+def components(obj: Any) -> dict[str, nn.Module]:
+    """``{name: module}`` for a pipeline's modules, or ``{"": model}`` for a bare model."""
+    if isinstance(obj, nn.Module):
+        return {"": obj}
+    comps = getattr(obj, "components", None)
+    if not isinstance(comps, dict):
+        raise TypeError(f"Expected a diffusers pipeline or a torch model, got {type(obj).__name__}.")
+    return {name: m for name, m in comps.items() if isinstance(m, nn.Module)}
+
+
+def adapted(obj: Any) -> dict[str, nn.Module]:
+    found = {n: m for n, m in components(obj).items() if "_diffadapt" in m.__dict__}
+    if not found:
+        raise ValueError(f"This {type(obj).__name__} has no diffadapt adapters; load or add one first.")
+    return found
+
+
+def _all_names(obj: Any) -> list[str]:
+    return sorted({n for m in adapted(obj).values() for n in mdl.adapter_state(m).configs})
+
+
+# -- save / read -------------------------------------------------------------------------------------
+def save_adapter(
+    obj: Any,
+    path: Union[str, os.PathLike],
+    adapter_name: str = "default",
+    metadata: Optional[dict[str, Any]] = None,
+) -> Path:
+    """Save ``adapter_name``: a PEFT folder for a model; for a pipeline a folder, or one file if
+    ``path`` ends in ``.safetensors``. ``metadata`` (base_model, instance_prompt, ...) is stored."""
+    if isinstance(obj, nn.Module):
+        return checkpoint.save_adapter(obj, path, adapter_name, (metadata or {}).get("base_model"))
+    parts = {n: m for n, m in adapted(obj).items() if adapter_name in mdl.adapter_state(m).configs}
+    if not parts:
+        raise ValueError(f"No component has an adapter named {adapter_name!r}; adapters: {_all_names(obj)}.")
+    configs = {n: mdl.adapter_state(m).configs[adapter_name] for n, m in parts.items()}
+    meta = {
+        "method": next(iter(configs.values())).method,
+        "diffadapt_version": __version__,
+        "pipeline_class": type(obj).__name__,
+        **(metadata or {}),
+    }
+    classes = {n: type(m).__name__ for n, m in parts.items()}
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        tensors = {
+            f"{n}.{k}": v for n, m in parts.items() for k, v in checkpoint.peft_state_dict(m, adapter_name).items()
+        }
+        header = {"format": FORMAT, "metadata": meta, "components": {
+            n: {"class": classes[n], "config": configs[n].to_dict()} for n in parts}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={"format": "pt", "diffadapt": json.dumps(header)})
+        return path
+    for n, m in parts.items():
+        checkpoint.save_adapter(m, path / n, adapter_name, meta.get("base_model"))
+    with open(path / META_NAME, "w") as f:
+        json.dump({"format": FORMAT, "metadata": meta, "components": classes}, f, indent=2)
+    return path
+
+
+def read_pipeline_adapter(path: Union[str, os.PathLike], component: Optional[str] = None) -> PipelineAdapter:
+    """Read a diffadapt pipeline folder or file, or a plain PEFT folder (for ``component``)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"No adapter at {path}.")
+    if path.is_dir() and (path / META_NAME).is_file():
+        with open(path / META_NAME) as f:
+            header = json.load(f)
+        parts = {n: checkpoint.read_adapter(path / n) for n in header["components"]}
+        return PipelineAdapter(parts, header.get("metadata", {}), dict(header["components"]))
+    if path.is_file() and path.suffix == ".safetensors":
+        header_meta, tensors = checkpoint.read_safetensors(path)
+        raw = header_meta.get("diffadapt")
+        if raw is not None:
+            header = json.loads(raw)
+            parts = {}
+            for n, info in header["components"].items():
+                config = get_method(info["config"]["method"]).config_class.from_dict(info["config"])
+                prefix = n + "."
+                parts[n] = (config, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            classes = {n: info.get("class") for n, info in header["components"].items()}
+            return PipelineAdapter(parts, header.get("metadata", {}), classes)
+    config, tensors = checkpoint.read_adapter(path)  # a single PEFT adapter
+    return PipelineAdapter({component or "": (config, tensors)}, {"method": config.method}, {component or "": None})
+
+
+# -- load --------------------------------------------------------------------------------------------
+def load_adapter(
+    obj: Any, path: Union[str, os.PathLike], adapter_name: str = "default", component: Optional[str] = None
+) -> PipelineAdapter:
+    """Load an adapter into a model or pipeline and make it the active one.
+
+    A plain PEFT folder goes into ``component`` (default: the pipeline's unet/transformer).
+    Everything is checked before anything changes: a file for another architecture, missing
+    components, or tensors that do not fit raise CheckpointError and leave the pipeline as it was.
+    """
+    saved = read_pipeline_adapter(path, component)
+    mods = components(obj)
+    if "" in saved.components and "" not in mods:  # PEFT folder into a pipeline
+        target = component or next((n for n in DENOISERS if n in mods), None)
+        if target is None:
+            raise CheckpointError(f"Say which component {path} is for (component=...); {sorted(mods)}.")
+        saved.components[target] = saved.components.pop("")
+        saved.classes[target] = saved.classes.pop("")
+    elif "" in mods and "" not in saved.components:  # pipeline file into a bare model
+        wanted = component or next((n for n, c in saved.classes.items() if c == type(obj).__name__), None)
+        if wanted not in saved.components:
+            raise CheckpointError(
+                f"{path} holds adapters for {sorted(saved.classes)} ({saved.classes}); none is a {type(obj).__name__}."
+            )
+        saved.components = {"": saved.components[wanted]}
+        saved.classes = {"": saved.classes[wanted]}
+    for n, cls in saved.classes.items():
+        where = f"component {n!r}" if n else "the model"
+        if n not in mods:
+            raise CheckpointError(
+                f"{path} has an adapter for {where}, which this {type(obj).__name__} does not have "
+                f"(it has {sorted(mods)})."
+            )
+        if cls is not None and cls != type(mods[n]).__name__:
+            raise CheckpointError(
+                f"{path} was made for a {cls} as {where}; this pipeline's is a {type(mods[n]).__name__}."
+            )
+        mdl._check_name(mods[n], adapter_name)
+    prepared = {
+        n: checkpoint.prepare_adapter(mods[n], config, tensors, path) for n, (config, tensors) in saved.components.items()
+    }
+    for n, (config, slots) in prepared.items():
+        mdl.install_slots(mods[n], adapter_name, config, slots)
+    # components without this adapter keep running their own active adapters
+    return saved
+
+
+def hotswap_adapter(obj: Any, path: Union[str, os.PathLike], adapter_name: str = "default") -> None:
+    """Replace the weights of loaded ``adapter_name`` in place by those in ``path``.
+
+    The file must hold the same method with the same structure (config and shapes): no module,
+    buffer or parameter object changes, so a ``torch.compile``d model does not recompile.
+    """
+    saved = read_pipeline_adapter(path)
+    mods = adapted(obj) if not isinstance(obj, nn.Module) else {"": obj}
+    if isinstance(obj, nn.Module) and "" not in saved.components:
+        saved.components = {"": next(iter(saved.components.values()))}
+    plans = []
+    for n, (config, tensors) in saved.components.items():
+        model = mods.get(n)
+        state = model.__dict__.get("_diffadapt") if model is not None else None
+        if state is None or adapter_name not in state.configs:
+            raise CheckpointError(f"Component {n or 'model'!r} has no loaded adapter {adapter_name!r} to swap.")
+        old = state.configs[adapter_name]
+        mine, theirs = old.to_dict(), config.to_dict()
+        differ = sorted(k for k in mine if mine[k] != theirs.get(k))
+        if differ:
+            raise CheckpointError(
+                f"{path} cannot be hot-swapped into {adapter_name!r}: its config differs in {differ}. "
+                "Load it as another adapter instead."
+            )
+        layers, extra = checkpoint.split_keys(model, config, tensors)
+        params = mdl.adapter_parameters(model, adapter_name)
+        wanted = {f"{p}.{k}" for p, values in layers.items() for k in values}
+        if wanted != set(params):
+            raise CheckpointError(f"{path} adapts other layers than the loaded {adapter_name!r}; load it instead.")
+        for p, values in layers.items():
+            for k, v in values.items():
+                if v.shape != params[f"{p}.{k}"].shape:
+                    raise CheckpointError(f"{p}.{k}: file {tuple(v.shape)} vs loaded {tuple(params[f'{p}.{k}'].shape)}.")
+        plans.append((model, params, layers))
+    for model, params, layers in plans:
+        state = mdl.adapter_state(model)
+        merged = state.merged
+        if merged:
+            mdl.unmerge_adapters(model)
+        with torch.no_grad():
+            for p, values in layers.items():
+                for k, v in values.items():
+                    params[f"{p}.{k}"].copy_(v)
+        if merged:
+            mdl.merge_adapters(model)
+
+
+# -- verbs for a model or a pipeline -----------------------------------------------------------------
+def set_adapters(
+    obj: Any, adapter_names: Union[str, Sequence[str]], weights: Union[float, Sequence[float], None] = None
+) -> None:
+    """Activate adapters (activation order) with strengths, on every component that has them."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    if weights is None or isinstance(weights, (int, float)):
+        weights = [1.0 if weights is None else float(weights)] * len(names)
+    weights = list(weights)
+    if len(weights) != len(names):
+        raise ValueError(f"Got {len(weights)} strengths for {len(names)} adapters {names}.")
+    known = _all_names(obj)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"Unknown adapter(s) {unknown}; loaded: {known}.")
+    for m in adapted(obj).values():
+        have = mdl.adapter_state(m).configs
+        pairs = [(n, w) for n, w in zip(names, weights) if n in have]
+        mdl.set_adapters(m, [n for n, _ in pairs], [w for _, w in pairs])
+
+
+def set_adapter_strength(obj: Any, adapter_name: str, strength: float) -> None:
+    for m in adapted(obj).values():
+        if adapter_name in [n for n, _ in mdl.adapter_state(m).active]:
+            mdl.set_adapter_strength(m, adapter_name, strength)
+
+
+def active_adapters(obj: Any) -> list[tuple[str, float]]:
+    seen: dict[str, float] = {}
+    for m in adapted(obj).values():
+        seen.update(mdl.active_adapters(m))
+    return list(seen.items())
+
+
+def list_adapters(obj: Any) -> dict[str, dict]:
+    """adapter -> {component -> method, layers, parameters, strength}."""
+    out: dict[str, dict] = {}
+    for c, m in adapted(obj).items():
+        for n, info in mdl.list_adapters(m).items():
+            out.setdefault(n, {})[c or "model"] = info
+    return out
+
+
+def _each(verb):
+    def run(obj: Any, *args, **kwargs) -> None:
+        for m in adapted(obj).values():
+            verb(m, *args, **kwargs)
+
+    run.__name__ = verb.__name__
+    run.__doc__ = verb.__doc__
+    return run
+
+
+enable_adapters = _each(mdl.enable_adapters)
+disable_adapters = _each(mdl.disable_adapters)
+unmerge_adapters = _each(mdl.unmerge_adapters)
+
+
+def merge_adapters(obj: Any, adapter_names: Optional[Sequence[str]] = None) -> None:
+    """Bake the active adapters (or the chosen ones) into every adapted component's weights."""
+    if adapter_names is not None:
+        unknown = [n for n in adapter_names if n not in _all_names(obj)]
+        if unknown:
+            raise ValueError(f"Unknown adapter(s) {unknown}; loaded: {_all_names(obj)}.")
+    for m in adapted(obj).values():
+        have = mdl.adapter_state(m).configs
+        chosen = None if adapter_names is None else [n for n in adapter_names if n in have]
+        mdl.merge_adapters(m, chosen)
+
+
+def delete_adapter(obj: Any, adapter_name: str) -> None:
+    if adapter_name not in _all_names(obj):
+        raise ValueError(f"Unknown adapter {adapter_name!r}; loaded: {_all_names(obj)}.")
+    for m in adapted(obj).values():
+        if adapter_name in mdl.adapter_state(m).configs:
+            mdl.delete_adapter(m, adapter_name)
+
+
+def unload(obj: Any) -> Any:
+    """Remove every adapter from the model / every component: original modules, bit-exact."""
+    for m in components(obj).values():
+        if "_diffadapt" in m.__dict__:
+            mdl.unload(m)
+    return obj
