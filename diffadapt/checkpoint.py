@@ -21,8 +21,16 @@ from torch import nn
 
 from diffadapt._version import __version__
 from diffadapt.methods import AdapterConfig, AdapterConfigError, get_method, method_for_peft_type
-from diffadapt.host import AdapterSlot
-from diffadapt.model import _check_name, adapter_state, build_slots, hosts, install_slots
+from diffadapt.host import AdapterSlot, SavedModuleHost
+from diffadapt.model import (
+    _check_name,
+    adapter_state,
+    build_slots,
+    hosts,
+    install_slots,
+    saved_module_hosts,
+    select_saved_modules,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -61,6 +69,10 @@ def peft_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
             out[f"{PREFIX}{name}.{method.peft_keys[key]}"] = value.detach().cpu().contiguous()
     extra = method.peft_extra_state(config, specs, buffers)
     out.update({k: v.detach().cpu().contiguous() for k, v in extra.items()})
+    for name, host in saved_module_hosts(model):  # modules_to_save: PEFT drops "modules_to_save.<name>."
+        if adapter_name in host.copies:
+            for key, value in host.copies[adapter_name].state_dict().items():
+                out[f"{PREFIX}{name}.{key}"] = value.detach().cpu().contiguous()
     return out
 
 
@@ -167,20 +179,48 @@ def split_keys(
     return layers, extra
 
 
+def _split_saved_modules(
+    model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], list[str]]:
+    """Take the ``modules_to_save`` tensors out of ``tensors``; check them against the modules."""
+    saved = {n: {} for n in select_saved_modules(model, config)}
+    rest = {}
+    for key, value in tensors.items():
+        body = key.removeprefix(PREFIX)
+        owner = next((n for n in saved if body.startswith(n + ".")), None)
+        if owner is None:
+            rest[key] = value
+        else:
+            saved[owner][body[len(owner) + 1 :]] = value
+    problems = []
+    for name, values in saved.items():
+        module = model.get_submodule(name)
+        expected = (module.original_module if isinstance(module, SavedModuleHost) else module).state_dict()
+        problems += [f"missing {PREFIX}{name}.{k}" for k in expected if k not in values]
+        problems += [f"unexpected {PREFIX}{name}.{k}" for k in values if k not in expected]
+        problems += [
+            f"{PREFIX}{name}.{k}: file {tuple(v.shape)} vs module {tuple(expected[k].shape)}"
+            for k, v in values.items()
+            if k in expected and v.shape != expected[k].shape
+        ]
+    return saved, rest, problems
+
+
 def prepare_adapter(
     model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Tensor], source: object = "the file"
-) -> tuple[AdapterConfig, dict[str, AdapterSlot]]:
-    """Build the slots of a saved adapter for ``model`` and fill them, without touching the model.
+) -> tuple[AdapterConfig, dict[str, AdapterSlot], dict[str, dict[str, torch.Tensor]]]:
+    """Build the slots (and ``modules_to_save`` values) of a saved adapter for ``model`` and fill
+    them, without touching the model.
 
     Every tensor is checked against the layer it belongs to: a mismatch raises CheckpointError
     naming the first offending keys and shapes.
     """
+    saved_modules, tensors, problems = _split_saved_modules(model, config, tensors)
     layers, extra = split_keys(model, config, tensors)
     method = get_method(config.method)
     first = next(iter(layers.values()))
     config = method.config_for_saved(config, {k: tuple(v.shape) for k, v in first.items()})
     slots = build_slots(model, config, list(layers), saved_shared=extra)
-    problems = []
     for name, slot in slots.items():
         values = layers[name]
         for key, param in slot.params().items():
@@ -200,7 +240,7 @@ def prepare_adapter(
         for name, slot in slots.items():
             for key, param in slot.params().items():
                 param.copy_(layers[name][key])
-    return config, slots
+    return config, slots, saved_modules
 
 
 def load_adapter(
@@ -212,6 +252,6 @@ def load_adapter(
     """
     _check_name(model, adapter_name)
     config, tensors = read_adapter(path)
-    config, slots = prepare_adapter(model, config, tensors, path)
-    install_slots(model, adapter_name, config, slots)
+    config, slots, saved_modules = prepare_adapter(model, config, tensors, path)
+    install_slots(model, adapter_name, config, slots, saved_modules)
     return config

@@ -217,3 +217,35 @@ class AdapterHost(nn.Module):
         live = ", ".join(f"{n}@{s:g}" for n, s in self.active) or "-"
         merged = ", ".join(f"{n}@{s:g}" for n, s in self.merged) or "-"
         return f"adapters={list(self.adapters)}, active=[{live}], merged=[{merged}]"
+
+
+class SavedModuleHost(nn.Module):
+    """PEFT's ``modules_to_save``: a trainable copy of a whole module per adapter.
+
+    The copy of the first active adapter that has one replaces the module. A copy cannot be
+    blended: any strength other than 0 uses it, strength 0 (adapter off) the original module.
+    Merging leaves it as it is.
+    """
+
+    def __init__(self, original: nn.Module, name: str):
+        super().__init__()
+        self.original_module = original
+        self.name = name
+        self.copies = nn.ModuleDict()
+        self.active: Optional[str] = None
+        self.disabled = False
+
+    def add(self, adapter_name: str) -> nn.Module:
+        import copy
+
+        clone = copy.deepcopy(self.original_module)
+        clone.requires_grad_(True)
+        self.copies[adapter_name] = clone
+        return clone
+
+    def set_active(self, names_strengths: list[tuple[str, float]]) -> None:
+        self.active = next((n for n, s in names_strengths if n in self.copies and s != 0.0), None)
+
+    def forward(self, *args, **kwargs):
+        module = self.copies[self.active] if self.active is not None and not self.disabled else self.original_module
+        return module(*args, **kwargs)

@@ -13,8 +13,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from diffadapt.host import SUPPORTED_LAYERS, AdapterHost, AdapterSlot, SharedState, layer_spec, weight_2d
+from diffadapt.host import SUPPORTED_LAYERS, AdapterHost, AdapterSlot, SavedModuleHost, SharedState, layer_spec, weight_2d
 from diffadapt.methods import AdapterConfig, AdapterConfigError, get_method
+from diffadapt.methods.base import pattern_matches
 from diffadapt.targets import preset_pattern, select_targets
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -40,6 +41,26 @@ def adapter_state(model: nn.Module) -> ModelAdapters:
 
 def hosts(model: nn.Module) -> list[tuple[str, AdapterHost]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterHost)]
+
+
+def saved_module_hosts(model: nn.Module) -> list[tuple[str, SavedModuleHost]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, SavedModuleHost)]
+
+
+def select_saved_modules(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Module paths named by ``config.modules_to_save`` (trainable full copies per adapter)."""
+    if not config.modules_to_save:
+        return []
+    names = []
+    for name, module in model.named_modules():
+        if ".original_module" in f".{name}" or ".copies." in f".{name}." or ".base_layer" in f".{name}":
+            continue
+        if any(pattern_matches(p, name) for p in config.modules_to_save):
+            names.append(name)
+    missing = [p for p in config.modules_to_save if not any(pattern_matches(p, n) for n in names)]
+    if missing:
+        raise AdapterConfigError(f"modules_to_save {missing} match no module of this {type(model).__name__}.")
+    return names
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:
@@ -100,8 +121,21 @@ def build_slots(
     return slots
 
 
-def install_slots(model: nn.Module, adapter_name: str, config: AdapterConfig, slots: dict[str, AdapterSlot]) -> None:
-    """Put built slots into the model (cannot fail half-way) and make the adapter the active one."""
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def install_slots(
+    model: nn.Module,
+    adapter_name: str,
+    config: AdapterConfig,
+    slots: dict[str, AdapterSlot],
+    saved_modules: Optional[dict[str, Optional[dict[str, torch.Tensor]]]] = None,
+) -> None:
+    """Put built slots (and ``modules_to_save`` copies, with saved values if given) into the
+    model (nothing here can fail half-way) and make the adapter the active one."""
     state = model.__dict__.get("_diffadapt")
     if state is None:
         state = ModelAdapters(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
@@ -109,16 +143,23 @@ def install_slots(model: nn.Module, adapter_name: str, config: AdapterConfig, sl
     for name, slot in slots.items():
         module = model.get_submodule(name)
         if not isinstance(module, AdapterHost):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
             module = AdapterHost(module, name)
-            setattr(parent, child, module)
+            _swap(model, name, module)
         module.add(adapter_name, slot)
+    copies = []
+    for name, values in (saved_modules or {}).items():
+        module = model.get_submodule(name)
+        if not isinstance(module, SavedModuleHost):
+            module = SavedModuleHost(module, name)
+            _swap(model, name, module)
+        copies.append(module.add(adapter_name))
+        if values is not None:
+            copies[-1].load_state_dict(values)
     state.configs[adapter_name] = config
     for p in model.parameters():
         p.requires_grad_(False)
-    for slot in slots.values():
-        for p in slot.parameters():
+    for module in [*slots.values(), *copies]:
+        for p in module.parameters():
             p.requires_grad_(True)
     set_adapters(model, adapter_name)
 
@@ -136,8 +177,9 @@ def add_adapter(
     _check_name(model, adapter_name)
     config = resolve_targets(model, config, preset)
     names = select_targets(model, config, SUPPORTED_LAYERS)
+    saved = select_saved_modules(model, config)
     slots = build_slots(model, config, names)
-    install_slots(model, adapter_name, config, slots)
+    install_slots(model, adapter_name, config, slots, {n: None for n in saved})
     return names
 
 
@@ -174,6 +216,8 @@ def set_adapters(
     chosen = _names_and_weights(state, adapter_names, weights)
     for _, host in hosts(model):
         host.set_active(chosen, merge=state.merged and not state.disabled)
+    for _, host in saved_module_hosts(model):
+        host.set_active(chosen)
     state.active = chosen
 
 
@@ -208,6 +252,8 @@ def disable_adapters(model: nn.Module) -> None:
     for _, host in hosts(model):
         host.unmerge()
         host.disabled = True
+    for _, host in saved_module_hosts(model):
+        host.disabled = True
     state.disabled = True
 
 
@@ -217,6 +263,8 @@ def enable_adapters(model: nn.Module) -> None:
         host.disabled = False
         if state.merged:
             host.merge()
+    for _, host in saved_module_hosts(model):
+        host.disabled = False
     state.disabled = False
 
 
@@ -239,12 +287,6 @@ def unmerge_adapters(model: nn.Module) -> None:
     state.merged = False
 
 
-def _replace_host(model: nn.Module, name: str, host: AdapterHost) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, host.base_layer)
-
-
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     state = adapter_state(model)
     _names_and_weights(state, adapter_name, None)
@@ -252,7 +294,13 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         if adapter_name in host.adapters:
             host.remove(adapter_name)
             if not host.adapters:
-                _replace_host(model, name, host)
+                _swap(model, name, host.base_layer)
+    for name, host in saved_module_hosts(model):
+        if adapter_name in host.copies:
+            del host.copies[adapter_name]
+            host.set_active([(n, s) for n, s in state.active if n != adapter_name])
+            if not host.copies:
+                _swap(model, name, host.original_module)
     del state.configs[adapter_name]
     state.active = [(n, s) for n, s in state.active if n != adapter_name]
     if not state.configs:
@@ -264,7 +312,9 @@ def unload(model: nn.Module) -> nn.Module:
     state = model.__dict__.get("_diffadapt")
     for name, host in hosts(model):
         host.unmerge()
-        _replace_host(model, name, host)
+        _swap(model, name, host.base_layer)
+    for name, host in saved_module_hosts(model):
+        _swap(model, name, host.original_module)
     if state is not None:
         for n, p in model.named_parameters():
             p.requires_grad_(state.requires_grad.get(n, p.requires_grad))
@@ -273,12 +323,17 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
-    """``{"<module path>.<param>": parameter}`` of one adapter (the live tensors)."""
+    """``{"<module path>.<param>": parameter}`` of one adapter (the live tensors), including
+    its ``modules_to_save`` copies (``<module path>.<param path>``)."""
     out = {}
     for name, host in hosts(model):
         slot = host.adapters[adapter_name] if adapter_name in host.adapters else None
         if slot is not None:
             for key, value in slot.params().items():
+                out[f"{name}.{key}"] = value
+    for name, host in saved_module_hosts(model):
+        if adapter_name in host.copies:
+            for key, value in host.copies[adapter_name].named_parameters():
                 out[f"{name}.{key}"] = value
     return out
 

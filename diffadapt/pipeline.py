@@ -173,8 +173,8 @@ def load_adapter(
     prepared = {
         n: checkpoint.prepare_adapter(mods[n], config, tensors, path) for n, (config, tensors) in saved.components.items()
     }
-    for n, (config, slots) in prepared.items():
-        mdl.install_slots(mods[n], adapter_name, config, slots)
+    for n, (config, slots, saved_modules) in prepared.items():
+        mdl.install_slots(mods[n], adapter_name, config, slots, saved_modules)
     # components without this adapter keep running their own active adapters
     return saved
 
@@ -196,6 +196,8 @@ def hotswap_adapter(obj: Any, path: Union[str, os.PathLike], adapter_name: str =
         if state is None or adapter_name not in state.configs:
             raise CheckpointError(f"Component {n or 'model'!r} has no loaded adapter {adapter_name!r} to swap.")
         old = state.configs[adapter_name]
+        if old.modules_to_save:
+            raise CheckpointError(f"{adapter_name!r} has modules_to_save; hot-swap covers adapter weights only.")
         mine, theirs = old.to_dict(), config.to_dict()
         differ = sorted(k for k in mine if mine[k] != theirs.get(k))
         if differ:

@@ -103,7 +103,9 @@ def select_targets(model: nn.Module, config, supported: tuple[type, ...]) -> lis
     for name, module in model.named_modules():
         if isinstance(module, AdapterHost):
             module = module.base_layer
-        elif not isinstance(module, supported) or ".base_layer" in f".{name}":
+        elif not isinstance(module, supported) or any(
+            part in f".{name}." for part in (".base_layer.", ".original_module.", ".copies.")
+        ):
             continue
         candidates.append(name)
         if not _matches(config.target_modules, name, module):

@@ -124,3 +124,22 @@ def test_fresh_adapter_matches_peft_initialisation(model_key, method, dense_butt
             p.copy_(value)
     with torch.no_grad():
         assert _rel(_out(model, inputs), _out(peft_model.get_base_model(), inputs)) < 1e-5
+
+
+def test_modules_to_save_cross_over_with_peft(tmp_path):
+    inputs = tm.unet_inputs()
+    cfg = da.HRAConfig(r=4, target_modules=["to_q"], modules_to_save=["conv_in"])
+    peft_model = get_peft_model(tm.tiny_unet(), PEFT_TYPE_TO_CONFIG_MAPPING["HRA"](**cfg.to_peft_dict()))
+    _randomise_peft(peft_model)
+    with torch.no_grad():
+        peft_model.base_model.model.conv_in.modules_to_save["default"].weight.mul_(1.3)
+        expected = _out(peft_model.get_base_model(), inputs)
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = tm.tiny_unet()
+    da.load_adapter(model, tmp_path / "peft", "a")
+    with torch.no_grad():
+        assert _rel(_out(model, inputs), expected) < 1e-5
+    da.save_adapter(model, tmp_path / "ours", "a")
+    reloaded = PeftModel.from_pretrained(tm.tiny_unet(), tmp_path / "ours")
+    with torch.no_grad():
+        assert _rel(_out(reloaded.get_base_model(), inputs), expected) < 1e-5

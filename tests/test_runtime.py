@@ -302,3 +302,35 @@ def test_frod_mixed_width_unet_roundtrip_uses_group_keys(tmp_path):
     da.load_adapter(fresh, tmp_path / "f")
     with torch.no_grad():
         assert torch.equal(fresh(**inputs).sample, expected)
+
+
+def test_modules_to_save_train_save_and_reload(tmp_path):
+    model = tm.tiny_unet()
+    inputs = tm.unet_inputs()
+    with torch.no_grad():
+        base = model(**inputs).sample
+    da.add_adapter(model, SMALL["hra"](modules_to_save=["conv_in"]), "a")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"conv_in.copies.a.weight", "conv_in.copies.a.bias"} <= trainable
+    with torch.no_grad():
+        model.conv_in.copies["a"].weight.mul_(1.5)
+        changed = model(**inputs).sample
+        da.set_adapters(model, "a", 0.0)  # strength 0: the whole adapter is off, module copy too
+        assert torch.equal(model(**inputs).sample, base)
+        da.set_adapters(model, "a", 0.5)
+        assert rel(model(**inputs).sample, base) > 1e-3
+        da.disable_adapters(model)
+        assert torch.equal(model(**inputs).sample, base)
+        da.enable_adapters(model)
+        da.set_adapters(model, "a", 1.0)
+    folder = da.save_adapter(model, tmp_path / "a", "a")
+    assert "base_model.model.conv_in.weight" in da.read_adapter(folder)[1]
+    fresh = tm.tiny_unet()
+    da.load_adapter(fresh, folder, "a")
+    with torch.no_grad():
+        assert torch.equal(fresh(**inputs).sample, changed)
+    da.unload(fresh)
+    with torch.no_grad():
+        assert torch.equal(fresh(**inputs).sample, base)
+    with pytest.raises(da.AdapterConfigError, match=r"modules_to_save \['conv_nope'\] match no module"):
+        da.add_adapter(tm.tiny_unet(), SMALL["hra"](modules_to_save=["conv_nope"]), "a")
