@@ -49,11 +49,11 @@ class PipelineAdapter:
 def components(obj: Any) -> dict[str, nn.Module]:
     """``{name: module}`` for a pipeline's modules, or ``{"": model}`` for a bare model."""
     if isinstance(obj, nn.Module):
-        return {"": obj}
+        return {"": getattr(obj, "_orig_mod", obj)}  # torch.compile'd modules: act on the original
     comps = getattr(obj, "components", None)
     if not isinstance(comps, dict):
         raise TypeError(f"Expected a diffusers pipeline or a torch model, got {type(obj).__name__}.")
-    return {name: m for name, m in comps.items() if isinstance(m, nn.Module)}
+    return {name: getattr(m, "_orig_mod", m) for name, m in comps.items() if isinstance(m, nn.Module)}
 
 
 def adapted(obj: Any) -> dict[str, nn.Module]:
@@ -82,27 +82,41 @@ def save_adapter(
     if not parts:
         raise ValueError(f"No component has an adapter named {adapter_name!r}; adapters: {_all_names(obj)}.")
     configs = {n: mdl.adapter_state(m).configs[adapter_name] for n, m in parts.items()}
-    meta = {
-        "method": next(iter(configs.values())).method,
-        "diffadapt_version": __version__,
-        "pipeline_class": type(obj).__name__,
-        **(metadata or {}),
-    }
-    classes = {n: type(m).__name__ for n, m in parts.items()}
+    adapter = PipelineAdapter(
+        components={n: (configs[n], checkpoint.peft_state_dict(m, adapter_name)) for n, m in parts.items()},
+        metadata={
+            "method": next(iter(configs.values())).method,
+            "diffadapt_version": __version__,
+            "pipeline_class": type(obj).__name__,
+            **(metadata or {}),
+        },
+        classes={n: type(m).__name__ for n, m in parts.items()},
+    )
+    return write_pipeline_adapter(adapter, path)
+
+
+def write_pipeline_adapter(adapter: PipelineAdapter, path: Union[str, os.PathLike]) -> Path:
+    """Write a pipeline adapter as one ``.safetensors`` file or as a folder of PEFT folders."""
     path = Path(path)
+    if "" in adapter.components:
+        raise ValueError("Name the component of a single-model adapter (e.g. 'unet') before writing it.")
     if path.suffix == ".safetensors":
-        tensors = {
-            f"{n}.{k}": v for n, m in parts.items() for k, v in checkpoint.peft_state_dict(m, adapter_name).items()
+        tensors = {f"{n}.{k}": v for n, (_, part) in adapter.components.items() for k, v in part.items()}
+        header = {
+            "format": FORMAT,
+            "metadata": adapter.metadata,
+            "components": {
+                n: {"class": adapter.classes.get(n), "config": config.to_dict()}
+                for n, (config, _) in adapter.components.items()
+            },
         }
-        header = {"format": FORMAT, "metadata": meta, "components": {
-            n: {"class": classes[n], "config": configs[n].to_dict()} for n in parts}}
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={"format": "pt", "diffadapt": json.dumps(header)})
         return path
-    for n, m in parts.items():
-        checkpoint.save_adapter(m, path / n, adapter_name, meta.get("base_model"))
+    for n, (config, part) in adapter.components.items():
+        checkpoint.write_peft_folder(path / n, config, part, adapter.metadata.get("base_model"))
     with open(path / META_NAME, "w") as f:
-        json.dump({"format": FORMAT, "metadata": meta, "components": classes}, f, indent=2)
+        json.dump({"format": FORMAT, "metadata": adapter.metadata, "components": adapter.classes}, f, indent=2)
     return path
 
 
@@ -158,13 +172,14 @@ def load_adapter(
             )
         saved.components = {"": saved.components[wanted]}
         saved.classes = {"": saved.classes[wanted]}
+    missing = [n for n in saved.classes if n not in mods]
+    if missing:
+        raise CheckpointError(
+            f"{path} has adapters for {', '.join(map(repr, missing))}, which this {type(obj).__name__} does "
+            f"not have (it has {sorted(mods)}); the file was made for another architecture."
+        )
     for n, cls in saved.classes.items():
         where = f"component {n!r}" if n else "the model"
-        if n not in mods:
-            raise CheckpointError(
-                f"{path} has an adapter for {where}, which this {type(obj).__name__} does not have "
-                f"(it has {sorted(mods)})."
-            )
         if cls is not None and cls != type(mods[n]).__name__:
             raise CheckpointError(
                 f"{path} was made for a {cls} as {where}; this pipeline's is a {type(mods[n]).__name__}."
@@ -186,7 +201,7 @@ def hotswap_adapter(obj: Any, path: Union[str, os.PathLike], adapter_name: str =
     buffer or parameter object changes, so a ``torch.compile``d model does not recompile.
     """
     saved = read_pipeline_adapter(path)
-    mods = adapted(obj) if not isinstance(obj, nn.Module) else {"": obj}
+    mods = adapted(obj)
     if isinstance(obj, nn.Module) and "" not in saved.components:
         saved.components = {"": next(iter(saved.components.values()))}
     plans = []

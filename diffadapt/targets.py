@@ -47,6 +47,7 @@ PRESETS: dict[str, dict[str, str]] = {
     },
 }
 PRESETS["CLIPTextModelWithProjection"] = PRESETS["CLIPTextModel"]
+PRESETS["ControlNetModel"] = PRESETS["UNet2DConditionModel"]  # the UNet encoder half
 PRESET_ALIASES = {"attn": "attention", "attn-ff": "attention+ff", "attn+ff": "attention+ff", "all": "attention+ff"}
 
 

@@ -1,0 +1,691 @@
+"""Tiny, fully offline diffusers pipelines with random weights, built from config dicts.
+
+Every ``build_<family>(seed=0)`` returns a complete diffusers pipeline whose components are all
+tiny (14k-1M parameters each; progress bars off) and whose tokenizers are built locally —
+nothing touches a model hub.  Like tests/tiny_models.py, builders seed the global torch RNG.  The pipelines are meant for the pipeline-loader test-suite: build one, call
+it, ``save_pretrained`` it to a folder, load the folder back with ``<Pipeline>.from_pretrained``.
+
+Common geometry (all families):
+
+* VAE: 4 blocks, ``vae_scale_factor`` 8 (like the real models); ``DEFAULT_SIZE`` = 64 px gives
+  8x8 latents.  32 px (4x4 latents) also works for every family.
+* Denoisers have ``sample_size`` 8, so the pipelines' own default height/width is 64 px too.
+* CLIP tokenizers: byte-level BPE, no merges, ``model_max_length`` 77 (DESIGN.md §6 recipe).
+  Token ids: 256 bytes, 256 bytes+``</w>``, ``<|startoftext|>`` = 512, ``<|endoftext|>`` = 513.
+* T5 tokenizers: a small Unigram vocabulary (lower/upper-case letters, digits, punctuation and a
+  few whole words), ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2, built with ``tokenizers`` and
+  loaded through ``T5TokenizerFast.from_pretrained(<tmp dir>)``.  T5 pipelines must be called with
+  a small ``max_sequence_length`` (``T5_MAX_LEN`` = 16); ``generate`` does that.
+
+Use ``generate(pipe, ...)`` to get latents (``output_type="latent"``) with the extra kwargs each
+family needs (``pipeline_kwargs`` shows them), and ``save_and_reload(pipe, dir)`` for the real
+local-folder loading path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import string
+import tempfile
+
+import torch
+
+DEFAULT_SIZE = 64  # pixels; VAE scale factor 8 -> 8x8 latents
+T5_MAX_LEN = 16  # max_sequence_length passed to every T5-using pipeline
+CLIP_MAX_LEN = 77
+
+_VAE_SCALE_FACTOR = 8
+_SAMPLE_SIZE = DEFAULT_SIZE // _VAE_SCALE_FACTOR  # latent side length the denoisers default to
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizers (offline)
+# --------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2 / CLIP byte -> printable-unicode table, in byte order."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
+
+
+def tiny_clip_tokenizer(model_max_length: int = CLIP_MAX_LEN):
+    """Byte-level CLIPTokenizer with no merges (every byte is one token), 514 ids."""
+    from transformers import CLIPTokenizer
+
+    symbols = _bytes_to_unicode()
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": 256 + i for i, s in enumerate(symbols)})
+    vocab["<|startoftext|>"] = 512
+    vocab["<|endoftext|>"] = 513
+    tmp = tempfile.mkdtemp(prefix="tiny_clip_tok_")
+    try:
+        with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(vocab, f, ensure_ascii=False)
+        with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n")
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"model_max_length": model_max_length}, f)
+        tok = CLIPTokenizer.from_pretrained(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tok
+
+
+CLIP_VOCAB_SIZE = 514
+CLIP_BOS_ID, CLIP_EOS_ID = 512, 513
+
+
+_T5_WORDS = (
+    "a an the of on in and with red green blue yellow black white circle square triangle "
+    "cat dog photo painting of portrait landscape"
+).split()
+
+
+def _t5_pieces() -> list[tuple[str, float]]:
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    seen = {p for p, _ in pieces}
+
+    def add(piece, score):
+        if piece not in seen:
+            seen.add(piece)
+            pieces.append((piece, score))
+
+    for w in _T5_WORDS:
+        add("▁" + w, -5.0)
+    for c in string.ascii_letters + string.digits:
+        add("▁" + c, -9.0)
+    for c in string.ascii_letters + string.digits + string.punctuation:
+        add(c, -10.0)
+    return pieces
+
+
+def tiny_t5_tokenizer(model_max_length: int = 512):
+    """Unigram T5 tokenizer (``T5TokenizerFast``) built with ``tokenizers``; pad=0, eos=1, unk=2."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5TokenizerFast
+
+    tk = Tokenizer(Unigram(_t5_pieces(), unk_id=2, byte_fallback=False))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+        ]
+    )
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tk.post_processor = processors.TemplateProcessing(
+        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)]
+    )
+    tmp = tempfile.mkdtemp(prefix="tiny_t5_tok_")
+    try:
+        tk.save(os.path.join(tmp, "tokenizer.json"))
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(
+                {
+                    "model_max_length": model_max_length,
+                    "pad_token": "<pad>",
+                    "eos_token": "</s>",
+                    "unk_token": "<unk>",
+                    "extra_ids": 0,
+                    "additional_special_tokens": [],
+                },
+                f,
+            )
+        tok = T5TokenizerFast.from_pretrained(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tok
+
+
+T5_VOCAB_SIZE = len(_t5_pieces())
+
+
+# --------------------------------------------------------------------------------------------
+# text encoders
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_clip_text_encoder(
+    seed: int = 0, hidden: int = 32, projection_dim: int = 32, with_projection: bool = False
+):
+    """CLIPTextModel / CLIPTextModelWithProjection matching ``tiny_clip_tokenizer`` (eos id 513)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=max(hidden // 8, 1),
+        max_position_embeddings=CLIP_MAX_LEN,
+        projection_dim=projection_dim,
+        bos_token_id=CLIP_BOS_ID,
+        eos_token_id=CLIP_EOS_ID,  # pooled output = first <|endoftext|> position
+        pad_token_id=CLIP_EOS_ID,
+    )
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def tiny_t5_encoder(seed: int = 0, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=T5_VOCAB_SIZE,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=1,
+        num_decoder_layers=0,
+        num_heads=max(d_model // 8, 1),
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# VAE / denoisers
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_vae(seed: int = 0, latent_channels: int = 4, flow: bool = False):
+    """AutoencoderKL with 4 blocks (scale factor 8).
+
+    ``flow=True`` gives the SD3/Flux layout: no quant convs, a ``shift_factor`` (the SD3/Flux
+    pipelines compute ``latents / scaling_factor + shift_factor``, so it must not be None).
+    """
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    extra = {}
+    if flow:
+        extra = dict(
+            use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035
+        )
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=DEFAULT_SIZE,
+        **extra,
+    ).eval()
+
+
+def tiny_sd_unet(seed: int = 0):
+    """SD1.x-like UNet: conv ``proj_in``/``proj_out`` (use_linear_projection=False), cross-attn 32."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=_SAMPLE_SIZE,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+
+
+# SDXL geometry: te1 CLIPTextModel hidden 32, te2 CLIPTextModelWithProjection hidden 32 / proj 32.
+_SDXL_TIME_DIM = 8
+_SDXL_TE2_PROJ = 32
+
+
+def tiny_sdxl_unet(seed: int = 0):
+    """SDXL-like UNet: linear proj_in/out, ``text_time`` added conditioning."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=_SAMPLE_SIZE,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 1),
+        use_linear_projection=True,
+        cross_attention_dim=64,  # te1 hidden (32) + te2 hidden (32)
+        addition_embed_type="text_time",
+        addition_time_embed_dim=_SDXL_TIME_DIM,
+        # 6 time ids (original size, crop coords, target size) + te2 pooled projection
+        projection_class_embeddings_input_dim=6 * _SDXL_TIME_DIM + _SDXL_TE2_PROJ,
+        norm_num_groups=8,
+    ).eval()
+
+
+def tiny_sd3_transformer(seed: int = 0):
+    """SD3Transformer2DModel for 16-channel latents; joint dim 32, pooled dim 32 (2 x 16)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=_SAMPLE_SIZE,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,  # the last block is context_pre_only (no to_add_out / ff_context)
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,  # T5 d_model; >= 2 x CLIP hidden (16 + 16)
+        caption_projection_dim=32,
+        pooled_projection_dim=32,  # te1 projection (16) + te2 projection (16)
+        pos_embed_max_size=16,
+    ).eval()
+
+
+def tiny_flux_transformer(seed: int = 0, guidance_embeds: bool = True):
+    """FluxTransformer2DModel for 16-channel latents packed 2x2 (in_channels 64)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5 d_model
+        pooled_projection_dim=32,  # CLIP hidden (pooler_output)
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+    ).eval()
+
+
+def tiny_pixart_transformer(seed: int = 0):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        sample_size=_SAMPLE_SIZE,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=4,
+        out_channels=8,  # learned sigma: the pipeline keeps the first 4 channels
+        patch_size=2,
+        cross_attention_dim=16,
+        caption_channels=32,  # T5 d_model
+        norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000,
+        use_additional_conditions=False,
+    ).eval()
+
+
+def tiny_controlnet(unet, seed: int = 0):
+    """ControlNetModel.from_unet with small conditioning embedding (downsamples 8x, like the VAE).
+
+    ``from_unet`` leaves the ``controlnet_*`` output convs and the conditioning embedding's
+    ``conv_out`` zero-initialised, which would make the ControlNet a no-op; they (and the rest of
+    the conditioning embedding) are re-initialised from ``seed`` so that both the ControlNet and
+    the control image really change the output.
+    """
+    from diffusers import ControlNetModel
+
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        # He-normal init, zero bias, for the conditioning embedding: with PyTorch's default init
+        # the image signal fades through its 8 convs and every control image gives ~ the same
+        # output (differences ~1e-4).
+        for conv in cn.controlnet_cond_embedding.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                fan_in = conv.weight[0].numel()
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+                conv.bias.zero_()
+        for conv in [cn.controlnet_mid_block, *cn.controlnet_down_blocks]:  # zero 1x1 convs
+            fan_in = conv.weight[0].numel()
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * fan_in**-0.5)
+            conv.bias.zero_()
+    return cn.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# schedulers
+# --------------------------------------------------------------------------------------------
+
+
+def _ddim():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def _euler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def _flow_match(dynamic: bool = False):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if dynamic:  # Flux
+        return FlowMatchEulerDiscreteScheduler(
+            base_image_seq_len=256,
+            base_shift=0.5,
+            max_image_seq_len=4096,
+            max_shift=1.15,
+            shift=3.0,
+            use_dynamic_shifting=True,
+        )
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD3
+
+
+def _dpm():
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+
+
+# --------------------------------------------------------------------------------------------
+# pipeline builders
+# --------------------------------------------------------------------------------------------
+
+
+def _sd_components(seed: int) -> dict:
+    return dict(
+        vae=tiny_vae(seed),
+        text_encoder=tiny_clip_text_encoder(seed + 1),
+        tokenizer=tiny_clip_tokenizer(),
+        unet=tiny_sd_unet(seed + 2),
+        scheduler=_ddim(),
+    )
+
+
+def _sdxl_components(seed: int) -> dict:
+    return dict(
+        vae=tiny_vae(seed),
+        text_encoder=tiny_clip_text_encoder(seed + 1),
+        text_encoder_2=tiny_clip_text_encoder(seed + 2, projection_dim=_SDXL_TE2_PROJ, with_projection=True),
+        tokenizer=tiny_clip_tokenizer(),
+        tokenizer_2=tiny_clip_tokenizer(),
+        unet=tiny_sdxl_unet(seed + 3),
+        scheduler=_euler(),
+    )
+
+
+def _quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_sd(seed: int = 0):
+    """StableDiffusionPipeline (SD1.x layout), DDIM scheduler, no safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    return _quiet(StableDiffusionPipeline(
+        **_sd_components(seed),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ))
+
+
+def build_sdxl(seed: int = 0):
+    """StableDiffusionXLPipeline: CLIPTextModel + CLIPTextModelWithProjection, Euler scheduler."""
+    from diffusers import StableDiffusionXLPipeline
+
+    # add_watermarker=False: the watermark would only touch "pil" output, but keep it off so
+    # the result does not depend on whether invisible-watermark happens to be installed.
+    return _quiet(StableDiffusionXLPipeline(**_sdxl_components(seed), add_watermarker=False))
+
+
+def build_sd3(seed: int = 0, with_t5: bool = True):
+    """StableDiffusion3Pipeline; ``with_t5=False`` leaves text_encoder_3/tokenizer_3 as None."""
+    from diffusers import StableDiffusion3Pipeline
+
+    return _quiet(StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(seed),
+        vae=tiny_vae(seed + 1, latent_channels=16, flow=True),
+        scheduler=_flow_match(),
+        text_encoder=tiny_clip_text_encoder(seed + 2, hidden=16, projection_dim=16, with_projection=True),
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=tiny_clip_text_encoder(seed + 3, hidden=16, projection_dim=16, with_projection=True),
+        tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=tiny_t5_encoder(seed + 4) if with_t5 else None,
+        tokenizer_3=tiny_t5_tokenizer() if with_t5 else None,
+    ))
+
+
+def build_flux(seed: int = 0, guidance_embeds: bool = True):
+    """FluxPipeline (dev-like guidance embedding by default; ``guidance_embeds=False`` ~ schnell)."""
+    from diffusers import FluxPipeline
+
+    return _quiet(FluxPipeline(
+        transformer=tiny_flux_transformer(seed, guidance_embeds=guidance_embeds),
+        vae=tiny_vae(seed + 1, latent_channels=16, flow=True),
+        scheduler=_flow_match(dynamic=True),
+        text_encoder=tiny_clip_text_encoder(seed + 2, hidden=32),
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=tiny_t5_encoder(seed + 3),
+        tokenizer_2=tiny_t5_tokenizer(),
+    ))
+
+
+def _pixart_components(seed: int) -> dict:
+    return dict(
+        transformer=tiny_pixart_transformer(seed),
+        vae=tiny_vae(seed + 1),
+        text_encoder=tiny_t5_encoder(seed + 2),
+        tokenizer=tiny_t5_tokenizer(),
+        scheduler=_dpm(),
+    )
+
+
+def build_pixart(seed: int = 0):
+    """PixArtAlphaPipeline (DPM-Solver++ scheduler)."""
+    from diffusers import PixArtAlphaPipeline
+
+    return _quiet(PixArtAlphaPipeline(**_pixart_components(seed)))
+
+
+def build_pixart_sigma(seed: int = 0):
+    """PixArtSigmaPipeline (same tiny components as build_pixart)."""
+    from diffusers import PixArtSigmaPipeline
+
+    return _quiet(PixArtSigmaPipeline(**_pixart_components(seed)))
+
+
+def build_sd_controlnet(seed: int = 0):
+    """StableDiffusionControlNetPipeline; the ControlNet is derived from the pipeline's UNet."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    comps = _sd_components(seed)
+    return _quiet(StableDiffusionControlNetPipeline(
+        **comps,
+        controlnet=tiny_controlnet(comps["unet"], seed + 10),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ))
+
+
+def build_sdxl_controlnet(seed: int = 0):
+    """StableDiffusionXLControlNetPipeline; the ControlNet is derived from the SDXL UNet."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    comps = _sdxl_components(seed)
+    return _quiet(StableDiffusionXLControlNetPipeline(
+        **comps, controlnet=tiny_controlnet(comps["unet"], seed + 10), add_watermarker=False
+    ))
+
+
+BUILDERS = {
+    "sd": build_sd,
+    "sdxl": build_sdxl,
+    "sd3": build_sd3,
+    "flux": build_flux,
+    "pixart": build_pixart,
+    "pixart_sigma": build_pixart_sigma,
+    "sd_controlnet": build_sd_controlnet,
+    "sdxl_controlnet": build_sdxl_controlnet,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# calling / saving
+# --------------------------------------------------------------------------------------------
+
+
+def control_image(size: int = DEFAULT_SIZE, seed: int = 0):
+    """A deterministic random RGB PIL image of ``size`` x ``size`` for ControlNet pipelines."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    arr = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+    return Image.fromarray(arr)  # uint8 HxWx3 -> RGB
+
+
+def _family(pipe) -> str:
+    import diffusers as d
+
+    # exact families (none of these classes subclasses another, but keep the specific ones first)
+    table = [
+        (d.StableDiffusionXLControlNetPipeline, "sdxl_controlnet"),
+        (d.StableDiffusionControlNetPipeline, "sd_controlnet"),
+        (d.StableDiffusionXLPipeline, "sdxl"),
+        (d.StableDiffusionPipeline, "sd"),
+        (d.StableDiffusion3Pipeline, "sd3"),
+        (d.FluxPipeline, "flux"),
+        (d.PixArtSigmaPipeline, "pixart_sigma"),
+        (d.PixArtAlphaPipeline, "pixart"),
+    ]
+    for cls, name in table:
+        if isinstance(pipe, cls):
+            return name
+    raise TypeError(f"no tiny-pipeline family for {type(pipe).__name__}")
+
+
+def pipeline_kwargs(pipe, size: int = DEFAULT_SIZE, control_seed: int = 0) -> dict:
+    """Family-specific extra kwargs ``generate`` passes to ``pipe(...)``."""
+    fam = _family(pipe)
+    if fam in ("sd_controlnet", "sdxl_controlnet"):
+        return {"image": control_image(size, control_seed)}
+    if fam == "flux":
+        return {"max_sequence_length": T5_MAX_LEN}
+    if fam == "sd3":
+        return {"max_sequence_length": T5_MAX_LEN}
+    if fam in ("pixart", "pixart_sigma"):
+        # binning only knows sample sizes 32/64/128 (256..1024 px); clean_caption needs bs4+ftfy
+        return {"max_sequence_length": T5_MAX_LEN, "use_resolution_binning": False, "clean_caption": False}
+    return {}
+
+
+def generate(
+    pipe,
+    prompt: str = "a red circle",
+    seed: int = 0,
+    steps: int = 2,
+    size: int = DEFAULT_SIZE,
+    output_type: str = "latent",
+    **kwargs,
+):
+    """Run ``pipe`` once (generator-seeded) and return ``.images``.
+
+    With the default ``output_type="latent"`` this is a tensor of latents (Flux: packed,
+    shape (1, (size/16)**2, 64)); with ``"pil"`` a list of PIL images.  ``kwargs`` override the
+    family defaults from ``pipeline_kwargs``.
+    """
+    call = dict(
+        prompt=prompt,
+        num_inference_steps=steps,
+        height=size,
+        width=size,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type=output_type,
+    )
+    call.update(pipeline_kwargs(pipe, size))
+    call.update(kwargs)
+    with torch.no_grad():
+        out = pipe(**call)
+    return out.images
+
+
+def realign_(pipe):
+    """Copy every parameter / buffer of every module component into fresh (64-byte aligned) memory.
+
+    Why: tensors loaded from ``.safetensors`` by ``from_pretrained`` are only 8-byte aligned
+    (``data_ptr() % 64 == 24`` here), and PyTorch's CPU matmul kernels round differently for
+    unaligned operands (~1e-7 per op).  A reloaded pipeline therefore gives latents that are
+    ``allclose`` but not always ``torch.equal`` to the in-memory original (Flux shows it with the
+    tiny configs here).  Values are untouched; only the memory they live in changes.  Returns
+    ``pipe``.
+    """
+    with torch.no_grad():
+        for comp in pipe.components.values():
+            if isinstance(comp, torch.nn.Module):
+                for t in list(comp.parameters()) + list(comp.buffers()):
+                    t.data = t.data.clone(memory_format=torch.contiguous_format)
+    return pipe
+
+
+def none_components(pipe) -> dict:
+    """``{name: None}`` for the required components that ``pipe`` holds as None.
+
+    ``save_pretrained`` writes ``[null, null]`` for them ("... cannot be saved"), and
+    ``from_pretrained`` then raises ``ValueError: Pipeline ... expected [...] but only {...} were
+    passed`` unless they are passed explicitly, e.g. SD3 without T5 needs
+    ``from_pretrained(dir, text_encoder_3=None, tokenizer_3=None)``.  Optional components
+    (``safety_checker``, ``feature_extractor``, ``image_encoder`` ...) need nothing.
+    """
+    optional = set(getattr(pipe, "_optional_components", []) or [])
+    return {name: None for name, comp in pipe.components.items() if comp is None and name not in optional}
+
+
+def save_and_reload(pipe, tmp_dir, realign: bool = True):
+    """``save_pretrained(tmp_dir, safe_serialization=True)`` then ``type(pipe).from_pretrained(tmp_dir)``.
+
+    This is the plain local-folder loading path (no hub, nothing downloaded).  With
+    ``realign=True`` (default) the loaded weights are passed through ``realign_`` so that
+    ``generate`` on the result is bit-identical to the original; ``realign=False`` returns
+    exactly what ``from_pretrained`` gave (equal only up to ~1e-6, see ``realign_``).
+    """
+    tmp_dir = os.fspath(tmp_dir)
+    pipe.save_pretrained(tmp_dir, safe_serialization=True)
+    loaded = type(pipe).from_pretrained(tmp_dir, **none_components(pipe))
+    loaded.set_progress_bar_config(disable=True)
+    return realign_(loaded) if realign else loaded
