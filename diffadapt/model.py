@@ -30,6 +30,7 @@ class ModelAdapters:
     merged: bool = False
     disabled: bool = False
     requires_grad: dict[str, bool] = field(default_factory=dict)  # base params before injection
+    hosts: Optional[tuple] = None  # cached _walk() result; None = walk the model again
 
 
 def adapter_state(model: nn.Module) -> ModelAdapters:
@@ -39,12 +40,29 @@ def adapter_state(model: nn.Module) -> ModelAdapters:
     return state
 
 
+def _walk(model: nn.Module) -> tuple[list, list]:
+    """(AdapterHost pairs, SavedModuleHost pairs), cached on the model's record so that
+    switching adapters never walks the module tree."""
+    state = model.__dict__.get("_diffadapt")
+    if state is not None and state.hosts is not None:
+        return state.hosts
+    found = ([], [])
+    for name, m in model.named_modules():
+        if isinstance(m, AdapterHost):
+            found[0].append((name, m))
+        elif isinstance(m, SavedModuleHost):
+            found[1].append((name, m))
+    if state is not None:
+        state.hosts = found
+    return found
+
+
 def hosts(model: nn.Module) -> list[tuple[str, AdapterHost]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterHost)]
+    return _walk(model)[0]
 
 
 def saved_module_hosts(model: nn.Module) -> list[tuple[str, SavedModuleHost]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, SavedModuleHost)]
+    return _walk(model)[1]
 
 
 def select_saved_modules(model: nn.Module, config: AdapterConfig) -> list[str]:
@@ -125,6 +143,9 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+    state = model.__dict__.get("_diffadapt")
+    if state is not None:
+        state.hosts = None
 
 
 def install_slots(

@@ -1,0 +1,148 @@
+"""Switching cost at generation time: diffadapt vs PEFT, side by side in one process.
+
+For each method, two adapters A and B of that method are put on the same UNet (diffadapt) and
+on a copy of it (PEFT, same config), then we time:
+
+* toggle       — make B active instead of A, adapters live (no weights touched);
+* merge-switch — the model runs merged with A; switch to merged B (unmerge A + merge B);
+* merge+unmerge of every adapted layer.
+
+    python benchmarks/bench_switch.py --model tiny            # CPU, seconds
+    python benchmarks/bench_switch.py --model sd15 --device cuda --dtype bf16
+
+Prints a markdown table (median ms over --repeat runs, one thread on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from diffusers import UNet2DConditionModel
+from peft import get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+import diffadapt as da
+
+MODELS = {
+    "tiny": dict(
+        sample_size=8, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+        attention_head_dim=8, norm_num_groups=8,
+    ),
+    "sd15": dict(
+        sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+        attention_head_dim=8,
+    ),
+}
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+METHODS = {
+    "oft": dict(oft_block_size=32, r=0),
+    "boft": dict(boft_block_size=4, boft_n_butterfly_factor=2),
+    "hra": dict(r=8),
+    "fourierft": dict(n_frequency=1000),
+    "frod": dict(sparse_rate=0.01, progressbar=False),
+}
+
+
+def timed(fn, sync, repeat):
+    times = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def noise_(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g).to(p) * 0.01)
+
+
+def bench_method(base, method, kwargs, sync, repeat):
+    cfg = da.get_method(method).config_class(target_modules=TARGETS, **kwargs)
+    if method == "oft" and min(base.config.block_out_channels) < 32:
+        cfg = da.get_method(method).config_class(target_modules=TARGETS, oft_block_size=8, r=0)
+    row = {"method": method}
+
+    ours = copy.deepcopy(base)
+    t0 = time.perf_counter()
+    da.add_adapter(ours, cfg, "A")
+    da.add_adapter(ours, cfg, "B")
+    row["setup s"] = time.perf_counter() - t0
+    for i, name in enumerate("AB"):
+        noise_(da.adapter_parameters(ours, name).values(), i)
+    state = iter(["A", "B"] * repeat * 2)
+    row["toggle ms"] = timed(lambda: da.set_adapters(ours, next(state)), sync, repeat)
+    da.set_adapters(ours, "A")
+    da.merge_adapters(ours)
+    row["merge-switch ms"] = timed(lambda: da.set_adapters(ours, next(state)), sync, repeat)
+    da.unmerge_adapters(ours)
+
+    def cycle():
+        da.merge_adapters(ours)
+        da.unmerge_adapters(ours)
+
+    row["merge+unmerge ms"] = timed(cycle, sync, repeat)
+    del ours
+
+    peft_cls = PEFT_TYPE_TO_CONFIG_MAPPING[cfg.peft_type]
+    try:
+        theirs = get_peft_model(copy.deepcopy(base), peft_cls(**cfg.to_peft_dict()), adapter_name="A")
+        theirs.add_adapter("B", peft_cls(**cfg.to_peft_dict()))
+    except Exception as exc:  # PEFT's FRoD crashes on UNets (mixed widths in one category)
+        row.update({"PEFT toggle ms": f"crash ({type(exc).__name__})", "PEFT merge-switch ms": "-", "PEFT merge+unmerge ms": "-"})
+        return row
+    row["PEFT toggle ms"] = timed(lambda: theirs.set_adapter(next(state)), sync, repeat)
+    theirs.set_adapter("A")
+    theirs.base_model.merge_adapter()
+
+    def peft_merge_switch():
+        name = next(state)
+        theirs.base_model.unmerge_adapter()
+        theirs.set_adapter(name)
+        theirs.base_model.merge_adapter()
+
+    row["PEFT merge-switch ms"] = timed(peft_merge_switch, sync, repeat)
+    theirs.base_model.unmerge_adapter()
+
+    def peft_cycle():
+        theirs.base_model.merge_adapter()
+        theirs.base_model.unmerge_adapter()
+
+    row["PEFT merge+unmerge ms"] = timed(peft_cycle, sync, repeat)
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=list(MODELS), default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bf16"])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--repeat", type=int, default=10)
+    args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    torch.manual_seed(0)
+    base = UNet2DConditionModel(**MODELS[args.model]).to(args.device, dtype).eval()
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    rows = [bench_method(base, m, METHODS[m], sync, args.repeat) for m in args.methods.split(",")]
+    keys = list(rows[0])
+    print(f"\nUNet {args.model}, {args.device}, {args.dtype}, targets {','.join(TARGETS)}; median of {args.repeat}\n")
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(f"{row.get(k):.2f}" if isinstance(row.get(k), float) else str(row.get(k)) for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()
