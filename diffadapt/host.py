@@ -188,29 +188,22 @@ class AdapterHost(nn.Module):
         if isinstance(base, nn.Conv2d):
             w = self.effective_weight(live, training=self.training).to(x.dtype)
             return base._conv_forward(x, w.reshape(base.weight.shape), base.bias)
-        z, scale, extra = x, None, None
+        # forward sweep: rotate the input, remember each adapter's per-step factors;
+        # backward sweep: y = T_1(... T_k(base(z_n)) + d_k ...), bias last (never transformed)
+        z, steps = x, []
         for adapter_name, strength in live:
             slot = self.adapters[adapter_name]
-            method = slot.method
             prep = slot.prepare(strength, self.training)
-            if method.multiplicative:
-                z = method.rotate_input(z, prep)
-                s = method.output_scale(prep)
-                if s is not None:
-                    scale = s if scale is None else scale * s
+            if slot.method.multiplicative:
+                z = slot.method.rotate_input(z, prep)
+                steps.append((slot.method, prep, None))
             else:
-                d = method.delta_output(z, prep)
-                if scale is not None:
-                    d = d * scale
-                extra = d if extra is None else extra + d
-        if scale is None:
-            y = F.linear(z, weight_2d(base), base.bias)
-        else:
-            y = F.linear(z, weight_2d(base)) * scale.to(z.dtype)
-            if base.bias is not None:
-                y = y + base.bias
-        if extra is not None:
-            y = y + extra.to(y.dtype)
+                steps.append((slot.method, prep, slot.method.delta_output(z, prep)))
+        y = F.linear(z, weight_2d(base))
+        for method, prep, delta in reversed(steps):
+            y = method.transform_output(y, prep) if delta is None else y + delta.to(y.dtype)
+        if base.bias is not None:
+            y = y + base.bias
         return y
 
     def extra_repr(self) -> str:

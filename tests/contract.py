@@ -49,10 +49,7 @@ def forward(method, config, module, params, buffers, x, strength=1.0, training=F
         return module._conv_forward(x, W_eff, module.bias)
     b = module.bias
     if method.multiplicative:
-        y = F.linear(method.rotate_input(x, prep), W)
-        s = method.output_scale(prep)
-        if s is not None:
-            y = y * s
+        y = method.transform_output(F.linear(method.rotate_input(x, prep), W), prep)
     else:
         y = F.linear(x, W) + method.delta_output(x, prep)
     return y if b is None else y + b

@@ -15,10 +15,12 @@ Conventions
 * ``W`` is the layer weight as a 2-D matrix ``(out_features, fan_in)``: ``nn.Linear.weight``,
   ``transformers`` ``Conv1D.weight.T``, or ``nn.Conv2d.weight.flatten(1)`` (``fan_in =
   in_channels/groups * kh * kw``). The layer computes ``y = x @ W.T + b``.
-* A *multiplicative* method (OFT, BOFT, HRA) has ``W_eff = diag(s) @ W @ R.T`` with ``R``
-  orthogonal-ish and ``s`` an optional output scale, i.e. ``y = s * ((x @ R) @ W.T) + b``.
-  ``rotate_input`` computes ``x @ R``; ``output_scale`` returns ``s`` (or ``None``);
-  ``apply_to_weight`` returns ``diag(s) @ W @ R.T`` (merge, and conv layers).
+* A *multiplicative* method (OFT, BOFT, HRA) has ``W_eff = P @ W @ R.T`` with ``R`` acting
+  on the input side and ``P`` an optional linear map of the output features (BOFT's scale
+  ``diag(s)``; an output-side rotation), i.e. ``y = ((x @ R) @ W.T) @ P.T + b`` -- the bias
+  is never transformed. ``rotate_input`` computes ``x @ R``; ``transform_output`` computes
+  ``y @ P.T`` (default: ``y * output_scale`` or ``y``); ``apply_to_weight`` returns
+  ``P @ W @ R.T`` (merge, and conv layers).
 * An *additive* method (FourierFT, FRoD) has ``W_eff = W + dW``. ``delta_output`` computes
   ``x @ dW.T`` and ``apply_to_weight`` returns ``W + dW``.
 * ``strength`` (a float or 0-d tensor) scales the adapter: 0 must give the base layer exactly
@@ -248,6 +250,11 @@ class Method:
     @staticmethod
     def output_scale(prep: Any) -> Optional[Tensor]:  # s (out_features,) or None
         return None
+
+    @classmethod
+    def transform_output(cls, y: Tensor, prep: Any) -> Tensor:  # y @ P.T (bias not included)
+        s = cls.output_scale(prep)
+        return y if s is None else y * s.to(y.dtype)
 
     # additive methods
     @staticmethod
