@@ -54,6 +54,7 @@ from typing import Any, ClassVar, NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from diffadapt.methods.base import AdapterConfig, AdapterConfigError, LayerSpec, Method
 
@@ -147,7 +148,7 @@ def _basis_peft(mats: list[Tensor], alpha: float) -> tuple[Tensor, bool]:
 class FRoDConfig(AdapterConfig):
     """PEFT's ``FrodConfig`` (same fields, defaults and meanings).
 
-    ``progressbar`` is accepted and ignored (no output); ``save_projection`` tells checkpoint
+    ``progressbar`` shows a tqdm bar over the groups' decompositions; ``save_projection`` tells checkpoint
     I/O to write V and the S pattern (recommended: V is not reproducible across devices/dtypes);
     ``fan_in_fan_out`` is kept for PEFT files only (the runtime hands W as (out, in));
     ``runtime_offload_base_weight`` must be False (a PEFT memory trick the runtime does not do).
@@ -305,11 +306,14 @@ class FRoD(Method):
             buckets.setdefault((len(groups[k]), *first.shape, first.device), []).append(k)
         alpha = config.regularization_alpha
         failed = []
+        bar = tqdm(total=len(order), desc="FRoD joint decompositions", unit="group", disable=not config.progressbar)
         for (n, o, i, device), keys in buckets.items():
+            bar.set_postfix(layers=n, shape=f"{o}x{i}")
             if config.projection_mode == "peft":
                 for k in keys:
                     bases[k], good = _basis_peft([weights[j].detach().float().cpu() for j in groups[k]], alpha)
                     failed += [] if good else [k]
+                bar.update(len(keys))
                 continue
             dtype = torch.float64 if device.type == "cpu" else torch.float32
             step = max(1, _MAX_BATCH_ELEMS // (n * i * (i + o)))
@@ -319,6 +323,8 @@ class FRoD(Method):
                 v, ok = _basis_batched(w, alpha)
                 bases.update(zip(chunk, v))
                 failed += [k for k, good in zip(chunk, ok.tolist()) if not good]
+                bar.update(len(chunk))
+        bar.close()
         if failed:
             where = ", ".join(layers[j].describe() for j in groups[failed[0]])
             raise AdapterConfigError(
