@@ -188,18 +188,24 @@ class AdapterHost(nn.Module):
         if isinstance(base, nn.Conv2d):
             w = self.effective_weight(live, training=self.training).to(x.dtype)
             return base._conv_forward(x, w.reshape(base.weight.shape), base.bias)
-        # forward sweep: rotate the input, remember each adapter's per-step factors;
+        # forward sweep: rotate the input, remember each adapter's per-step factors; additive
+        # adapters after the last rotation may fold W + dW into the base product instead;
         # backward sweep: y = T_1(... T_k(base(z_n)) + d_k ...), bias last (never transformed)
-        z, steps = x, []
-        for adapter_name, strength in live:
-            slot = self.adapters[adapter_name]
-            prep = slot.prepare(strength, self.training)
-            if slot.method.multiplicative:
-                z = slot.method.rotate_input(z, prep)
-                steps.append((slot.method, prep, None))
+        preps = [(self.adapters[n].method, self.adapters[n].prepare(s, self.training)) for n, s in live]
+        last_rotation = -1
+        for i, (method, _) in enumerate(preps):
+            if method.multiplicative:
+                last_rotation = i
+        z, w, steps = x, weight_2d(base), []
+        for i, (method, prep) in enumerate(preps):
+            if method.multiplicative:
+                z = method.rotate_input(z, prep)
+                steps.append((method, prep, None))
+            elif i > last_rotation and method.fold_into_weight(z, prep):
+                w = method.apply_to_weight(w, prep)
             else:
-                steps.append((slot.method, prep, slot.method.delta_output(z, prep)))
-        y = F.linear(z, weight_2d(base))
+                steps.append((method, prep, method.delta_output(z, prep)))
+        y = F.linear(z, w.to(z.dtype))
         for method, prep, delta in reversed(steps):
             y = method.transform_output(y, prep) if delta is None else y + delta.to(y.dtype)
         if base.bias is not None:

@@ -39,7 +39,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
-import torch
 from torch import Tensor
 
 
@@ -260,6 +259,14 @@ class Method:
     @staticmethod
     def delta_output(x: Tensor, prep: Any) -> Tensor:  # x @ dW.T
         raise NotImplementedError
+
+    @staticmethod
+    def fold_into_weight(x: Tensor, prep: Any) -> bool:
+        """Additive methods: True when ``F.linear(x, W + dW)`` is the cheaper exact form for these
+        activations (a shape test, no host sync). The runtime then folds ``apply_to_weight``
+        into the base product instead of adding ``delta_output`` (one GEMM forward and one
+        weight-gradient GEMM backward instead of two and three)."""
+        return False
 
     # both
     @staticmethod

@@ -257,11 +257,18 @@ class FourierFT(Method):
         return FourierPrep(coef, buffers, d_out, d_in, config.fast_path)
 
     @staticmethod
-    def delta_output(x: Tensor, prep: FourierPrep) -> Tensor:
-        path = prep.path
-        if path == "auto":
-            path = choose_path(x.numel() // x.shape[-1], prep.d_out, prep.d_in, prep.coef.shape[0], x.device)
-        return delta_output_fft(x, prep) if path == "fft" else delta_output_dense(x, prep)
+    def _path(x: Tensor, prep: FourierPrep) -> str:
+        if prep.path != "auto":
+            return prep.path
+        return choose_path(x.numel() // x.shape[-1], prep.d_out, prep.d_in, prep.coef.shape[0], x.device)
+
+    @classmethod
+    def fold_into_weight(cls, x: Tensor, prep: FourierPrep) -> bool:
+        return cls._path(x, prep) == "dense"  # dW is built anyway: fold it into the base GEMM
+
+    @classmethod
+    def delta_output(cls, x: Tensor, prep: FourierPrep) -> Tensor:
+        return delta_output_fft(x, prep) if cls._path(x, prep) == "fft" else delta_output_dense(x, prep)
 
     @staticmethod
     def apply_to_weight(weight: Tensor, prep: FourierPrep) -> Tensor:

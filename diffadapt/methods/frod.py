@@ -462,6 +462,11 @@ class FRoD(Method):
         return FRoDPrep(buffers["V"], buffers["U"], lam, vals, idx[0], idx[1], p)
 
     @staticmethod
+    def fold_into_weight(x: Tensor, prep: FRoDPrep) -> bool:
+        d_out, d_in = prep.U.shape
+        return prep.dropout == 0 and uses_weight_path(x.numel() // d_in, d_out, d_in)
+
+    @staticmethod
     def delta_output(x: Tensor, prep: FRoDPrep) -> Tensor:
         if prep.dropout > 0:
             x = F.dropout(x, prep.dropout, training=True)
