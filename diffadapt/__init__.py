@@ -24,6 +24,7 @@ from diffadapt.pipeline import (  # noqa: E402  (every verb takes a model or a p
     hotswap_adapter,
     list_adapters,
     load_adapter,
+    load_lycoris,
     merge_adapters,
     read_pipeline_adapter,
     save_adapter,
@@ -33,6 +34,7 @@ from diffadapt.pipeline import (  # noqa: E402  (every verb takes a model or a p
     unmerge_adapters,
 )
 from diffadapt.targets import PRESETS  # noqa: E402
+from diffadapt.formats.lycoris import save_lycoris  # noqa: E402
 
 _CONFIGS = {
     "FourierFTConfig": "fourierft",
@@ -50,6 +52,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "__version__",
     *_CONFIGS,
     "AdapterConfig",
     "AdapterConfigError",
@@ -67,6 +70,8 @@ __all__ = [
     "hotswap_adapter",
     "read_pipeline_adapter",
     "list_adapters",
+    "load_lycoris",
+    "save_lycoris",
     "load_adapter",
     "merge_adapters",
     "read_adapter",

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from diffadapt._version import __version__
-from diffadapt.methods import AdapterConfig, AdapterConfigError, get_method, method_for_peft_type
+from diffadapt.methods import AdapterConfig, get_method, method_for_peft_type
 from diffadapt.host import AdapterSlot, SavedModuleHost
 from diffadapt.model import (
     _check_name,
@@ -80,6 +80,7 @@ def write_peft_folder(
     folder: Union[str, os.PathLike], config: AdapterConfig, tensors: dict[str, torch.Tensor], base_model: Optional[str] = None
 ) -> Path:
     """Write ``tensors`` (PEFT key names) and ``config`` as a PEFT adapter folder."""
+    config_json = peft_config_dict(config, base_model)  # refuses what PEFT cannot express, before writing
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     metadata = {
@@ -89,7 +90,7 @@ def write_peft_folder(
     }
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata=metadata)
     with open(folder / CONFIG_NAME, "w") as f:
-        json.dump(peft_config_dict(config, base_model), f, indent=2, sort_keys=True)
+        json.dump(config_json, f, indent=2, sort_keys=True)
     return folder
 
 

@@ -4,6 +4,8 @@
     diffadapt info subject/
     diffadapt convert peft_folder/ adapter.safetensors --component unet
     diffadapt convert adapter.safetensors peft_out/ --to peft
+    diffadapt convert adapter.safetensors for_comfy.safetensors --to comfyui --model base_pipeline/
+    diffadapt convert lycoris_oft.safetensors adapter.safetensors --model base_pipeline/
 
 Errors are one line on stderr and exit code 2, never a traceback.
 """
@@ -136,12 +138,26 @@ def cmd_convert(args) -> None:
     from diffadapt.checkpoint import write_peft_folder
     from diffadapt.pipeline import read_pipeline_adapter, write_pipeline_adapter
 
-    adapter = read_pipeline_adapter(args.src, args.component)
+    # the base pipeline resolves LyCORIS names and gives the weights .diff / LoRA exports need
+    pipe = _load_pipeline(args.model, "cpu", "float32") if args.model else None
+    adapter = read_pipeline_adapter(args.src, args.component, target=pipe)
     if "" in adapter.components:  # a PEFT folder: say which component it is
         adapter.components[args.component or "unet"] = adapter.components.pop("")
         adapter.classes[args.component or "unet"] = adapter.classes.pop("")
     to = args.to or ("diffadapt" if Path(args.dst).suffix == ".safetensors" or len(adapter.components) > 1 else "peft")
     dst = Path(args.dst)
+    if to in ("lycoris", "comfyui"):  # one format: LyCORIS, ComfyUI, A1111/Forge and kohya read it
+        from diffadapt.pipeline import export_lycoris
+
+        report = export_lycoris(
+            adapter, dst, pipe, rotations=args.rotations, lora_rank=args.lora_rank, unet_names=args.unet_names
+        )
+        kinds = ", ".join(f"{n} as {k}" for k, n in report["written_as"].items())
+        lossy = f"; low-rank error up to {report['max_relative_error']:.2e}" if report["max_relative_error"] else ""
+        print(f"wrote {dst} ({to}: {kinds}{lossy})")
+        for note in report["notes"]:
+            print(f"  note: {note}")
+        return
     if to == "peft":
         parts = adapter.components
         if len(parts) == 1:
@@ -180,11 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=cmd_info)
 
-    conv = sub.add_parser("convert", help="PEFT folder <-> diffadapt pipeline file/folder")
+    conv = sub.add_parser("convert", help="PEFT folder / diffadapt file / LyCORIS-ComfyUI file, any direction")
     conv.add_argument("src")
     conv.add_argument("dst")
-    conv.add_argument("--to", choices=["peft", "diffadapt"], default=None)
-    conv.add_argument("--component", default=None, help="component of a PEFT folder (default unet)")
+    conv.add_argument("--to", choices=["peft", "diffadapt", "lycoris", "comfyui"], default=None)
+    conv.add_argument("--component", default=None, help="component of a PEFT folder (default unet) or of lycoris_ keys")
+    conv.add_argument("--model", default=None, help="base pipeline: needed to read LyCORIS files and for .diff/LoRA exports")
+    conv.add_argument("--rotations", choices=["auto", "blocks", "diff"], default="auto",
+                      help="lycoris/comfyui: OFT/BOFT as oft_blocks where exact (auto), only so (blocks), or as .diff")
+    conv.add_argument("--lora-rank", dest="lora_rank", type=int, default=None,
+                      help="lycoris/comfyui: write additive adapters as a rank-R LoRA (lossy, error reported)")
+    conv.add_argument("--unet-names", dest="unet_names", choices=["auto", "ldm", "diffusers"], default="auto",
+                      help="lycoris/comfyui: UNet key names (auto: ldm for SDXL as kohya writes them)")
     conv.set_defaults(run=cmd_convert)
     return parser
 

@@ -12,13 +12,15 @@ Pipeline adapter artifact, two interchangeable forms:
   stays loadable by PEFT;
 * a single ``.safetensors`` file for sharing: keys ``<component>.<PEFT key>``, the metadata
   and every component's config in the safetensors header (``diffadapt``).
+
+LyCORIS / kohya / ComfyUI OFT and BOFT files load too (``diffadapt.formats.lycoris``): their
+module names are resolved against the pipeline they are loaded into.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -29,31 +31,12 @@ from torch import nn
 from diffadapt import checkpoint, model as mdl
 from diffadapt._version import __version__
 from diffadapt.checkpoint import CheckpointError
-from diffadapt.methods import AdapterConfig, get_method
+from diffadapt.artifact import DENOISERS, PipelineAdapter, components  # noqa: F401  (re-exported)
+from diffadapt.formats import lycoris
+from diffadapt.methods import get_method
 
 META_NAME = "diffadapt_adapter.json"
 FORMAT = "diffadapt.pipeline-adapter"
-DENOISERS = ("unet", "transformer")
-
-
-@dataclass
-class PipelineAdapter:
-    """A saved adapter for (some components of) a pipeline."""
-
-    components: dict[str, tuple[AdapterConfig, dict[str, torch.Tensor]]]
-    metadata: dict[str, Any] = field(default_factory=dict)  # method, base_model, instance_prompt, ...
-    classes: dict[str, Optional[str]] = field(default_factory=dict)  # component -> model class name
-
-
-# -- what a verb acts on ------------------------------------------------------------------------
-def components(obj: Any) -> dict[str, nn.Module]:
-    """``{name: module}`` for a pipeline's modules, or ``{"": model}`` for a bare model."""
-    if isinstance(obj, nn.Module):
-        return {"": getattr(obj, "_orig_mod", obj)}  # torch.compile'd modules: act on the original
-    comps = getattr(obj, "components", None)
-    if not isinstance(comps, dict):
-        raise TypeError(f"Expected a diffusers pipeline or a torch model, got {type(obj).__name__}.")
-    return {name: getattr(m, "_orig_mod", m) for name, m in comps.items() if isinstance(m, nn.Module)}
 
 
 def adapted(obj: Any) -> dict[str, nn.Module]:
@@ -120,8 +103,12 @@ def write_pipeline_adapter(adapter: PipelineAdapter, path: Union[str, os.PathLik
     return path
 
 
-def read_pipeline_adapter(path: Union[str, os.PathLike], component: Optional[str] = None) -> PipelineAdapter:
-    """Read a diffadapt pipeline folder or file, or a plain PEFT folder (for ``component``)."""
+def read_pipeline_adapter(
+    path: Union[str, os.PathLike], component: Optional[str] = None, target: Any = None
+) -> PipelineAdapter:
+    """Read a diffadapt pipeline folder or file, or a plain PEFT folder (for ``component``), or a
+    LyCORIS / kohya / ComfyUI OFT/BOFT file, whose names resolve against ``target`` (the pipeline
+    or model it is for; ``component`` then names the component of ``lycoris_`` keys)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"No adapter at {path}.")
@@ -142,21 +129,30 @@ def read_pipeline_adapter(path: Union[str, os.PathLike], component: Optional[str
                 parts[n] = (config, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             classes = {n: info.get("class") for n, info in header["components"].items()}
             return PipelineAdapter(parts, header.get("metadata", {}), classes)
+        if lycoris.is_community_file(tensors):
+            return lycoris.read_lycoris(path, target, component, tensors, header_meta)
     config, tensors = checkpoint.read_adapter(path)  # a single PEFT adapter
     return PipelineAdapter({component or "": (config, tensors)}, {"method": config.method}, {component or "": None})
 
 
 # -- load --------------------------------------------------------------------------------------------
 def load_adapter(
-    obj: Any, path: Union[str, os.PathLike], adapter_name: str = "default", component: Optional[str] = None
+    obj: Any,
+    path: Union[str, os.PathLike, PipelineAdapter],
+    adapter_name: str = "default",
+    component: Optional[str] = None,
 ) -> PipelineAdapter:
-    """Load an adapter into a model or pipeline and make it the active one.
+    """Load an adapter (a path, or an already read PipelineAdapter) into a model or pipeline and
+    make it the active one.
 
     A plain PEFT folder goes into ``component`` (default: the pipeline's unet/transformer).
     Everything is checked before anything changes: a file for another architecture, missing
     components, or tensors that do not fit raise CheckpointError and leave the pipeline as it was.
     """
-    saved = read_pipeline_adapter(path, component)
+    if isinstance(path, PipelineAdapter):
+        saved = PipelineAdapter(dict(path.components), dict(path.metadata), dict(path.classes))
+    else:
+        saved = read_pipeline_adapter(path, component, target=obj)
     mods = components(obj)
     if "" in saved.components and "" not in mods:  # PEFT folder into a pipeline
         target = component or next((n for n in DENOISERS if n in mods), None)
@@ -200,7 +196,7 @@ def hotswap_adapter(obj: Any, path: Union[str, os.PathLike], adapter_name: str =
     The file must hold the same method with the same structure (config and shapes): no module,
     buffer or parameter object changes, so a ``torch.compile``d model does not recompile.
     """
-    saved = read_pipeline_adapter(path)
+    saved = read_pipeline_adapter(path, target=obj)
     mods = adapted(obj)
     if isinstance(obj, nn.Module) and "" not in saved.components:
         saved.components = {"": next(iter(saved.components.values()))}
@@ -327,3 +323,29 @@ def unload(obj: Any) -> Any:
         if "_diffadapt" in m.__dict__:
             mdl.unload(m)
     return obj
+
+
+def load_lycoris(obj: Any, path: Union[str, os.PathLike], adapter_name: str = "default", lycoris_component: Optional[str] = None):
+    """Load a LyCORIS / kohya / ComfyUI OFT or BOFT file into a pipeline or model as a diffadapt
+    adapter (every verb works on it). Same as ``load_adapter``, plus the component that
+    ``lycoris_``-prefixed keys belong to (default: the denoiser)."""
+    return load_adapter(obj, lycoris.read_lycoris(path, obj, lycoris_component), adapter_name)
+
+
+def export_lycoris(adapter: PipelineAdapter, path: Union[str, os.PathLike], pipe: Any = None, **kwargs) -> dict[str, Any]:
+    """Write a saved adapter as a LyCORIS file. With ``pipe`` (the base pipeline or model) it is
+    loaded there under a temporary name, exported and removed again (needed for ``.diff`` /
+    LoRA); without, only output-side OFT/BOFT can be written. Returns the export report."""
+    if pipe is None:
+        return lycoris.write_lycoris_file(adapter, path, **kwargs)
+    before = {n: mdl.active_adapters(m) for n, m in components(pipe).items() if "_diffadapt" in m.__dict__}
+    name = "diffadapt_lycoris_export"
+    load_adapter(pipe, adapter, name)
+    try:
+        return lycoris.save_lycoris(pipe, path, name, **kwargs)
+    finally:
+        delete_adapter(pipe, name)
+        for n, active in before.items():  # loading made the export adapter the only active one
+            model = components(pipe)[n]
+            if active and "_diffadapt" in model.__dict__:
+                mdl.set_adapters(model, [a for a, _ in active], [s for _, s in active])

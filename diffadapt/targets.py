@@ -13,7 +13,7 @@ from typing import Iterable, Optional, Union
 
 from torch import nn
 
-from diffadapt.methods.base import AdapterConfigError, pattern_matches  # noqa: F401
+from diffadapt.methods.base import AdapterConfigError
 
 _QKVO = r"(to_q|to_k|to_v|to_out\.0)"
 _JOINT = r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"

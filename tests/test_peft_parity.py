@@ -3,8 +3,6 @@ and checkpoint folders cross over both ways. Tiny UNet, SD3 transformer and CLIP
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
@@ -12,7 +10,6 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 import diffadapt as da
 from tests import tiny_models as tm
-from tests.methods.test_boft import dense_butterfly  # noqa: F401  (PEFT's BOFT with its real factor count)
 
 # method -> (diffadapt config kwargs, extra targets only PEFT supports for this method too)
 METHOD_KWARGS = {

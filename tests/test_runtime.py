@@ -3,8 +3,6 @@ on one layer, strength, merge/unmerge exactness, delete/unload, checkpoints that
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn

@@ -31,6 +31,24 @@ at ``a = 1`` exactly, and it works for any sign of ``s``).
 Dropout (``boft_dropout = p``, training only, PEFT's semantics): one factor drawn at random
 gets ``int(p N)`` of its blocks, drawn at random, replaced by the identity.
 
+Output side (``rotation_side="output"``, the LyCORIS / ComfyUI / kohya convention): the same
+blocks, butterflies and scale rotate the layer's *output* channels instead, ``d = out_features``::
+
+    W_eff = diag(s) R W,            y = s * ((x W^T) R^T) + bias       (bias never rotated)
+
+computed by :meth:`BOFT.transform_output` on the activations (``butterfly_rotate`` with
+``transpose``: factor 0 acts first, as LyCORIS' factor loop does); ``rotate_input`` is the
+identity. LyCORIS' ``oft_blocks`` ``A`` map exactly onto this (``diffadapt.formats.lycoris``):
+its block ``(I + Q)(I - Q)^{-1}``, ``Q = A - A^T``, is ours for ``S = -Q``; its butterfly lists
+the two half-chunks of a block interleaved where ours concatenates them (a fixed permutation of
+each block, which Cayley commutes with); its ``rescale`` is ``s``.
+
+``constraint = c > 0`` (LyCORIS' ``constraint`` network argument, saved as each module's
+``.alpha``; either side): all the layer's skew matrices are scaled together so that their joint
+Frobenius norm is at most ``c * d`` -- ``S <- S * c d / max(|S|_F + 1e-8, c d)``, LyCORIS'
+formula, differentiable, no host sync. ``0`` = no constraint. The strength scales the
+constrained ``S``.
+
 PEFT differences: without its JIT CUDA extension (every CPU machine, and current torch on GPU)
 PEFT silently trains ``m = 1`` while its config still says ``m``; such files hold ``boft_R`` of
 shape ``(1, N, b, b)``. :meth:`BOFTConfig.for_saved_factors` gives the config PEFT really used.
@@ -43,6 +61,7 @@ OFT (``oft.py``), BOFT's one-factor case.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Optional, Union
@@ -53,6 +72,7 @@ from torch import Tensor
 from diffadapt.methods.base import TARGETING_FIELDS, AdapterConfig, AdapterConfigError, LayerSpec, Method
 
 LAYER_KINDS = ("linear", "conv1d", "conv2d")
+ROTATION_SIDES = ("input", "output")
 _BOFT_FIELDS = ("boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "boft_dropout")
 
 
@@ -75,8 +95,36 @@ def check_kind(method: str, layer: LayerSpec) -> None:
         )
 
 
+def check_rotation(owner: str, side: Any, constraint: Any) -> None:
+    """Validate ``rotation_side`` and LyCORIS' norm ``constraint`` (OFT and BOFT)."""
+    if side not in ROTATION_SIDES:
+        raise AdapterConfigError(
+            f"{owner}: rotation_side must be 'input' (PEFT's convention, W R^T) or 'output' (LyCORIS / "
+            f"ComfyUI's, R W), got rotation_side={side!r}."
+        )
+    if isinstance(constraint, bool) or not isinstance(constraint, (int, float)) or not (
+        math.isfinite(constraint) and constraint >= 0
+    ):
+        raise AdapterConfigError(
+            f"{owner}: constraint is LyCORIS' norm limit (a number >= 0, 0 = none), got constraint={constraint!r}."
+        )
+
+
+def rotated_dim(layer: LayerSpec, side: str) -> tuple[str, int]:
+    """Name and size of the dimension a rotation acts on: fan_in (input side) or out_features."""
+    return ("fan_in", layer.fan_in) if side == "input" else ("out_features", layer.out_features)
+
+
 def peft_dict(config: AdapterConfig, fields: tuple[str, ...]) -> dict[str, Any]:
     """``fields`` + PEFT's common fields of ``config``, for PEFT's config class."""
+    name = type(config).__name__
+    if getattr(config, "rotation_side", "input") != "input" or getattr(config, "constraint", 0):
+        raise AdapterConfigError(
+            f"{name}: rotation_side={config.rotation_side!r}, constraint={config.constraint!r} cannot be written "
+            "in PEFT format: PEFT's OFT/BOFT rotate the layer input (W R^T) and have no LyCORIS norm constraint, "
+            "so PEFT would compute another function. Save it as one diffadapt .safetensors file, or export it for "
+            "LyCORIS / ComfyUI (`diffadapt convert SRC DST --to lycoris`)."
+        )
     if config.overrides:
         raise AdapterConfigError(
             f"{type(config).__name__}: PEFT's config has no per-layer settings, so overrides="
@@ -114,6 +162,19 @@ def cayley(skew: Tensor) -> Tensor:
     """
     eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
     return torch.linalg.solve_ex(eye + skew, eye - skew)[0]
+
+
+def limit_norm(skew: Tensor, constraint: float, dim: int) -> Tensor:
+    """LyCORIS' constraint: scale all of ``skew`` so that ``|skew|_F <= constraint * dim``.
+
+    ``S * r / max(|S|_F + 1e-8, r)`` with ``r = constraint * dim``: LyCORIS' ``S * r / (|S|_F + 1e-8)``
+    where that is smaller than ``S``, exactly ``S`` otherwise (``r / r == 1``); no host sync.
+    """
+    if not constraint:
+        return skew
+    radius = float(constraint) * dim
+    norm = torch.linalg.vector_norm(skew) + 1e-8
+    return skew * (radius / torch.clamp(norm, min=radius))
 
 
 def drop_blocks(blocks: Tensor, p: float) -> Tensor:
@@ -172,7 +233,12 @@ def butterfly_rotate(x: Tensor, blocks: Tensor, transpose: bool = False) -> Tens
 # -- BOFT ----------------------------------------------------------------------------------------
 @dataclass
 class BOFTConfig(AdapterConfig):
-    """PEFT's ``BOFTConfig``: set exactly one of ``boft_block_size`` / ``boft_block_num``."""
+    """PEFT's ``BOFTConfig``: set exactly one of ``boft_block_size`` / ``boft_block_num``.
+
+    ``rotation_side="output"`` rotates the output channels (LyCORIS' convention; block size and
+    number then divide ``out_features``), ``constraint`` is LyCORIS' norm limit (module
+    docstring). Neither exists in PEFT: such configs refuse PEFT export.
+    """
 
     method: ClassVar[str] = "boft"
     peft_type: ClassVar[str] = "BOFT"
@@ -181,6 +247,8 @@ class BOFTConfig(AdapterConfig):
     boft_block_num: int = 0
     boft_n_butterfly_factor: int = 1
     boft_dropout: float = 0.0
+    rotation_side: str = "input"
+    constraint: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -189,6 +257,7 @@ class BOFTConfig(AdapterConfig):
         check_int(name, "boft_block_num", self.boft_block_num, 0)
         check_int(name, "boft_n_butterfly_factor", self.boft_n_butterfly_factor, 1)
         check_prob(name, "boft_dropout", self.boft_dropout)
+        check_rotation(name, self.rotation_side, self.constraint)
         if (self.boft_block_size == 0) == (self.boft_block_num == 0):
             raise AdapterConfigError(
                 f"{name}: set exactly one of boft_block_size ({self.boft_block_size}) and boft_block_num "
@@ -199,12 +268,13 @@ class BOFTConfig(AdapterConfig):
     def layout(self, layer: LayerSpec) -> tuple[int, int, int]:
         """``(m, N, b)`` for ``layer``; raises AdapterConfigError naming the layer if it does not fit."""
         check_kind("BOFT", layer)
-        d, m = layer.fan_in, self.boft_n_butterfly_factor
+        dim, d = rotated_dim(layer, self.rotation_side)
+        m = self.boft_n_butterfly_factor
         given = f"boft_block_size={self.boft_block_size}" if self.boft_block_size else f"boft_block_num={self.boft_block_num}"
         if d % (self.boft_block_size or self.boft_block_num):
             raise AdapterConfigError(
-                f"BOFT cannot adapt {layer.describe()}: {given} does not divide fan_in={d}. Pick a divisor "
-                "of fan_in (set it for this layer with overrides) or exclude the layer."
+                f"BOFT cannot adapt {layer.describe()}: {given} does not divide {dim}={d}. Pick a divisor "
+                f"of {dim} (set it for this layer with overrides) or exclude the layer."
             )
         b = self.boft_block_size or d // self.boft_block_num
         n = d // b
@@ -242,14 +312,17 @@ class BOFTConfig(AdapterConfig):
 
 
 class RotationFactors(NamedTuple):
-    """Per-step factors: ``blocks`` ``(m, N, b, b)`` (compute dtype), ``scale`` ``(d_out,)`` or None."""
+    """Per-step factors: ``blocks`` ``(m, N, b, b)`` (compute dtype), ``scale`` ``(d_out,)`` or None;
+    ``output``: the blocks rotate the output channels (``rotation_side="output"``)."""
 
     blocks: Tensor
     scale: Optional[Tensor]
+    output: bool = False
 
 
 class BOFT(Method):
-    """``W_eff = diag(s_a) W R_a^T`` with ``R_a`` the butterfly product of ``Cayley(a S)`` blocks."""
+    """``W_eff = diag(s_a) W R_a^T`` (input side) or ``diag(s_a) R_a W`` (output side), ``R_a`` the
+    butterfly product of ``Cayley(a S)`` blocks."""
 
     name: ClassVar[str] = "boft"
     config_class: ClassVar[type[AdapterConfig]] = BOFTConfig
@@ -283,27 +356,43 @@ class BOFT(Method):
         strength: Union[float, Tensor],
         training: bool = False,
     ) -> RotationFactors:
-        r = params["boft_R"]
-        r = r.to(compute_dtype(r.dtype))
-        skew = 0.5 * (r - r.mT) * strength
+        skew = cls.skew(config, params, buffers) * strength
         blocks = cayley(skew.flatten(0, 1)).view(skew.shape)
         if training and config.boft_dropout > 0:
             blocks = drop_blocks(blocks, config.boft_dropout)
         s = params["boft_s"]
         a = strength.to(s.dtype) if isinstance(strength, Tensor) else strength
-        return RotationFactors(blocks, torch.lerp(torch.ones_like(s), s, a).reshape(-1))
+        scale = torch.lerp(torch.ones_like(s), s, a).reshape(-1)
+        return RotationFactors(blocks, scale, config.rotation_side == "output")
+
+    @classmethod
+    def skew(cls, config: BOFTConfig, params: dict[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
+        """The skew matrices ``S`` ``(m, N, b, b)`` at strength 1, constraint applied (compute dtype)."""
+        r = params["boft_R"]
+        r = r.to(compute_dtype(r.dtype))
+        return limit_norm(0.5 * (r - r.mT), config.constraint, r.shape[1] * r.shape[-1])
 
     @staticmethod
     def rotate_input(x: Tensor, prep: RotationFactors) -> Tensor:
-        """``x @ R`` in ``x``'s dtype."""
-        return butterfly_rotate(x, prep.blocks)
+        """``x @ R`` in ``x``'s dtype (the identity for output-side rotations)."""
+        return x if prep.output else butterfly_rotate(x, prep.blocks)
 
     @staticmethod
     def output_scale(prep: RotationFactors) -> Optional[Tensor]:
         return prep.scale
 
+    @classmethod
+    def transform_output(cls, y: Tensor, prep: RotationFactors) -> Tensor:
+        """``y @ P^T``: ``y * s`` (input side) or ``(y @ R^T) * s`` (output side), in ``y``'s dtype."""
+        if prep.output:
+            y = butterfly_rotate(y, prep.blocks, transpose=True)
+        return y if prep.scale is None else y * prep.scale.to(y.dtype)
+
     @staticmethod
     def apply_to_weight(weight: Tensor, prep: RotationFactors) -> Tensor:
-        """``diag(s) W R^T`` in ``W``'s dtype."""
-        w = butterfly_rotate(weight, prep.blocks, transpose=True)
+        """``diag(s) W R^T`` (input side) or ``diag(s) R W`` (output side) in ``W``'s dtype."""
+        if prep.output:
+            w = butterfly_rotate(weight.mT, prep.blocks, transpose=True).mT
+        else:
+            w = butterfly_rotate(weight, prep.blocks, transpose=True)
         return w if prep.scale is None else w * prep.scale.to(w.dtype)[:, None]

@@ -30,6 +30,12 @@ any kernel through ``apply_to_weight`` on ``weight.flatten(1)``.
 * ``module_dropout = p`` (training only): ``int(p r)`` random blocks become the identity, as
   PEFT documents. PEFT 0.21 builds that dropout layer but never calls it (a no-op there).
 
+Output side (``rotation_side="output"``, LyCORIS' ``diag-oft`` / kohya's OFT): the same blocks
+rotate the output channels, ``W_eff = R W`` (``d = out_features``), bias untouched -- see BOFT.
+LyCORIS' ``oft_blocks`` ``A`` (full ``b x b``) act as ``(I - Q)(I + Q)^{-1}``, ``Q = A - A^T``,
+which is exact Cayley here with ``S = Q``: ``oft_R`` holds ``Q``'s upper triangle. ``constraint``
+is LyCORIS' norm limit (see BOFT; not with ``block_share``, which LyCORIS does not have).
+
 Strength ``a``: the skew matrix is scaled, ``Q_a = Cayley(a S)`` (or Neumann(``a S``)): exactly
 ``I`` at ``a = 0`` and the trained blocks at ``a = 1``; orthogonal for every ``a`` with exact Cayley.
 
@@ -64,10 +70,13 @@ from diffadapt.methods.boft import (
     check_int,
     check_kind,
     check_prob,
+    check_rotation,
     compute_dtype,
     drop_blocks,
     from_peft,
+    limit_norm,
     peft_dict,
+    rotated_dim,
 )
 
 _OFT_FIELDS = (
@@ -89,7 +98,8 @@ def nearest_divisor(n: int, p: int) -> int:
 @dataclass
 class OFTConfig(AdapterConfig):
     """PEFT's ``OFTConfig`` (set exactly one of ``r`` / ``oft_block_size``); see module docstring
-    for the ``use_cayley_neumann`` default."""
+    for the ``use_cayley_neumann`` default, ``rotation_side`` and ``constraint`` (LyCORIS; not in
+    PEFT, so such configs refuse PEFT export)."""
 
     method: ClassVar[str] = "oft"
     peft_type: ClassVar[str] = "OFT"
@@ -102,6 +112,8 @@ class OFTConfig(AdapterConfig):
     block_share: bool = False
     use_cayley_neumann: bool = False
     num_cayley_neumann_terms: int = 5
+    rotation_side: str = "input"
+    constraint: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -110,6 +122,12 @@ class OFTConfig(AdapterConfig):
         check_int(name, "oft_block_size", self.oft_block_size, 0)
         check_int(name, "num_cayley_neumann_terms", self.num_cayley_neumann_terms, 1)
         check_prob(name, "module_dropout", self.module_dropout)
+        check_rotation(name, self.rotation_side, self.constraint)
+        if self.constraint and self.block_share:
+            raise AdapterConfigError(
+                f"{name}: constraint (LyCORIS' norm limit over all of a layer's blocks) cannot be combined with "
+                "block_share=True (one block for all positions, which LyCORIS does not have). Drop one of them."
+            )
         if (self.r == 0) == (self.oft_block_size == 0):
             raise AdapterConfigError(
                 f"{name}: set exactly one of r ({self.r}) and oft_block_size ({self.oft_block_size}) to a "
@@ -121,14 +139,15 @@ class OFTConfig(AdapterConfig):
             )
 
     def layout(self, layer: LayerSpec) -> tuple[int, int]:
-        """``(r, b)`` for ``layer``, adjusted to divisors of fan_in as PEFT does (with a warning)."""
+        """``(r, b)`` for ``layer``, adjusted to divisors of the rotated dimension (fan_in, or
+        out_features on the output side) as PEFT does (with a warning)."""
         check_kind("OFT", layer)
-        d = layer.fan_in
+        dim, d = rotated_dim(layer, self.rotation_side)
         key, given = ("oft_block_size", self.oft_block_size) if self.oft_block_size else ("r", self.r)
         fitted = given if d % given == 0 else nearest_divisor(d, given)
         if fitted != given:
             warnings.warn(
-                f"OFT on {layer.describe()}: {key}={given} does not divide fan_in={d}; using {key}={fitted} "
+                f"OFT on {layer.describe()}: {key}={given} does not divide {dim}={d}; using {key}={fitted} "
                 "for this layer (as PEFT does)."
             )
         return (d // fitted, fitted) if key == "oft_block_size" else (fitted, d // fitted)
@@ -184,8 +203,18 @@ def coft_project(vec: Tensor, eps: float) -> Tensor:
     return vec * (radius / norm.clamp_min(radius))
 
 
+def packed_skew(vec: Tensor, triu_index: Tensor) -> Tensor:
+    """``S = U - U^T`` ``(rows, b, b)`` from packed upper triangles ``vec`` ``(rows, b(b-1)/2)``;
+    ``triu_index``: the flat positions of the packed entries (``OFT.triu_index``)."""
+    rows, n = vec.shape
+    b = (1 + math.isqrt(1 + 8 * n)) // 2
+    upper = vec.new_zeros(rows, b * b).index_copy(1, triu_index, vec).view(rows, b, b)
+    return upper - upper.mT
+
+
 class OFT(BOFT):
-    """``W_eff = W R_a^T`` with ``R_a = blockdiag(Cayley(a S_k))``: BOFT with one factor, no scale."""
+    """``W_eff = W R_a^T`` (or ``R_a W`` on the output side) with ``R_a = blockdiag(Cayley(a S_k))``:
+    BOFT with one factor, no scale."""
 
     name: ClassVar[str] = "oft"
     config_class: ClassVar[type[AdapterConfig]] = OFTConfig
@@ -199,12 +228,17 @@ class OFT(BOFT):
         """``oft_R`` zeros (identity) or N(0, 0.1) (PEFT's inits); buffer ``triu_index``: flat
         positions of the packed upper-triangle entries in a ``b x b`` block."""
         r, b = config.layout(layer)
-        rows, cols = torch.triu_indices(b, b, 1, device=weight.device)
         vec = torch.zeros(1 if config.block_share else r, b * (b - 1) // 2,
                           dtype=compute_dtype(weight.dtype), device=weight.device)
         if not config.init_weights:
             vec.normal_(0.0, 0.1)
-        return {"oft_R": vec}, {"triu_index": rows * b + cols}
+        return {"oft_R": vec}, {"triu_index": cls.triu_index(b, weight.device)}
+
+    @staticmethod
+    def triu_index(b: int, device: Any = None) -> Tensor:
+        """Flat positions in a ``b x b`` block of the packed strict upper triangle (row-major)."""
+        rows, cols = torch.triu_indices(b, b, 1, device=device)
+        return rows * b + cols
 
     @classmethod
     def prepare(
@@ -215,14 +249,7 @@ class OFT(BOFT):
         strength: Union[float, Tensor],
         training: bool = False,
     ) -> RotationFactors:
-        vec = params["oft_R"]
-        vec = vec.to(compute_dtype(vec.dtype))
-        if config.coft:
-            vec = coft_project(vec, config.eps)
-        rows, n = vec.shape
-        b = (1 + math.isqrt(1 + 8 * n)) // 2
-        upper = vec.new_zeros(rows, b * b).index_copy(1, buffers["triu_index"], vec).view(rows, b, b)
-        skew = (upper - upper.mT) * strength
+        skew = cls.skew(config, params, buffers) * strength
         if config.use_cayley_neumann:
             blocks = neumann(skew, config.num_cayley_neumann_terms)
         else:
@@ -230,4 +257,14 @@ class OFT(BOFT):
         blocks = blocks[None]
         if training and config.module_dropout > 0:
             blocks = drop_blocks(blocks, config.module_dropout)
-        return RotationFactors(blocks, None)
+        return RotationFactors(blocks, None, config.rotation_side == "output")
+
+    @classmethod
+    def skew(cls, config: OFTConfig, params: dict[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
+        """The skew matrices ``S`` ``(rows, b, b)`` at strength 1, coft / constraint applied."""
+        vec = params["oft_R"]
+        vec = vec.to(compute_dtype(vec.dtype))
+        if config.coft:
+            vec = coft_project(vec, config.eps)
+        skew = packed_skew(vec, buffers["triu_index"])
+        return limit_norm(skew, config.constraint, skew.shape[0] * skew.shape[-1])

@@ -70,19 +70,6 @@ def make_input(layer: nn.Module) -> torch.Tensor:
     return torch.randn(2, 3, contract.layer_spec("x", layer).in_features)
 
 
-class _DenseBlockDiag:
-    """Stand-in for PEFT's fbd_cuda extension: (N, D, b, b) blocks -> [(N, D b, D b)] block diagonals."""
-
-    @staticmethod
-    def forward(blocks):
-        return [torch.stack([torch.block_diag(*factor) for factor in blocks])]
-
-
-@pytest.fixture
-def dense_butterfly(monkeypatch):
-    monkeypatch.setattr(peft_boft_layer, "_FBD_CUDA", _DenseBlockDiag())
-
-
 def _randomize_boft(name, p):
     if "boft_R" in name:
         p.normal_(0.0, 0.5)

@@ -1,0 +1,526 @@
+"""LyCORIS / kohya / ComfyUI files: import OFT/BOFT made by LyCORIS itself, export every method so
+LyCORIS' own loader and diffusers' LoRA loader reproduce diffadapt's outputs, round trips, refusals.
+
+The LyCORIS side always runs lycoris-lora's own code (network creation, saving, loading, forward):
+reference outputs are LyCORIS applying its adapter, never a re-derivation of its math.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import diffadapt as da
+from diffadapt import cli
+from diffadapt.checkpoint import CheckpointError
+from diffadapt.formats import names
+from diffadapt.formats.lycoris import save_lycoris
+from diffadapt.pipeline import load_lycoris
+from diffadapt.methods import AdapterConfigError
+from diffadapt.methods.base import LayerSpec
+from diffadapt.methods.boft import BOFT, BOFTConfig
+from diffadapt.methods.oft import OFT, OFTConfig
+from tests import contract
+from tests import tiny_pipelines as tp
+from tests.tiny_models import unet_inputs
+
+lycoris_kohya = pytest.importorskip("lycoris.kohya")
+from lycoris.kohya import LycorisNetworkKohya, create_network, create_network_from_weights  # noqa: E402
+from lycoris.logging import logger as lycoris_logger  # noqa: E402
+from lycoris.wrapper import LycorisNetwork  # noqa: E402
+
+lycoris_logger.setLevel(logging.ERROR)
+# LyCORIS' built-in presets also match diffusers' TimestepEmbedding (an "Anima" class) and then
+# wrap time_embedding twice: target the SD blocks explicitly (what its "full" preset means for SD).
+SD_PRESET = dict(
+    enable_conv=True,
+    unet_target_module=["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"],
+    unet_target_name=["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"],
+    text_encoder_target_module=["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"],
+    text_encoder_target_name=[],
+)
+TOKENS = torch.randint(0, tp.CLIP_VOCAB_SIZE, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def close(ours, theirs, tol=1e-5):
+    for a, b in zip(ours, theirs):
+        assert rel(a, b) < tol, rel(a, b)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Single-threaded (DESIGN.md section 6): two OpenMP threads on the two shared, busy cores
+    stall for seconds per tiny op here; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return tp.build_sd(0)
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory):
+    """SD_PRESET as the toml file LyCORIS' create_network reads (it re-applies its preset)."""
+    path = tmp_path_factory.mktemp("lycoris") / "sd_preset.toml"
+    path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in SD_PRESET.items()) + "\n")
+    return str(path)
+
+
+def fresh(pipe):
+    """A copy of ``pipe`` with its own (deep-copied) models."""
+    new = copy.copy(pipe)
+    for name, module in pipe.components.items():
+        if isinstance(module, nn.Module):
+            setattr(new, name, copy.deepcopy(module))
+    return new
+
+
+def sd_outputs(unet, te):
+    with torch.no_grad():
+        return unet(**unet_inputs()).sample, te(TOKENS).last_hidden_state
+
+
+def clip_holder(te):
+    """The text encoder under a ``text_model`` attribute: transformers 5 dropped that level inside
+    CLIPTextModel, real kohya/LyCORIS files (and UIs) keep it; LyCORIS names modules by path."""
+    holder = nn.Module()
+    holder.text_model = te
+    return holder
+
+
+def lycoris_sd_file(pipe, path, algo, preset, seed=0, **kwargs):
+    """LyCORIS' kohya network on (copies of) ``pipe``'s UNet and text encoder, blocks randomised.
+    Returns LyCORIS' own outputs with it applied."""
+    LycorisNetworkKohya.apply_preset(SD_PRESET)
+    unet, te = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
+    holder = clip_holder(te)
+    net = create_network(1.0, 4, 1, None, holder, unet, algo=algo, preset=preset, **kwargs)
+    net.apply_to(holder, unet, True, True)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("oft_blocks"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            elif name.endswith("rescale"):
+                p.copy_(1 + torch.randn(p.shape, generator=g) * 0.1)
+    outputs = sd_outputs(unet, te)
+    net.save_weights(str(path), torch.float32, {})
+    return outputs
+
+
+def randomise(obj, name, seed=0, scale=0.2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in da.pipeline.adapted(obj).values():
+            for key, p in da.adapter_parameters(module, name).items():
+                noise = torch.randn(p.shape, generator=g, dtype=p.dtype) * scale
+                p.mul_(1 + noise / 2) if key.endswith("boft_s") else p.add_(noise)
+
+
+def add(pipe, config, name, seed=0):
+    for module in (pipe.unet, pipe.text_encoder):
+        da.add_adapter(module, config, name, preset="attention+ff")
+    randomise(pipe, name, seed)
+
+
+def rename(src, dst, fn):
+    save_file({fn(k): v for k, v in load_file(str(src)).items()}, str(dst))
+
+
+# -- 0. the output-side convention itself -----------------------------------------------------------
+OUTPUT_SIDE = [
+    (OFT, OFTConfig(oft_block_size=4, rotation_side="output", init_weights=False)),
+    (BOFT, BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, rotation_side="output", constraint=0.05,
+                      init_weights=False)),
+]
+
+
+@pytest.mark.parametrize("method,config", OUTPUT_SIDE, ids=["oft", "boft-constrained"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_output_side_rotation(method, config, kind):
+    """W_eff = diag(s) R W: orthogonal on the output channels (W_eff^T W_eff = W^T W at s = 1),
+    bias untouched, merged == live, strength 0 the base layer bit for bit, float64 gradients."""
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 16) if kind == "linear" else nn.Conv2d(2, 16, 3, padding=1)
+    layer = layer.double()
+    x = torch.randn(3, 6, dtype=torch.float64) if kind == "linear" else torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    _, params, buffers = contract.init(method, config, layer)
+    prep = method.prepare(config, params, buffers, 1.0)
+    w = contract.weight_2d(layer)
+    w_eff = method.apply_to_weight(w, prep)
+    if method is OFT:  # no scale: a pure rotation of the output channels
+        torch.testing.assert_close(w_eff.T @ w_eff, w.T @ w)
+    live = contract.forward(method, config, layer, params, buffers, x)
+    torch.testing.assert_close(live, contract.merged_forward(method, config, layer, params, buffers, x))
+    zero = contract.forward(method, config, layer, params, buffers, x, strength=0.0)
+    base = torch.nn.functional.linear(x, layer.weight) + layer.bias if kind == "linear" else layer(x)  # runtime's order
+    assert torch.equal(zero, base)
+    nobias = copy.deepcopy(layer)
+    nobias.bias = None
+    shift = live - contract.forward(method, config, nobias, params, buffers, x)
+    bias = layer.bias.view(1, -1, 1, 1) if kind == "conv2d" else layer.bias
+    torch.testing.assert_close(shift, bias.expand_as(shift))  # the bias is never rotated
+    names_ = list(params)
+    inputs = tuple(params[n].detach().requires_grad_() for n in names_)
+    assert torch.autograd.gradcheck(
+        lambda *ps: contract.forward(method, config, layer, dict(zip(names_, ps)), buffers, x, strength=0.7), inputs
+    )
+
+
+def test_output_side_compiles_and_validates():
+    config = BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, rotation_side="output", init_weights=False)
+    layer = nn.Linear(8, 16)
+    _, params, buffers = contract.init(BOFT, config, layer)
+
+    class Adapted(nn.Module):
+        def forward(self, x, strength):
+            return contract.forward(BOFT, config, layer, params, buffers, x, strength=strength)
+
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(Adapted(), fullgraph=True)(x, torch.tensor(0.6)),
+                                   Adapted()(x, torch.tensor(0.6)))
+    with pytest.raises(AdapterConfigError, match="rotation_side must be 'input'.*or 'output'"):
+        BOFTConfig(rotation_side="both")
+    with pytest.raises(AdapterConfigError, match="constraint is LyCORIS' norm limit"):
+        OFTConfig(constraint=-1.0)
+    with pytest.raises(AdapterConfigError, match="cannot be combined with block_share"):
+        OFTConfig(constraint=0.1, block_share=True)
+    with pytest.raises(AdapterConfigError, match="boft_block_size=5 does not divide out_features=16"):
+        BOFTConfig(boft_block_size=5, rotation_side="output").check_layer(LayerSpec("l", "linear", 16, 10))
+    BOFTConfig(boft_block_size=5, rotation_side="input").check_layer(LayerSpec("l", "linear", 16, 10))
+
+
+# -- 1. files LyCORIS made, loaded by diffadapt --------------------------------------------------------
+@pytest.mark.parametrize("algo,kwargs", [
+    ("diag-oft", dict(constraint=2e-3)),  # binds on some layers, not others
+    ("boft", dict(rescaled=True)),
+    ("diag-oft", dict(rescaled=True)),  # 3-d blocks with a rescale: BOFT with one factor
+])
+def test_lycoris_file_loads_and_matches_lycoris(sd, tmp_path, preset, algo, kwargs):
+    path = tmp_path / "lyco.safetensors"
+    theirs = lycoris_sd_file(sd, path, algo, preset, **kwargs)
+    base = sd_outputs(sd.unet, sd.text_encoder)
+    pipe = fresh(sd)
+    da.load_adapter(pipe, path, "lyco")
+    info = da.list_adapters(pipe)["lyco"]
+    assert set(info) == {"unet", "text_encoder"}
+    expected = "oft" if algo == "diag-oft" and "rescaled" not in kwargs else "boft"
+    assert {c["method"] for c in info.values()} == {expected}
+    config = da.model.adapter_state(pipe.unet).configs["lyco"]
+    assert config.rotation_side == "output"
+    ours = sd_outputs(pipe.unet, pipe.text_encoder)
+    close(ours, theirs)
+    assert min(rel(a, b) for a, b in zip(theirs, base)) > 1e-2  # the adapter really does something
+    if "constraint" in kwargs:  # LyCORIS' meaning: radius alpha * out_features, on some layers only
+        tensors = load_file(str(path))
+        bound = [k for k, v in tensors.items() if k.endswith("oft_blocks")
+                 and (v - v.mT).norm() > kwargs["constraint"] * v.shape[0] * v.shape[1]]
+        assert 0 < len(bound) < sum(k.endswith("oft_blocks") for k in tensors)
+        assert config.constraint == float(torch.tensor(kwargs["constraint"]))  # the file stores float32
+
+
+def test_imported_adapter_takes_every_verb(sd, tmp_path, preset):
+    path = tmp_path / "boft.safetensors"
+    lycoris_sd_file(sd, path, "boft", preset, seed=1, rescaled=True, constraint=1e-2)
+    pipe = fresh(sd)
+    originals = {n: p.clone() for n, p in pipe.unet.named_parameters()}
+    base = sd_outputs(pipe.unet, pipe.text_encoder)
+    da.load_adapter(pipe, path, "a")
+    live = sd_outputs(pipe.unet, pipe.text_encoder)
+    da.set_adapters(pipe, "a", 0.0)
+    assert all(torch.equal(x, y) for x, y in zip(sd_outputs(pipe.unet, pipe.text_encoder), base))
+    da.set_adapters(pipe, "a", 0.5)
+    half = sd_outputs(pipe.unet, pipe.text_encoder)
+    assert all(rel(h, b) > 1e-4 and rel(h, l) > 1e-4 for h, b, l in zip(half, base, live))
+    da.set_adapters(pipe, "a", 1.0)
+    da.merge_adapters(pipe)
+    close(sd_outputs(pipe.unet, pipe.text_encoder), live)
+    da.unmerge_adapters(pipe)
+    da.disable_adapters(pipe)
+    assert all(torch.equal(x, y) for x, y in zip(sd_outputs(pipe.unet, pipe.text_encoder), base))
+    da.enable_adapters(pipe)
+    da.hotswap_adapter(pipe, path, "a")  # same structure: swaps in place
+    da.unload(pipe)
+    assert all(torch.equal(p, originals[n]) for n, p in pipe.unet.named_parameters())
+
+
+def test_name_styles_and_prefixes(sd, tmp_path, preset):
+    """The same LyCORIS file with other spellings of the same modules: ldm UNet paths (kohya's
+    SDXL style) with transformers-5 CLIP paths (no ``text_model_``), and kohya OFT's ``oft_unet_``
+    prefix -- all load to the same function."""
+    path = tmp_path / "oft.safetensors"
+    theirs = lycoris_sd_file(sd, path, "diag-oft", preset, seed=2, constraint=1e-2)
+    ldm = {names.flat(k): names.flat(v) for k, v in names.ldm_unet_paths(sd.unet).items()}
+
+    def ldm_style(key):
+        module, _, suffix = key.partition(".")
+        if module.startswith("lora_unet_"):
+            return f"lora_unet_{ldm[module.removeprefix('lora_unet_')]}.{suffix}"
+        return key.replace("lora_te_text_model_", "lora_te_")
+
+    for variant, fn in [("ldm", ldm_style), ("kohya_oft", lambda k: k.replace("lora_unet_", "oft_unet_"))]:
+        renamed = tmp_path / f"{variant}.safetensors"
+        rename(path, renamed, fn)
+        assert set(load_file(str(renamed))) != set(load_file(str(path)))
+        pipe = fresh(sd)
+        load_lycoris(pipe, renamed, variant)
+        close(sd_outputs(pipe.unet, pipe.text_encoder), theirs)
+
+
+def test_sdxl_both_text_encoders(tmp_path, preset):
+    pipe = tp.build_sdxl(0)
+    LycorisNetworkKohya.apply_preset(SD_PRESET)
+    unet, te1, te2 = (copy.deepcopy(m) for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2))
+    tes = [clip_holder(te1), te2]  # te2 (CLIPTextModelWithProjection) keeps text_model. itself
+    net = create_network(1.0, 4, 1, None, tes, unet, algo="boft", rescaled=True, preset=preset)
+    net.apply_to(tes, unet, True, True)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    path = tmp_path / "sdxl.safetensors"
+    net.save_weights(str(path), torch.float32, {})
+    keys = load_file(str(path))
+    assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+
+    def outputs(te1_, te2_):
+        with torch.no_grad():
+            return te1_(TOKENS).last_hidden_state, te2_(TOKENS).text_embeds
+
+    theirs = outputs(te1, te2)
+    ours = fresh(pipe)
+    da.load_adapter(ours, path, "x")
+    assert set(da.list_adapters(ours)["x"]) == {"unet", "text_encoder", "text_encoder_2"}
+    close(outputs(ours.text_encoder, ours.text_encoder_2), theirs)
+
+
+def dit_inputs(kind):
+    g = torch.Generator().manual_seed(5)
+    if kind == "sd3":
+        return dict(hidden_states=torch.randn(1, 16, 8, 8, generator=g), encoder_hidden_states=torch.randn(1, 6, 32, generator=g),
+                    pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([10]))
+    return dict(hidden_states=torch.randn(1, 16, 64, generator=g), encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
+                pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
+                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3), guidance=torch.tensor([3.5]))
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_dit_files_with_diffusers_names(tmp_path, kind):
+    """LyCORIS' wrapper on a DiT writes ``lycoris_<diffusers path>``; OneTrainer / diffusers-style
+    files use ``lora_transformer_`` / ``transformer.``: all three load into the pipeline."""
+    pipe = tp.build_sd3(0, with_t5=False) if kind == "sd3" else tp.build_flux(0)
+    model = copy.deepcopy(pipe.transformer)
+    LycorisNetwork.apply_preset(dict(enable_conv=False, target_module=[], lora_prefix="lycoris",
+                                     target_name=[r".*attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj)$", r".*proj_mlp$"]))
+    net = LycorisNetwork(model, lora_dim=4, alpha=1, network_module="boft" if kind == "flux" else "diag-oft", rescaled=True)
+    net.apply_to()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+        theirs = model(**dit_inputs(kind)).sample
+    path = tmp_path / "lycoris.safetensors"
+    net.save_weights(str(path), torch.float32, {})
+    table = names.module_table(model)
+    variants = {
+        "lycoris_": lambda k: k,
+        "lora_transformer_": lambda k: k.replace("lycoris_", "lora_transformer_", 1),
+        "transformer.": lambda k: "transformer." + table[k.partition(".")[0].removeprefix("lycoris_")] + "." + k.partition(".")[2],
+    }
+    for prefix, fn in variants.items():
+        renamed = tmp_path / f"{prefix}.safetensors"
+        rename(path, renamed, fn)
+        ours = fresh(pipe)
+        da.load_adapter(ours, renamed, "x")
+        with torch.no_grad():
+            assert rel(ours.transformer(**dit_inputs(kind)).sample, theirs) < 1e-5, prefix
+
+
+# -- 2. files diffadapt wrote, loaded by LyCORIS and diffusers ----------------------------------------
+def lycoris_apply(pipe, path):
+    """LyCORIS' own loader (kohya entry point) on copies of the UNet / text encoder."""
+    LycorisNetworkKohya.apply_preset(SD_PRESET)
+    unet, te = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
+    holder = clip_holder(te)
+    net, _ = create_network_from_weights(1.0, str(path), None, holder, unet)
+    net.apply_to(holder, unet, True, True)
+    return sd_outputs(unet, te), len(net.unet_loras) + len(net.text_encoder_loras)
+
+
+@pytest.mark.parametrize("config", [
+    da.OFTConfig(oft_block_size=4, rotation_side="output"),
+    da.OFTConfig(oft_block_size=4, rotation_side="output", constraint=10.0),  # never binds: alpha is kept
+    da.OFTConfig(oft_block_size=4, rotation_side="output", constraint=2e-3),  # binds: baked, alpha 0
+    da.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, rotation_side="output"),  # padded to log2(N)+1
+], ids=["oft", "oft-loose-constraint", "oft-tight-constraint", "boft"])
+def test_exported_rotations_load_in_lycoris(sd, tmp_path, config):
+    pipe = fresh(sd)
+    add(pipe, config, "x")
+    ours = sd_outputs(pipe.unet, pipe.text_encoder)
+    path = tmp_path / "x.safetensors"
+    report = save_lycoris(pipe, path, "x")
+    layers = sum(c["layers"] for c in da.list_adapters(pipe)["x"].values())
+    assert report["written_as"] == {"oft_blocks": layers}
+    theirs, loaded = lycoris_apply(sd, path)
+    assert loaded == layers
+    close(ours, theirs)
+    alphas = {float(v) for k, v in load_file(str(path)).items() if k.endswith(".alpha")}
+    assert alphas == ({10.0} if config.constraint == 10.0 else {0.0})
+
+
+@pytest.mark.parametrize("build", [tp.build_sd, tp.build_sdxl], ids=["sd", "sdxl-ldm-names"])
+def test_exported_hra_lora_loads_in_diffusers(tmp_path, build):
+    pipe = build(0)
+    theirs = fresh(pipe)
+    config = da.HRAConfig(r=4, init_weights=False)
+    for module in (pipe.unet, pipe.text_encoder):
+        da.add_adapter(module, config, "h", preset="attention+ff")
+    path = tmp_path / "hra.safetensors"
+    report = save_lycoris(pipe, path, "h")
+    assert set(report["written_as"]) == {"lora"} and report["max_relative_error"] == 0.0
+    if build is tp.build_sdxl:
+        assert any(k.startswith("lora_unet_input_blocks_") for k in load_file(str(path)))
+    theirs.load_lora_weights(str(path))
+    with torch.no_grad():
+        close([pipe.text_encoder(TOKENS).last_hidden_state], [theirs.text_encoder(TOKENS).last_hidden_state])
+    close([tp.generate(pipe)], [tp.generate(theirs)])
+    theirs.disable_lora()
+    assert rel(tp.generate(theirs), tp.generate(pipe)) > 1e-3
+
+
+@pytest.mark.parametrize("config", [
+    da.FourierFTConfig(n_frequency=40, init_weights=False),
+    da.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2),  # input side: no oft_blocks form
+    da.get_method("frod").config_class(sparse_rate=0.05, progressbar=False),
+    da.HRAConfig(r=2, init_weights=False),  # asked for as .diff
+], ids=["fourierft", "boft-input", "frod", "hra"])
+def test_diff_exports_equal_merged_weights(sd, tmp_path, config):
+    unet = copy.deepcopy(sd.unet)
+    da.add_adapter(unet, config, "d", preset="attention")
+    randomise(unet, "d", scale=0.05)
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    path = tmp_path / "d.safetensors"
+    report = save_lycoris(unet, path, "d", rotations="diff")
+    diffs = load_file(str(path))
+    assert set(report["written_as"]) == {"diff"} and all(k.startswith("lora_unet_") for k in diffs)
+    low = save_lycoris(unet, tmp_path / "low.safetensors", "d", lora_rank=2)
+    assert 0 < low["max_relative_error"] < 1 or config.method == "hra"
+    da.merge_adapters(unet)
+    table = names.module_table(unet)
+    for key, diff in diffs.items():
+        path_ = table[key.partition(".")[0].removeprefix("lora_unet_")]
+        weight = base[f"{path_}.base_layer.weight"]
+        merged = unet.get_submodule(path_).base_layer.weight
+        torch.testing.assert_close(weight + diff, merged, rtol=0, atol=2e-6 * merged.abs().max().item())
+
+
+# -- 3. round trips and refusals ---------------------------------------------------------------------
+def test_lycoris_round_trip_is_lossless(sd, tmp_path, preset):
+    """LyCORIS file (kohya's ldm UNet names) -> diffadapt single file -> LyCORIS file: the same
+    Q = A - A^T, rescale and alpha, bit for bit, under the same names; and diffadapt -> LyCORIS ->
+    diffadapt gives back the same parameters."""
+    made = tmp_path / "boft.safetensors"
+    lycoris_sd_file(sd, made, "boft", preset, seed=4, rescaled=True, constraint=100.0)  # alpha kept: binds nowhere
+    ldm = {names.flat(k): names.flat(v) for k, v in names.ldm_unet_paths(sd.unet).items()}
+    src = tmp_path / "ldm.safetensors"  # without conv_in, the sorted-first ldm and diffusers names differ
+    save_file({(f"lora_unet_{ldm[k.partition('.')[0][10:]]}.{k.partition('.')[2]}" if k.startswith("lora_unet_") else k): v
+               for k, v in load_file(str(made)).items() if not k.startswith("lora_unet_conv_in.")}, str(src))
+    adapter = da.read_pipeline_adapter(src, target=sd)
+    for config, tensors in adapter.components.values():  # per-layer factor counts: the defaults are
+        first = min(k for k in tensors if k.endswith("boft_R"))  # the sorted-first layer's (what loaders check)
+        assert tensors[first].shape[0] == config.boft_n_butterfly_factor and config.overrides
+    pipe = fresh(sd)
+    da.load_adapter(pipe, adapter, "a")
+    mine = tmp_path / "mine.safetensors"
+    da.save_adapter(pipe, mine, "a")
+    again = fresh(sd)
+    da.load_adapter(again, mine, "a")
+    back = tmp_path / "back.safetensors"
+    save_lycoris(again, back, "a", unet_names="ldm")
+    original, returned = load_file(str(src)), load_file(str(back))
+    assert set(original) == set(returned)
+    for key, value in original.items():
+        if key.endswith("oft_blocks"):
+            assert torch.equal(value - value.mT, returned[key] - returned[key].mT), key
+        else:
+            assert torch.equal(value, returned[key]), key
+
+    pipe = fresh(sd)
+    add(pipe, OFTConfig(oft_block_size=4, rotation_side="output"), "o", seed=5)
+    out = tmp_path / "o.safetensors"
+    save_lycoris(pipe, out, "o")
+    reread = fresh(sd)
+    da.load_adapter(reread, out, "o")
+    for module, other in ((pipe.unet, reread.unet), (pipe.text_encoder, reread.text_encoder)):
+        theirs = da.adapter_parameters(other, "o")
+        for key, value in da.adapter_parameters(module, "o").items():
+            assert torch.equal(value, theirs[key]), key  # oft_R is Q's upper triangle: bit for bit
+
+
+def test_refusals(sd, tmp_path):
+    pipe = fresh(sd)
+    add(pipe, da.BOFTConfig(boft_block_size=4), "in")
+    with pytest.raises(CheckpointError, match="cannot be written as oft_blocks: it rotates the layer input"):
+        save_lycoris(pipe, tmp_path / "x.safetensors", "in", rotations="blocks")
+    neumann = fresh(sd)
+    add(neumann, da.OFTConfig(oft_block_size=4, rotation_side="output", use_cayley_neumann=True), "n")
+    with pytest.raises(CheckpointError, match="Cayley-Neumann"):
+        save_lycoris(neumann, tmp_path / "n.safetensors", "n", rotations="blocks")
+    out = fresh(sd)
+    add(out, da.OFTConfig(oft_block_size=4, rotation_side="output"), "o")
+    with pytest.raises(AdapterConfigError, match="cannot be written in PEFT format"):
+        da.save_adapter(out.unet, tmp_path / "peft", "o")
+    # files diffadapt does not import, and names that do not resolve
+    lora = tmp_path / "lora.safetensors"
+    save_lycoris(pipe, lora, "in", lora_rank=2)
+    with pytest.raises(CheckpointError, match="LoRA/LoCon.*OFT and BOFT adapters .oft_blocks. only"):
+        da.load_adapter(fresh(sd), lora, "x")
+    oft = tmp_path / "oft.safetensors"
+    save_lycoris(out, oft, "o")
+    with pytest.raises(CheckpointError, match="module names can only be resolved against the model"):
+        da.read_pipeline_adapter(oft)
+    bfl = tmp_path / "bfl.safetensors"
+    rename(oft, bfl, lambda k: k.replace("lora_unet_down_blocks_0", "lora_unet_double_blocks_0"))
+    target = fresh(sd)
+    with pytest.raises(CheckpointError, match="match no module.*double_blocks"):
+        da.load_adapter(target, bfl, "x")
+    assert "_diffadapt" not in target.unet.__dict__  # nothing changed
+
+
+def test_cli_convert_both_ways(sd, tmp_path, preset, capsys):
+    model = tmp_path / "base"
+    sd.save_pretrained(model, safe_serialization=True)
+    src = tmp_path / "lyco.safetensors"
+    theirs = lycoris_sd_file(sd, src, "diag-oft", preset, seed=6)
+    mine = tmp_path / "mine.safetensors"
+    assert cli.main(["convert", str(src), str(mine)]) == 2  # needs the base model
+    assert "--model" in capsys.readouterr().err
+    assert cli.main(["convert", str(src), str(mine), "--model", str(model)]) == 0
+    assert cli.main(["convert", str(src), str(tmp_path / "peft"), "--to", "peft", "--model", str(model)]) == 2
+    assert "cannot be written in PEFT format" in capsys.readouterr().err
+    back = tmp_path / "comfy.safetensors"
+    assert cli.main(["convert", str(mine), str(back), "--to", "comfyui"]) == 0  # oft_blocks need no model
+    assert "oft_blocks" in capsys.readouterr().out
+    pipe = fresh(sd)
+    da.load_adapter(pipe, back, "c")
+    close(sd_outputs(pipe.unet, pipe.text_encoder), theirs)
+    boft = tmp_path / "boft_in.safetensors"
+    add(pipe, da.BOFTConfig(boft_block_size=4), "in")
+    da.save_adapter(pipe, boft, "in")
+    assert cli.main(["convert", str(boft), str(tmp_path / "d.safetensors"), "--to", "lycoris"]) == 2
+    assert "needs the base model's weights" in capsys.readouterr().err
+    assert cli.main(["convert", str(boft), str(tmp_path / "d.safetensors"), "--to", "lycoris", "--model", str(model)]) == 0
+    assert "as diff" in capsys.readouterr().out
