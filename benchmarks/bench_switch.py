@@ -91,7 +91,6 @@ def bench_method(base, method, kwargs, sync, repeat):
         da.unmerge_adapters(ours)
 
     row["merge+unmerge ms"] = timed(cycle, sync, repeat)
-    del ours
 
     peft_cls = PEFT_TYPE_TO_CONFIG_MAPPING[cfg.peft_type]
     try:
