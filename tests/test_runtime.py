@@ -332,3 +332,21 @@ def test_modules_to_save_train_save_and_reload(tmp_path):
         assert torch.equal(fresh(**inputs).sample, base)
     with pytest.raises(da.AdapterConfigError, match=r"modules_to_save \['conv_nope'\] match no module"):
         da.add_adapter(tm.tiny_unet(), SMALL["hra"](modules_to_save=["conv_nope"]), "a")
+
+
+@pytest.mark.parametrize("method", list(SMALL))
+def test_every_method_trains_under_bf16_autocast(method):
+    """Mixed-precision training (accelerate's autocast): forward and backward run, gradients reach
+    the adapter, and the output tracks the float32 one."""
+    model = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 32))
+    da.add_adapter(model, SMALL[method](target_modules=["0", "2"]), "a")
+    randomise(model, "a")
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        reference = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    y.float().square().mean().backward()
+    grads = [p.grad for p in da.adapter_parameters(model, "a").values()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert rel(y.float(), reference) < 3e-2

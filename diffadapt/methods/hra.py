@@ -153,16 +153,18 @@ def _kaiming_columns(rows: int, cols: int, like: Tensor) -> Tensor:
 
 
 def wy_factors(u: Tensor, apply_gs: bool, strength: Union[float, Tensor] = 1.0) -> HRAFactors:
-    """Compact WY factors of ``Q_a`` from ``u`` (..., fan_in, r); batched over leading dims."""
-    u = u.to(torch.promote_types(u.dtype, torch.float32))
-    if apply_gs:  # orthonormal basis of span(U), T = 2 I (QR cannot fail: no host-side check)
-        y = torch.linalg.qr(u).Q
-        return HRAFactors(y, y * (2.0 * strength))
-    y = u / torch.linalg.vector_norm(u, dim=-2, keepdim=True)
-    gram = y.mT @ y
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    t = torch.linalg.solve_triangular(0.5 * eye + torch.triu(gram, diagonal=1), eye, upper=True)
-    return HRAFactors(y, y @ (t * strength))
+    """Compact WY factors of ``Q_a`` from ``u`` (..., fan_in, r); batched over leading dims.
+    Always float32 or wider, also under autocast (the small solve has no bf16/fp16 kernel)."""
+    with torch.autocast(u.device.type, enabled=False):
+        u = u.to(torch.promote_types(u.dtype, torch.float32))
+        if apply_gs:  # orthonormal basis of span(U), T = 2 I (QR cannot fail: no host-side check)
+            y = torch.linalg.qr(u).Q
+            return HRAFactors(y, y * (2.0 * strength))
+        y = u / torch.linalg.vector_norm(u, dim=-2, keepdim=True)
+        gram = y.mT @ y
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        t = torch.linalg.solve_triangular(0.5 * eye + torch.triu(gram, diagonal=1), eye, upper=True)
+        return HRAFactors(y, y @ (t * strength))
 
 
 class HRA(Method):
