@@ -1,0 +1,647 @@
+"""train_scripts/: DreamBooth and ControlNet training with every method, as subprocesses on tiny
+offline pipelines (tests/tiny_pipelines.py, saved with save_pretrained), CPU, 32 px.
+
+What is checked
+* every method end to end in both scripts: the output folder's artifact loads with
+  ``diffadapt.load_adapter`` and changes the pipeline's output;
+* training helps: on the fixed training images, a probe loss (the training objective with
+  fixed noise and timesteps, computed here, independently of the scripts) of the trained
+  adapter is below LOSS_RATIO x the base model's (measured: 0.93-0.975 after 8 steps; with a
+  learning rate of 0 the ratio is exactly 1, so the probe sees what training did);
+* resume: 4 steps + checkpoint, then resume "latest" to 8 = an uninterrupted 8-step run
+  (fp32, 1e-6; it is bit-exact), resuming in the middle of an epoch;
+* two processes (torchrun, gloo on CPU): identical trained tensors on both ranks, one save;
+* SDXL (both text encoders trained), SD3 and Flux DreamBooth runs;
+* the embedded default model with the bundled subject (no model, no data given), and the glue
+  that provides them (also while the embedded model is missing: one clear refusal);
+* bad arguments fail at once, with one ``error:`` line on stderr, exit code 2, no traceback.
+
+Subprocesses run two at a time (one torch thread each) from a small job runner, so the whole
+file takes about as long as its longest chain of jobs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import tiny_pipelines as tp
+
+ROOT = Path(__file__).resolve().parents[1]
+DREAMBOOTH = ROOT / "train_scripts" / "train_dreambooth.py"
+CONTROLNET = ROOT / "train_scripts" / "train_controlnet.py"
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+LOSS_RATIO = 0.98
+STEPS = 8
+PROMPT = "a photo of sks blob"
+METHODS = ("fourierft", "boft", "oft", "hra", "frod")
+# hyper-parameters that fit the tiny UNet (attention widths 32 and 64) and a learning rate
+# that moves the probe loss within STEPS updates
+HYPER = {
+    # init_weights=True (zero spectrum: training starts at the base model) through --adapter_config;
+    # PEFT's default random spectrum makes the start depend on the seed (the Flux run keeps it)
+    "fourierft": ["--n_frequency", "64", "--learning_rate", "0.2", "--adapter_config", '{"init_weights": true}'],
+    "boft": ["--boft_block_size", "4", "--boft_n_butterfly_factor", "2", "--learning_rate", "0.03"],
+    "oft": ["--oft_block_size", "8", "--learning_rate", "0.03"],
+    "hra": ["--hra_r", "8", "--learning_rate", "0.03"],
+    "frod": ["--sparse_rate", "0.05", "--learning_rate", "0.1"],
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# a tiny job runner: subprocesses two at a time, results on demand
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    key: str
+    cmd: list
+    out_dir: Path
+    cost: int = 1
+    after: str | None = None
+    timeout: float = 420.0
+    rc: int | None = None
+    seconds: float = 0.0
+    cpu: float = 0.0
+    stdout: str = ""
+    stderr: str = ""
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Runner:
+    def __init__(self, log_dir: Path, slots: int = 2, wanted=None):
+        self.log_dir, self.slots, self.wanted = log_dir, slots, wanted
+        self.jobs: dict[str, Job] = {}
+        self.queue: list[str] = []
+        self.lock = threading.Lock()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def add(self, key, cmd, out_dir, **kw) -> None:
+        if self.wanted is not None and key not in self.wanted:
+            return
+        with self.lock:
+            self.jobs[key] = Job(key, [str(c) for c in cmd], Path(out_dir), **kw)
+            self.queue.append(key)
+
+    def start(self) -> "Runner":
+        self.thread.start()
+        return self
+
+    def _loop(self):
+        starts = {}
+        while not self.stopping:
+            with self.lock:
+                for key in list(self.queue):
+                    job = self.jobs[key]
+                    if job.after and not self.jobs[job.after].done.is_set():
+                        continue
+                    used = sum(self.jobs[k].cost for k in self.procs)
+                    if self.procs and used + job.cost > self.slots:
+                        continue
+                    out = open(self.log_dir / f"{key}.out", "w")
+                    err = open(self.log_dir / f"{key}.err", "w")
+                    self.procs[key] = subprocess.Popen(job.cmd, stdout=out, stderr=err, env=ENV, cwd=ROOT,
+                                                       start_new_session=True)
+                    starts[key] = time.monotonic()
+                    self.queue.remove(key)
+                for key, proc in list(self.procs.items()):
+                    job = self.jobs[key]
+                    elapsed = time.monotonic() - starts[key]
+                    if elapsed > job.timeout:
+                        os.killpg(proc.pid, signal.SIGKILL)  # our own child's process group
+                    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # rusage includes its children
+                    if pid:
+                        proc.returncode = job.rc = os.waitstatus_to_exitcode(status)
+                        job.seconds, job.cpu = elapsed, usage.ru_utime + usage.ru_stime
+                        job.stdout = (self.log_dir / f"{key}.out").read_text()
+                        job.stderr = (self.log_dir / f"{key}.err").read_text()
+                        del self.procs[key]
+                        job.done.set()
+                if not self.queue and not self.procs:
+                    return
+            time.sleep(0.1)
+
+    def result(self, key) -> Job:
+        job = self.jobs[key]
+        assert job.done.wait(job.timeout * 3), f"job {key} did not finish"
+        assert job.rc == 0, f"{key} exited {job.rc}:\n{job.stderr[-4000:]}"
+        return job
+
+    def stop(self):
+        self.stopping = True
+        with self.lock:
+            for proc in self.procs.values():
+                os.killpg(proc.pid, signal.SIGKILL)
+        self.thread.join(timeout=10)
+        done = [j for j in self.jobs.values() if j.done.is_set()]
+        print("\ntrain_scripts jobs, wall / cpu seconds: "
+              + ", ".join(f"{j.key} {j.seconds:.1f}/{j.cpu:.1f}" for j in done)
+              + f"; cpu total {sum(j.cpu for j in done):.0f} s; this process so far "
+              f"{sum(resource.getrusage(resource.RUSAGE_SELF)[:2]):.0f} s")
+
+
+# ----------------------------------------------------------------------------------------------
+# fixtures: tiny pipelines and data on disk, the jobs
+# ----------------------------------------------------------------------------------------------
+
+
+def _shapes_image(seed: int, size=(48, 40)):
+    """A purple blob on a random background (48x40: resizing and cropping are exercised)."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    img = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+    x = rng.randrange(4, size[0] - 24)
+    ImageDraw.Draw(img).ellipse((x, 6, x + 20, 30), fill=(140, 50, 180))
+    return img
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Checks here run beside two training processes on two cores: with more than one torch
+    thread, OpenMP workers spin on the busy cores (measured: 50-150x the CPU time of a probe)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from PIL import Image, ImageDraw
+
+    root = tmp_path_factory.mktemp("train_scripts")
+    for name in ("sd", "sd_controlnet", "sdxl", "sd3", "flux"):
+        tp.BUILDERS[name](0).save_pretrained(root / name, safe_serialization=True)
+    (root / "instance").mkdir()
+    for i in range(5):  # 5 images, batch 2: 3 batches per epoch, the last one short
+        _shapes_image(i).save(root / "instance" / f"{i}.png")
+    data = root / "control"
+    (data / "images").mkdir(parents=True)
+    (data / "conditioning_images").mkdir()
+    colors = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "yellow": (245, 220, 40)}
+    rows = []
+    for i, (name, rgb) in enumerate(colors.items()):
+        box = (4 + 3 * i, 6 + 2 * i, 20 + 3 * i, 22 + 2 * i)
+        image, cond = Image.new("RGB", (32, 32), (235, 235, 235)), Image.new("RGB", (32, 32), (0, 0, 0))
+        ImageDraw.Draw(image).ellipse(box, fill=rgb)
+        ImageDraw.Draw(cond).ellipse(box, outline=(255, 255, 255))
+        image.save(data / "images" / f"{i}.png")
+        cond.save(data / "conditioning_images" / f"{i}.png")
+        rows.append({"image": f"images/{i}.png", "conditioning_image": f"conditioning_images/{i}.png",
+                     "text": f"a {name} circle"})
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def dreambooth_cmd(assets, out, method, *extra, model="sd"):
+    return [sys.executable, DREAMBOOTH, "--pretrained_model_name_or_path", assets / model,
+            "--instance_data_dir", assets / "instance", "--instance_prompt", PROMPT, "--method", method,
+            "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", STEPS, "--seed", "0",
+            "--report_to", "none", "--output_dir", out, *HYPER[method], *extra]
+
+
+def controlnet_cmd(assets, out, method, *extra):
+    return [sys.executable, CONTROLNET, "--pretrained_model_name_or_path", assets / "sd",
+            "--train_data_dir", assets / "control", "--method", method, "--resolution", "32",
+            "--train_batch_size", "2", "--max_train_steps", STEPS, "--seed", "0", "--report_to", "none",
+            "--output_dir", out, *HYPER[method], *extra]
+
+
+# per-method extras: each run also covers some other feature
+DREAMBOOTH_EXTRA = {
+    "fourierft": ["--train_text_encoder", "--text_encoder_lr", "0.05", "--with_prior_preservation",
+                  "--class_prompt", "a photo of a blob", "--num_class_images", "2", "--validation_prompt", PROMPT,
+                  "--num_validation_images", "2", "--validation_steps", "4", "--num_inference_steps", "2"],
+    "boft": ["--gradient_accumulation_steps", "2", "--gradient_checkpointing"],
+    "oft": ["--snr_gamma", "5", "--random_flip", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2",
+            "--learning_rate", "0.1"],  # Min-SNR weights and the schedule slow it down
+    "hra": ["--checkpointing_steps", "2", "--checkpoints_total_limit", "2"],  # also the resume reference
+    "frod": ["--mixed_precision", "bf16"],
+}
+CONTROLNET_EXTRA = {  # --adapt and what of the ControlNet trains
+    "fourierft": ["--adapt", "unet", "--controlnet_lr", "1e-3"],  # ControlNet trains in full
+    "boft": ["--adapt", "controlnet", "--controlnet_lr", "3e-3", "--validation_prompt", "a red circle",
+             "--validation_image", "{cond}", "--num_validation_images", "1", "--validation_steps", "4",
+             "--num_inference_steps", "2"],
+    "oft": ["--adapt", "unet,controlnet", "--controlnet_lr", "1e-3", "--gradient_checkpointing"],
+    "hra": ["--adapt", "controlnet", "--controlnet_model_name_or_path", "{sd_controlnet}",
+            "--controlnet_trainable", "none"],  # adapters only, on a given ControlNet
+    "frod": ["--adapt", "unet,controlnet", "--controlnet_lr", "1e-3", "--checkpointing_steps", "4"],
+}
+FAMILY_RUNS = {  # model -> method + extras (2 steps: they must run, save and load)
+    "sdxl": ["boft", "--train_text_encoder", "--max_train_steps", "2"],
+    "sd3": ["oft", "--max_sequence_length", "16", "--max_train_steps", "2", "--weighting_scheme", "logit_normal"],
+    "flux": ["fourierft", "--train_text_encoder", "--max_sequence_length", "16", "--max_train_steps", "2",
+             "--adapter_config", "{}"],
+}
+
+
+def wanted_jobs(items) -> set[str]:
+    """The jobs the selected tests need (so that ``-k`` runs only those)."""
+    keys = set()
+    for item in items:
+        name, _, param = item.name.partition("[")
+        param = param.rstrip("]")
+        keys |= {
+            "test_dreambooth_every_method": {f"db_{param}"},
+            "test_dreambooth_resume_equals_uninterrupted": {"db_hra", "db_hra_part", "db_hra_resume"},
+            "test_dreambooth_other_families": {f"fam_{param}"},
+            "test_dreambooth_two_processes": {"ddp"},
+            "test_controlnet_every_method": {f"cn_{param}"},
+            "test_embedded_default_model_end_to_end": {"db_embedded"},
+        }.get(name, set())
+    return keys
+
+
+@pytest.fixture(scope="module")
+def runs(assets, request):
+    out = assets / "runs"
+    logs = assets / "logs"
+    logs.mkdir()
+    r = Runner(logs, wanted=wanted_jobs(request.session.items))
+    fill = {"cond": assets / "control" / "conditioning_images" / "0.png", "sd_controlnet": assets / "sd_controlnet"}
+    r.add("db_hra_part", dreambooth_cmd(assets, out / "db_hra_resumed", "hra", "--checkpointing_steps", "2",
+                                        "--max_train_steps", "4"), out / "db_hra_resumed")
+    for m in METHODS:
+        extra = [e.format(**fill) for e in DREAMBOOTH_EXTRA[m]]
+        if m == "fourierft":
+            extra += ["--class_data_dir", out / "class_images"]
+        r.add(f"db_{m}", dreambooth_cmd(assets, out / f"db_{m}", m, *extra), out / f"db_{m}")
+    r.add("db_hra_resume", dreambooth_cmd(assets, out / "db_hra_resumed", "hra", "--checkpointing_steps", "2",
+                                          "--resume_from_checkpoint", "latest"), out / "db_hra_resumed",
+          after="db_hra_part")
+    for m in METHODS:
+        extra = [e.format(**fill) for e in CONTROLNET_EXTRA[m]]
+        r.add(f"cn_{m}", controlnet_cmd(assets, out / f"cn_{m}", m, *extra), out / f"cn_{m}")
+    for model, (m, *extra) in FAMILY_RUNS.items():
+        r.add(f"fam_{model}", dreambooth_cmd(assets, out / f"fam_{model}", m, *extra, model=model),
+              out / f"fam_{model}")
+    if embedded_model() is not None:  # no model, no data: the embedded model and its bundled subject
+        r.add("db_embedded", [sys.executable, DREAMBOOTH, "--method", "hra", "--hra_r", "2", "--max_train_steps", "2",
+                              "--seed", "0", "--report_to", "none", "--num_inference_steps", "2",
+                              "--num_validation_images", "1", "--output_dir", out / "db_embedded"], out / "db_embedded")
+    ddp_out = out / "ddp"
+    r.add("ddp", [TORCHRUN, "--standalone", "--nproc_per_node", "2", *dreambooth_cmd(
+        assets, ddp_out, "oft", "--train_text_encoder", "--max_train_steps", "4", "--debug_rank_digest")[1:]],
+          ddp_out, cost=2)
+    r.start()
+    yield r
+    r.stop()
+
+
+# ----------------------------------------------------------------------------------------------
+# checks computed here: probe loss and outputs
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd(assets):
+    """The base SD pipeline, instance latents and a fixed probe batch."""
+    from diffusers import DDPMScheduler, DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(assets / "sd", safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def _pixels(paths, normalize=True):
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        img = Image.open(p).convert("RGB")
+        scale = 32 / min(img.size)
+        img = img.resize((max(32, round(img.width * scale)), max(32, round(img.height * scale))), Image.BILINEAR)
+        left, top = (img.width - 32) // 2, (img.height - 32) // 2
+        x = torch.tensor(list(img.crop((left, top, left + 32, top + 32)).getdata()), dtype=torch.float32) / 255
+        x = x.T.reshape(3, 32, 32)
+        out.append(x * 2 - 1 if normalize else x)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def probe_loss(pipe, scheduler, images, prompts, controlnet=None, cond=None, reps: int = 8) -> float:
+    """The training objective (epsilon MSE) on fixed noise and timesteps: same draws every call."""
+    latents = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    hidden = pipe.text_encoder(ids)[0]
+    g = torch.Generator().manual_seed(1234)
+    total = 0.0
+    for _ in range(reps):
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=g)
+        noisy = scheduler.add_noise(latents, noise, t)
+        extra = {}
+        if controlnet is not None:
+            down, mid = controlnet(noisy, t, encoder_hidden_states=hidden, controlnet_cond=cond, return_dict=False)
+            extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        total += torch.nn.functional.mse_loss(pipe.unet(noisy, t, hidden, **extra).sample, noise).item()
+    return total / reps
+
+
+def embedded_model():
+    from diffadapt.defaults import default_model_path
+
+    try:
+        return default_model_path()
+    except FileNotFoundError:
+        return None
+
+
+def artifact(out: Path) -> dict:
+    meta = json.loads((out / "diffadapt_adapter.json").read_text())
+    assert meta["format"] == "diffadapt.pipeline-adapter"
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# bad arguments
+# ----------------------------------------------------------------------------------------------
+
+
+def test_bad_arguments_fail_fast_with_one_line(assets, tmp_path):
+    sd_args = ["--pretrained_model_name_or_path", assets / "sd", "--instance_data_dir", assets / "instance",
+               "--instance_prompt", PROMPT, "--resolution", "32", "--report_to", "none"]
+    fake = tmp_path / "kandinsky"
+    fake.mkdir()
+    (fake / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
+    empty_class = tmp_path / "class_images"
+    empty_class.mkdir()
+    prior = ["--with_prior_preservation", "--class_data_dir", empty_class, "--class_prompt", "a blob",
+             "--num_class_images", "2"]
+    cn_args = ["--pretrained_model_name_or_path", assets / "sd", "--train_data_dir", assets / "control",
+               "--resolution", "32", "--report_to", "none"]
+    cases = {  # id -> (script, args, words the one line must contain)
+        "unknown method": (DREAMBOOTH, [*sd_args, "--method", "lora"], ["--method", "invalid choice", "lora"]),
+        "missing instance dir": (DREAMBOOTH, [*sd_args, "--method", "oft", "--instance_data_dir", tmp_path / "nope"],
+                                 ["--instance_data_dir", "does not exist"]),
+        "other method's flag": (DREAMBOOTH, [*sd_args, "--method", "oft", "--boft_block_size", "4"],
+                                ["--boft_block_size", "boft", "oft"]),
+        "invalid value": (DREAMBOOTH, [*sd_args, "--method", "hra", "--hra_r", "0"], ["r must be a positive"]),
+        "unsupported family": (DREAMBOOTH, [*sd_args, "--method", "oft", "--pretrained_model_name_or_path", fake],
+                               ["KandinskyV22Pipeline", "supports"]),
+        "block size vs layer": (DREAMBOOTH, [*sd_args, "--method", "boft", "--boft_block_size", "5", *prior],
+                                ["unet", "boft_block_size=5 does not divide", "to_q"]),
+        "FRoD on a conv layer": (DREAMBOOTH, [*sd_args, "--method", "frod", "--target_modules", "proj_in", *prior],
+                                 ["FRoD cannot adapt", "proj_in", "conv2d"]),
+        "n_frequency vs layer (controlnet)": (CONTROLNET, [*cn_args, "--method", "fourierft", "--n_frequency", "5000"],
+                                              ["controlnet", "n_frequency=5000 does not fit"]),
+        "zero ControlNet left untrained": (CONTROLNET, [*cn_args, "--method", "oft", "--controlnet_trainable",
+                                                        "none"], ["zero output convolutions"]),
+        "bad --adapt (controlnet)": (CONTROLNET, [*cn_args, "--method", "oft", "--adapt", "vae"], ["--adapt"]),
+        "no metadata (controlnet)": (CONTROLNET, [*cn_args, "--method", "oft", "--train_data_dir", tmp_path],
+                                     ["metadata.jsonl"]),
+    }
+    if importlib.util.find_spec("bitsandbytes") is None:
+        cases["8-bit Adam without bitsandbytes"] = (DREAMBOOTH, [*sd_args, "--method", "oft", "--use_8bit_adam"],
+                                                    ["bitsandbytes"])
+    procs = {}
+    pending = list(cases)
+    results = {}
+    while pending or procs:  # two at a time
+        while pending and len(procs) < 2:
+            name = pending.pop(0)
+            script, args, _ = cases[name]
+            out_dir = tmp_path / f"out_{len(results) + len(procs)}"
+            cmd = [sys.executable, script, *[str(a) for a in args], "--output_dir", str(out_dir)]
+            procs[name] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                                            cwd=ROOT), time.monotonic(), out_dir)
+        for name, (proc, start, out_dir) in list(procs.items()):
+            if proc.poll() is not None:
+                stdout, stderr = proc.communicate()
+                results[name] = (proc.returncode, stderr, time.monotonic() - start, out_dir)
+                del procs[name]
+        time.sleep(0.05)
+    timings = {}
+    for name, (rc, stderr, seconds, out_dir) in results.items():
+        timings[name] = round(seconds, 1)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert rc == 2, f"{name}: exit code {rc}\n{stderr[-3000:]}"
+        assert "Traceback" not in stderr, f"{name}:\n{stderr[-3000:]}"
+        errors = [line for line in lines if line.startswith("error:")]
+        assert len(errors) == 1 and lines[-1] == errors[0], f"{name}: not one final error line:\n{stderr[-3000:]}"
+        for word in cases[name][2]:
+            assert word in errors[0], f"{name}: {word!r} not in {errors[0]!r}"
+        assert seconds < 90, f"{name} took {seconds:.0f} s"  # ~0.3 s, or ~8 s with a model to load
+        assert not list(out_dir.glob("checkpoint-*")) and not (out_dir / "diffadapt_adapter.json").exists()
+    assert not any(empty_class.iterdir()), "class images were generated before the config was refused"
+    print(f"\nbad-argument exits (s): {timings}")
+
+
+# ----------------------------------------------------------------------------------------------
+# DreamBooth
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_dreambooth_every_method(method, runs, sd, assets):
+    import diffadapt as da
+
+    job = runs.result(f"db_{method}")
+    out = job.out_dir
+    meta = artifact(out)
+    assert meta["metadata"]["method"] == method and meta["metadata"]["instance_prompt"] == PROMPT
+    assert meta["metadata"]["base_model"] == str(assets / "sd") and meta["metadata"]["steps"] == STEPS
+    assert "base_model:" in (out / "README.md").read_text()
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, STEPS + 1))
+
+    pipe, scheduler = sd
+    images = _pixels(sorted((assets / "instance").iterdir()))
+    prompts = [PROMPT] * len(images)
+    base_loss = probe_loss(pipe, scheduler, images, prompts)
+    base_out = tp.generate(pipe, PROMPT, size=32)
+    da.load_adapter(pipe, out, "trained")
+    try:
+        loss = probe_loss(pipe, scheduler, images, prompts)
+        adapted_out = tp.generate(pipe, PROMPT, size=32)
+    finally:
+        da.unload(pipe)
+    assert not torch.allclose(adapted_out, base_out, atol=1e-4), "the adapter does not change the output"
+    assert loss < LOSS_RATIO * base_loss, f"{method}: probe loss {loss:.4f} vs base {base_loss:.4f}"
+    print(f"\n{method}: probe loss base {base_loss:.4f} -> trained {loss:.4f} ({loss / base_loss:.3f}); "
+          f"run {job.seconds:.1f} s")
+
+    if method == "fourierft":  # text encoder, prior preservation, validation
+        assert set(meta["components"]) == {"unet", "text_encoder"}
+        assert len(list((out.parent / "class_images").glob("*.png"))) == 2
+        grids = sorted(p.name for p in (out / "validation").glob("*.png"))
+        assert grids == ["final.png", "step_000004.png", "step_000008.png"]
+        assert "validation/final.png" in (out / "README.md").read_text()
+    else:
+        assert set(meta["components"]) == {"unet"}
+    if method == "hra":  # --checkpoints_total_limit 2
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
+
+
+def test_dreambooth_resume_equals_uninterrupted(runs):
+    from safetensors.torch import load_file
+
+    reference = runs.result("db_hra").out_dir
+    runs.result("db_hra_part")
+    resumed_job = runs.result("db_hra_resume")
+    resumed = resumed_job.out_dir
+    assert "Resuming from" in resumed_job.stdout + resumed_job.stderr
+    assert "checkpoint-4" in resumed_job.stdout + resumed_job.stderr  # 4 = epoch 1, batch 1: mid-epoch
+    log = [json.loads(line) for line in (resumed / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, STEPS + 1))
+    a = load_file(reference / "unet" / "adapter_model.safetensors")
+    b = load_file(resumed / "unet" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert a[k].dtype == torch.float32
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    ref_log = [json.loads(line) for line in (reference / "train_log.jsonl").read_text().splitlines()]
+    assert [e["loss"] for e in log] == pytest.approx([e["loss"] for e in ref_log], abs=1e-6)
+
+
+@pytest.mark.parametrize("model", list(FAMILY_RUNS))
+def test_dreambooth_other_families(model, runs, assets):
+    from diffusers import DiffusionPipeline
+
+    import diffadapt as da
+
+    out = runs.result(f"fam_{model}").out_dir
+    meta = artifact(out)
+    denoiser = "unet" if model == "sdxl" else "transformer"
+    expected = {"sdxl": {denoiser, "text_encoder", "text_encoder_2"}, "sd3": {denoiser},
+                "flux": {denoiser, "text_encoder"}}[model]
+    assert set(meta["components"]) == expected
+    pipe = DiffusionPipeline.from_pretrained(assets / model)
+    pipe.set_progress_bar_config(disable=True)
+    extra = {} if model == "sdxl" else {"max_sequence_length": tp.T5_MAX_LEN}
+    base = tp.generate(pipe, PROMPT, size=32, **extra)
+    da.load_adapter(pipe, out)
+    adapted = tp.generate(pipe, PROMPT, size=32, **extra)
+    assert not torch.allclose(adapted, base, atol=1e-5)
+
+
+def test_dreambooth_two_processes(runs):
+    import diffadapt as da  # noqa: F401
+
+    job = runs.result("ddp")
+    ranks = [json.loads((job.out_dir / "debug" / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    assert ranks[0]["numel"] > 0 and ranks[0]["sha256"] == ranks[1]["sha256"], ranks
+    assert [r["saved_artifact"] for r in ranks] == [True, False]
+    meta = artifact(job.out_dir)
+    assert set(meta["components"]) == {"unet", "text_encoder"}
+    log = (job.out_dir / "train_log.jsonl").read_text().splitlines()
+    assert len(log) == 4  # one process logs
+
+
+def test_embedded_defaults_glue(assets, tmp_path, monkeypatch):
+    """No model given: the embedded model; no instance folder either: the bundled subject."""
+    monkeypatch.setattr(sys, "path", sys.path[:])  # the script puts train_scripts/ on it
+    had_common = "common" in sys.modules
+    spec = importlib.util.spec_from_file_location("train_dreambooth_glue", DREAMBOOTH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    common = module.common
+    if not had_common:
+        monkeypatch.delitem(sys.modules, "common")
+
+    import diffadapt.defaults
+    from diffadapt import world
+
+    args = type("Args", (), {})()
+    args.pretrained_model_name_or_path, args.instance_data_dir, args.seed = None, None, 0
+    args.instance_prompt = args.class_prompt = args.validation_prompt = args.class_data_dir = None
+    args.with_prior_preservation = True
+    args.output_dir = str(tmp_path / "out")
+    if embedded_model() is None:  # not built yet: a clear refusal
+        with pytest.raises(common.UsageError, match="embedded default model"):
+            module.use_embedded_defaults(args)
+    monkeypatch.setattr(diffadapt.defaults, "default_model_path", lambda: str(assets / "sd"))
+    module.use_embedded_defaults(args)
+    assert args.pretrained_model_name_or_path == str(assets / "sd")
+    written = sorted(Path(args.instance_data_dir).glob("*.png"))
+    assert Path(args.instance_data_dir) == tmp_path / "out" / "instance_images" and len(written) == 5
+    assert args.instance_prompt == world.INSTANCE_PROMPT and args.class_prompt == world.CLASS_PROMPT
+    assert args.validation_prompt == args.instance_prompt
+    assert args.class_data_dir == str(tmp_path / "out" / "class_images")
+
+
+@pytest.mark.skipif(embedded_model() is None, reason="the embedded default model is not built yet")
+def test_embedded_default_model_end_to_end(runs):
+    from diffadapt import world
+
+    out = runs.result("db_embedded").out_dir
+    meta = artifact(out)["metadata"]
+    assert meta["base_model"] == embedded_model() and meta["instance_prompt"] == world.INSTANCE_PROMPT
+    assert len(list((out / "instance_images").glob("*.png"))) == 5
+    assert (out / "validation" / "final.png").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# ControlNet
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_controlnet_every_method(method, runs, sd, assets):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    import diffadapt as da
+
+    job = runs.result(f"cn_{method}")
+    out = job.out_dir
+    meta = artifact(out)
+    adapt = CONTROLNET_EXTRA[method][1].split(",")
+    assert set(meta["components"]) == set(adapt) and meta["metadata"]["method"] == method
+
+    pipe, scheduler = sd
+    data = assets / "control"
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    images = _pixels([data / r["image"] for r in rows])
+    cond = _pixels([data / r["conditioning_image"] for r in rows], normalize=False)
+    prompts = [r["text"] for r in rows]
+    if (out / "controlnet_model").is_dir():  # new or trained ControlNet weights were saved
+        assert method != "hra"
+        controlnet = ControlNetModel.from_pretrained(out / "controlnet_model")
+        base_loss = probe_loss(pipe, scheduler, images, prompts)  # a new ControlNet starts as a no-op
+    else:
+        assert method == "hra"
+        controlnet = ControlNetModel.from_pretrained(assets / "sd_controlnet", subfolder="controlnet")
+        base_loss = probe_loss(pipe, scheduler, images, prompts, controlnet, cond)
+    cpipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
+    cpipe.set_progress_bar_config(disable=True)
+    control = tp.control_image(32)
+    da.load_adapter(cpipe, out, "trained")
+    try:
+        loss = probe_loss(pipe, scheduler, images, prompts, controlnet, cond)
+        adapted_out = tp.generate(cpipe, "a red circle", size=32, image=control)
+        da.disable_adapters(cpipe)
+        plain_out = tp.generate(cpipe, "a red circle", size=32, image=control)
+    finally:
+        da.unload(cpipe)
+    assert not torch.allclose(adapted_out, plain_out, atol=1e-5), "the adapter does not change the output"
+    assert loss < LOSS_RATIO * base_loss, f"{method}: probe loss {loss:.4f} vs base {base_loss:.4f}"
+    print(f"\ncontrolnet {method}: probe loss base {base_loss:.4f} -> trained {loss:.4f} ({loss / base_loss:.3f}); "
+          f"run {job.seconds:.1f} s")
+    if method == "boft":
+        assert sorted(p.name for p in (out / "validation").glob("*.png")) == [
+            "final.png", "step_000004.png", "step_000008.png"]
+    if method == "frod":
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+        assert {p.name for p in (out / "checkpoint-4").iterdir()} >= {
+            "unet.trainable.safetensors", "controlnet.trainable.safetensors", "optimizer.bin"}

@@ -1,0 +1,529 @@
+#!/usr/bin/env python
+"""DreamBooth fine-tuning with diffadapt adapters (FourierFT, BOFT, OFT, HRA, FRoD).
+
+Follows diffusers' examples/dreambooth/train_dreambooth_lora{,_sdxl,_sd3,_flux}.py: the same
+flag names (so commands carry over), accelerate from one device to many, prior preservation,
+checkpoints and resume, validation images. Families, told by model_index.json's _class_name:
+SD 1.x/2.x and SDXL (UNet; epsilon or v-prediction from the scheduler config), SD3 and Flux
+(flow matching).
+
+    accelerate launch train_scripts/train_dreambooth.py \\
+      --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+      --instance_data_dir dog --instance_prompt "a photo of sks dog" \\
+      --method boft --boft_block_size 8 --boft_n_butterfly_factor 2 \\
+      --resolution 512 --train_batch_size 1 --max_train_steps 500 --output_dir dog-boft
+
+Without --pretrained_model_name_or_path the small model embedded in diffadapt is used, and
+without --instance_data_dir its bundled DreamBooth subject (diffadapt.world).
+
+The output folder holds the adapter as a diffadapt pipeline artifact (load it with
+``diffadapt.load_adapter(pipe, output_dir)``), README.md (model card), validation grids under
+validation/, train_log.jsonl and the resumable checkpoint-<step> folders.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from common import UsageError  # noqa: E402
+
+FAMILIES = {  # model_index.json _class_name -> family
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
+TRAINABLE_TEXT_ENCODERS = {  # CLIP encoders --train_text_encoder adapts (T5 stays frozen, like diffusers)
+    "sd": ("text_encoder",),
+    "sdxl": ("text_encoder", "text_encoder_2"),
+    "sd3": ("text_encoder", "text_encoder_2"),
+    "flux": ("text_encoder",),
+}
+TEXT_STACK = {  # (encoder, tokenizer) pairs each family encodes prompts with, in order
+    "sd": ("text_encoder",),
+    "sdxl": ("text_encoder", "text_encoder_2"),
+    "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"),
+    "flux": ("text_encoder", "text_encoder_2"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# arguments
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = common.Parser(description=__doc__.split("\n\n")[0])
+    common.add_model_args(parser)
+    g = parser.add_argument_group("DreamBooth data")
+    g.add_argument("--instance_data_dir", default=None, help="Folder of instance images.")
+    g.add_argument("--instance_prompt", default=None, help='Prompt with the identifier, e.g. "a photo of sks dog".')
+    g.add_argument("--class_data_dir", default=None, help="Folder of class images (generated if too few).")
+    g.add_argument("--class_prompt", default=None, help='Prompt of the class, e.g. "a photo of dog".')
+    g.add_argument("--with_prior_preservation", action="store_true", help="Add the prior preservation loss.")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0)
+    g.add_argument("--num_class_images", type=int, default=100,
+                   help="Class images for prior preservation; missing ones are generated with the base model.")
+    g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
+    g.add_argument("--validation_prompt", default=None, help="Prompt for validation images (off if not given).")
+    g.add_argument("--train_text_encoder", action="store_true",
+                   help="Also adapt the CLIP text encoder(s) (SD/Flux: text_encoder; SDXL/SD3: both CLIP encoders).")
+    g.add_argument("--text_encoder_lr", type=float, default=None, help="Text encoder lr (default: --learning_rate).")
+    g.add_argument("--text_encoder_target_modules", default=None,
+                   help="Text-encoder layers (like --target_modules); default: the same preset.")
+    g = parser.add_argument_group("flow matching (SD3 / Flux)")
+    g.add_argument("--weighting_scheme", default="none",
+                   choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"])
+    g.add_argument("--logit_mean", type=float, default=0.0)
+    g.add_argument("--logit_std", type=float, default=1.0)
+    g.add_argument("--mode_scale", type=float, default=1.29)
+    g.add_argument("--guidance_scale", type=float, default=3.5, help="Flux guidance embedding value while training.")
+    g.add_argument("--max_sequence_length", type=int, default=None, help="T5 tokens (default SD3 77, Flux 512).")
+    common.add_training_args(parser, output_dir="dreambooth-diffadapt")
+    common.add_adapter_args(parser)
+    args = parser.parse_args(argv)
+
+    common.check_common_args(args)
+    use_embedded_defaults(args)
+    if args.instance_data_dir is None:
+        raise UsageError("--instance_data_dir is required (it may only be left out with the embedded default model).")
+    if not os.path.isdir(args.instance_data_dir):
+        raise UsageError(f"--instance_data_dir {args.instance_data_dir} does not exist.")
+    if not common.list_images(args.instance_data_dir):
+        raise UsageError(f"--instance_data_dir {args.instance_data_dir} holds no images (png, jpg, jpeg, webp, bmp).")
+    if args.instance_prompt is None:
+        raise UsageError("--instance_prompt is required.")
+    if args.with_prior_preservation:
+        if args.class_data_dir is None or args.class_prompt is None:
+            raise UsageError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
+    elif args.class_data_dir or args.class_prompt:
+        print("warning: --class_data_dir / --class_prompt are ignored without --with_prior_preservation.",
+              file=sys.stderr)
+    return args
+
+
+def use_embedded_defaults(args) -> None:
+    """The embedded default model and its bundled subject: the only glue to diffadapt.world.
+
+    No --pretrained_model_name_or_path: use the embedded model. If additionally no
+    --instance_data_dir: write the bundled subject images into <output_dir>/instance_images,
+    default the prompts to the world's instance / class prompts (and the validation prompt to
+    the instance prompt), and the class images folder to <output_dir>/class_images."""
+    if args.pretrained_model_name_or_path is not None:
+        return
+    args.pretrained_model_name_or_path = common.embedded_model_path()
+    if args.instance_data_dir is not None:
+        return
+    from diffadapt import world
+
+    folder = Path(args.output_dir, "instance_images")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(world.subject_images(5, seed=0 if args.seed is None else args.seed)):
+        target = folder / f"subject_{i:02d}.png"
+        tmp = folder / f".subject_{i:02d}.{os.getpid()}.png"  # several processes may write at once
+        image.save(tmp)
+        os.replace(tmp, target)
+    args.instance_data_dir = str(folder)
+    args.instance_prompt = args.instance_prompt or world.INSTANCE_PROMPT
+    args.class_prompt = args.class_prompt or world.CLASS_PROMPT
+    if args.with_prior_preservation and args.class_data_dir is None:
+        args.class_data_dir = str(Path(args.output_dir, "class_images"))
+    if args.validation_prompt is None:
+        args.validation_prompt = args.instance_prompt
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------
+
+
+class DreamBoothDataset:
+    """Instance images with the instance prompt, paired (prior preservation) with class images."""
+
+    def __init__(self, args, seed: int):
+        self.args, self.seed, self.epoch = args, seed, 0
+        self.instance = common.list_images(args.instance_data_dir)
+        self.classes = []
+        if args.with_prior_preservation:
+            self.classes = common.list_images(args.class_data_dir)[: args.num_class_images]
+        self.length = max(len(self.instance), len(self.classes))
+
+    def __len__(self):
+        return self.length
+
+    def _view(self, path, rng):
+        a = self.args
+        (img,), original, crop = common.resize_crop_flip(
+            [common.load_rgb(path)], a.resolution, a.center_crop, a.random_flip, rng
+        )
+        return common.to_tensor(img), original, crop
+
+    def __getitem__(self, index):
+        rng = common.item_rng(self.seed, self.epoch, index)
+        pixels, original, crop = self._view(self.instance[index % len(self.instance)], rng)
+        item = {"pixels": [pixels], "prompts": [self.args.instance_prompt], "original": [original], "crop": [crop]}
+        if self.classes:
+            pixels, original, crop = self._view(self.classes[index % len(self.classes)], rng)
+            item = {k: v + [x] for (k, v), x in zip(item.items(), (pixels, self.args.class_prompt, original, crop))}
+        return item
+
+
+def collate(examples):
+    """Instance examples first, then class examples (the loss splits the batch in two halves)."""
+    import torch
+
+    parts = max(len(e["pixels"]) for e in examples)
+    order = [(e, j) for j in range(parts) for e in examples]
+    return {
+        "pixel_values": torch.stack([e["pixels"][j] for e, j in order]),
+        "prompts": [e["prompts"][j] for e, j in order],
+        "original_sizes": [e["original"][j] for e, j in order],
+        "crops_top_left": [e["crop"][j] for e, j in order],
+    }
+
+
+def generate_class_images(args, pipe, accelerator, family) -> None:
+    """Fill --class_data_dir up to --num_class_images with images of the base model (adapters
+    are switched off meanwhile); the processes split the work."""
+    import torch
+
+    import diffadapt as da
+
+    folder = Path(args.class_data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    have = len(common.list_images(folder))
+    missing = list(range(have, args.num_class_images))
+    if not missing:
+        return
+    accelerator.print(f"Generating {len(missing)} class images for prior preservation.")
+    mine = missing[accelerator.process_index :: accelerator.num_processes]
+    da.disable_adapters(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        for start in range(0, len(mine), args.sample_batch_size):
+            chunk = mine[start : start + args.sample_batch_size]
+            gens = [torch.Generator(accelerator.device).manual_seed(args.seed_value + i) for i in chunk]
+            with torch.no_grad(), common.autocast(accelerator):
+                images = pipe(prompt=[args.class_prompt] * len(chunk), generator=gens,
+                              **pipeline_call_kwargs(args, family)).images
+            for i, image in zip(chunk, images):
+                image.save(folder / f"generated_{i:05d}.png")
+    finally:
+        da.enable_adapters(pipe)
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------
+# the families: prompt encoding and the denoising loss
+# ----------------------------------------------------------------------------------------------
+
+
+def pipeline_call_kwargs(args, family) -> dict:
+    call = {"num_inference_steps": args.num_inference_steps, "height": args.resolution, "width": args.resolution}
+    if family in ("sd3", "flux"):
+        call["max_sequence_length"] = args.max_sequence_length
+    return call
+
+
+def encode_prompts(family, args, encoders, tokenizers, prompts, device) -> dict:
+    """Conditioning for ``prompts``; ``encoders`` may be accelerate-wrapped (trained) models."""
+    import torch
+
+    if family in ("sd", "sdxl"):
+        return common.encode_clip_prompts(family, encoders, tokenizers, prompts, device)
+    if family == "sd3":
+        hidden, pooled = [], []
+        for encoder, tokenizer in zip(encoders[:2], tokenizers[:2]):
+            out = encoder(common.tokenize(tokenizer, prompts, 77).to(device), output_hidden_states=True)
+            pooled.append(out[0])
+            hidden.append(out.hidden_states[-2])
+        clip = torch.cat(hidden, dim=-1)
+        if encoders[2] is not None:
+            t5 = encoders[2](common.tokenize(tokenizers[2], prompts, args.max_sequence_length).to(device))[0]
+        else:
+            t5 = torch.zeros(len(prompts), args.max_sequence_length, args.joint_attention_dim,
+                             device=device, dtype=clip.dtype)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return {"encoder_hidden_states": torch.cat([clip, t5.to(clip.dtype)], dim=-2),
+                "pooled_projections": torch.cat(pooled, dim=-1)}
+    # flux: pooled CLIP, T5 sequence
+    pooled = encoders[0](common.tokenize(tokenizers[0], prompts, 77).to(device), output_hidden_states=False)
+    t5 = encoders[1](common.tokenize(tokenizers[1], prompts, args.max_sequence_length).to(device))[0]
+    return {"encoder_hidden_states": t5, "pooled_projections": pooled.pooler_output}
+
+
+class Denoising:
+    """Latents -> (prediction, target, loss weights) for one family; the loss of one batch part."""
+
+    def __init__(self, family, args, pipe, denoiser, dtype):
+        from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+        self.family, self.args, self.denoiser, self.dtype = family, args, denoiser, dtype
+        self.vae = pipe.vae
+        self.flow = family in ("sd3", "flux")
+        if self.flow:
+            self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        else:
+            self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+            if args.prediction_type is not None:
+                self.scheduler.register_to_config(prediction_type=args.prediction_type)
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        inner = pipe.transformer if self.flow else pipe.unet
+        self.guidance = family == "flux" and inner.config.guidance_embeds
+
+    def latents(self, pixels, generator):
+        cfg = self.vae.config
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample(generator)
+        if cfg.shift_factor is not None and self.flow:
+            latents = latents - cfg.shift_factor
+        return (latents * cfg.scaling_factor).to(self.dtype)
+
+    def predict(self, latents, cond, batch, generator):
+        import torch
+
+        if not self.flow:
+            noisy, noise, t = common.unet_noise(self.scheduler, latents, generator, self.args.noise_offset)
+            extra = common.unet_added_cond(self.family, cond, batch, self.args.resolution, self.dtype)
+            pred = self.denoiser(noisy, t, cond["encoder_hidden_states"].to(self.dtype), return_dict=False, **extra)[0]
+            return pred, common.unet_target(self.scheduler, latents, noise, t), t
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        a, bsz = self.args, latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        u = compute_density_for_timestep_sampling(a.weighting_scheme, bsz, a.logit_mean, a.logit_std, a.mode_scale,
+                                                  device=latents.device, generator=generator)
+        n = self.scheduler.config.num_train_timesteps
+        index = (u * n).long().clamp(0, len(self.scheduler.timesteps) - 1).cpu()
+        t = self.scheduler.timesteps[index].to(latents.device)
+        sigmas = self.scheduler.sigmas[index].to(latents.device, latents.dtype).view(-1, 1, 1, 1)
+        noisy = (1.0 - sigmas) * latents + sigmas * noise
+        hidden, pooled = cond["encoder_hidden_states"].to(self.dtype), cond["pooled_projections"].to(self.dtype)
+        if self.family == "sd3":
+            pred = self.denoiser(hidden_states=noisy, timestep=t, encoder_hidden_states=hidden,
+                                 pooled_projections=pooled, return_dict=False)[0]
+        else:
+            from diffusers import FluxPipeline
+
+            _, c, h, w = latents.shape
+            guidance = torch.full((bsz,), a.guidance_scale, device=latents.device) if self.guidance else None
+            pred = self.denoiser(
+                hidden_states=FluxPipeline._pack_latents(noisy, bsz, c, h, w),
+                timestep=t / 1000,
+                guidance=guidance,
+                pooled_projections=pooled,
+                encoder_hidden_states=hidden,
+                txt_ids=torch.zeros(hidden.shape[1], 3, device=latents.device, dtype=self.dtype),
+                img_ids=FluxPipeline._prepare_latent_image_ids(bsz, h // 2, w // 2, latents.device, self.dtype),
+                return_dict=False,
+            )[0]
+            pred = FluxPipeline._unpack_latents(pred, h * self.vae_scale, w * self.vae_scale, self.vae_scale)
+        return pred, noise - latents, sigmas
+
+    def loss(self, pred, target, t_or_sigmas):
+        if not self.flow:
+            return common.unet_loss(pred, target, t_or_sigmas, self.scheduler, self.args.snr_gamma)
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        weighting = compute_loss_weighting_for_sd3(self.args.weighting_scheme, t_or_sigmas)
+        per_sample = (weighting.float() * (pred.float() - target.float()) ** 2).reshape(target.shape[0], -1)
+        return per_sample.mean(dim=1).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+
+
+def validate(args, accelerator, pipe, family, tag: str, step: int) -> str:
+    """--num_validation_images for --validation_prompt, saved as one grid PNG; returns its path."""
+    import torch
+
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator(accelerator.device).manual_seed(args.seed_value)
+    with torch.no_grad(), common.autocast(accelerator):
+        images = [pipe(prompt=args.validation_prompt, generator=generator, **pipeline_call_kwargs(args, family)).images[0]
+                  for _ in range(args.num_validation_images)]
+    common.log_images(accelerator, tag, images, step)
+    return common.save_grid(images, Path(args.output_dir, "validation", f"{tag}.png"))
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+
+@common.guarded
+def main(argv=None):
+    args = parse_args(argv)
+    class_name = common.pipeline_class_name(args.pretrained_model_name_or_path, args.revision)
+    family = FAMILIES.get(class_name)
+    if family is None:
+        raise UsageError(
+            f"{args.pretrained_model_name_or_path} is a {class_name}; train_dreambooth.py supports "
+            f"{', '.join(FAMILIES)} (SD 1.x/2.x, SDXL, SD3, Flux)."
+        )
+    if args.max_sequence_length is None:
+        args.max_sequence_length = 77 if family == "sd3" else 512
+    config = common.adapter_config(args, common.parse_targets(args.target_modules))  # field validation
+
+    import diffusers
+    import torch
+    import transformers
+    from accelerate.logging import get_logger
+    from accelerate.utils import set_seed
+    from diffusers import DiffusionPipeline
+    from diffusers.training_utils import cast_training_params, free_memory
+
+    import diffadapt as da
+
+    accelerator = common.make_accelerator(args, find_unused_parameters=family == "sd3")
+    logger = get_logger(__name__)
+    if accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    args.seed_value = common.shared_seed(args, accelerator)
+    set_seed(args.seed_value)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # -- models, then adapters: a config that does not fit the layers fails here, before any data
+    load = dict(revision=args.revision, variant=args.variant)
+    if family == "sd":
+        load.update(safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **load)
+    denoiser_name = "transformer" if family in ("sd3", "flux") else "unet"
+    denoiser = getattr(pipe, denoiser_name)
+    if args.resolution is None:
+        args.resolution = int(denoiser.config.get("sample_size") or 128) * pipe.vae_scale_factor
+    if family in ("sd3", "flux") and args.resolution % (2 * pipe.vae_scale_factor):
+        raise UsageError(f"--resolution {args.resolution}: {class_name} needs a multiple of "
+                         f"{2 * pipe.vae_scale_factor} (2x2 latent patches).")
+    if family == "sd3":
+        args.joint_attention_dim = denoiser.config.joint_attention_dim
+    preset = args.target_preset
+    models = {denoiser_name: denoiser}
+    common.inject(denoiser, config, preset, denoiser_name)
+    text_roles = TRAINABLE_TEXT_ENCODERS[family] if args.train_text_encoder else ()
+    te_targets = common.parse_targets(args.text_encoder_target_modules)
+    for role in text_roles:
+        te_config = common.adapter_config(args, te_targets)
+        common.inject(getattr(pipe, role), te_config, preset if te_targets is None else None, role)
+        models[role] = getattr(pipe, role)
+    trainable = {role: da.count_parameters(m)[0] for role, m in models.items()}
+    logger.info(f"{args.method} adapters, trainable parameters: {trainable}", main_process_only=True)
+
+    # -- devices and dtypes: frozen weights in the mixed-precision dtype, trained tensors in fp32
+    dtype = common.weight_dtype(accelerator)
+    pipe.vae.to(accelerator.device).requires_grad_(False)
+    for module in [getattr(pipe, n, None) for n in TEXT_STACK[family]] + [denoiser]:
+        if module is not None:
+            common.to_device(module, accelerator.device, dtype)
+            if module not in models.values():
+                module.requires_grad_(False)
+    cast_training_params(list(models.values()), dtype=torch.float32)
+    if args.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+        for role in text_roles:
+            models[role].gradient_checkpointing_enable()
+
+    # -- data
+    if args.with_prior_preservation:
+        generate_class_images(args, pipe, accelerator, family)
+    dataset = DreamBoothDataset(args, args.seed_value)
+    sampler = common.EpochSampler(len(dataset), args.seed_value)
+    dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
+                                             collate_fn=collate, num_workers=args.dataloader_num_workers)
+
+    # -- optimizer, schedule, accelerate
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    groups = [{"params": [p for p in denoiser.parameters() if p.requires_grad], "lr": args.learning_rate}]
+    for role in text_roles:
+        groups.append({"params": [p for p in models[role].parameters() if p.requires_grad],
+                       "lr": args.text_encoder_lr or args.learning_rate})
+    wrapped, optimizer, dataloader, lr_scheduler, steps_per_epoch = common.prepare(
+        accelerator, args, models, groups, dataloader)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("dreambooth-diffadapt", config={k: str(v) for k, v in vars(args).items()})
+
+    encoders = [wrapped.get(n, getattr(pipe, n, None)) for n in TEXT_STACK[family]]
+    tokenizers = [getattr(pipe, n.replace("text_encoder", "tokenizer"), None) for n in TEXT_STACK[family]]
+    denoising = Denoising(family, args, pipe, wrapped[denoiser_name], dtype)
+    cache: dict[str, dict] = {}
+
+    def conditioning(prompts):
+        if text_roles:  # trained: encode every batch, with gradients
+            return encode_prompts(family, args, encoders, tokenizers, prompts, accelerator.device)
+        for p in set(prompts) - set(cache):
+            with torch.no_grad():
+                cache[p] = encode_prompts(family, args, encoders, tokenizers, [p], accelerator.device)
+        return {k: torch.cat([cache[p][k] for p in prompts]) for k in cache[prompts[0]]}
+
+    def loss_fn(batch, generator):
+        latents = denoising.latents(batch["pixel_values"].to(accelerator.device), generator)
+        pred, target, t = denoising.predict(latents, conditioning(batch["prompts"]), batch, generator)
+        if not args.with_prior_preservation:
+            return denoising.loss(pred, target, t)
+        half = pred.shape[0] // 2  # instance examples first, class examples second (see collate)
+        prior = denoising.loss(pred[half:], target[half:], t[half:])
+        return denoising.loss(pred[:half], target[:half], t[:half]) + args.prior_loss_weight * prior
+
+    grids = []
+
+    def validate_fn(step):
+        grids.append(validate(args, accelerator, pipe, family, f"step_{step:06d}", step))
+
+    logger.info(f"{len(dataset)} examples, {steps_per_epoch} updates per epoch, {args.max_train_steps} updates, "
+                f"batch {args.train_batch_size} x {args.gradient_accumulation_steps} x {accelerator.num_processes}",
+                main_process_only=True)
+    global_step = common.train(
+        accelerator, args, models=models, wrapped=wrapped, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        dataloader=dataloader, steps_per_epoch=steps_per_epoch, epoch_users=[sampler, dataset], loss_fn=loss_fn,
+        validate_fn=validate_fn if args.validation_prompt else None,
+    )
+
+    # -- the artifact, once, on the main process
+    saved = False
+    if accelerator.is_main_process:
+        metadata = {"base_model": args.pretrained_model_name_or_path, "instance_prompt": args.instance_prompt,
+                    "method": args.method, "family": family, "train_text_encoder": bool(text_roles),
+                    "resolution": args.resolution, "steps": global_step}
+        da.save_adapter(pipe, args.output_dir, common.ADAPTER_NAME, metadata=metadata)
+        saved = True
+        if args.validation_prompt:
+            free_memory()
+            final = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **load)
+            da.load_adapter(final, args.output_dir, common.ADAPTER_NAME)
+            final.to(accelerator.device)
+            grids.append(validate(args, accelerator, final, family, "final", global_step))
+        usage = f"""
+import diffadapt as da
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained({args.pretrained_model_name_or_path!r})
+da.load_adapter(pipe, {str(args.output_dir)!r})
+image = pipe({args.instance_prompt!r}).images[0]
+da.set_adapters(pipe, "default", 0.7)  # strength: 0 = base model, 1 = as trained
+"""
+        common.write_model_card(
+            args, title=f"DreamBooth {args.method} - {args.instance_prompt}",
+            tags=["dreambooth", "text-to-image", family], base_model=args.pretrained_model_name_or_path,
+            usage=usage, config=common.card_config(config, preset), trainable=trainable,
+            extra=f"Instance prompt: `{args.instance_prompt}`."
+            + (f" Prior preservation with `{args.class_prompt}`." if args.with_prior_preservation else "") + "\n",
+            images=[os.path.relpath(g, args.output_dir) for g in grids],
+        )
+    if args.debug_rank_digest:
+        common.write_rank_digest(accelerator, args, models, saved)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
