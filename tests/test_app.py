@@ -1,4 +1,4 @@
-"""The Gradio demo (app.py) on a tiny SD pipeline saved with save_pretrained, served in-process.
+"""The Gradio demo (app.py) on the embedded default pipeline, served in-process.
 
 * browser (headless Debian chromium driven by Playwright): generate, switch adapters and
   strength, live/merged, side by side; the page shows what was used; a bad upload is refused in
@@ -55,8 +55,12 @@ def model_adapter(model, component, config, path, seed=0):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
-    pipe = tp.build_sd()
-    pipe.save_pretrained(root / "model", safe_serialization=True)  # the real from_pretrained path
+    from diffusers import StableDiffusionPipeline
+
+    from diffadapt.defaults import default_model_path
+
+    model_path = default_model_path()  # the embedded default, loaded like any local folder
+    pipe = StableDiffusionPipeline.from_pretrained(model_path)
     adapters = root / "adapters"
     da.add_adapter(pipe.unet, da.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2), "boft", preset="attention+ff")
     randomise(pipe.unet, "boft", 1)
@@ -74,7 +78,7 @@ def files(tmp_path_factory):
     sdxl = model_adapter(tp.tiny_sdxl_unet(), "unet", da.HRAConfig(r=2), bad / "sdxl_unet.safetensors")  # same class, other shapes
     data = (adapters / "hra_style.safetensors").read_bytes()
     (bad / "truncated.safetensors").write_bytes(data[: len(data) // 2])
-    return SimpleNamespace(root=root, model=root / "model", adapters=adapters, good=good, sd3=sd3, sdxl=sdxl,
+    return SimpleNamespace(root=root, model=model_path, adapters=adapters, good=good, sd3=sd3, sdxl=sdxl,
                            txt=bad / "notes.txt", truncated=bad / "truncated.safetensors")
 
 
