@@ -870,3 +870,32 @@ def write_model_card(args, *, title: str, tags: list[str], base_model: str, usag
     if images:
         lines += ["## Validation images", ""] + [f"![{Path(p).stem}]({p})" for p in images] + [""]
     Path(args.output_dir, "README.md").write_text("\n".join(front + lines))
+
+
+def start_run(args, accelerator, family: str):
+    """Per-process logging, the shared seed, the output folder; then the base pipeline."""
+    import diffusers
+    import transformers
+    from accelerate.utils import set_seed
+
+    if accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    args.seed_value = shared_seed(args, accelerator)
+    set_seed(args.seed_value)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    return load_pipeline(args, family)
+
+
+def load_pipeline(args, family: str):
+    """The base pipeline from --pretrained_model_name_or_path (no safety checker for SD 1.x/2.x)."""
+    from diffusers import DiffusionPipeline
+
+    load = dict(revision=args.revision, variant=args.variant)
+    if family == "sd":
+        load.update(safety_checker=None, requires_safety_checker=False)
+    return DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **load)

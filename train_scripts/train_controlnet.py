@@ -259,32 +259,15 @@ def main(argv=None):
                          "no-op with --controlnet_trainable none; train its new layers (new_layers) or pass "
                          "--controlnet_model_name_or_path.")
 
-    import diffusers
     import torch
-    import transformers
-    from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler, DiffusionPipeline
+    from diffusers import DDPMScheduler
     from diffusers.training_utils import cast_training_params, free_memory
 
     import diffadapt as da
 
     accelerator = common.make_accelerator(args)
-    if accelerator.is_local_main_process:
-        transformers.utils.logging.set_verbosity_warning()
-        diffusers.utils.logging.set_verbosity_info()
-    else:
-        transformers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
-    args.seed_value = common.shared_seed(args, accelerator)
-    set_seed(args.seed_value)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-
     # -- models, then adapters (refusals come here, before any data is read)
-    load = dict(revision=args.revision, variant=args.variant)
-    if family == "sd":
-        load.update(safety_checker=None, requires_safety_checker=False)
-    base = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **load)
+    base = common.start_run(args, accelerator, family)
     controlnet, controlnet_source = load_controlnet(args, base)
     pipe = control_pipeline(family, base, controlnet)
     unet = pipe.unet
@@ -391,7 +374,7 @@ def main(argv=None):
             free_memory()
             from diffusers import ControlNetModel
 
-            fresh_base = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **load)
+            fresh_base = common.load_pipeline(args, family)
             if save_weights:
                 fresh_cn = ControlNetModel.from_pretrained(Path(args.output_dir, CONTROLNET_FOLDER))
             else:

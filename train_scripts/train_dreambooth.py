@@ -370,34 +370,16 @@ def main(argv=None):
         args.max_sequence_length = 77 if family == "sd3" else 512
     config = common.adapter_config(args, common.parse_targets(args.target_modules))  # field validation
 
-    import diffusers
     import torch
-    import transformers
     from accelerate.logging import get_logger
-    from accelerate.utils import set_seed
-    from diffusers import DiffusionPipeline
     from diffusers.training_utils import cast_training_params, free_memory
 
     import diffadapt as da
 
     accelerator = common.make_accelerator(args, find_unused_parameters=family == "sd3")
     logger = get_logger(__name__)
-    if accelerator.is_local_main_process:
-        transformers.utils.logging.set_verbosity_warning()
-        diffusers.utils.logging.set_verbosity_info()
-    else:
-        transformers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
-    args.seed_value = common.shared_seed(args, accelerator)
-    set_seed(args.seed_value)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-
     # -- models, then adapters: a config that does not fit the layers fails here, before any data
-    load = dict(revision=args.revision, variant=args.variant)
-    if family == "sd":
-        load.update(safety_checker=None, requires_safety_checker=False)
-    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **load)
+    pipe = common.start_run(args, accelerator, family)
     denoiser_name = "transformer" if family in ("sd3", "flux") else "unet"
     denoiser = getattr(pipe, denoiser_name)
     if args.resolution is None:
@@ -499,7 +481,7 @@ def main(argv=None):
         saved = True
         if args.validation_prompt:
             free_memory()
-            final = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **load)
+            final = common.load_pipeline(args, family)
             da.load_adapter(final, args.output_dir, common.ADAPTER_NAME)
             final.to(accelerator.device)
             grids.append(validate(args, accelerator, final, family, "final", global_step))
