@@ -65,6 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--caption_dropout", type=float, default=0.1)
     p.add_argument("--snr_gamma", type=float, default=5.0)
+    p.add_argument("--beta_schedule", default="linear",
+                   help="DDPM's linear 1e-4..0.02 by default: SD's scaled_linear leaves so much signal at t=T in "
+                        "16x16 latents that the model reads the background colour off the initial noise")
+    p.add_argument("--beta_start", type=float, default=0.0001)
+    p.add_argument("--beta_end", type=float, default=0.02)
     p.add_argument("--checkpoint_minutes", type=float, default=10.0)
     p.add_argument("--unet_channels", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--text_hidden", type=int, default=64)
@@ -158,7 +163,7 @@ def encode_all(vae, pixels):
 def save_pipeline(args, vae, text_encoder, unet, tok_dir, tokenizer):
     dtype = torch.float16 if args.save_fp16 else torch.float32
     pipe = make_pipeline(copy.deepcopy(vae).to(dtype), copy.deepcopy(text_encoder).to(dtype),
-                         copy.deepcopy(unet).to(dtype), tokenizer)
+                         copy.deepcopy(unet).to(dtype), tokenizer, args)
     tmp = args.output_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
@@ -172,9 +177,13 @@ def save_pipeline(args, vae, text_encoder, unet, tok_dir, tokenizer):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def make_pipeline(vae, text_encoder, unet, tokenizer):
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+def betas(args):
+    return dict(beta_schedule=args.beta_schedule, beta_start=args.beta_start, beta_end=args.beta_end,
+                num_train_timesteps=1000)
+
+
+def make_pipeline(vae, text_encoder, unet, tokenizer, args):
+    scheduler = DDIMScheduler(**betas(args), clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -254,7 +263,7 @@ def main(args):
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
     print(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, text {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M", flush=True)
     opt = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=1e-2)
-    noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    noise_scheduler = DDPMScheduler(**betas(args))
     acp = noise_scheduler.alphas_cumprod
     snr = acp / (1 - acp)
 
@@ -288,12 +297,12 @@ def main(args):
             print(f"step {step} loss {np.mean(losses[-100:]):.4f} ({time.time() - t_unet:.0f}s)", flush=True)
         if time.time() - last_ckpt > args.checkpoint_minutes * 60:
             save_pipeline(args, vae, ema_text, ema_unet, tok_dir, tokenizer)
-            sample_grid(make_pipeline(vae, ema_text, ema_unet, tokenizer), os.path.join(work, f"samples_{step:06d}.png"), n=4)
+            sample_grid(make_pipeline(vae, ema_text, ema_unet, tokenizer, args), os.path.join(work, f"samples_{step:06d}.png"), n=4)
             log["checkpoints"].append({"step": step, "minutes": round((time.time() - t_start) / 60, 1)})
             print(f"checkpoint at step {step}", flush=True)
             last_ckpt = time.time()
     save_pipeline(args, vae, ema_text, ema_unet, tok_dir, tokenizer)
-    sample_grid(make_pipeline(vae, ema_text, ema_unet, tokenizer), os.path.join(work, f"samples_{step:06d}.png"), n=4)
+    sample_grid(make_pipeline(vae, ema_text, ema_unet, tokenizer, args), os.path.join(work, f"samples_{step:06d}.png"), n=4)
     log.update(unet_steps=step, final_loss=float(np.mean(losses[-200:])), total_minutes=round((time.time() - t_start) / 60, 1))
     with open(os.path.join(work, "train_log.json"), "w") as f:
         json.dump(log, f, indent=2)
