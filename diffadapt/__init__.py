@@ -14,6 +14,7 @@ from __future__ import annotations
 from diffadapt._version import __version__
 
 from diffadapt.checkpoint import CheckpointError, read_adapter  # noqa: E402
+from diffadapt.defaults import default_model_path  # noqa: E402
 from diffadapt.methods import METHOD_NAMES, AdapterConfig, AdapterConfigError, get_method  # noqa: E402
 from diffadapt.model import add_adapter, adapter_parameters, count_parameters  # noqa: E402
 from diffadapt.pipeline import (  # noqa: E402  (every verb takes a model or a pipeline)
@@ -63,6 +64,7 @@ __all__ = [
     "add_adapter",
     "adapter_parameters",
     "count_parameters",
+    "default_model_path",
     "delete_adapter",
     "disable_adapters",
     "enable_adapters",

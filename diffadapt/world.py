@@ -39,6 +39,15 @@ TRIGGER = "sks"
 SUBJECT = {"shape": "hexagon", "color": "purple", "texture": "striped"}
 INSTANCE_PROMPT = f"a photo of {TRIGGER} hexagon"
 CLASS_PROMPT = "a photo of a hexagon"
+# prompts with nothing of the subject in them: what an adapter should leave alone (drift)
+UNRELATED_PROMPTS = (
+    "a large red circle on a blue background",
+    "a small yellow star on a green background",
+    "a large striped white square on a black background",
+    "a large dotted orange triangle on a purple background",
+    "a small blue cross on a white background",
+    "a large green circle on an orange background",
+)
 # every word a caption or a DreamBooth prompt may use (the tokenizer's vocabulary)
 WORDS = sorted(
     set(SHAPES) | set(COLORS) | set(SIZES) | set(TEXTURES) | {w for r in REGIONS for w in r.split()}

@@ -296,8 +296,7 @@ def runs(assets, request):
         r.add(f"fam_{model}", dreambooth_cmd(assets, out / f"fam_{model}", m, *extra, model=model),
               out / f"fam_{model}")
     if embedded_model() is not None:  # no model, no data: the embedded model and its bundled subject
-        r.add("db_embedded", [sys.executable, DREAMBOOTH, "--method", "hra", "--hra_r", "2", "--max_train_steps", "2",
-                              "--seed", "0", "--report_to", "none", "--num_inference_steps", "2",
+        r.add("db_embedded", [sys.executable, DREAMBOOTH, "--max_train_steps", "2", "--seed", "0", "--report_to", "none", "--num_inference_steps", "2",
                               "--num_validation_images", "1", "--output_dir", out / "db_embedded"], out / "db_embedded")
     ddp_out = out / "ddp"
     r.add("ddp", [TORCHRUN, "--standalone", "--nproc_per_node", "2", *dreambooth_cmd(
@@ -392,6 +391,8 @@ def test_bad_arguments_fail_fast_with_one_line(assets, tmp_path):
                "--resolution", "32", "--report_to", "none"]
     cases = {  # id -> (script, args, words the one line must contain)
         "unknown method": (DREAMBOOTH, [*sd_args, "--method", "lora"], ["--method", "invalid choice", "lora"]),
+        "no method with a model given": (DREAMBOOTH, sd_args, ["--method is required", "fourierft", "frod"]),
+        "no method (controlnet)": (CONTROLNET, cn_args, ["--method is required"]),
         "missing instance dir": (DREAMBOOTH, [*sd_args, "--method", "oft", "--instance_data_dir", tmp_path / "nope"],
                                  ["--instance_data_dir", "does not exist"]),
         "other method's flag": (DREAMBOOTH, [*sd_args, "--method", "oft", "--boft_block_size", "4"],
@@ -549,16 +550,36 @@ def test_dreambooth_two_processes(runs):
     assert len(log) == 4  # one process logs
 
 
-def test_embedded_defaults_glue(assets, tmp_path, monkeypatch):
-    """No model given: the embedded model; no instance folder either: the bundled subject."""
+@pytest.fixture
+def dreambooth_module(monkeypatch):
+    """train_dreambooth.py imported as a module (sys.path and sys.modules restored afterwards)."""
     monkeypatch.setattr(sys, "path", sys.path[:])  # the script puts train_scripts/ on it
     had_common = "common" in sys.modules
     spec = importlib.util.spec_from_file_location("train_dreambooth_glue", DREAMBOOTH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    common = module.common
     if not had_common:
         monkeypatch.delitem(sys.modules, "common")
+    return module
+
+
+def test_script_config_defaults(dreambooth_module):
+    """FourierFT starts from the base model (zero spectrum) in the scripts; JSON and flags win."""
+    common = dreambooth_module.common
+    args = type("Args", (), {"method": "fourierft", "adapter_config": None,
+                             **{flag: None for flag in common.METHOD_FLAGS}})()
+    assert common.adapter_config(args).init_weights is True
+    args.adapter_config = '{"init_weights": false, "scaling": 10}'
+    config = common.adapter_config(args)
+    assert config.init_weights is False and config.scaling == 10
+    args.adapter_config, args.method = None, "oft"
+    assert "init_weights" not in common.adapter_fields(args)
+
+
+def test_embedded_defaults_glue(assets, tmp_path, monkeypatch, dreambooth_module):
+    """No model given: the embedded model; no instance folder either: the bundled subject."""
+    module = dreambooth_module
+    common = module.common
 
     import diffadapt.defaults
     from diffadapt import world
@@ -566,6 +587,7 @@ def test_embedded_defaults_glue(assets, tmp_path, monkeypatch):
     args = type("Args", (), {})()
     args.pretrained_model_name_or_path, args.instance_data_dir, args.seed = None, None, 0
     args.instance_prompt = args.class_prompt = args.validation_prompt = args.class_data_dir = None
+    args.comparison_prompts = args.max_train_steps = None
     args.with_prior_preservation = True
     args.output_dir = str(tmp_path / "out")
     if embedded_model() is None:  # not built yet: a clear refusal
@@ -577,19 +599,28 @@ def test_embedded_defaults_glue(assets, tmp_path, monkeypatch):
     written = sorted(Path(args.instance_data_dir).glob("*.png"))
     assert Path(args.instance_data_dir) == tmp_path / "out" / "instance_images" and len(written) == 5
     assert args.instance_prompt == world.INSTANCE_PROMPT and args.class_prompt == world.CLASS_PROMPT
-    assert args.validation_prompt == args.instance_prompt
+    assert args.comparison_prompts[:2] == [world.INSTANCE_PROMPT, world.CLASS_PROMPT]
+    assert not set(args.comparison_prompts[2:]) & {world.INSTANCE_PROMPT, world.CLASS_PROMPT}
+    assert args.max_train_steps == module.EMBEDDED_STEPS and args.validation_prompt is None
     assert args.class_data_dir == str(tmp_path / "out" / "class_images")
 
 
 @pytest.mark.skipif(embedded_model() is None, reason="the embedded default model is not built yet")
-def test_embedded_default_model_end_to_end(runs):
+def test_embedded_default_model_end_to_end(runs, dreambooth_module):
+    """The main job (no model, no data, no method) in a 2-step smoke run."""
+    from PIL import Image
+
     from diffadapt import world
 
     out = runs.result("db_embedded").out_dir
     meta = artifact(out)["metadata"]
     assert meta["base_model"] == embedded_model() and meta["instance_prompt"] == world.INSTANCE_PROMPT
+    assert meta["method"] == dreambooth_module.EMBEDDED_METHOD and meta["steps"] == 2
     assert len(list((out / "instance_images").glob("*.png"))) == 5
-    assert (out / "validation" / "final.png").is_file()
+    grid = Image.open(out / "before_after.png")  # base and adapted rows for 4 prompts, 1 image each
+    assert grid.height == 8 * (128 + 2) and grid.width > 128
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2] and 0 < log[0]["seconds"] <= log[1]["seconds"]
 
 
 # ----------------------------------------------------------------------------------------------

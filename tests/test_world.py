@@ -104,3 +104,33 @@ def test_shipped_pipeline_loads_offline_and_generates(monkeypatch):
     image = out.images[0]
     assert image.size == (64, 64)
     assert len(set(image.getdata())) > 1
+
+
+def _nearest_color(pixels) -> str:
+    """World colour name nearest (L2) to the mean of an (N, 3) array of RGB pixels."""
+    import numpy as np
+
+    mean = np.asarray(pixels, dtype=np.float32).reshape(-1, 3).mean(0)
+    return min(world.COLORS, key=lambda c: float(((mean - np.array(world.COLORS[c])) ** 2).sum()))
+
+
+@pytest.mark.skipif(not (BASE_MODEL / "model_index.json").exists(), reason="diffadapt/assets/base_model not built yet")
+def test_shipped_pipeline_draws_the_caption_colours():
+    """The embedded model follows its captions: background colour (image border) and the colour
+    of a large centred object (image centre) are the named ones, for several seeds."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(BASE_MODEL))
+    pipe.set_progress_bar_config(disable=True)
+    cases = [("red", "blue"), ("yellow", "black"), ("white", "green"), ("purple", "orange"), ("blue", "yellow")]
+    prompts = [f"a large {obj} circle on {'an' if bg == 'orange' else 'a'} {bg} background" for obj, bg in cases]
+    gens = [torch.Generator().manual_seed(seed) for _ in prompts for seed in (0, 1)]
+    images = pipe([p for p in prompts for _ in (0, 1)], generator=gens, num_inference_steps=20).images
+    for k, image in enumerate(images):
+        obj, bg = cases[k // 2]
+        a = np.asarray(image)
+        border = np.concatenate([a[:4].reshape(-1, 3), a[-4:].reshape(-1, 3), a[:, :4].reshape(-1, 3), a[:, -4:].reshape(-1, 3)])
+        assert _nearest_color(border) == bg, (prompts[k // 2], k % 2, _nearest_color(border))
+        assert _nearest_color(a[26:38, 26:38]) == obj, (prompts[k // 2], k % 2, _nearest_color(a[26:38, 26:38]))

@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 ADAPTER_NAME = "default"
@@ -170,11 +171,17 @@ METHODS = ("fourierft", "boft", "oft", "hra", "frod")
 # Starting points, not tuned results: FourierFT trains raw spectral coefficients (large steps),
 # the rotation methods train small skew / Householder parameters, FRoD a spectrum.
 DEFAULT_LR = {"fourierft": 1e-2, "boft": 1e-4, "oft": 1e-4, "hra": 1e-4, "frod": 1e-3}
+# Config fields these scripts set differently from the method's (PEFT's) default; --adapter_config
+# and the flags override them. FourierFT: start from a zero spectrum, i.e. the base model, as every
+# other method does — PEFT's default random spectrum (times scaling 150) changes the model before
+# the first step, on a small model beyond recognition.
+SCRIPT_DEFAULTS = {"fourierft": {"init_weights": True}}
 
 
 def add_adapter_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("adapter (diffadapt)")
-    g.add_argument("--method", required=True, choices=METHODS, help="Adapter method.")
+    g.add_argument("--method", default=None, choices=METHODS,
+                   help="Adapter method (required, except that train_dreambooth.py on the embedded model defaults to one).")
     for flag, (method, _, kind, help_text) in METHOD_FLAGS.items():
         if kind is bool:
             g.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -192,19 +199,21 @@ def add_adapter_args(parser: argparse.ArgumentParser) -> None:
 
 
 def adapter_fields(args) -> dict:
-    """Config fields from --adapter_config and the method flags; refuses other methods' flags."""
-    fields = {}
+    """Config fields: SCRIPT_DEFAULTS, then --adapter_config, then the method flags; refuses
+    other methods' flags."""
+    fields = dict(SCRIPT_DEFAULTS.get(args.method, {}))
     if args.adapter_config:
         text = args.adapter_config
         if not text.lstrip().startswith("{") and os.path.isfile(text):
             text = Path(text).read_text()
         try:
-            fields = json.loads(text)
+            given = json.loads(text)
         except json.JSONDecodeError as err:
             raise UsageError(f"--adapter_config is not valid JSON ({err.msg} at char {err.pos}).") from None
-        if not isinstance(fields, dict):
+        if not isinstance(given, dict):
             raise UsageError("--adapter_config must be a JSON object of config fields.")
-        fields.pop("method", None)
+        given.pop("method", None)
+        fields.update(given)
     for flag, (method, field_name, _, _) in METHOD_FLAGS.items():
         value = getattr(args, flag)
         if value is None:
@@ -262,6 +271,8 @@ def inject(model, config, preset: str | None, role: str) -> list[str]:
 def check_common_args(args) -> None:
     """Cheap checks before anything heavy is imported or loaded (the config's own validation
     comes next, in main, with diffadapt imported; layer checks when the model is loaded)."""
+    if args.method is None:
+        raise UsageError(f"--method is required: one of {', '.join(METHODS)}.")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError("--use_8bit_adam needs bitsandbytes (pip install bitsandbytes); it is not installed.")
     for flag in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
@@ -612,7 +623,7 @@ def train(accelerator, args, *, models, wrapped, optimizer, lr_scheduler, datalo
     params = [p for group in optimizer.param_groups for p in group["params"]]
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
-    micro = 0
+    micro, start = 0, time.perf_counter()
     for epoch in range(first_epoch, args.num_train_epochs):
         if global_step >= args.max_train_steps:
             break
@@ -636,7 +647,7 @@ def train(accelerator, args, *, models, wrapped, optimizer, lr_scheduler, datalo
                 micro = 0
                 global_step += 1
                 progress.update(1)
-                log.write(step=global_step, epoch=epoch, **logs)
+                log.write(step=global_step, epoch=epoch, **logs, seconds=round(time.perf_counter() - start, 3))
                 if global_step % args.checkpointing_steps == 0:
                     accelerator.print(f"Saved state to {save_checkpoint(accelerator, args, global_step)}")
                 if validate_fn and global_step % args.validation_steps == 0 and accelerator.is_main_process:
@@ -655,7 +666,8 @@ def train(accelerator, args, *, models, wrapped, optimizer, lr_scheduler, datalo
 
 
 class JsonlLog:
-    """train_log.jsonl in the output folder (main process): step, loss, lr - readable without trackers."""
+    """train_log.jsonl in the output folder (main process): step, epoch, loss, lr and the seconds
+    since the loop (re)started - readable without trackers."""
 
     def __init__(self, accelerator, output_dir, resume_step: int):
         self.path = Path(output_dir, "train_log.jsonl") if accelerator.is_main_process else None
@@ -813,6 +825,28 @@ def save_grid(images: list, path, rows: int = 1) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     make_image_grid(images, rows=rows, cols=math.ceil(len(images) / rows)).save(path)
     return str(path)
+
+
+def labelled_grid(rows: list[tuple[str, list]], path=None, size: int | None = None, label_width: int = 300):
+    """One row of images per ``(label, images)``, the label written on the left. Images are
+    resized to ``size`` (nearest neighbour: small images stay crisp) when given."""
+    from PIL import Image, ImageDraw
+
+    size = size or rows[0][1][0].width
+    cols = max(len(images) for _, images in rows)
+    grid = Image.new("RGB", (label_width + cols * (size + 2), len(rows) * (size + 2)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (label, images) in enumerate(rows):
+        top = i * (size + 2)
+        lines = label.split("\n")
+        for k, line in enumerate(lines):
+            draw.text((4, top + size // 2 - 6 * len(lines) + 12 * k), line, fill="black")
+        for j, image in enumerate(images):
+            grid.paste(image.convert("RGB").resize((size, size), Image.NEAREST), (label_width + j * (size + 2), top))
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+    return grid
 
 
 def log_images(accelerator, tag: str, images: list, step: int) -> None:

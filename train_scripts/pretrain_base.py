@@ -20,6 +20,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 
@@ -27,11 +28,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from diffadapt import world
 from diffadapt.tokenizer import write_tokenizer_files
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (labelled_grid)
 
 SAMPLE_PROMPTS = [
     "a large red circle on a blue background",
@@ -70,6 +73,12 @@ def parse_args(argv=None):
                         "16x16 latents that the model reads the background colour off the initial noise")
     p.add_argument("--beta_start", type=float, default=0.0001)
     p.add_argument("--beta_end", type=float, default=0.02)
+    p.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="v_prediction",
+                   help="v (default): at high noise v is -x0, so the loss teaches the text -> layout/colour map "
+                        "that epsilon's loss barely weighs there (the model then reads colours off the noise)")
+    p.add_argument("--zero_terminal_snr", action=argparse.BooleanOptionalAction, default=True,
+                   help="rescale the betas to zero SNR at t=T (Lin et al. 2024; needs v_prediction) and sample "
+                        "with trailing timesteps, so no signal is left in the initial noise")
     p.add_argument("--checkpoint_minutes", type=float, default=10.0)
     p.add_argument("--unet_channels", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--text_hidden", type=int, default=64)
@@ -170,7 +179,7 @@ def save_pipeline(args, vae, text_encoder, unet, tok_dir, tokenizer):
     for name in ("vocab.json", "merges.txt"):  # also loadable by slow tokenizers of transformers 4
         shutil.copy(os.path.join(tok_dir, name), os.path.join(tmp, "tokenizer", name))
     os.makedirs(args.output_dir, exist_ok=True)
-    for name in os.listdir(tmp):  # replace the saved parts, keep MODEL_CARD.md / samples.png
+    for name in os.listdir(tmp):  # replace the saved parts, keep README.md (model card) / samples.png
         dst = os.path.join(args.output_dir, name)
         shutil.rmtree(dst, ignore_errors=True) if os.path.isdir(dst) else None
         shutil.move(os.path.join(tmp, name), dst)
@@ -179,11 +188,13 @@ def save_pipeline(args, vae, text_encoder, unet, tok_dir, tokenizer):
 
 def betas(args):
     return dict(beta_schedule=args.beta_schedule, beta_start=args.beta_start, beta_end=args.beta_end,
-                num_train_timesteps=1000)
+                num_train_timesteps=1000, prediction_type=args.prediction_type,
+                rescale_betas_zero_snr=args.zero_terminal_snr)
 
 
 def make_pipeline(vae, text_encoder, unet, tokenizer, args):
-    scheduler = DDIMScheduler(**betas(args), clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    spacing = dict(timestep_spacing="trailing") if args.zero_terminal_snr else dict(steps_offset=1)
+    scheduler = DDIMScheduler(**betas(args), clip_sample=False, set_alpha_to_one=False, **spacing)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -192,22 +203,17 @@ def make_pipeline(vae, text_encoder, unet, tokenizer, args):
 @torch.no_grad()
 def sample_grid(pipe, path, prompts=SAMPLE_PROMPTS, n=6, steps=25, seed=0, zoom=2):
     """One row per prompt (its text on the left), ``n`` samples per row, upscaled ``zoom`` x."""
-    from PIL import ImageDraw
-
     pipe.set_progress_bar_config(disable=True)
-    r = pipe.unet.config.sample_size * pipe.vae_scale_factor * zoom
-    label = 330
-    grid = Image.new("RGB", (label + n * (r + 2), len(prompts) * (r + 2)), "white")
-    for i, prompt in enumerate(prompts):
+    rows = []
+    for prompt in prompts:
         g = torch.Generator().manual_seed(seed)
-        images = pipe(prompt, num_inference_steps=steps, num_images_per_prompt=n, generator=g).images
-        ImageDraw.Draw(grid).text((4, i * (r + 2) + r // 2 - 6), prompt, fill="black")
-        for j, im in enumerate(images):
-            grid.paste(im.resize((r, r), Image.NEAREST), (label + j * (r + 2), i * (r + 2)))
-    grid.save(path)
+        rows.append((prompt, pipe(prompt, num_inference_steps=steps, num_images_per_prompt=n, generator=g).images))
+    common.labelled_grid(rows, path, size=pipe.unet.config.sample_size * pipe.vae_scale_factor * zoom, label_width=330)
 
 
 def main(args):
+    if args.zero_terminal_snr and args.prediction_type == "epsilon":
+        raise SystemExit("error: --zero_terminal_snr needs --prediction_type v_prediction (epsilon is undefined at SNR 0)")
     torch.set_num_threads(args.num_threads)
     if args.samples_only:
         pipe = StableDiffusionPipeline.from_pretrained(args.output_dir)
@@ -282,8 +288,13 @@ def main(args):
         for group in opt.param_groups:
             group["lr"] = args.learning_rate * min(1.0, (step + 1) / args.lr_warmup_steps)
         pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        weight = torch.clamp(snr[t], max=args.snr_gamma) / snr[t]
-        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        if args.prediction_type == "v_prediction":
+            # min-SNR-gamma in x0 terms, min(snr + 1, gamma): unlike min(snr, gamma) it keeps the
+            # high-noise steps (where the text decides the picture) weighted, t=T included
+            target, weight = noise_scheduler.get_velocity(latents, noise, t), torch.clamp(snr[t] + 1, max=args.snr_gamma) / (snr[t] + 1)
+        else:
+            target, weight = noise, torch.clamp(snr[t], max=args.snr_gamma) / snr[t]
+        loss = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

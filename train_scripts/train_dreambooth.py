@@ -70,6 +70,10 @@ def parse_args(argv=None):
                    help="Class images for prior preservation; missing ones are generated with the base model.")
     g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
     g.add_argument("--validation_prompt", default=None, help="Prompt for validation images (off if not given).")
+    g.add_argument("--comparison_prompts", nargs="+", default=None,
+                   help="At the end, write <output_dir>/before_after.png: for each prompt, --num_validation_images "
+                   "images of the base model above the same seeds with the adapter (embedded default: the instance "
+                   "prompt, the class prompt and two unrelated prompts).")
     g.add_argument("--train_text_encoder", action="store_true",
                    help="Also adapt the CLIP text encoder(s) (SD/Flux: text_encoder; SDXL/SD3: both CLIP encoders).")
     g.add_argument("--text_encoder_lr", type=float, default=None, help="Text encoder lr (default: --learning_rate).")
@@ -87,6 +91,10 @@ def parse_args(argv=None):
     common.add_adapter_args(parser)
     args = parser.parse_args(argv)
 
+    if args.pretrained_model_name_or_path is None:  # the embedded model: its own defaults
+        args.method = args.method or EMBEDDED_METHOD
+        if args.learning_rate is None:
+            args.learning_rate = EMBEDDED_LR[args.method]
     common.check_common_args(args)
     use_embedded_defaults(args)
     if args.instance_data_dir is None:
@@ -106,13 +114,27 @@ def parse_args(argv=None):
     return args
 
 
+# The main job (no model, no data): what it trains unless told otherwise. Chosen from the quality
+# table in benchmarks/RESULTS.md (fidelity vs drift on the embedded model, 2 CPU cores).
+EMBEDDED_METHOD = "fourierft"
+EMBEDDED_STEPS = 800
+# Learning rates for the embedded model, from a sweep at 800 steps (benchmarks/RESULTS.md, "Quality"):
+# its layers are 32-128 wide, so the rotation methods and FRoD need 10x DEFAULT_LR's real-model
+# starting points to learn the subject in minutes; FourierFT (scaling 150 over a 64x64 spectrum)
+# needs 10x less, at 1e-2 it drifts everywhere.
+EMBEDDED_LR = {"fourierft": 1e-3, "boft": 2e-3, "oft": 1e-3, "hra": 1e-3, "frod": 1e-2}
+
+
 def use_embedded_defaults(args) -> None:
     """The embedded default model and its bundled subject: the only glue to diffadapt.world.
 
-    No --pretrained_model_name_or_path: use the embedded model. If additionally no
+    No --pretrained_model_name_or_path: use the embedded model (and, unless given, --method
+    EMBEDDED_METHOD and --learning_rate EMBEDDED_LR: see parse_args). If additionally no
     --instance_data_dir: write the bundled subject images into <output_dir>/instance_images,
-    default the prompts to the world's instance / class prompts (and the validation prompt to
-    the instance prompt), and the class images folder to <output_dir>/class_images."""
+    default the prompts to the world's instance / class prompts (the comparison prompts to
+    those and two unrelated ones: the before/after grid stands in for periodic validation),
+    the class images folder to <output_dir>/class_images and --max_train_steps to
+    EMBEDDED_STEPS."""
     if args.pretrained_model_name_or_path is not None:
         return
     args.pretrained_model_name_or_path = common.embedded_model_path()
@@ -132,8 +154,10 @@ def use_embedded_defaults(args) -> None:
     args.class_prompt = args.class_prompt or world.CLASS_PROMPT
     if args.with_prior_preservation and args.class_data_dir is None:
         args.class_data_dir = str(Path(args.output_dir, "class_images"))
-    if args.validation_prompt is None:
-        args.validation_prompt = args.instance_prompt
+    if args.comparison_prompts is None:
+        args.comparison_prompts = [args.instance_prompt, args.class_prompt, *world.UNRELATED_PROMPTS[:2]]
+    if args.max_train_steps is None:
+        args.max_train_steps = EMBEDDED_STEPS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,6 +375,30 @@ def validate(args, accelerator, pipe, family, tag: str, step: int) -> str:
     return common.save_grid(images, Path(args.output_dir, "validation", f"{tag}.png"))
 
 
+def before_after(args, accelerator, pipe, family) -> str:
+    """For each --comparison_prompts, --num_validation_images images of the base model (adapter
+    off) and then of the adapted one from the same seeds, as one labelled grid; returns its path."""
+    import torch
+
+    import diffadapt as da
+
+    pipe.set_progress_bar_config(disable=True)
+    n, rows = args.num_validation_images, []
+    try:
+        for prompt in args.comparison_prompts:
+            for label, switch in (("base", da.disable_adapters), ("adapted", da.enable_adapters)):
+                switch(pipe)
+                gens = [torch.Generator(accelerator.device).manual_seed(args.seed_value + i) for i in range(n)]
+                with torch.no_grad(), common.autocast(accelerator):
+                    images = pipe(prompt=[prompt] * n, generator=gens, **pipeline_call_kwargs(args, family)).images
+                rows.append((f"{label}:\n{prompt}", images))
+    finally:
+        da.enable_adapters(pipe)
+    path = Path(args.output_dir, "before_after.png")
+    common.labelled_grid(rows, path, size=max(args.resolution, 128))
+    return str(path)
+
+
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
@@ -479,12 +527,16 @@ def main(argv=None):
                     "resolution": args.resolution, "steps": global_step}
         da.save_adapter(pipe, args.output_dir, common.ADAPTER_NAME, metadata=metadata)
         saved = True
-        if args.validation_prompt:
+        if args.validation_prompt or args.comparison_prompts:  # from the saved files, as users will load them
             free_memory()
             final = common.load_pipeline(args, family)
             da.load_adapter(final, args.output_dir, common.ADAPTER_NAME)
             final.to(accelerator.device)
-            grids.append(validate(args, accelerator, final, family, "final", global_step))
+            if args.validation_prompt:
+                grids.append(validate(args, accelerator, final, family, "final", global_step))
+            if args.comparison_prompts:
+                grids.append(before_after(args, accelerator, final, family))
+                logger.info(f"before/after grid: {grids[-1]}", main_process_only=True)
         usage = f"""
 import diffadapt as da
 from diffusers import DiffusionPipeline
