@@ -25,7 +25,7 @@ steps) — trains an adapter. Then, with the same seeds for the base model and t
     python benchmarks/quality.py --methods oft hra --steps 200
     python benchmarks/quality.py --score OUT_DIR [...]     # trained adapters, e.g. the main job's output
 
-Offline, CPU; ~5 min per method on 2 cores.
+Offline, CPU: ~12 min for the five methods on 2 cores (the probe, trained once and cached, ~8 min more).
 """
 
 from __future__ import annotations

@@ -585,7 +585,7 @@ def test_embedded_defaults_glue(assets, tmp_path, monkeypatch, dreambooth_module
     from diffadapt import world
 
     args = type("Args", (), {})()
-    args.pretrained_model_name_or_path, args.instance_data_dir, args.seed = None, None, 0
+    args.pretrained_model_name_or_path, args.instance_data_dir, args.seed = None, None, None
     args.instance_prompt = args.class_prompt = args.validation_prompt = args.class_data_dir = None
     args.comparison_prompts = args.max_train_steps = None
     args.with_prior_preservation = True
@@ -601,7 +601,7 @@ def test_embedded_defaults_glue(assets, tmp_path, monkeypatch, dreambooth_module
     assert args.instance_prompt == world.INSTANCE_PROMPT and args.class_prompt == world.CLASS_PROMPT
     assert args.comparison_prompts[:2] == [world.INSTANCE_PROMPT, world.CLASS_PROMPT]
     assert not set(args.comparison_prompts[2:]) & {world.INSTANCE_PROMPT, world.CLASS_PROMPT}
-    assert args.max_train_steps == module.EMBEDDED_STEPS and args.validation_prompt is None
+    assert args.max_train_steps == module.EMBEDDED_STEPS and args.validation_prompt is None and args.seed == 0
     assert args.class_data_dir == str(tmp_path / "out" / "class_images")
 
 

@@ -133,8 +133,8 @@ def use_embedded_defaults(args) -> None:
     --instance_data_dir: write the bundled subject images into <output_dir>/instance_images,
     default the prompts to the world's instance / class prompts (the comparison prompts to
     those and two unrelated ones: the before/after grid stands in for periodic validation),
-    the class images folder to <output_dir>/class_images and --max_train_steps to
-    EMBEDDED_STEPS."""
+    the class images folder to <output_dir>/class_images, --max_train_steps to EMBEDDED_STEPS
+    and --seed to 0."""
     if args.pretrained_model_name_or_path is not None:
         return
     args.pretrained_model_name_or_path = common.embedded_model_path()
@@ -142,9 +142,11 @@ def use_embedded_defaults(args) -> None:
         return
     from diffadapt import world
 
+    if args.seed is None:  # the main job is reproducible: the same adapter and grid on every machine
+        args.seed = 0
     folder = Path(args.output_dir, "instance_images")
     folder.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(world.subject_images(5, seed=0 if args.seed is None else args.seed)):
+    for i, image in enumerate(world.subject_images(5, seed=args.seed)):
         target = folder / f"subject_{i:02d}.png"
         tmp = folder / f".subject_{i:02d}.{os.getpid()}.png"  # several processes may write at once
         image.save(tmp)
