@@ -47,7 +47,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train_scripts"))
-import common  # noqa: E402  (train_scripts/common.py: labelled_grid)
+import sd_parts  # noqa: E402  (train_scripts/sd_parts.py: labelled_grid)
 
 import diffadapt as da  # noqa: E402
 from diffadapt import world  # noqa: E402
@@ -287,10 +287,10 @@ def adapter_facts(out: Path, pipe) -> dict:
 def grids(results_dir: Path, instance, rows: dict) -> None:
     """subject.png: instance images, then the instance prompt per model; drift.png: the first seed
     of every unrelated prompt per model."""
-    common.labelled_grid([("instance images", instance)]
+    sd_parts.labelled_grid([("instance images", instance)]
                          + [(f"{name}:\n{world.INSTANCE_PROMPT}", r["samples"]["subject"][:8]) for name, r in rows.items()],
                          results_dir / "subject.png", size=96, label_width=200)
-    common.labelled_grid([(name, [imgs[0] for imgs in r["samples"]["unrelated"].values()]) for name, r in rows.items()],
+    sd_parts.labelled_grid([(name, [imgs[0] for imgs in r["samples"]["unrelated"].values()]) for name, r in rows.items()],
                          results_dir / "drift.png", size=96, label_width=200)
 
 

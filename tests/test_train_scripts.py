@@ -554,12 +554,13 @@ def test_dreambooth_two_processes(runs):
 def dreambooth_module(monkeypatch):
     """train_dreambooth.py imported as a module (sys.path and sys.modules restored afterwards)."""
     monkeypatch.setattr(sys, "path", sys.path[:])  # the script puts train_scripts/ on it
-    had_common = "common" in sys.modules
+    shared = ("common", "sd_parts", "training_loop")  # its sibling modules
+    had = {name for name in shared if name in sys.modules}
     spec = importlib.util.spec_from_file_location("train_dreambooth_glue", DREAMBOOTH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    if not had_common:
-        monkeypatch.delitem(sys.modules, "common")
+    for name in set(shared) - had:
+        monkeypatch.delitem(sys.modules, name)
     return module
 
 

@@ -34,7 +34,7 @@ from diffadapt import world
 from diffadapt.tokenizer import write_tokenizer_files
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (labelled_grid)
+import sd_parts  # noqa: E402  (labelled_grid)
 
 SAMPLE_PROMPTS = [
     "a large red circle on a blue background",
@@ -208,7 +208,7 @@ def sample_grid(pipe, path, prompts=SAMPLE_PROMPTS, n=6, steps=25, seed=0, zoom=
     for prompt in prompts:
         g = torch.Generator().manual_seed(seed)
         rows.append((prompt, pipe(prompt, num_inference_steps=steps, num_images_per_prompt=n, generator=g).images))
-    common.labelled_grid(rows, path, size=pipe.unet.config.sample_size * pipe.vae_scale_factor * zoom, label_width=330)
+    sd_parts.labelled_grid(rows, path, size=pipe.unet.config.sample_size * pipe.vae_scale_factor * zoom, label_width=330)
 
 
 def main(args):

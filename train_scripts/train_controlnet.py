@@ -45,6 +45,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import sd_parts  # noqa: E402
+import training_loop  # noqa: E402
 from common import UsageError  # noqa: E402
 
 FAMILIES = {
@@ -160,13 +162,13 @@ class ControlDataset:
 
     def __getitem__(self, index):
         a, r = self.args, self.records[index]
-        rng = common.item_rng(self.seed, self.epoch, index)
-        (image, cond), original, crop = common.resize_crop_flip(
-            [common.load_rgb(r["image"]), common.load_rgb(r["conditioning"])],
+        rng = sd_parts.item_rng(self.seed, self.epoch, index)
+        (image, cond), original, crop = sd_parts.resize_crop_flip(
+            [sd_parts.load_rgb(r["image"]), sd_parts.load_rgb(r["conditioning"])],
             a.resolution, a.center_crop, a.random_flip, rng,
         )
         caption = "" if rng.random() < a.proportion_empty_prompts else r["caption"]
-        return {"pixels": common.to_tensor(image), "cond": common.to_tensor(cond, normalize=False),
+        return {"pixels": sd_parts.to_tensor(image), "cond": sd_parts.to_tensor(cond, normalize=False),
                 "prompt": caption, "original": original, "crop": crop}
 
 
@@ -232,14 +234,14 @@ def validate(args, accelerator, pipe, tag: str, step: int) -> str:
     generator = torch.Generator(accelerator.device).manual_seed(args.seed_value)
     tiles = []
     for prompt, image_path in args.validation_pairs:
-        cond = common.load_rgb(image_path).resize((args.resolution, args.resolution), Image.BILINEAR)
-        with torch.no_grad(), common.autocast(accelerator):
+        cond = sd_parts.load_rgb(image_path).resize((args.resolution, args.resolution), Image.BILINEAR)
+        with torch.no_grad(), training_loop.autocast(accelerator):
             samples = [pipe(prompt=prompt, image=cond, num_inference_steps=args.num_inference_steps,
                             height=args.resolution, width=args.resolution, generator=generator).images[0]
                        for _ in range(args.num_validation_images)]
         tiles += [cond] + samples
-    common.log_images(accelerator, tag, tiles, step)
-    return common.save_grid(tiles, Path(args.output_dir, "validation", f"{tag}.png"), rows=len(args.validation_pairs))
+    sd_parts.log_images(accelerator, tag, tiles, step)
+    return sd_parts.save_grid(tiles, Path(args.output_dir, "validation", f"{tag}.png"), rows=len(args.validation_pairs))
 
 
 @common.guarded
@@ -265,9 +267,9 @@ def main(argv=None):
 
     import diffadapt as da
 
-    accelerator = common.make_accelerator(args)
+    accelerator = training_loop.make_accelerator(args)
     # -- models, then adapters (refusals come here, before any data is read)
-    base = common.start_run(args, accelerator, family)
+    base = training_loop.start_run(args, accelerator, family)
     controlnet, controlnet_source = load_controlnet(args, base)
     pipe = control_pipeline(family, base, controlnet)
     unet = pipe.unet
@@ -291,12 +293,12 @@ def main(argv=None):
     trainable = {role: da.count_parameters(m)[0] for role, m in models.items()}
     accelerator.print(f"{args.method} adapters on {','.join(args.adapt)}; trainable parameters: {trainable}")
 
-    dtype = common.weight_dtype(accelerator)
+    dtype = training_loop.weight_dtype(accelerator)
     pipe.vae.to(accelerator.device).requires_grad_(False)
     encoders = [getattr(pipe, n) for n in TEXT_STACK[family]]
     tokenizers = [getattr(pipe, n.replace("text_encoder", "tokenizer")) for n in TEXT_STACK[family]]
     for module in encoders + [unet, controlnet]:
-        common.to_device(module, accelerator.device, dtype)
+        training_loop.to_device(module, accelerator.device, dtype)
     for module in encoders + [m for m in (unet, controlnet) if m not in models.values()]:
         module.requires_grad_(False)
     cast_training_params(list(models.values()), dtype=torch.float32)
@@ -306,7 +308,7 @@ def main(argv=None):
 
     # -- data, optimizer, accelerate
     dataset = ControlDataset(args, args.seed_value)
-    sampler = common.EpochSampler(len(dataset), args.seed_value)
+    sampler = training_loop.EpochSampler(len(dataset), args.seed_value)
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
                                              collate_fn=collate, num_workers=args.dataloader_num_workers)
     if args.scale_lr:
@@ -319,7 +321,7 @@ def main(argv=None):
     groups = [{"params": [p for p in trained if id(p) in adapter_ids], "lr": args.learning_rate},
               {"params": [p for p in trained if id(p) not in adapter_ids], "lr": args.controlnet_lr or args.learning_rate}]
     groups = [g for g in groups if g["params"]]
-    wrapped, optimizer, dataloader, lr_scheduler, steps_per_epoch = common.prepare(
+    wrapped, optimizer, dataloader, lr_scheduler, steps_per_epoch = training_loop.prepare(
         accelerator, args, models, groups, dataloader)
     if accelerator.is_main_process:
         accelerator.init_trackers("controlnet-diffadapt", config={k: str(v) for k, v in vars(args).items()
@@ -333,18 +335,18 @@ def main(argv=None):
         pixels = batch["pixel_values"].to(accelerator.device)
         latents = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.sample(generator)
         latents = (latents * pipe.vae.config.scaling_factor).to(dtype)
-        noisy, noise, t = common.unet_noise(noise_scheduler, latents, generator, args.noise_offset)
+        noisy, noise, t = sd_parts.unet_noise(noise_scheduler, latents, generator, args.noise_offset)
         with torch.no_grad():
-            cond = common.encode_clip_prompts(family, encoders, tokenizers, batch["prompts"], accelerator.device)
+            cond = sd_parts.encode_clip_prompts(family, encoders, tokenizers, batch["prompts"], accelerator.device)
         hidden = cond["encoder_hidden_states"].to(dtype)
-        extra = common.unet_added_cond(family, cond, batch, args.resolution, dtype)
+        extra = sd_parts.unet_added_cond(family, cond, batch, args.resolution, dtype)
         down, mid = run_controlnet(noisy, t, encoder_hidden_states=hidden, return_dict=False,
                                    controlnet_cond=batch["conditioning_pixel_values"].to(accelerator.device, dtype),
                                    **extra)
         pred = run_unet(noisy, t, hidden, return_dict=False, down_block_additional_residuals=[d.to(dtype) for d in down],
                         mid_block_additional_residual=mid.to(dtype), **extra)[0]
-        target = common.unet_target(noise_scheduler, latents, noise, t)
-        return common.unet_loss(pred, target, t, noise_scheduler, args.snr_gamma)
+        target = sd_parts.unet_target(noise_scheduler, latents, noise, t)
+        return sd_parts.unet_loss(pred, target, t, noise_scheduler, args.snr_gamma)
 
     grids = []
     validating = bool(getattr(args, "validation_pairs", None))
@@ -352,7 +354,7 @@ def main(argv=None):
     def validate_fn(step):
         grids.append(validate(args, accelerator, pipe, f"step_{step:06d}", step))
 
-    global_step = common.train(
+    global_step = training_loop.train(
         accelerator, args, models=models, wrapped=wrapped, optimizer=optimizer, lr_scheduler=lr_scheduler,
         dataloader=dataloader, steps_per_epoch=steps_per_epoch, epoch_users=[sampler, dataset], loss_fn=loss_fn,
         validate_fn=validate_fn if validating else None,
@@ -360,7 +362,7 @@ def main(argv=None):
 
     # -- artifacts, once, on the main process
     if args.debug_rank_digest:  # before saving: saving unloads the ControlNet's adapters
-        common.write_rank_digest(accelerator, args, models, saved=accelerator.is_main_process)
+        training_loop.write_rank_digest(accelerator, args, models, saved=accelerator.is_main_process)
     if accelerator.is_main_process:
         save_weights = controlnet_source is None or args.controlnet_trainable != "none"
         metadata = {"base_model": args.pretrained_model_name_or_path, "method": args.method, "family": family,
@@ -374,7 +376,7 @@ def main(argv=None):
             free_memory()
             from diffusers import ControlNetModel
 
-            fresh_base = common.load_pipeline(args, family)
+            fresh_base = training_loop.load_pipeline(args, family)
             if save_weights:
                 fresh_cn = ControlNetModel.from_pretrained(Path(args.output_dir, CONTROLNET_FOLDER))
             else:
@@ -398,10 +400,10 @@ pipe = {CONTROL_PIPELINE[family]}.from_pretrained({args.pretrained_model_name_or
 da.load_adapter(pipe, {str(args.output_dir)!r})
 image = pipe("a caption", image=conditioning_image).images[0]
 """
-        common.write_model_card(
+        sd_parts.write_model_card(
             args, title=f"ControlNet {args.method} adapter", tags=["controlnet", "text-to-image", family],
             base_model=args.pretrained_model_name_or_path, usage=usage,
-            config=common.card_config(config, preset), trainable=trainable,
+            config=sd_parts.card_config(config, preset), trainable=trainable,
             extra=f"Adapters on: {', '.join(args.adapt)}; ControlNet weights trained: {args.controlnet_trainable}"
             f"; ControlNet: {metadata['controlnet'] or 'new, from the UNet'}.\n",
             images=[os.path.relpath(g, args.output_dir) for g in grids],

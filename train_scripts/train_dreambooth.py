@@ -29,6 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import sd_parts  # noqa: E402
+import training_loop  # noqa: E402
 from common import UsageError  # noqa: E402
 
 FAMILIES = {  # model_index.json _class_name -> family
@@ -101,7 +103,7 @@ def parse_args(argv=None):
         raise UsageError("--instance_data_dir is required (it may only be left out with the embedded default model).")
     if not os.path.isdir(args.instance_data_dir):
         raise UsageError(f"--instance_data_dir {args.instance_data_dir} does not exist.")
-    if not common.list_images(args.instance_data_dir):
+    if not sd_parts.list_images(args.instance_data_dir):
         raise UsageError(f"--instance_data_dir {args.instance_data_dir} holds no images (png, jpg, jpeg, webp, bmp).")
     if args.instance_prompt is None:
         raise UsageError("--instance_prompt is required.")
@@ -172,10 +174,10 @@ class DreamBoothDataset:
 
     def __init__(self, args, seed: int):
         self.args, self.seed, self.epoch = args, seed, 0
-        self.instance = common.list_images(args.instance_data_dir)
+        self.instance = sd_parts.list_images(args.instance_data_dir)
         self.classes = []
         if args.with_prior_preservation:
-            self.classes = common.list_images(args.class_data_dir)[: args.num_class_images]
+            self.classes = sd_parts.list_images(args.class_data_dir)[: args.num_class_images]
         self.length = max(len(self.instance), len(self.classes))
 
     def __len__(self):
@@ -183,13 +185,13 @@ class DreamBoothDataset:
 
     def _view(self, path, rng):
         a = self.args
-        (img,), original, crop = common.resize_crop_flip(
-            [common.load_rgb(path)], a.resolution, a.center_crop, a.random_flip, rng
+        (img,), original, crop = sd_parts.resize_crop_flip(
+            [sd_parts.load_rgb(path)], a.resolution, a.center_crop, a.random_flip, rng
         )
-        return common.to_tensor(img), original, crop
+        return sd_parts.to_tensor(img), original, crop
 
     def __getitem__(self, index):
-        rng = common.item_rng(self.seed, self.epoch, index)
+        rng = sd_parts.item_rng(self.seed, self.epoch, index)
         pixels, original, crop = self._view(self.instance[index % len(self.instance)], rng)
         item = {"pixels": [pixels], "prompts": [self.args.instance_prompt], "original": [original], "crop": [crop]}
         if self.classes:
@@ -221,7 +223,7 @@ def generate_class_images(args, pipe, accelerator, family) -> None:
 
     folder = Path(args.class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    have = len(common.list_images(folder))
+    have = len(sd_parts.list_images(folder))
     missing = list(range(have, args.num_class_images))
     if not missing:
         return
@@ -233,7 +235,7 @@ def generate_class_images(args, pipe, accelerator, family) -> None:
         for start in range(0, len(mine), args.sample_batch_size):
             chunk = mine[start : start + args.sample_batch_size]
             gens = [torch.Generator(accelerator.device).manual_seed(args.seed_value + i) for i in chunk]
-            with torch.no_grad(), common.autocast(accelerator):
+            with torch.no_grad(), training_loop.autocast(accelerator):
                 images = pipe(prompt=[args.class_prompt] * len(chunk), generator=gens,
                               **pipeline_call_kwargs(args, family)).images
             for i, image in zip(chunk, images):
@@ -260,16 +262,16 @@ def encode_prompts(family, args, encoders, tokenizers, prompts, device) -> dict:
     import torch
 
     if family in ("sd", "sdxl"):
-        return common.encode_clip_prompts(family, encoders, tokenizers, prompts, device)
+        return sd_parts.encode_clip_prompts(family, encoders, tokenizers, prompts, device)
     if family == "sd3":
         hidden, pooled = [], []
         for encoder, tokenizer in zip(encoders[:2], tokenizers[:2]):
-            out = encoder(common.tokenize(tokenizer, prompts, 77).to(device), output_hidden_states=True)
+            out = encoder(sd_parts.tokenize(tokenizer, prompts, 77).to(device), output_hidden_states=True)
             pooled.append(out[0])
             hidden.append(out.hidden_states[-2])
         clip = torch.cat(hidden, dim=-1)
         if encoders[2] is not None:
-            t5 = encoders[2](common.tokenize(tokenizers[2], prompts, args.max_sequence_length).to(device))[0]
+            t5 = encoders[2](sd_parts.tokenize(tokenizers[2], prompts, args.max_sequence_length).to(device))[0]
         else:
             t5 = torch.zeros(len(prompts), args.max_sequence_length, args.joint_attention_dim,
                              device=device, dtype=clip.dtype)
@@ -277,8 +279,8 @@ def encode_prompts(family, args, encoders, tokenizers, prompts, device) -> dict:
         return {"encoder_hidden_states": torch.cat([clip, t5.to(clip.dtype)], dim=-2),
                 "pooled_projections": torch.cat(pooled, dim=-1)}
     # flux: pooled CLIP, T5 sequence
-    pooled = encoders[0](common.tokenize(tokenizers[0], prompts, 77).to(device), output_hidden_states=False)
-    t5 = encoders[1](common.tokenize(tokenizers[1], prompts, args.max_sequence_length).to(device))[0]
+    pooled = encoders[0](sd_parts.tokenize(tokenizers[0], prompts, 77).to(device), output_hidden_states=False)
+    t5 = encoders[1](sd_parts.tokenize(tokenizers[1], prompts, args.max_sequence_length).to(device))[0]
     return {"encoder_hidden_states": t5, "pooled_projections": pooled.pooler_output}
 
 
@@ -312,10 +314,10 @@ class Denoising:
         import torch
 
         if not self.flow:
-            noisy, noise, t = common.unet_noise(self.scheduler, latents, generator, self.args.noise_offset)
-            extra = common.unet_added_cond(self.family, cond, batch, self.args.resolution, self.dtype)
+            noisy, noise, t = sd_parts.unet_noise(self.scheduler, latents, generator, self.args.noise_offset)
+            extra = sd_parts.unet_added_cond(self.family, cond, batch, self.args.resolution, self.dtype)
             pred = self.denoiser(noisy, t, cond["encoder_hidden_states"].to(self.dtype), return_dict=False, **extra)[0]
-            return pred, common.unet_target(self.scheduler, latents, noise, t), t
+            return pred, sd_parts.unet_target(self.scheduler, latents, noise, t), t
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
         a, bsz = self.args, latents.shape[0]
@@ -351,7 +353,7 @@ class Denoising:
 
     def loss(self, pred, target, t_or_sigmas):
         if not self.flow:
-            return common.unet_loss(pred, target, t_or_sigmas, self.scheduler, self.args.snr_gamma)
+            return sd_parts.unet_loss(pred, target, t_or_sigmas, self.scheduler, self.args.snr_gamma)
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
         weighting = compute_loss_weighting_for_sd3(self.args.weighting_scheme, t_or_sigmas)
@@ -370,11 +372,11 @@ def validate(args, accelerator, pipe, family, tag: str, step: int) -> str:
 
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(accelerator.device).manual_seed(args.seed_value)
-    with torch.no_grad(), common.autocast(accelerator):
+    with torch.no_grad(), training_loop.autocast(accelerator):
         images = [pipe(prompt=args.validation_prompt, generator=generator, **pipeline_call_kwargs(args, family)).images[0]
                   for _ in range(args.num_validation_images)]
-    common.log_images(accelerator, tag, images, step)
-    return common.save_grid(images, Path(args.output_dir, "validation", f"{tag}.png"))
+    sd_parts.log_images(accelerator, tag, images, step)
+    return sd_parts.save_grid(images, Path(args.output_dir, "validation", f"{tag}.png"))
 
 
 def before_after(args, accelerator, pipe, family) -> str:
@@ -391,13 +393,13 @@ def before_after(args, accelerator, pipe, family) -> str:
             for label, switch in (("base", da.disable_adapters), ("adapted", da.enable_adapters)):
                 switch(pipe)
                 gens = [torch.Generator(accelerator.device).manual_seed(args.seed_value + i) for i in range(n)]
-                with torch.no_grad(), common.autocast(accelerator):
+                with torch.no_grad(), training_loop.autocast(accelerator):
                     images = pipe(prompt=[prompt] * n, generator=gens, **pipeline_call_kwargs(args, family)).images
                 rows.append((f"{label}:\n{prompt}", images))
     finally:
         da.enable_adapters(pipe)
     path = Path(args.output_dir, "before_after.png")
-    common.labelled_grid(rows, path, size=max(args.resolution, 128))
+    sd_parts.labelled_grid(rows, path, size=max(args.resolution, 128))
     return str(path)
 
 
@@ -426,10 +428,10 @@ def main(argv=None):
 
     import diffadapt as da
 
-    accelerator = common.make_accelerator(args, find_unused_parameters=family == "sd3")
+    accelerator = training_loop.make_accelerator(args, find_unused_parameters=family == "sd3")
     logger = get_logger(__name__)
     # -- models, then adapters: a config that does not fit the layers fails here, before any data
-    pipe = common.start_run(args, accelerator, family)
+    pipe = training_loop.start_run(args, accelerator, family)
     denoiser_name = "transformer" if family in ("sd3", "flux") else "unet"
     denoiser = getattr(pipe, denoiser_name)
     if args.resolution is None:
@@ -452,11 +454,11 @@ def main(argv=None):
     logger.info(f"{args.method} adapters, trainable parameters: {trainable}", main_process_only=True)
 
     # -- devices and dtypes: frozen weights in the mixed-precision dtype, trained tensors in fp32
-    dtype = common.weight_dtype(accelerator)
+    dtype = training_loop.weight_dtype(accelerator)
     pipe.vae.to(accelerator.device).requires_grad_(False)
     for module in [getattr(pipe, n, None) for n in TEXT_STACK[family]] + [denoiser]:
         if module is not None:
-            common.to_device(module, accelerator.device, dtype)
+            training_loop.to_device(module, accelerator.device, dtype)
             if module not in models.values():
                 module.requires_grad_(False)
     cast_training_params(list(models.values()), dtype=torch.float32)
@@ -469,7 +471,7 @@ def main(argv=None):
     if args.with_prior_preservation:
         generate_class_images(args, pipe, accelerator, family)
     dataset = DreamBoothDataset(args, args.seed_value)
-    sampler = common.EpochSampler(len(dataset), args.seed_value)
+    sampler = training_loop.EpochSampler(len(dataset), args.seed_value)
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
                                              collate_fn=collate, num_workers=args.dataloader_num_workers)
 
@@ -480,7 +482,7 @@ def main(argv=None):
     for role in text_roles:
         groups.append({"params": [p for p in models[role].parameters() if p.requires_grad],
                        "lr": args.text_encoder_lr or args.learning_rate})
-    wrapped, optimizer, dataloader, lr_scheduler, steps_per_epoch = common.prepare(
+    wrapped, optimizer, dataloader, lr_scheduler, steps_per_epoch = training_loop.prepare(
         accelerator, args, models, groups, dataloader)
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-diffadapt", config={k: str(v) for k, v in vars(args).items()})
@@ -515,7 +517,7 @@ def main(argv=None):
     logger.info(f"{len(dataset)} examples, {steps_per_epoch} updates per epoch, {args.max_train_steps} updates, "
                 f"batch {args.train_batch_size} x {args.gradient_accumulation_steps} x {accelerator.num_processes}",
                 main_process_only=True)
-    global_step = common.train(
+    global_step = training_loop.train(
         accelerator, args, models=models, wrapped=wrapped, optimizer=optimizer, lr_scheduler=lr_scheduler,
         dataloader=dataloader, steps_per_epoch=steps_per_epoch, epoch_users=[sampler, dataset], loss_fn=loss_fn,
         validate_fn=validate_fn if args.validation_prompt else None,
@@ -531,7 +533,7 @@ def main(argv=None):
         saved = True
         if args.validation_prompt or args.comparison_prompts:  # from the saved files, as users will load them
             free_memory()
-            final = common.load_pipeline(args, family)
+            final = training_loop.load_pipeline(args, family)
             da.load_adapter(final, args.output_dir, common.ADAPTER_NAME)
             final.to(accelerator.device)
             if args.validation_prompt:
@@ -548,16 +550,16 @@ da.load_adapter(pipe, {str(args.output_dir)!r})
 image = pipe({args.instance_prompt!r}).images[0]
 da.set_adapters(pipe, "default", 0.7)  # strength: 0 = base model, 1 = as trained
 """
-        common.write_model_card(
+        sd_parts.write_model_card(
             args, title=f"DreamBooth {args.method} - {args.instance_prompt}",
             tags=["dreambooth", "text-to-image", family], base_model=args.pretrained_model_name_or_path,
-            usage=usage, config=common.card_config(config, preset), trainable=trainable,
+            usage=usage, config=sd_parts.card_config(config, preset), trainable=trainable,
             extra=f"Instance prompt: `{args.instance_prompt}`."
             + (f" Prior preservation with `{args.class_prompt}`." if args.with_prior_preservation else "") + "\n",
             images=[os.path.relpath(g, args.output_dir) for g in grids],
         )
     if args.debug_rank_digest:
-        common.write_rank_digest(accelerator, args, models, saved)
+        training_loop.write_rank_digest(accelerator, args, models, saved)
     accelerator.end_training()
 
 
