@@ -35,7 +35,7 @@ from diffadapt.pipeline import (  # noqa: E402  (every verb takes a model or a p
     unmerge_adapters,
 )
 from diffadapt.targets import PRESETS  # noqa: E402
-from diffadapt.formats.lycoris import save_lycoris  # noqa: E402
+from diffadapt.formats.lycoris_export import save_lycoris  # noqa: E402
 
 _CONFIGS = {
     "FourierFTConfig": "fourierft",

@@ -32,7 +32,7 @@ from diffadapt import checkpoint, model as mdl
 from diffadapt._version import __version__
 from diffadapt.checkpoint import CheckpointError
 from diffadapt.artifact import DENOISERS, PipelineAdapter, components  # noqa: F401  (re-exported)
-from diffadapt.formats import lycoris
+from diffadapt.formats import lycoris, lycoris_export
 from diffadapt.methods import get_method
 
 META_NAME = "diffadapt_adapter.json"
@@ -337,12 +337,12 @@ def export_lycoris(adapter: PipelineAdapter, path: Union[str, os.PathLike], pipe
     loaded there under a temporary name, exported and removed again (needed for ``.diff`` /
     LoRA); without, only output-side OFT/BOFT can be written. Returns the export report."""
     if pipe is None:
-        return lycoris.write_lycoris_file(adapter, path, **kwargs)
+        return lycoris_export.write_lycoris_file(adapter, path, **kwargs)
     before = {n: mdl.active_adapters(m) for n, m in components(pipe).items() if "_diffadapt" in m.__dict__}
     name = "diffadapt_lycoris_export"
     load_adapter(pipe, adapter, name)
     try:
-        return lycoris.save_lycoris(pipe, path, name, **kwargs)
+        return lycoris_export.save_lycoris(pipe, path, name, **kwargs)
     finally:
         delete_adapter(pipe, name)
         for n, active in before.items():  # loading made the export adapter the only active one

@@ -20,7 +20,7 @@ import diffadapt as da
 from diffadapt import cli
 from diffadapt.checkpoint import CheckpointError
 from diffadapt.formats import names
-from diffadapt.formats.lycoris import save_lycoris
+from diffadapt.formats.lycoris_export import save_lycoris
 from diffadapt.pipeline import load_lycoris
 from diffadapt.methods import AdapterConfigError
 from diffadapt.methods.base import LayerSpec
