@@ -87,8 +87,7 @@ class Probe(nn.Module):
 
 def to_batch(images, size: int = 64) -> torch.Tensor:
     """PIL images -> (N, 3, size, size) float in [0, 1]."""
-    arrays = [np.asarray(im.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0 for im in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return torch.stack([sd_parts.to_tensor(im.convert("RGB").resize((size, size)), normalize=False) for im in images])
 
 
 def labels_of(scenes) -> dict[str, torch.Tensor]:

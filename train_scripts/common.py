@@ -297,6 +297,16 @@ def tensorboard_available() -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+def pipeline_family(args, families: dict[str, str], script: str, supported: str) -> tuple[str, str]:
+    """``(family, class name)`` of --pretrained_model_name_or_path, refused in one line when its
+    pipeline class is not one of ``families`` (model_index.json ``_class_name`` -> family)."""
+    class_name = pipeline_class_name(args.pretrained_model_name_or_path, args.revision)
+    if class_name not in families:
+        raise UsageError(f"{args.pretrained_model_name_or_path} is a {class_name}; {script} supports "
+                         f"{', '.join(families)} ({supported}).")
+    return families[class_name], class_name
+
+
 def pipeline_class_name(model: str, revision=None) -> str:
     """``_class_name`` of a pipeline folder or hub repo's model_index.json."""
     if os.path.isdir(model):

@@ -186,15 +186,17 @@ def save_pipeline(args, vae, text_encoder, unet, tok_dir, tokenizer):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def betas(args):
+def schedule(args):
+    """Noise schedule and prediction type, shared by the training and the sampling scheduler."""
     return dict(beta_schedule=args.beta_schedule, beta_start=args.beta_start, beta_end=args.beta_end,
                 num_train_timesteps=1000, prediction_type=args.prediction_type,
                 rescale_betas_zero_snr=args.zero_terminal_snr)
 
 
 def make_pipeline(vae, text_encoder, unet, tokenizer, args):
-    spacing = dict(timestep_spacing="trailing") if args.zero_terminal_snr else dict(steps_offset=1)
-    scheduler = DDIMScheduler(**betas(args), clip_sample=False, set_alpha_to_one=False, **spacing)
+    spacing = "trailing" if args.zero_terminal_snr else "leading"  # trailing: the first step is t = T
+    scheduler = DDIMScheduler(**schedule(args), clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              timestep_spacing=spacing)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -269,7 +271,7 @@ def main(args):
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
     print(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, text {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M", flush=True)
     opt = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=1e-2)
-    noise_scheduler = DDPMScheduler(**betas(args))
+    noise_scheduler = DDPMScheduler(**schedule(args))
     acp = noise_scheduler.alphas_cumprod
     snr = acp / (1 - acp)
 

@@ -247,13 +247,7 @@ def validate(args, accelerator, pipe, tag: str, step: int) -> str:
 @common.guarded
 def main(argv=None):
     args = parse_args(argv)
-    class_name = common.pipeline_class_name(args.pretrained_model_name_or_path, args.revision)
-    family = FAMILIES.get(class_name)
-    if family is None:
-        raise UsageError(
-            f"{args.pretrained_model_name_or_path} is a {class_name}; train_controlnet.py supports "
-            f"{', '.join(FAMILIES)} (SD 1.x/2.x and SDXL UNets)."
-        )
+    family, _ = common.pipeline_family(args, FAMILIES, "train_controlnet.py", "SD 1.x/2.x and SDXL UNets")
     config = common.adapter_config(args, common.parse_targets(args.target_modules))  # field validation
     if args.controlnet_trainable == "none" and args.controlnet_model_name_or_path is None \
             and not has_controlnet(args.pretrained_model_name_or_path):

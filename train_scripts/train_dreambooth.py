@@ -411,13 +411,7 @@ def before_after(args, accelerator, pipe, family) -> str:
 @common.guarded
 def main(argv=None):
     args = parse_args(argv)
-    class_name = common.pipeline_class_name(args.pretrained_model_name_or_path, args.revision)
-    family = FAMILIES.get(class_name)
-    if family is None:
-        raise UsageError(
-            f"{args.pretrained_model_name_or_path} is a {class_name}; train_dreambooth.py supports "
-            f"{', '.join(FAMILIES)} (SD 1.x/2.x, SDXL, SD3, Flux)."
-        )
+    family, class_name = common.pipeline_family(args, FAMILIES, "train_dreambooth.py", "SD 1.x/2.x, SDXL, SD3, Flux")
     if args.max_sequence_length is None:
         args.max_sequence_length = 77 if family == "sd3" else 512
     config = common.adapter_config(args, common.parse_targets(args.target_modules))  # field validation
