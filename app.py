@@ -140,7 +140,6 @@ class DemoApp:
         self.max_adapters = max_adapters
         self.adapters: list[AdapterInfo] = []  # load order; never reordered (UI slots index it)
         self.lock = threading.RLock()
-        self._merged = False
         params = inspect.signature(pipe.__call__).parameters
         self.accepts = set(params)
         self.denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
@@ -182,9 +181,8 @@ class DemoApp:
         meta = info["metadata"]
         with self.lock:
             name = self._unique(name or (path.stem if path.is_file() else path.name))
-            if self._merged:  # load into unmerged weights; generate() re-applies every request's choice
+            if self.adapters:  # load into unmerged weights; generate() re-applies every request's choice
                 da.unmerge_adapters(self.pipe)
-                self._merged = False
             try:
                 da.load_adapter(self.pipe, path, name)
             except Exception as exc:
@@ -218,13 +216,11 @@ class DemoApp:
         """Make exactly ``adapters`` active (in order) in ``merged`` or live mode. Under the lock."""
         if not self.adapters:
             return
-        if self._merged and not merged:
-            da.unmerge_adapters(self.pipe)
-            self._merged = False
+        if not merged:
+            da.unmerge_adapters(self.pipe)  # a no-op when nothing is merged
         da.set_adapters(self.pipe, [n for n, _ in adapters], [s for _, s in adapters])  # merged: a merge-switch
-        if merged and not self._merged:
-            da.merge_adapters(self.pipe)
-            self._merged = True
+        if merged:
+            da.merge_adapters(self.pipe)  # a no-op when the merge-switch already merged them
 
     def _render(self, req: GenerateRequest, seed: int, progress, done: int, total: int):
         kwargs = dict(prompt=req.prompt, num_inference_steps=int(req.steps), generator=torch.Generator("cpu").manual_seed(seed))

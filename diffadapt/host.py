@@ -9,13 +9,16 @@ input. In weight terms, with ``f_k`` the weight map of adapter ``k``
 
 Unmerged, this is evaluated on activations: rotations turn the running input, additive
 adapters add ``z_k @ dW_k^T`` (scaled by the output scales of the rotations before them), and
-the base layer runs last on the fully rotated input. Merging writes exactly ``W_eff`` into the
-base weight; the original weight is kept on the host so unmerging restores it bit for bit.
-Merged adapters count as the innermost ones (applied after any live adapters).
+the base layer runs last on the fully rotated input. Merging writes exactly ``W_eff`` of the
+merged adapters into the base weight; the original weight is kept on the host so unmerging
+restores it bit for bit. Merged adapters are the innermost ones (``diffadapt.plan``). Which
+adapters run, with which strengths, and their per-step factors (prepared for all layers at
+once) come from the model's plan.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Optional, Union
 
 import torch
@@ -94,39 +97,25 @@ class AdapterSlot(nn.Module):
 
 
 class AdapterHost(nn.Module):
-    """Wraps ``base_layer`` and hosts named adapters on it (see module docstring)."""
+    """Wraps ``base_layer`` and hosts named adapters on it (see module docstring).
+
+    What runs is the model's :class:`~diffadapt.plan.AdapterPlan`'s business (``plan``); the
+    host holds the adapters' parameters, and the original base weight while adapters are merged.
+    """
 
     def __init__(self, base_layer: nn.Module, name: str):
         super().__init__()
         self.base_layer = base_layer
         self.spec = layer_spec(name, base_layer)
         self.adapters = nn.ModuleDict()
-        self.active: list[tuple[str, float]] = []  # live adapters, activation order
-        self.merged: list[tuple[str, float]] = []  # baked into base_layer's weight
-        self.disabled = False
+        self.plan = None  # set by AdapterPlan.attach
+        self.index = -1
         self.register_buffer("original_weight", None, persistent=False)
 
-    # -- bookkeeping ------------------------------------------------------------------------
     def add(self, adapter_name: str, slot: AdapterSlot) -> None:
         if adapter_name in self.adapters:
             raise ValueError(f"Layer {self.spec.name!r} already has an adapter named {adapter_name!r}.")
         self.adapters[adapter_name] = slot
-
-    def set_active(self, names_strengths: list[tuple[str, float]], merge: bool = False) -> None:
-        """Make these adapters live (activation order) with strengths; ``merge`` bakes them."""
-        self.unmerge()
-        self.active = [(n, float(s)) for n, s in names_strengths if n in self.adapters]
-        if merge:
-            self.merge()
-
-    def remove(self, adapter_name: str) -> None:
-        remaining = [(n, s) for n, s in self.active + self.merged if n != adapter_name]
-        was_merged = bool(self.merged)
-        self.unmerge()
-        del self.adapters[adapter_name]
-        self.active = remaining
-        if was_merged:
-            self.merge()
 
     # -- weights ------------------------------------------------------------------------------
     def _write_weight(self, w2d: Tensor) -> None:
@@ -137,61 +126,58 @@ class AdapterHost(nn.Module):
             else:
                 weight.copy_(w2d.reshape(weight.shape))
 
-    def effective_weight(
-        self, adapters: list[tuple[str, float]], weight: Optional[Tensor] = None, training: bool = False
-    ) -> Tensor:
-        """``f_1(...f_n(W))`` for ``adapters`` in activation order (differentiable)."""
-        w = weight_2d(self.base_layer) if weight is None else weight
-        for adapter_name, strength in reversed(adapters):
-            slot = self.adapters[adapter_name]
-            prep = slot.prepare(strength, training)
-            w = slot.method.apply_to_weight(w, prep)
-        return w
+    @staticmethod
+    def compose(weight: Tensor, steps: list) -> Tensor:
+        """``f_1(...f_n(W))`` for ``steps`` ``[(method, factors), ...]`` in activation order."""
+        for method, prep in reversed(steps):
+            weight = method.apply_to_weight(weight, prep)
+        return weight
+
+    def effective_weight(self) -> Tensor:
+        """The 2-D weight the layer computes with now (merged and live adapters)."""
+        steps = self.plan.steps_for(self) if self.plan is not None else []
+        return self.compose(weight_2d(self.base_layer), steps)
+
+    def base_weight(self) -> Tensor:
+        """The layer's own weight without any adapter (the kept original while merged)."""
+        return self.original_weight if self.original_weight is not None else self.base_layer.weight
 
     @torch.no_grad()
-    def merge(self, adapter_names: Optional[list[str]] = None) -> None:
-        """Bake the chosen active adapters (default: all active) into the base weight.
-
-        The product is computed in float32 (or float64 for a float64 model) and written once,
-        so merged == unmerged within rounding of that precision and the weight dtype.
-        """
-        chosen = [(n, s) for n, s in self.active if (adapter_names is None or n in adapter_names) and s != 0.0]
-        if not chosen:
+    def bake(self, steps: list) -> None:
+        """Write ``f_1(...f_n(W))`` of ``steps`` into the base weight, from the original weight
+        (kept on the host, so :meth:`restore` is bit-exact); no steps = restore. The product is
+        computed in float32 (float64 for a float64 model) and written once."""
+        if not steps:
+            self.restore()
             return
         weight = self.base_layer.weight
         if self.original_weight is None:
             self.original_weight = weight.detach().clone()
+        else:
+            weight.copy_(self.original_weight)
         compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        # merged adapters are innermost: the new ones wrap the already merged stack
-        w = self.effective_weight(chosen, weight_2d(self.base_layer).to(compute))
-        self._write_weight(w.to(weight.dtype))
-        self.merged = chosen + self.merged
-        self.active = [(n, s) for n, s in self.active if (n, s) not in chosen]
+        self._write_weight(self.compose(weight_2d(self.base_layer).to(compute), steps).to(weight.dtype))
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore the base weight bit-exactly; merged adapters become live again."""
+    def restore(self) -> None:
+        """Put the original base weight back, bit-exactly."""
         if self.original_weight is None:
             return
         self.base_layer.weight.copy_(self.original_weight)
         self.original_weight = None
-        self.active = self.active + self.merged
-        self.merged = []
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        # strength exactly 0 means "off": the base layer runs untouched (bit-exact)
-        live = [(n, s) for n, s in self.active if s != 0.0]
-        if self.disabled or not live:
+        preps = self.plan.steps_for(self) if self.plan is not None else ()
+        if not preps:  # no live adapter: the base layer runs untouched (bit-exact)
             return self.base_layer(x, *args, **kwargs)
         base = self.base_layer
         if isinstance(base, nn.Conv2d):
-            w = self.effective_weight(live, training=self.training).to(x.dtype)
+            w = self.compose(weight_2d(base), preps).to(x.dtype)
             return base._conv_forward(x, w.reshape(base.weight.shape), base.bias)
         # forward sweep: rotate the input, remember each adapter's per-step factors; additive
         # adapters after the last rotation may fold W + dW into the base product instead;
         # backward sweep: y = T_1(... T_k(base(z_n)) + d_k ...), bias last (never transformed)
-        preps = [(self.adapters[n].method, self.adapters[n].prepare(s, self.training)) for n, s in live]
         last_rotation = -1
         for i, (method, _) in enumerate(preps):
             if method.multiplicative:
@@ -213,17 +199,19 @@ class AdapterHost(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        live = ", ".join(f"{n}@{s:g}" for n, s in self.active) or "-"
-        merged = ", ".join(f"{n}@{s:g}" for n, s in self.merged) or "-"
-        return f"adapters={list(self.adapters)}, active=[{live}], merged=[{merged}]"
+        if self.plan is None:
+            return f"adapters={list(self.adapters)}"
+        live = ", ".join(f"{n}@{self.plan.strength(n):g}" for n in self.plan.live() if n in self.adapters) or "-"
+        merged = ", ".join(n for n in self.plan.merged if n in self.adapters) or "-"
+        return f"adapters={list(self.adapters)}, live=[{live}], merged=[{merged}]"
 
 
 class SavedModuleHost(nn.Module):
     """PEFT's ``modules_to_save``: a trainable copy of a whole module per adapter.
 
-    The copy of the first active adapter that has one replaces the module. A copy cannot be
-    blended: any strength other than 0 uses it, strength 0 (adapter off) the original module.
-    Merging leaves it as it is.
+    The copy of the first chosen adapter with a non-zero strength that has one replaces the
+    module (merged or not: merging leaves copies as they are); disabled adapters and strength 0
+    use the original module. A copy cannot be blended.
     """
 
     def __init__(self, original: nn.Module, name: str):
@@ -231,20 +219,20 @@ class SavedModuleHost(nn.Module):
         self.original_module = original
         self.name = name
         self.copies = nn.ModuleDict()
-        self.active: Optional[str] = None
-        self.disabled = False
+        self.plan = None  # set by AdapterPlan.attach
 
     def add(self, adapter_name: str) -> nn.Module:
-        import copy
-
         clone = copy.deepcopy(self.original_module)
         clone.requires_grad_(True)
         self.copies[adapter_name] = clone
         return clone
 
-    def set_active(self, names_strengths: list[tuple[str, float]]) -> None:
-        self.active = next((n for n, s in names_strengths if n in self.copies and s != 0.0), None)
+    def chosen(self) -> Optional[str]:
+        if self.plan is None or self.plan.disabled:
+            return None
+        return next((n for n, s in self.plan.order if n in self.copies and s != 0.0), None)
 
     def forward(self, *args, **kwargs):
-        module = self.copies[self.active] if self.active is not None and not self.disabled else self.original_module
+        name = self.chosen()
+        module = self.copies[name] if name is not None else self.original_module
         return module(*args, **kwargs)

@@ -7,7 +7,6 @@ diffusers' LoRA verbs. What diffadapt knows about a model lives in ``model._diff
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
@@ -16,53 +15,41 @@ from torch import nn
 from diffadapt.host import SUPPORTED_LAYERS, AdapterHost, AdapterSlot, SavedModuleHost, SharedState, layer_spec, weight_2d
 from diffadapt.methods import AdapterConfig, AdapterConfigError, get_method
 from diffadapt.methods.base import pattern_matches
+from diffadapt.plan import AdapterPlan
 from diffadapt.targets import preset_pattern, select_targets
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-
-@dataclass
-class ModelAdapters:
-    """diffadapt's record on a model: configs by adapter name and the current mode."""
-
-    configs: dict[str, AdapterConfig] = field(default_factory=dict)
-    active: list[tuple[str, float]] = field(default_factory=list)
-    merged: bool = False
-    disabled: bool = False
-    requires_grad: dict[str, bool] = field(default_factory=dict)  # base params before injection
-    hosts: Optional[tuple] = None  # cached _walk() result; None = walk the model again
+ModelAdapters = AdapterPlan  # the record's former name
 
 
-def adapter_state(model: nn.Module) -> ModelAdapters:
+def adapter_state(model: nn.Module) -> AdapterPlan:
     state = model.__dict__.get("_diffadapt")
     if state is None:
         raise ValueError(f"This {type(model).__name__} has no diffadapt adapters; add or load one first.")
     return state
 
 
-def _walk(model: nn.Module) -> tuple[list, list]:
-    """(AdapterHost pairs, SavedModuleHost pairs), cached on the model's record so that
-    switching adapters never walks the module tree."""
+def _hosts(model: nn.Module) -> tuple[list, list]:
     state = model.__dict__.get("_diffadapt")
-    if state is not None and state.hosts is not None:
-        return state.hosts
-    found = ([], [])
-    for name, m in model.named_modules():
-        if isinstance(m, AdapterHost):
-            found[0].append((name, m))
-        elif isinstance(m, SavedModuleHost):
-            found[1].append((name, m))
     if state is not None:
-        state.hosts = found
+        return state.hosts, state.saved_hosts
+    found = ([], [])
+    for _, m in model.named_modules():
+        if isinstance(m, AdapterHost):
+            found[0].append(m)
+        elif isinstance(m, SavedModuleHost):
+            found[1].append(m)
     return found
 
 
 def hosts(model: nn.Module) -> list[tuple[str, AdapterHost]]:
-    return _walk(model)[0]
+    """``(module path, host)`` of every adapted layer (read from the plan: no module walk)."""
+    return [(h.spec.name, h) for h in _hosts(model)[0]]
 
 
 def saved_module_hosts(model: nn.Module) -> list[tuple[str, SavedModuleHost]]:
-    return _walk(model)[1]
+    return [(h.name, h) for h in _hosts(model)[1]]
 
 
 def select_saved_modules(model: nn.Module, config: AdapterConfig) -> list[str]:
@@ -143,9 +130,6 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
-    state = model.__dict__.get("_diffadapt")
-    if state is not None:
-        state.hosts = None
 
 
 def install_slots(
@@ -156,27 +140,29 @@ def install_slots(
     saved_modules: Optional[dict[str, Optional[dict[str, torch.Tensor]]]] = None,
 ) -> None:
     """Put built slots (and ``modules_to_save`` copies, with saved values if given) into the
-    model (nothing here can fail half-way) and make the adapter the active one."""
+    model (nothing here can fail half-way) and make the adapter the active one. New modules
+    follow the model's train/eval mode (no adapter dropout while generating)."""
     state = model.__dict__.get("_diffadapt")
     if state is None:
-        state = ModelAdapters(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+        state = AdapterPlan(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
         model.__dict__["_diffadapt"] = state
     for name, slot in slots.items():
         module = model.get_submodule(name)
         if not isinstance(module, AdapterHost):
-            module = AdapterHost(module, name)
+            module = AdapterHost(module, name).train(model.training)
             _swap(model, name, module)
-        module.add(adapter_name, slot)
+        module.add(adapter_name, slot.train(model.training))
     copies = []
     for name, values in (saved_modules or {}).items():
         module = model.get_submodule(name)
         if not isinstance(module, SavedModuleHost):
-            module = SavedModuleHost(module, name)
+            module = SavedModuleHost(module, name).train(model.training)
             _swap(model, name, module)
-        copies.append(module.add(adapter_name))
+        copies.append(module.add(adapter_name).train(model.training))
         if values is not None:
             copies[-1].load_state_dict(values)
     state.configs[adapter_name] = config
+    state.attach(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for module in [*slots.values(), *copies]:
@@ -231,34 +217,57 @@ def set_adapters(
     """Activate ``adapter_names`` (activation order) with strengths ``weights`` (default 1).
 
     Strength 0 is the base model exactly, 1 the trained adapter; see each method for values in
-    between. If the model is merged, the new choice is merged instead (a merge-switch).
+    between. If the model is merged, the new choice is merged instead (a merge-switch). Changing
+    only non-zero strengths touches no module, so a ``torch.compile``d model does not recompile.
     """
     state = adapter_state(model)
     chosen = _names_and_weights(state, adapter_names, weights)
-    for _, host in hosts(model):
-        host.set_active(chosen, merge=state.merged and not state.disabled)
-    for _, host in saved_module_hosts(model):
-        host.set_active(chosen)
-    state.active = chosen
+    if not state.merged:
+        state.set_order(chosen)
+        return
+    names = [n for n, s in chosen if s != 0.0]
+    # all merged: a merge-switch; a partial merge stays partial (the same adapters, if still chosen)
+    merged = names if not state.live() else [n for n in names if n in state.merged]
+    _check_merge(state, names, merged)
+    before = [(n, state.strength(n)) for n in state.merged]
+    state.set_order(chosen)
+    if merged != state.merged or before != [(n, state.strength(n)) for n in merged]:
+        state.merged = merged
+        state.changed()
+        state.bake()
+
+
+def _check_merge(state: AdapterPlan, order: list[str], merged: list[str]) -> None:
+    """Merged adapters act innermost: refuse a merge that would change the function."""
+    rest = [n for n in order if n not in merged]
+    additive = all(not get_method(state.configs[n].method).multiplicative for n in order)
+    if rest and merged and order.index(merged[0]) < order.index(rest[-1]) and not additive:
+        raise ValueError(
+            f"Cannot merge {merged} alone: merged adapters act innermost, but in the activation order {order} "
+            f"{rest[-1]!r} comes after {merged[0]!r} and rotations do not commute, so the model would compute "
+            f"another function. Merge the last adapters of the order ({order[len(order) - len(merged):]}), all of "
+            "them, or reorder with set_adapters first."
+        )
 
 
 def set_adapter_strength(model: nn.Module, adapter_name: str, strength: float) -> None:
+    """Change one active adapter's strength (the others keep theirs)."""
     state = adapter_state(model)
-    if adapter_name not in [n for n, _ in state.active]:
-        raise ValueError(f"Adapter {adapter_name!r} is not active; active: {[n for n, _ in state.active]}.")
-    set_adapters(model, [n for n, _ in state.active], [strength if n == adapter_name else s for n, s in state.active])
+    if adapter_name not in [n for n, _ in state.order]:
+        raise ValueError(f"Adapter {adapter_name!r} is not active; active: {[n for n, _ in state.order]}.")
+    set_adapters(model, [n for n, _ in state.order], [strength if n == adapter_name else s for n, s in state.order])
 
 
 def active_adapters(model: nn.Module) -> list[tuple[str, float]]:
     state = model.__dict__.get("_diffadapt")
-    return [] if state is None or state.disabled else list(state.active)
+    return [] if state is None or state.disabled else list(state.order)
 
 
 def list_adapters(model: nn.Module) -> dict[str, dict]:
     """name -> method, number of layers, number of parameters, strength if active."""
     state = adapter_state(model)
     info = {n: {"method": c.method, "layers": 0, "parameters": 0, "strength": None} for n, c in state.configs.items()}
-    for n, s in state.active:
+    for n, s in state.order:
         info[n]["strength"] = s
     for _, host in hosts(model):
         for n, slot in host.adapters.items():
@@ -268,75 +277,92 @@ def list_adapters(model: nn.Module) -> dict[str, dict]:
 
 
 def disable_adapters(model: nn.Module) -> None:
-    """Run the base model (merged weights are restored first)."""
+    """Run the base model (merged weights are restored first; enable_adapters bakes them again)."""
     state = adapter_state(model)
-    for _, host in hosts(model):
-        host.unmerge()
-        host.disabled = True
-    for _, host in saved_module_hosts(model):
-        host.disabled = True
     state.disabled = True
+    state.changed()
+    state.bake()
 
 
 def enable_adapters(model: nn.Module) -> None:
     state = adapter_state(model)
-    for _, host in hosts(model):
-        host.disabled = False
-        if state.merged:
-            host.merge()
-    for _, host in saved_module_hosts(model):
-        host.disabled = False
     state.disabled = False
+    state.changed()
+    state.bake()
 
 
 def merge_adapters(model: nn.Module, adapter_names: Optional[Sequence[str]] = None) -> None:
-    """Bake the active adapters (or the chosen active ones) into the base weights."""
+    """Bake the active adapters (or the chosen active ones) into the base weights.
+
+    Merged adapters are the innermost ones: a partial merge must be the last adapters of the
+    activation order (or all adapters additive, which commute), else it would change the function
+    and is refused. Adapters merged earlier stay merged.
+    """
     state = adapter_state(model)
     if adapter_names is not None:
         _names_and_weights(state, adapter_names, None)
-    for _, host in hosts(model):
-        if not host.disabled:
-            host.merge(list(adapter_names) if adapter_names is not None else None)
-    state.merged = True
+    order = [n for n, s in state.order if s != 0.0]
+    chosen = set(order if adapter_names is None else adapter_names) | set(state.merged)
+    merged = [n for n in order if n in chosen]
+    _check_merge(state, order, merged)
+    if merged == state.merged:
+        return
+    state.merged = merged
+    state.changed()
+    state.bake()
 
 
 def unmerge_adapters(model: nn.Module) -> None:
     """Restore every base weight bit for bit; merged adapters run live again."""
     state = adapter_state(model)
-    for _, host in hosts(model):
-        host.unmerge()
-    state.merged = False
+    if not state.merged:
+        return
+    state.merged = []
+    state.changed()
+    state.bake()
+
+
+def refresh_merged(model: nn.Module) -> None:
+    """Re-bake merged adapters after their parameters changed in place (hot-swap)."""
+    state = adapter_state(model)
+    if state.merged:
+        state.bake()
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     state = adapter_state(model)
     _names_and_weights(state, adapter_name, None)
+    state.merged = [n for n in state.merged if n != adapter_name]
+    state.bake()
     for name, host in hosts(model):
         if adapter_name in host.adapters:
-            host.remove(adapter_name)
+            del host.adapters[adapter_name]
             if not host.adapters:
                 _swap(model, name, host.base_layer)
     for name, host in saved_module_hosts(model):
         if adapter_name in host.copies:
             del host.copies[adapter_name]
-            host.set_active([(n, s) for n, s in state.active if n != adapter_name])
             if not host.copies:
                 _swap(model, name, host.original_module)
     del state.configs[adapter_name]
-    state.active = [(n, s) for n, s in state.active if n != adapter_name]
+    state.order = [(n, s) for n, s in state.order if n != adapter_name]
+    state.forget(adapter_name)
     if not state.configs:
         unload(model)
+        return
+    state.attach(model)
 
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter: the original modules go back, weights bit-identical."""
     state = model.__dict__.get("_diffadapt")
     for name, host in hosts(model):
-        host.unmerge()
+        host.restore()
         _swap(model, name, host.base_layer)
     for name, host in saved_module_hosts(model):
         _swap(model, name, host.original_module)
     if state is not None:
+        state.detach()
         for n, p in model.named_parameters():
             p.requires_grad_(state.requires_grad.get(n, p.requires_grad))
         del model.__dict__["_diffadapt"]

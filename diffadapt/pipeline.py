@@ -227,16 +227,11 @@ def hotswap_adapter(obj: Any, path: Union[str, os.PathLike], adapter_name: str =
                     raise CheckpointError(f"{p}.{k}: file {tuple(v.shape)} vs loaded {tuple(params[f'{p}.{k}'].shape)}.")
         plans.append((model, params, layers))
     for model, params, layers in plans:
-        state = mdl.adapter_state(model)
-        merged = state.merged
-        if merged:
-            mdl.unmerge_adapters(model)
         with torch.no_grad():
             for p, values in layers.items():
                 for k, v in values.items():
                     params[f"{p}.{k}"].copy_(v)
-        if merged:
-            mdl.merge_adapters(model)
+        mdl.refresh_merged(model)  # merged weights follow the new values; the same adapters stay merged
 
 
 # -- verbs for a model or a pipeline -----------------------------------------------------------------
@@ -262,7 +257,7 @@ def set_adapters(
 
 def set_adapter_strength(obj: Any, adapter_name: str, strength: float) -> None:
     for m in adapted(obj).values():
-        if adapter_name in [n for n, _ in mdl.adapter_state(m).active]:
+        if adapter_name in [n for n, _ in mdl.adapter_state(m).order]:
             mdl.set_adapter_strength(m, adapter_name, strength)
 
 

@@ -113,9 +113,7 @@ def _rotation_tensors(src: _Source, notes: Counter) -> dict[str, Tensor]:
 
 def _base_weight(src: _Source) -> Tensor:
     """The layer's original 2-D weight (before any merge), float64."""
-    host = src.host
-    w = host.original_weight if host.original_weight is not None else host.base_layer.weight
-    w = w.detach()
+    w = src.host.base_weight().detach()
     w = w.T if src.kind == "conv1d" else w.flatten(1)
     return w.to(torch.float64)
 
@@ -150,7 +148,8 @@ def _lora_tensors(up: Tensor, down: Tensor, src: _Source) -> dict[str, Tensor]:
 def _delta(src: _Source) -> Tensor:
     """``W_eff - W`` of this adapter alone at strength 1 (float64, 2-D)."""
     w = _base_weight(src)
-    return src.host.effective_weight([(src.adapter_name, 1.0)], weight=w) - w
+    slot = src.host.adapters[src.adapter_name]
+    return slot.method.apply_to_weight(w, slot.prepare(1.0, False)) - w
 
 
 def _layer_tensors(

@@ -25,10 +25,12 @@ Conventions
   ``x @ dW.T`` and ``apply_to_weight`` returns ``W + dW``.
 * ``strength`` (a float or 0-d tensor) scales the adapter: 0 must give the base layer exactly
   and 1 the trained adapter exactly; each method documents what happens in between.
-* ``prepare`` runs once per forward and turns parameters into the small per-step factors
-  (rotation blocks, WY factors, ...). Everything else takes its output. It must not sync
-  with the host (no ``.item()``, no Python branching on tensor values) so that the whole
-  forward compiles with ``torch.compile(fullgraph=True)``.
+* ``prepare_many`` runs once per forward of the model for all layers of one shape group
+  (``stack_key``) and turns their parameters into the small per-step factors (rotation
+  blocks, WY factors, ...) in one batched op sequence; ``prepare`` is its one-layer case.
+  Everything else takes its output. It must not sync with the host (no ``.item()``, no
+  Python branching on tensor values) so that the whole forward compiles with
+  ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar, Hashable, Optional, Union
 
 from torch import Tensor
 
@@ -239,6 +241,27 @@ class Method:
         training: bool = False,
     ) -> Any:
         """Turn parameters into the per-step factors used below (dropout happens here)."""
+        return cls.prepare_many(config, [params], [buffers], strength, training)[0]
+
+    @classmethod
+    def stack_key(cls, params: dict[str, Tensor], buffers: dict[str, Tensor]) -> Optional[Hashable]:
+        """Layers of one adapter whose keys are equal (and not None) share one :meth:`prepare_many`
+        call: their parameters have equal shapes, dtypes and devices (and the buffers the batched
+        math needs are the same). Default: the parameters' shapes, dtype and device."""
+        return tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items())
+
+    @classmethod
+    def prepare_many(
+        cls,
+        config: AdapterConfig,
+        params: list[dict[str, Tensor]],
+        buffers: list[dict[str, Tensor]],
+        strength: Union[float, Tensor],
+        training: bool = False,
+    ) -> list[Any]:
+        """:meth:`prepare` for several layers with equal :meth:`stack_key` (same config), as one
+        batched op sequence; returns one factor object per layer, in order. Must equal the
+        per-layer math (the runtime calls this once per shape group and step)."""
         raise NotImplementedError
 
     # multiplicative methods

@@ -17,12 +17,15 @@ pairs chunk ``k`` with chunk ``k + 2^i`` of that run. With ``R = M_{m-1} ... M_0
 
 Fast form (nothing ``d x d`` is built, no index buffers): a permutation ``P_i`` is a reshape
 + axis swap (``x P_i`` = ``x.view(runs, 2, 2^i, b/2)`` with the two middle axes swapped); each
-factor is one ``bmm`` of a block-major view of the activations with the ``b x b`` blocks (see
-:func:`butterfly_rotate`). ``x R`` runs the factors ``m-1 .. 0``; ``W R^T`` runs ``0 .. m-1``
-with transposed blocks. All ``m N`` blocks come from one batched
-``solve_ex`` (no host sync) in float32 (float64 for float64 params) and are cast to the
-activation / weight dtype where used. Conv2d of any kernel goes through ``apply_to_weight`` on
-``weight.flatten(1)`` (PEFT's flattening order).
+factor is one ``bmm`` of a block-major view with the ``b x b`` blocks (see
+:func:`butterfly_rotate`). Factor ``i`` only mixes inside runs of ``b 2^i``, so the whole
+product ``R`` is block-diagonal with ``N / 2^(m-1)`` blocks of ``B = b 2^(m-1)``: every step
+builds those blocks once (:func:`merge_factors`, a butterfly over ``B`` identity rows) and the
+activations and weights go through ONE strided bmm with them, OFT's path -- about the flops of
+the ``m`` factors, one saved activation instead of ``m`` permuted copies. The blocks of all
+layers of one shape come from one batched ``solve_ex`` (no host sync) in float32 (float64 for
+float64 params), cast to the activation / weight dtype where used. Conv2d of any kernel goes
+through ``apply_to_weight`` on ``weight.flatten(1)`` (PEFT's flattening order).
 
 Strength ``a``: ``Q_a = Cayley(a S)`` (orthogonal for every ``a``; ``a = 0`` gives ``I`` exactly)
 and ``s_a = lerp(1, s, a) = 1 + a (s - 1)`` (``torch.lerp`` returns ``1`` at ``a = 0`` and ``s``
@@ -165,7 +168,8 @@ def cayley(skew: Tensor) -> Tensor:
 
 
 def limit_norm(skew: Tensor, constraint: float, dim: int) -> Tensor:
-    """LyCORIS' constraint: scale all of ``skew`` so that ``|skew|_F <= constraint * dim``.
+    """LyCORIS' constraint, per layer: scale each ``skew[g]`` (leading dim: layers) so that
+    ``|skew[g]|_F <= constraint * dim``.
 
     ``S * r / max(|S|_F + 1e-8, r)`` with ``r = constraint * dim``: LyCORIS' ``S * r / (|S|_F + 1e-8)``
     where that is smaller than ``S``, exactly ``S`` otherwise (``r / r == 1``); no host sync.
@@ -173,22 +177,41 @@ def limit_norm(skew: Tensor, constraint: float, dim: int) -> Tensor:
     if not constraint:
         return skew
     radius = float(constraint) * dim
-    norm = torch.linalg.vector_norm(skew) + 1e-8
-    return skew * (radius / torch.clamp(norm, min=radius))
+    norm = torch.linalg.vector_norm(skew.flatten(1), dim=1) + 1e-8
+    scale = radius / torch.clamp(norm, min=radius)
+    return skew * scale.view(-1, *[1] * (skew.dim() - 1))
 
 
 def drop_blocks(blocks: Tensor, p: float) -> Tensor:
-    """PEFT's multiplicative dropout on ``(m, N, b, b)`` blocks: in one random factor,
-    ``int(p N)`` random blocks become the identity. Random draws stay on the device."""
-    m, n, b, _ = blocks.shape
+    """PEFT's multiplicative dropout on ``(G, m, N, b, b)`` blocks of G layers: in one random
+    factor of each layer, ``int(p N)`` random blocks become the identity. Random draws stay on
+    the device (one draw for all layers)."""
+    g, m, n, b, _ = blocks.shape
     k = int(p * n)
     if k == 0:
         return blocks
     dev = blocks.device
-    chosen = torch.randperm(n, device=dev) < k  # exactly k True, at random places
-    factor = torch.arange(m, device=dev) == torch.randint(m, (1,), device=dev)
-    mask = (factor[:, None] & chosen[None, :])[..., None, None]
+    chosen = torch.rand(g, n, device=dev).argsort(dim=1) < k  # exactly k True per layer, at random places
+    factor = torch.arange(m, device=dev) == torch.randint(m, (g, 1), device=dev)  # (G, m)
+    mask = (factor[:, :, None] & chosen[:, None, :])[..., None, None]
     return torch.where(mask, torch.eye(b, dtype=blocks.dtype, device=dev), blocks)
+
+
+def merge_factors(blocks: Tensor) -> Tensor:
+    """The butterfly product of ``(G, m, N, b, b)`` factor blocks as ONE block-diagonal rotation
+    per layer, ``(G, N / 2^(m-1), B, B)`` with ``B = b 2^(m-1)``: factor ``i`` only mixes inside
+    runs of ``b 2^i``, so ``R = M_{m-1} .. M_0`` keeps every aligned run of ``B`` features to
+    itself. Its blocks are ``E R`` for the "block identity" ``E = [I_B I_B ..]`` (``B x d``), one
+    :func:`butterfly_rotate` of ``B`` rows over all G layers side by side (runs never cross a
+    layer boundary, so the G layers are one wide layer of ``G N`` blocks)."""
+    g, m, n, b, _ = blocks.shape
+    if m == 1:
+        return blocks[:, 0]
+    big = b * 2 ** (m - 1)
+    runs = n * b // big
+    eye = torch.eye(big, dtype=blocks.dtype, device=blocks.device).repeat(1, g * runs)  # (B, G d)
+    rows = butterfly_rotate(eye, blocks.transpose(0, 1).reshape(m, g * n, b, b))  # E R, row r: R[r, :]
+    return rows.view(big, g * runs, big).transpose(0, 1).reshape(g, runs, big, big)
 
 
 def butterfly_rotate(x: Tensor, blocks: Tensor, transpose: bool = False) -> Tensor:
@@ -312,12 +335,19 @@ class BOFTConfig(AdapterConfig):
 
 
 class RotationFactors(NamedTuple):
-    """Per-step factors: ``blocks`` ``(m, N, b, b)`` (compute dtype), ``scale`` ``(d_out,)`` or None;
-    ``output``: the blocks rotate the output channels (``rotation_side="output"``)."""
+    """Per-step factors of one layer: ``blocks`` ``(m, N, b, b)`` (the factors' blocks, compute
+    dtype), ``scale`` ``(d_out,)`` or None; ``output``: the blocks rotate the output channels
+    (``rotation_side="output"``); ``merged`` ``(1, N', B, B)``: the whole rotation as one
+    block-diagonal factor (:func:`merge_factors`), what the activations and weights go through."""
 
     blocks: Tensor
     scale: Optional[Tensor]
     output: bool = False
+    merged: Optional[Tensor] = None
+
+    @property
+    def rotation(self) -> Tensor:
+        return self.blocks if self.merged is None else self.merged
 
 
 class BOFT(Method):
@@ -348,34 +378,42 @@ class BOFT(Method):
         return {"boft_R": r, "boft_s": s}, {}
 
     @classmethod
-    def prepare(
+    def prepare_many(
         cls,
         config: BOFTConfig,
-        params: dict[str, Tensor],
-        buffers: dict[str, Tensor],
+        params: list[dict[str, Tensor]],
+        buffers: list[dict[str, Tensor]],
         strength: Union[float, Tensor],
         training: bool = False,
-    ) -> RotationFactors:
-        skew = cls.skew(config, params, buffers) * strength
-        blocks = cayley(skew.flatten(0, 1)).view(skew.shape)
+    ) -> list[RotationFactors]:
+        """All layers' ``m N`` blocks from one batched Cayley solve, merged into one factor each."""
+        r = torch.stack([p["boft_R"] for p in params])
+        skew = cls._skews(config, r) * strength
+        blocks = cayley(skew.flatten(0, 2)).view(skew.shape)
         if training and config.boft_dropout > 0:
             blocks = drop_blocks(blocks, config.boft_dropout)
-        s = params["boft_s"]
+        merged = merge_factors(blocks)
+        s = torch.stack([p["boft_s"] for p in params])
         a = strength.to(s.dtype) if isinstance(strength, Tensor) else strength
-        scale = torch.lerp(torch.ones_like(s), s, a).reshape(-1)
-        return RotationFactors(blocks, scale, config.rotation_side == "output")
+        scale = torch.lerp(torch.ones_like(s), s, a).flatten(1)
+        out = config.rotation_side == "output"
+        return [RotationFactors(blocks[g], scale[g], out, merged[g, None]) for g in range(len(params))]
+
+    @staticmethod
+    def _skews(config: BOFTConfig, r: Tensor) -> Tensor:
+        """``S`` ``(G, m, N, b, b)`` of G layers' ``boft_R`` at strength 1, constraint applied."""
+        r = r.to(compute_dtype(r.dtype))
+        return limit_norm(0.5 * (r - r.mT), config.constraint, r.shape[2] * r.shape[-1])
 
     @classmethod
     def skew(cls, config: BOFTConfig, params: dict[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
         """The skew matrices ``S`` ``(m, N, b, b)`` at strength 1, constraint applied (compute dtype)."""
-        r = params["boft_R"]
-        r = r.to(compute_dtype(r.dtype))
-        return limit_norm(0.5 * (r - r.mT), config.constraint, r.shape[1] * r.shape[-1])
+        return cls._skews(config, params["boft_R"][None])[0]
 
     @staticmethod
     def rotate_input(x: Tensor, prep: RotationFactors) -> Tensor:
         """``x @ R`` in ``x``'s dtype (the identity for output-side rotations)."""
-        return x if prep.output else butterfly_rotate(x, prep.blocks)
+        return x if prep.output else butterfly_rotate(x, prep.rotation)
 
     @staticmethod
     def output_scale(prep: RotationFactors) -> Optional[Tensor]:
@@ -385,14 +423,14 @@ class BOFT(Method):
     def transform_output(cls, y: Tensor, prep: RotationFactors) -> Tensor:
         """``y @ P^T``: ``y * s`` (input side) or ``(y @ R^T) * s`` (output side), in ``y``'s dtype."""
         if prep.output:
-            y = butterfly_rotate(y, prep.blocks, transpose=True)
+            y = butterfly_rotate(y, prep.rotation, transpose=True)
         return y if prep.scale is None else y * prep.scale.to(y.dtype)
 
     @staticmethod
     def apply_to_weight(weight: Tensor, prep: RotationFactors) -> Tensor:
         """``diag(s) W R^T`` (input side) or ``diag(s) R W`` (output side) in ``W``'s dtype."""
         if prep.output:
-            w = butterfly_rotate(weight.mT, prep.blocks, transpose=True).mT
+            w = butterfly_rotate(weight.mT, prep.rotation, transpose=True).mT
         else:
-            w = butterfly_rotate(weight, prep.blocks, transpose=True)
+            w = butterfly_rotate(weight, prep.rotation, transpose=True)
         return w if prep.scale is None else w * prep.scale.to(w.dtype)[:, None]

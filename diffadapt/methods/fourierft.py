@@ -250,11 +250,12 @@ class FourierFT(Method):
         return {"fourierft_spectrum": spectrum.to(device=dev, dtype=dt)}, buffers
 
     @classmethod
-    def prepare(cls, config, params, buffers, strength, training=False):
-        coef = params["fourierft_spectrum"] * config.scaling
+    def prepare_many(cls, config, params, buffers, strength, training=False):
+        coef = torch.stack([p["fourierft_spectrum"] for p in params]) * config.scaling
         coef = coef * strength
-        d_out, d_in, _ = buffers["shape"].shape
-        return FourierPrep(coef, buffers, d_out, d_in, config.fast_path)
+        return [
+            FourierPrep(coef[g], b, *b["shape"].shape[:2], config.fast_path) for g, b in enumerate(buffers)
+        ]
 
     @staticmethod
     def _path(x: Tensor, prep: FourierPrep) -> str:

@@ -454,12 +454,14 @@ class FRoD(Method):
         return params, {"V": V, "indices": idx, "U": u, "lambda0": lam0}
 
     @classmethod
-    def prepare(cls, config, params, buffers, strength: Union[float, Tensor], training: bool = False) -> FRoDPrep:
-        lam = (params["frod_lambda_l"] - buffers["lambda0"]) * strength
-        vals = params["frod_lambda_s_values"] * strength
-        idx = buffers["indices"]
+    def prepare_many(cls, config, params, buffers, strength: Union[float, Tensor], training: bool = False):
+        lam0 = torch.stack([b["lambda0"] for b in buffers])
+        lam = (torch.stack([p["frod_lambda_l"] for p in params]) - lam0) * strength
+        vals = torch.stack([p["frod_lambda_s_values"] for p in params]) * strength
         p = config.frod_dropout if training else 0.0
-        return FRoDPrep(buffers["V"], buffers["U"], lam, vals, idx[0], idx[1], p)
+        return [
+            FRoDPrep(b["V"], b["U"], lam[g], vals[g], b["indices"][0], b["indices"][1], p) for g, b in enumerate(buffers)
+        ]
 
     @staticmethod
     def fold_into_weight(x: Tensor, prep: FRoDPrep) -> bool:

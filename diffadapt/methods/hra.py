@@ -22,8 +22,8 @@ Both cases are ``Q = I - Y T Y^T`` with a small ``r x r`` matrix ``T``:
   column recurrence ``T_ii = 2``, ``T[:i, i] = -2 T[:i, :i] Y[:, :i]^T y_i``;
 * Gram-Schmidt: ``Y = Ũ``, ``T = 2 I``.
 
-``prepare`` builds ``Y`` and ``T`` in float32 (one ``r x r`` triangular solve, or one QR)
-and returns ``Y`` and ``V = Y T_a`` with ``T_a = a T`` (``a`` = strength). Then, at LoRA-rank
+``prepare_many`` builds ``Y`` and ``T`` in float32 for all layers of one shape at once (one
+batched ``r x r`` triangular solve, or one batched QR) and returns, per layer, ``Y`` and ``V = Y T_a`` with ``T_a = a T`` (``a`` = strength). Then, at LoRA-rank
 cost::
 
     rotate_input(x)    = x Q_a^T = x - (x Y) V^T
@@ -189,15 +189,17 @@ class HRA(Method):
         return {"hra_u": u}, {}
 
     @classmethod
-    def prepare(
+    def prepare_many(
         cls,
         config: HRAConfig,
-        params: dict[str, Tensor],
-        buffers: dict[str, Tensor],
+        params: list[dict[str, Tensor]],
+        buffers: list[dict[str, Tensor]],
         strength: Union[float, Tensor],
         training: bool = False,
-    ) -> HRAFactors:
-        return wy_factors(params["hra_u"], config.apply_GS, strength)
+    ) -> list[HRAFactors]:
+        """The WY factors of all layers of one shape from one batched normalise / Gram / solve."""
+        y, v = wy_factors(torch.stack([p["hra_u"] for p in params]), config.apply_GS, strength)
+        return [HRAFactors(y[g], v[g]) for g in range(len(params))]
 
     @staticmethod
     def rotate_input(x: Tensor, prep: HRAFactors) -> Tensor:

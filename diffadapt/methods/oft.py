@@ -197,8 +197,9 @@ def neumann(skew: Tensor, terms: int) -> Tensor:
 
 
 def coft_project(vec: Tensor, eps: float) -> Tensor:
-    """Clamp each block's ``|S|_F = sqrt(2) |vec|`` to ``eps / sqrt(rows)`` (PEFT's COFT projection)."""
-    radius = eps / math.sqrt(vec.shape[0])
+    """Clamp each block's ``|S|_F = sqrt(2) |vec|`` to ``eps / sqrt(rows)`` (PEFT's COFT projection);
+    ``vec`` is ``(..., rows, b(b-1)/2)``."""
+    radius = eps / math.sqrt(vec.shape[-2])
     norm = math.sqrt(2.0) * torch.linalg.vector_norm(vec, dim=-1, keepdim=True)
     return vec * (radius / norm.clamp_min(radius))
 
@@ -241,30 +242,42 @@ class OFT(BOFT):
         return rows * b + cols
 
     @classmethod
-    def prepare(
+    def stack_key(cls, params: dict[str, Tensor], buffers: dict[str, Tensor]):
+        return (*super().stack_key(params, buffers), buffers["triu_index"].device)
+
+    @classmethod
+    def prepare_many(
         cls,
         config: OFTConfig,
-        params: dict[str, Tensor],
-        buffers: dict[str, Tensor],
+        params: list[dict[str, Tensor]],
+        buffers: list[dict[str, Tensor]],
         strength: Union[float, Tensor],
         training: bool = False,
-    ) -> RotationFactors:
-        skew = cls.skew(config, params, buffers) * strength
+    ) -> list[RotationFactors]:
+        """All layers' blocks from one batched Cayley solve (or Neumann series)."""
+        skew = cls._skews(config, torch.stack([p["oft_R"] for p in params]), buffers[0]["triu_index"]) * strength
         if config.use_cayley_neumann:
             blocks = neumann(skew, config.num_cayley_neumann_terms)
         else:
             blocks = cayley(skew)
-        blocks = blocks[None]
+        blocks = blocks[:, None]  # (G, 1, rows, b, b): one factor
         if training and config.module_dropout > 0:
             blocks = drop_blocks(blocks, config.module_dropout)
-        return RotationFactors(blocks, None, config.rotation_side == "output")
+        out = config.rotation_side == "output"
+        return [RotationFactors(blocks[g], None, out) for g in range(len(params))]
+
+    @staticmethod
+    def _skews(config: OFTConfig, vec: Tensor, triu_index: Tensor) -> Tensor:
+        """``S`` ``(G, rows, b, b)`` of G layers' ``oft_R`` at strength 1, coft / constraint applied."""
+        vec = vec.to(compute_dtype(vec.dtype))
+        if config.coft:
+            vec = coft_project(vec, config.eps)
+        g, rows, _ = vec.shape
+        skew = packed_skew(vec.flatten(0, 1), triu_index)
+        skew = skew.view(g, rows, *skew.shape[1:])
+        return limit_norm(skew, config.constraint, rows * skew.shape[-1])
 
     @classmethod
     def skew(cls, config: OFTConfig, params: dict[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
         """The skew matrices ``S`` ``(rows, b, b)`` at strength 1, coft / constraint applied."""
-        vec = params["oft_R"]
-        vec = vec.to(compute_dtype(vec.dtype))
-        if config.coft:
-            vec = coft_project(vec, config.eps)
-        skew = packed_skew(vec, buffers["triu_index"])
-        return limit_norm(skew, config.constraint, skew.shape[0] * skew.shape[-1])
+        return cls._skews(config, params["oft_R"][None], buffers["triu_index"])[0]

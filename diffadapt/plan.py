@@ -1,0 +1,211 @@
+"""AdapterPlan: everything a model's adapters are doing, held in one place.
+
+One plan per adapted model (``model._diffadapt``). It holds the state -- the adapters' configs,
+which of them run and in which order with which strengths, which are merged into the base
+weights, whether adapters are disabled -- and derives everything else from it:
+
+* what each layer computes: ``live`` = the chosen adapters with a non-zero strength that are
+  not merged, in activation order; merged adapters are always the innermost ones (a suffix of
+  the order), so the live forward and the merged weights compute one function;
+* the per-step factors of every layer, prepared **once per forward of the model** and **batched
+  per shape group** (:meth:`Method.prepare_many`): a forward pre-hook on the model prepares all
+  layers before the first one runs, each :class:`~diffadapt.host.AdapterHost` reads its slice.
+  The factors are built outside any checkpointed block, so gradient checkpointing recomputes
+  the layers with the very same factors and their gradients reach the parameters once;
+* reuse in eval: without autograd, prepared factors are kept while no parameter (version
+  counter, storage) and no strength changed, so generating with a live adapter costs little
+  more than the base model; an optimizer step, a hot-swap, ``load_state_dict`` or a strength
+  change invalidates them. Under ``torch.compile`` the factors are rebuilt inside the graph;
+* strengths as 0-d tensors (one per adapter and device): changing a non-zero strength updates
+  them in place, so a compiled model does not recompile.
+
+Hosts keep no adapter state of their own, only their parameters and the original base weight
+while merged.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from diffadapt.methods import AdapterConfig, get_method
+
+
+class AdapterPlan:
+    """diffadapt's record on one model (see module docstring)."""
+
+    def __init__(self, requires_grad: dict[str, bool]):
+        self.configs: dict[str, AdapterConfig] = {}
+        self.order: list[tuple[str, float]] = []  # chosen adapters, activation order, strengths
+        self.merged: list[str] = []  # baked into the base weights: the innermost live adapters
+        self.disabled = False
+        self.requires_grad = requires_grad  # base parameters' flags before injection (unload restores)
+        self.hosts: list = []  # AdapterHost modules of the model, in module order
+        self.saved_hosts: list = []  # SavedModuleHost modules
+        self._hook = None
+        self._strengths: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._live: list[str] = []
+        self._groups: Optional[list] = None  # cached batching of the live slots
+        self._steps: Optional[list[list[tuple[Any, Any]]]] = None  # per host: (method, factors), live order
+        self._key: Any = None  # what the prepared steps were made for (eager mode)
+
+    # -- what runs ------------------------------------------------------------------------------
+    @property
+    def active(self) -> list[tuple[str, float]]:
+        return list(self.order)
+
+    def live(self) -> list[str]:
+        """Adapters that run on the activations, in activation order (fixed between structural
+        changes, so a compiled graph guards on names only, never on strength values)."""
+        return self._live
+
+    def _compute_live(self) -> list[str]:
+        if self.disabled:
+            return []
+        return [n for n, s in self.order if s != 0.0 and n not in self.merged]
+
+    def strength(self, name: str) -> float:
+        return dict(self.order)[name]
+
+    def changed(self) -> None:
+        """What runs changed (adapters, order, merge state): regroup now (never inside a compiled
+        graph) and re-prepare at the next forward."""
+        self._live = self._compute_live()
+        self._groups = self.groups(self._live)
+        self._steps = None
+        self._key = None
+
+    def attach(self, model: nn.Module) -> None:
+        """Find the model's hosts (after modules were swapped) and hook its forward."""
+        from diffadapt.host import AdapterHost, SavedModuleHost
+
+        self.hosts, self.saved_hosts = [], []
+        for _, module in model.named_modules():
+            if isinstance(module, AdapterHost):
+                module.plan, module.index = self, len(self.hosts)
+                self.hosts.append(module)
+            elif isinstance(module, SavedModuleHost):
+                module.plan = self
+                self.saved_hosts.append(module)
+        if self._hook is None:
+            self._hook = model.register_forward_pre_hook(self._before_forward)
+        self.changed()
+
+    def detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        for host in self.hosts + self.saved_hosts:
+            host.plan = None
+        self.hosts, self.saved_hosts = [], []
+        self.changed()
+
+    # -- strengths ------------------------------------------------------------------------------
+    def set_order(self, order: list[tuple[str, float]]) -> None:
+        """New choice of adapters; when only non-zero strengths change, the strength tensors are
+        updated in place and nothing is regrouped (no recompilation)."""
+        structural = [(n, s != 0.0) for n, s in order] != [(n, s != 0.0) for n, s in self.order]
+        self.order = list(order)
+        with torch.no_grad():
+            for (name, _), tensor in self._strengths.items():
+                if name in dict(order):
+                    tensor.fill_(dict(order)[name])
+        if structural:
+            self.changed()
+        self._key = None  # prepared factors carry the old strengths
+
+    def strength_tensor(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, device)
+        t = self._strengths.get(key)
+        if t is None:
+            # float64: a 0-d tensor does not promote the factors' dtype, and float32 math rounds the
+            # value as it would a Python float (MPS has no float64)
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            t = self._strengths[key] = torch.tensor(self.strength(name), dtype=dtype, device=device)
+        return t
+
+    def forget(self, name: str) -> None:
+        for key in [k for k in self._strengths if k[0] == name]:
+            del self._strengths[key]
+
+    # -- preparation ------------------------------------------------------------------------------
+    def groups(self, names: list[str]) -> list[tuple[str, Any, AdapterConfig, list[int], list, torch.Tensor]]:
+        """``(adapter, method, config, host indices, slots, strength)`` per batch of layers: the
+        slots of one adapter with the same per-layer config and :meth:`Method.stack_key`."""
+        out = []
+        for name in names:
+            method = get_method(self.configs[name].method)
+            batches: dict[Any, tuple[list[int], list]] = defaultdict(lambda: ([], []))
+            for host in self.hosts:
+                slot = host.adapters[name] if name in host.adapters else None
+                if slot is not None:
+                    key = (id(slot.config), method.stack_key(slot.params(), slot.buffers_dict()))
+                    batches[key][0].append(host.index)
+                    batches[key][1].append(slot)
+            for idx, slots in batches.values():
+                device = next(iter(slots[0].params().values())).device
+                out.append((name, method, slots[0].config, idx, slots, self.strength_tensor(name, device)))
+        return out
+
+    def prepare(self, names: list[str], training: bool) -> list[list[tuple[Any, Any]]]:
+        """Per host, ``(method, factors)`` of ``names`` present on it, in the order of ``names``."""
+        compiling = torch.compiler.is_compiling()
+        groups = self._groups if compiling or names == self.live() else self.groups(names)
+        steps: list[list[tuple[Any, Any]]] = [[] for _ in self.hosts]
+        for name, method, config, indices, slots, strength in groups:
+            params = [slot.params() for slot in slots]
+            if not compiling:  # the model may have moved since grouping
+                strength = self.strength_tensor(name, next(iter(params[0].values())).device)
+            preps = method.prepare_many(config, params, [slot.buffers_dict() for slot in slots], strength, training)
+            for i, prep in zip(indices, preps):
+                steps[i].append((method, prep))
+        return steps
+
+    def _versions(self) -> tuple:
+        return tuple(
+            (p._version, p.data_ptr())
+            for host in self.hosts
+            for name in host.adapters
+            for p in host.adapters[name].parameters()
+        )
+
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        self.ensure_prepared(module.training, fresh=True)
+
+    def ensure_prepared(self, training: bool, fresh: bool = False) -> None:
+        """Prepare every live layer for this forward. ``fresh`` (a new forward of the model):
+        with autograd the factors are always rebuilt (the last graph is gone after backward);
+        without, they are reused while parameters and strengths are unchanged."""
+        if not self.hosts:
+            return
+        if torch.compiler.is_compiling():  # inside the graph: no Python-side caching
+            self._steps = self.prepare(self.live(), training)
+            return
+        grad = torch.is_grad_enabled()
+        if self._steps is not None and self._key is not None and self._key[:2] == (training, grad):
+            if not fresh:
+                return
+            if not grad and self._key[2] == self._versions():
+                return
+        self._steps = self.prepare(self.live(), training)
+        self._key = (training, grad, None if grad else self._versions())
+
+    def steps_for(self, host) -> list[tuple[Any, Any]]:
+        """The live ``(method, factors)`` of ``host`` (prepared now if the model's forward hook did
+        not run, e.g. when a submodule is called on its own)."""
+        if self._steps is None or (not torch.compiler.is_compiling() and self._key is None):
+            self.ensure_prepared(host.training)
+        return self._steps[host.index]
+
+    # -- merged weights -------------------------------------------------------------------------
+    @torch.no_grad()
+    def bake(self) -> None:
+        """Write the merged adapters into every host's base weight (from its kept original)."""
+        names = [] if self.disabled else list(self.merged)
+        steps = self.prepare(names, False) if names else [[] for _ in self.hosts]
+        for host, chain in zip(self.hosts, steps):
+            host.bake(chain)
+        self._key = None  # base weights changed under any cached factors' users

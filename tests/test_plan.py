@@ -1,0 +1,289 @@
+"""The adapter plan: state held once, every layer's factors prepared in one batched step per
+forward, reuse in eval, exact or refused partial merges, no recompilation on a strength change
+or a hot-swap, gradient checkpointing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import diffadapt as da
+from diffadapt.methods import get_method
+from tests import tiny_models as tm
+from tests.test_runtime import SMALL, randomise, rel
+
+METHODS = list(SMALL)
+
+
+class Mixed(nn.Module):
+    """Linear layers of mixed shapes, several of each shape (so groups have G > 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.widths = [(16, 16), (16, 16), (32, 16), (16, 32), (32, 16), (16, 16)]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for o, i in self.widths)
+
+    def forward(self, x):  # x: (..., 16); the 32-wide inputs see [x, x]
+        return torch.cat([layer(x if i == 16 else torch.cat([x, x], -1)) for layer, (_, i) in zip(self.layers, self.widths)], -1)
+
+
+def _mixed(dtype=torch.float64, methods=("hra", "boft")):
+    torch.manual_seed(0)
+    model = Mixed().to(dtype)
+    for i, m in enumerate(methods):
+        da.add_adapter(model, SMALL[m](target_modules=["layers.0", "layers.1", "layers.2", "layers.3", "layers.4", "layers.5"]), f"{m}{i}")
+        randomise(model, f"{m}{i}", seed=i)
+    da.set_adapters(model, [f"{m}{i}" for i, m in enumerate(methods)], [0.7, 1.3][: len(methods)])
+    return model
+
+
+def _unbatched_forward(model, x):
+    """The same model computed with every layer prepared on its own (``Method.prepare``, G = 1)."""
+    plan = da.model.adapter_state(model)
+    original = plan.prepare
+
+    def one_by_one(names, training):
+        steps = [[] for _ in plan.hosts]
+        for name in names:
+            for host in plan.hosts:
+                if name in host.adapters:
+                    slot = host.adapters[name]
+                    steps[host.index].append((slot.method, slot.prepare(plan.strength(name), training)))
+        return steps
+
+    plan.prepare = one_by_one
+    plan.changed()
+    try:
+        return model(x)
+    finally:
+        plan.prepare = original
+        plan.changed()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batched_equals_unbatched_float64_mixed_shapes_two_live_adapters(method):
+    model = _mixed(methods=(method, "hra" if method != "hra" else "oft"))
+    plan = da.model.adapter_state(model)
+    assert any(len(idx) > 1 for _, _, _, idx, _, _ in plan.groups(plan.live())), "no batching exercised"
+    x = torch.randn(5, 16, dtype=torch.float64)
+    batched = model(x)
+    unbatched = _unbatched_forward(model, x)
+    torch.testing.assert_close(batched, unbatched, rtol=1e-12, atol=1e-12)
+    # and the gradients of every adapter parameter
+    params = [p for p in model.parameters() if p.requires_grad]
+    g1 = torch.autograd.grad(model(x).square().sum(), params)
+    g2 = torch.autograd.grad(_unbatched_forward(model, x).square().sum(), params)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_one_batched_prepare_per_shape_group_and_forward(monkeypatch):
+    model = tm.tiny_unet()
+    da.add_adapter(model, da.OFTConfig(oft_block_size=4, r=0), "a", preset="attention+ff")
+    method = get_method("oft")
+    calls = []
+    real = method.prepare_many.__func__
+
+    def counting(cls, config, params, *args, **kwargs):
+        calls.append(len(params))
+        return real(cls, config, params, *args, **kwargs)
+
+    monkeypatch.setattr(method, "prepare_many", classmethod(counting))
+    plan = da.model.adapter_state(model)
+    plan.changed()
+    model.train()
+    model(**tm.unet_inputs())
+    shapes = {(tuple(h.adapters["a"].oft_R.shape)) for h in plan.hosts}
+    assert len(calls) == len(shapes) and sum(calls) == len(plan.hosts)  # one call per shape, all layers
+
+
+# -- eval reuse --------------------------------------------------------------------------------------
+def _counting_unet(monkeypatch, method_name="hra"):
+    model = tm.tiny_unet()
+    da.add_adapter(model, SMALL[method_name](), "a")
+    randomise(model, "a")
+    method = get_method(method_name)
+    calls = []
+    real = method.prepare_many.__func__
+    monkeypatch.setattr(method, "prepare_many", classmethod(lambda cls, *a, **k: calls.append(1) or real(cls, *a, **k)))
+    return model, calls
+
+
+def _fresh_output(model, inputs):
+    """The output with nothing reused: a deep copy prepares from scratch."""
+    other = copy.deepcopy(model)
+    da.model.adapter_state(other).changed()
+    with torch.no_grad():
+        return other(**inputs).sample
+
+
+def test_eval_reuses_factors_until_something_changes(monkeypatch, tmp_path):
+    model, calls = _counting_unet(monkeypatch)
+    inputs = tm.unet_inputs()
+    with torch.no_grad():
+        first = model(**inputs).sample
+        n = len(calls)
+        again = model(**inputs).sample
+    assert len(calls) == n and torch.equal(first, again)  # reused: no prepare at all
+
+    def changed_output():
+        with torch.no_grad():
+            out = model(**inputs).sample
+        assert len(calls) > n, "stale factors reused"
+        torch.testing.assert_close(out, _fresh_output(model, inputs), rtol=0, atol=0)
+        assert not torch.equal(out, first)
+        return out
+
+    # 1. an optimizer step
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(**inputs).sample.square().mean().backward()
+    opt.step()
+    model.eval()
+    n = len(calls)
+    first = changed_output()
+    # 2. a strength change
+    n = len(calls)
+    da.set_adapter_strength(model, "a", 0.5)
+    first = changed_output()
+    # 3. load_state_dict of the adapter's parameters
+    n = len(calls)
+    params = da.adapter_parameters(model, "a")
+    values = {k: v.detach() * 1.1 for k, v in params.items()}
+    with torch.no_grad():
+        for k, v in values.items():
+            params[k].copy_(v)
+    first = changed_output()
+    # 4. a hot-swap from a file
+    n = len(calls)
+    other = tm.tiny_unet()
+    da.add_adapter(other, SMALL["hra"](), "a")
+    randomise(other, "a", seed=7)
+    da.save_adapter(other, tmp_path / "swap", "a")
+    da.hotswap_adapter(model, tmp_path / "swap", "a")
+    changed_output()
+
+
+def test_module_load_state_dict_invalidates_reuse(monkeypatch):
+    model, calls = _counting_unet(monkeypatch, "oft")
+    inputs = tm.unet_inputs()
+    with torch.no_grad():
+        before = model(**inputs).sample
+    sd = {k: v * 0.5 if "oft_R" in k else v for k, v in model.state_dict().items()}
+    model.load_state_dict(sd)
+    with torch.no_grad():
+        after = model(**inputs).sample
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, _fresh_output(model, inputs), rtol=0, atol=0)
+
+
+# -- partial merges ------------------------------------------------------------------------------------
+def _double(inputs):
+    return {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def test_partial_merge_of_the_innermost_adapters_is_exact_and_others_are_refused():
+    model = tm.tiny_unet().double()  # float64: "exact" means to rounding of float64
+    for name, m in (("rot", "boft"), ("hh", "hra"), ("add", "fourierft")):
+        da.add_adapter(model, SMALL[m](), name)
+        randomise(model, name, seed=len(name))
+    da.set_adapters(model, ["rot", "hh", "add"], [1.0, 0.6, 0.9])
+    inputs = _double(tm.unet_inputs())
+    with torch.no_grad():
+        live = model(**inputs).sample
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="innermost|another function"):
+        da.merge_adapters(model, ["rot"])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in base_state.items())  # refused: untouched
+    da.merge_adapters(model, ["add"])  # the last one: exact
+    with torch.no_grad():
+        assert rel(model(**inputs).sample, live) < 1e-12
+    # a later verb keeps the partial merge partial
+    da.set_adapter_strength(model, "rot", 1.0)
+    da.enable_adapters(model)
+    assert da.model.adapter_state(model).merged == ["add"]
+    da.merge_adapters(model, ["hh"])  # now the last two
+    assert da.model.adapter_state(model).merged == ["hh", "add"]
+    with torch.no_grad():
+        assert rel(model(**inputs).sample, live) < 1e-12
+    da.unmerge_adapters(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in base_state.items())
+
+
+def test_partial_merge_of_additive_adapters_in_any_position_is_exact():
+    model = tm.tiny_unet().double()
+    for name, m in (("f1", "fourierft"), ("f2", "frod")):
+        da.add_adapter(model, SMALL[m](), name)
+        randomise(model, name, seed=len(name))
+    da.set_adapters(model, ["f1", "f2"], [0.8, 1.2])
+    inputs = _double(tm.unet_inputs())
+    with torch.no_grad():
+        live = model(**inputs).sample
+        da.merge_adapters(model, ["f1"])  # not the last, but additive adapters commute
+        assert rel(model(**inputs).sample, live) < 1e-12
+
+
+# -- torch.compile ---------------------------------------------------------------------------------------
+def test_strength_change_and_hotswap_do_not_recompile(tmp_path):
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16))
+    for name in ("oft", "hra", "fourierft"):
+        da.add_adapter(model, SMALL[name](target_modules=["0", "2"]), name)
+        randomise(model, name)
+    da.set_adapters(model, ["oft", "hra", "fourierft"], [0.8, 1.0, 0.5])
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+        assert counter.frame_count == 1
+        da.set_adapters(model, ["oft", "hra", "fourierft"], [0.3, 1.2, 0.9])
+        torch.testing.assert_close(compiled(x), model(x))
+        other = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16))
+        da.add_adapter(other, SMALL["hra"](target_modules=["0", "2"]), "hra")
+        randomise(other, "hra", seed=3)
+        da.save_adapter(other, tmp_path / "hra", "hra")
+        before = compiled(x)
+        da.hotswap_adapter(model, tmp_path / "hra", "hra")
+        after = compiled(x)
+        assert not torch.equal(before, after)
+        torch.testing.assert_close(after, model(x))
+    assert counter.frame_count == 1, "recompiled"
+
+
+def test_compiled_unet_fullgraph_trains_like_eager():
+    torch._dynamo.reset()
+    model = tm.tiny_unet()
+    da.add_adapter(model, SMALL["boft"](), "a")
+    randomise(model, "a")
+    model.train()
+    inputs = tm.unet_inputs()
+    params = [p for p in model.parameters() if p.requires_grad]
+    eager = torch.autograd.grad(model(**inputs).sample.square().mean(), params)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    graph = torch.autograd.grad(compiled(**inputs).sample.square().mean(), params)
+    for a, b in zip(eager, graph):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# -- gradient checkpointing ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_gradients_with_and_without_gradient_checkpointing(method):
+    model = tm.tiny_unet().double()
+    da.add_adapter(model, SMALL[method](), "a", preset="attention+ff")
+    randomise(model, "a")
+    model.train()
+    inputs = _double(tm.unet_inputs())
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain = torch.autograd.grad(model(**inputs).sample.square().mean(), params)
+    model.enable_gradient_checkpointing()
+    assert model.is_gradient_checkpointing
+    ckpt = torch.autograd.grad(model(**inputs).sample.square().mean(), params)
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    assert any(g.abs().sum() > 0 for g in ckpt)
