@@ -66,6 +66,27 @@ def noise_(params, seed):
             p.add_(torch.randn(p.shape, generator=g).to(p) * 0.01)
 
 
+def bench_lora(base, sync, repeat):
+    """PEFT LoRA r16 on the same targets: the reference row (setup = one injection)."""
+    from peft import LoraConfig
+
+    row = {"method": "PEFT LoRA r16 (reference)"}
+    model = copy.deepcopy(base)
+    t0 = time.perf_counter()
+    theirs = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False),
+                            adapter_name="A")
+    sync()
+    row["setup s"] = time.perf_counter() - t0
+    theirs.add_adapter("B", LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False))
+
+    def peft_cycle():
+        theirs.base_model.merge_adapter()
+        theirs.base_model.unmerge_adapter()
+
+    row["PEFT merge+unmerge ms"] = timed(peft_cycle, sync, repeat)
+    return row
+
+
 def bench_method(base, method, kwargs, sync, repeat):
     cfg = da.get_method(method).config_class(target_modules=TARGETS, **kwargs)
     if method == "oft" and min(base.config.block_out_channels) < 32:
@@ -75,8 +96,9 @@ def bench_method(base, method, kwargs, sync, repeat):
     ours = copy.deepcopy(base)
     t0 = time.perf_counter()
     da.add_adapter(ours, cfg, "A")
+    sync()
+    row["setup s"] = time.perf_counter() - t0  # one injection
     da.add_adapter(ours, cfg, "B")
-    row["setup s"] = time.perf_counter() - t0
     for i, name in enumerate("AB"):
         noise_(da.adapter_parameters(ours, name).values(), i)
     state = iter(["A", "B"] * repeat * 2)
@@ -127,15 +149,17 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bf16"])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.device == "cpu":
-        torch.set_num_threads(1)
+        torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
     base = UNet2DConditionModel(**MODELS[args.model]).to(args.device, dtype).eval()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    rows = [bench_method(base, m, METHODS[m], sync, args.repeat) for m in args.methods.split(",")]
-    keys = list(rows[0])
+    rows = [bench_lora(base, sync, args.repeat)]
+    rows += [bench_method(base, m, METHODS[m], sync, args.repeat) for m in args.methods.split(",")]
+    keys = list(rows[1] if len(rows) > 1 else rows[0])
     print(f"\nUNet {args.model}, {args.device}, {args.dtype}, targets {','.join(TARGETS)}; median of {args.repeat}\n")
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))

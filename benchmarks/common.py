@@ -70,6 +70,23 @@ def _sd15_unet() -> torch.nn.Module:
     )
 
 
+def _sd15_widths_unet() -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    # SD1.5's widths and attention, fewer blocks: 3 cross-attention levels, one layer each
+    return UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+
+
 def _sd3_transformer() -> torch.nn.Module:
     from diffusers import SD3Transformer2DModel
 
@@ -141,6 +158,13 @@ MODELS: dict[str, ModelSpec] = {
         "SD1.5 UNet2DConditionModel (block_out_channels (320, 640, 1280, 1280), layers_per_block 2, "
         "cross_attention_dim 768, attention_head_dim 8); batch 4, 4x64x64 latents, text 77x768",
         UNET_TARGETS, 4, False, _sd15_unet, _unet_inputs(4, 64, 77, 768), "sample",
+    ),
+    "sd15w": ModelSpec(
+        "sd15w",
+        "UNet2DConditionModel at SD1.5 widths with fewer blocks (block_out_channels (320, 640, 1280), all three "
+        "levels cross-attention, layers_per_block 1, cross_attention_dim 768, attention_head_dim 8); batch 1, "
+        "4x32x32 latents, text 77x768",
+        UNET_TARGETS, 1, False, _sd15_widths_unet, _unet_inputs(4, 32, 77, 768), "sample",
     ),
     "sd3": ModelSpec(
         "sd3",

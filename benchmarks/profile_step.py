@@ -37,16 +37,16 @@ import common as C  # noqa: E402
 
 def instrument_diffadapt() -> None:
     """Label diffadapt's per-step pieces for the profiler (wrappers only; diffadapt is unchanged)."""
-    from diffadapt import host
+    from diffadapt import plan
     from diffadapt.methods import METHOD_NAMES, get_method
 
-    orig_prepare = host.AdapterSlot.prepare
+    orig_prepare = plan.AdapterPlan.prepare
 
-    def prepare(self, strength, training):
+    def prepare(self, names, training):
         with record_function("diffadapt.prepare"):
-            return orig_prepare(self, strength, training)
+            return orig_prepare(self, names, training)
 
-    host.AdapterSlot.prepare = prepare
+    plan.AdapterPlan.prepare = prepare
     for name in METHOD_NAMES:
         cls = get_method(name)
         for attr, label in (("rotate_input", "diffadapt.rotate_input"), ("delta_output", "diffadapt.delta_output"),
@@ -130,7 +130,7 @@ def split_costs(runner: "PhasedRunner", reps: int) -> str:
     scale, base GEMM), and ``prepare`` itself (forward + backward over all layers)."""
     import torch.nn.functional as F
     from diffadapt.host import weight_2d
-    from diffadapt.model import hosts
+    from diffadapt.model import adapter_state, hosts
 
     shapes: dict[str, tuple] = {}
     found = hosts(runner.model)
@@ -145,10 +145,9 @@ def split_costs(runner: "PhasedRunner", reps: int) -> str:
     for h in handles:
         h.remove()
     g = torch.Generator().manual_seed(0)
+    plan = adapter_state(runner.model)
     layers = []
     for name, host in found:
-        (aname, strength), = host.active
-        slot = host.adapters[aname]
         base = host.base_layer
         dev, dt = base.weight.device, base.weight.dtype
         x = torch.randn(shapes[name], generator=g).to(dev, dt).requires_grad_(True)
@@ -156,33 +155,34 @@ def split_costs(runner: "PhasedRunner", reps: int) -> str:
         d_in, d_out = weight_2d(base).shape[1], base.out_features
         lora_a = (torch.randn(16, d_in, generator=g) * 0.01).to(dev, dt).requires_grad_(True)
         lora_b = (torch.randn(d_out, 16, generator=g) * 0.01).to(dev, dt).requires_grad_(True)
-        layers.append((host, slot, strength, x, gy, lora_a, lora_b))
+        layers.append((host, x, gy, lora_a, lora_b))
 
     def base_all():
-        for host, _, _, x, gy, _, _ in layers:
+        for host, x, gy, _, _ in layers:
             host.base_layer(x).backward(gy)
 
     def lora_all():
-        for host, _, _, x, gy, a, b in layers:
+        for host, x, gy, a, b in layers:
             (host.base_layer(x) + F.linear(F.linear(x, a), b) * 1.0).backward(gy)
 
-    def prepare_all():
+    def prepare_all():  # the plan's batched preparation of every layer, forward + backward
         outs = []
-        for _, slot, strength, *_ in layers:
-            prep = slot.prepare(strength, True)
-            fields = prep if isinstance(prep, tuple) else (prep,)
-            outs += [t.sum() for t in fields if isinstance(t, torch.Tensor) and t.requires_grad]
+        for steps in plan.prepare(plan.live(), True):
+            for _, prep in steps:
+                fields = prep if isinstance(prep, tuple) else (prep,)
+                outs += [t.sum() for t in fields if isinstance(t, torch.Tensor) and t.requires_grad]
         torch.stack(outs).sum().backward()
 
-    fixed = [_detached(slot.prepare(strength, True)) for _, slot, strength, *_ in layers]
+    fixed = [[(m, _detached(p)) for m, p in steps] for steps in plan.prepare(plan.live(), True)]
 
     def adapted_all():
-        for (host, slot, _, x, gy, _, _), prep in zip(layers, fixed):
-            slot.prepare = lambda s, t, _p=prep: _p  # instance attribute: the host's own forward, prepare skipped
-            try:
+        real = plan.steps_for
+        plan.steps_for = lambda host: fixed[host.index]  # the host's own forward, preparation skipped
+        try:
+            for host, x, gy, _, _ in layers:
                 host(x).backward(gy)
-            finally:
-                del slot.prepare
+        finally:
+            plan.steps_for = real
 
     ops = {"base layers": base_all, "LoRA r16 layers": lora_all, "diffadapt layers (prepare precomputed)":
            adapted_all, "diffadapt prepare (all layers)": prepare_all}

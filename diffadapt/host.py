@@ -96,6 +96,29 @@ class AdapterSlot(nn.Module):
         return self.method.prepare(self.config, self.params(), self.buffers_dict(), strength, training)
 
 
+class _FoldedLinear(torch.autograd.Function):
+    """``y = x (f_1(..f_k(W)))^T`` for additive adapters ``f_i(W) = W + dW_i`` folded into the base
+    product, with every ``dW_i`` rebuilt in backward from its few factors (``delta_fields``)
+    instead of keeping ``W + dW`` alive: the layer saves ``x`` (as LoRA does) and the factors.
+    Backward: ``grad x = g W_eff``, and ``G = g^T x``, the gradient of every ``dW_i``, goes to the
+    factors through the method's adjoint (:meth:`Method.delta_weight_backward`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, folds, *factors):
+        ctx.folds = folds
+        ctx.save_for_backward(x, weight, *factors)
+        return F.linear(x, AdapterHost.compose(weight, folds).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, *_ = ctx.saved_tensors  # the folds' preps hold the same factors
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        gx = (g2 @ AdapterHost.compose(weight, ctx.folds).to(g.dtype)).view(x.shape) if ctx.needs_input_grad[0] else None
+        gw = g2.mT @ x2  # the gradient of W_eff, so of every dW_i
+        grads = [t for method, prep in ctx.folds for t in method.delta_weight_backward(prep, gw)]
+        return gx, (gw.to(weight.dtype) if ctx.needs_input_grad[1] else None), None, *grads
+
+
 class AdapterHost(nn.Module):
     """Wraps ``base_layer`` and hosts named adapters on it (see module docstring).
 
@@ -173,7 +196,10 @@ class AdapterHost(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         base = self.base_layer
         if isinstance(base, nn.Conv2d):
-            w = self.compose(weight_2d(base), preps).to(x.dtype)
+            if torch.is_grad_enabled():
+                w = self.compose(weight_2d(base), preps).to(x.dtype)
+            else:
+                w = self._folded_weight(preps, x.dtype)
             return base._conv_forward(x, w.reshape(base.weight.shape), base.bias)
         # forward sweep: rotate the input, remember each adapter's per-step factors; additive
         # adapters after the last rotation may fold W + dW into the base product instead;
@@ -182,21 +208,54 @@ class AdapterHost(nn.Module):
         for i, (method, _) in enumerate(preps):
             if method.multiplicative:
                 last_rotation = i
-        z, w, steps = x, weight_2d(base), []
+        z, steps, folds, grad = x, [], [], torch.is_grad_enabled()
         for i, (method, prep) in enumerate(preps):
             if method.multiplicative:
                 z = method.rotate_input(z, prep)
                 steps.append((method, prep, None))
-            elif i > last_rotation and method.fold_into_weight(z, prep):
-                w = method.apply_to_weight(w, prep)
+            elif (i > last_rotation and method.delta_fields and method.may_fold(prep)
+                  and (not grad or method.fold_into_weight(z, prep))):
+                folds.append((method, prep))
             else:
                 steps.append((method, prep, method.delta_output(z, prep)))
-        y = F.linear(z, w.to(z.dtype))
+        y = self._base_product(z, folds)
         for method, prep, delta in reversed(steps):
             y = method.transform_output(y, prep) if delta is None else y + delta.to(y.dtype)
         if base.bias is not None:
             y = y + base.bias
         return y
+
+    def _base_product(self, z: Tensor, folds: list) -> Tensor:
+        """``z W_eff^T`` for the additive adapters ``folds`` folded into the base weight: kept
+        between eval forwards while nothing changed, rebuilt in backward under autograd."""
+        w = weight_2d(self.base_layer)
+        if not folds:
+            return F.linear(z, w.to(z.dtype))
+        if torch.is_grad_enabled():
+            if any(m.delta_weight_backward is None for m, _ in folds):  # rebuilding dW would cost GEMMs
+                return F.linear(z, self.compose(w, folds).to(z.dtype))
+            factors = [getattr(prep, f) for method, prep in folds for f in method.delta_fields]
+            return _FoldedLinear.apply(z, w, tuple(folds), *factors)
+        return F.linear(z, self._folded_weight(folds, z.dtype))
+
+    def _folded_weight(self, folds: list, dtype: torch.dtype) -> Tensor:
+        """``W_eff`` of ``folds`` in ``dtype``; without autograd it is kept while the factors (the
+        plan reuses them while parameters and strengths are unchanged) and the base weight stay
+        the same, so a live additive adapter costs one weight copy per layer, not a rebuild per
+        forward (``merge_adapters`` needs no copy)."""
+        if torch.compiler.is_compiling():  # the graph computes it; no Python-side cache
+            return self.compose(weight_2d(self.base_layer), folds).to(dtype)
+        weight = self.base_layer.weight
+        key = (weight._version, weight.data_ptr(), dtype, len(folds))
+        cached = self.__dict__.get("_weight_cache")
+        if cached is not None and cached[0] == key and all(a[1] is b[1] for a, b in zip(cached[1], folds)):
+            return cached[2]
+        w = self.compose(weight_2d(self.base_layer), folds).to(dtype)
+        self.__dict__["_weight_cache"] = (key, list(folds), w)
+        return w
+
+    def clear_cache(self) -> None:
+        self.__dict__.pop("_weight_cache", None)
 
     def extra_repr(self) -> str:
         if self.plan is None:

@@ -12,7 +12,7 @@ weights, whether adapters are disabled -- and derives everything else from it:
   layers before the first one runs, each :class:`~diffadapt.host.AdapterHost` reads its slice.
   The factors are built outside any checkpointed block, so gradient checkpointing recomputes
   the layers with the very same factors and their gradients reach the parameters once;
-* reuse in eval: without autograd, prepared factors are kept while no parameter (version
+* reuse in eval: in eval mode without autograd, prepared factors are kept while no parameter (version
   counter, storage) and no strength changed, so generating with a live adapter costs little
   more than the base model; an optimizer step, a hot-swap, ``load_state_dict`` or a strength
   change invalidates them. Under ``torch.compile`` the factors are rebuilt inside the graph;
@@ -49,6 +49,7 @@ class AdapterPlan:
         self._strengths: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._live: list[str] = []
         self._groups: Optional[list] = None  # cached batching of the live slots
+        self._other_groups: Optional[tuple] = None  # (names, batching) of the last other set (merged)
         self._steps: Optional[list[list[tuple[Any, Any]]]] = None  # per host: (method, factors), live order
         self._key: Any = None  # what the prepared steps were made for (eager mode)
 
@@ -75,8 +76,11 @@ class AdapterPlan:
         graph) and re-prepare at the next forward."""
         self._live = self._compute_live()
         self._groups = self.groups(self._live)
+        self._other_groups = None
         self._steps = None
         self._key = None
+        for host in self.hosts:
+            host.clear_cache()
 
     def attach(self, model: nn.Module) -> None:
         """Find the model's hosts (after modules were swapped) and hook its forward."""
@@ -153,7 +157,12 @@ class AdapterPlan:
     def prepare(self, names: list[str], training: bool) -> list[list[tuple[Any, Any]]]:
         """Per host, ``(method, factors)`` of ``names`` present on it, in the order of ``names``."""
         compiling = torch.compiler.is_compiling()
-        groups = self._groups if compiling or names == self.live() else self.groups(names)
+        if compiling or names == self._live:
+            groups = self._groups
+        else:  # the merged adapters (bake): grouped once per structure too
+            if self._other_groups is None or self._other_groups[0] != names:
+                self._other_groups = (list(names), self.groups(names))
+            groups = self._other_groups[1]
         steps: list[list[tuple[Any, Any]]] = [[] for _ in self.hosts]
         for name, method, config, indices, slots, strength in groups:
             params = [slot.params() for slot in slots]
@@ -188,8 +197,8 @@ class AdapterPlan:
         if self._steps is not None and self._key is not None and self._key[:2] == (training, grad):
             if not fresh:
                 return
-            if not grad and self._key[2] == self._versions():
-                return
+            if not grad and not training and self._key[2] == self._versions():
+                return  # eval: reuse (training mode draws new dropout every forward)
         self._steps = self.prepare(self.live(), training)
         self._key = (training, grad, None if grad else self._versions())
 

@@ -287,3 +287,50 @@ def test_gradients_with_and_without_gradient_checkpointing(method):
     for a, b in zip(plain, ckpt):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
     assert any(g.abs().sum() > 0 for g in ckpt)
+
+
+@pytest.mark.parametrize("second", ["fourierft", "frod"])
+def test_folded_additive_adapters_match_plain_autograd(second):
+    """Two additive adapters folded into one base product (FourierFT's dW rebuilt in backward and
+    pulled back through its adjoint; FRoD's kept): outputs and gradients equal plain autograd
+    through W_eff = f_1(f_2(W)), float64."""
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 40).double()
+    model = nn.Sequential(layer)
+    da.add_adapter(model, SMALL["fourierft"](target_modules=["0"], fast_path="dense"), "f")
+    extra = {"fast_path": "dense", "random_loc_seed": 5} if second == "fourierft" else {}
+    da.add_adapter(model, SMALL[second](target_modules=["0"], **extra), "r")
+    for i, n in enumerate(("f", "r")):
+        randomise(model, n, seed=i)
+    da.set_adapters(model, ["f", "r"], [0.7, 1.2])
+    x = torch.randn(64, 24, dtype=torch.float64, requires_grad=True)  # 64 tokens >= d_out: both fold
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(x)
+    host = da.model.hosts(model)[0][1]
+    steps = da.model.adapter_state(model).steps_for(host)
+    reference = torch.nn.functional.linear(x, host.compose(host.base_layer.weight, steps), host.base_layer.bias)
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, *params], g, retain_graph=True)  # the factors graph is shared
+    want = torch.autograd.grad(reference, [x, *params], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["boft", "oft", "frod"])
+def test_adapters_added_to_an_eval_model_do_not_drop_out(method):
+    """New slots follow their model's mode: no adapter dropout while generating."""
+    dropout = {"boft": {"boft_dropout": 0.5}, "oft": {"module_dropout": 0.5}, "frod": {"frod_dropout": 0.5}}[method]
+    model = tm.tiny_unet()  # eval()
+    da.add_adapter(model, SMALL[method](**dropout), "a")
+    randomise(model, "a")
+    assert not any(m.training for m in model.modules())
+    inputs = tm.unet_inputs()
+    with torch.no_grad():
+        first, second = model(**inputs).sample, model(**inputs).sample
+        da.model.adapter_state(model).changed()  # no reuse: prepare again
+        third = model(**inputs).sample
+    assert torch.equal(first, second) and torch.equal(first, third)
+    model.train()  # and in training mode it does drop
+    with torch.no_grad():
+        assert not torch.equal(model(**inputs).sample, model(**inputs).sample)

@@ -288,8 +288,29 @@ class Method:
         """Additive methods: True when ``F.linear(x, W + dW)`` is the cheaper exact form for these
         activations (a shape test, no host sync). The runtime then folds ``apply_to_weight``
         into the base product instead of adding ``delta_output`` (one GEMM forward and one
-        weight-gradient GEMM backward instead of two and three)."""
+        weight-gradient GEMM backward instead of two and three). If the method has a cheap
+        :meth:`delta_weight_backward`, the runtime rebuilds ``dW`` in backward instead of
+        keeping ``W + dW`` alive, so the layer saves no more than LoRA's."""
         return False
+
+    @staticmethod
+    def may_fold(prep: Any) -> bool:
+        """Additive methods: False when ``W + dW`` is not this step's function (e.g. dropout on the
+        adapter branch). Without autograd the runtime folds (and keeps) ``W + dW`` whenever allowed."""
+        return True
+
+    # additive methods that fold: the prep fields dW is built from, dW, and dW's adjoint
+    delta_fields: ClassVar[tuple[str, ...]] = ()
+
+    @staticmethod
+    def delta_weight(prep: Any, dtype: Any) -> Tensor:
+        """``dW`` ``(out_features, fan_in)`` in ``dtype``, differentiable in ``delta_fields``."""
+        raise NotImplementedError
+
+    delta_weight_backward: ClassVar[Optional[Any]] = None
+    """Optional ``(prep, grad_dW) -> gradients of the delta_fields``: the adjoint of
+    :meth:`delta_weight`. Give it only when rebuilding ``dW`` is cheap next to the layer's GEMMs
+    (FourierFT's inverse FFT), never when the rebuild costs GEMMs of its own (FRoD's ``U M V^T``)."""
 
     # both
     @staticmethod

@@ -239,6 +239,7 @@ class FourierFT(Method):
         buffers = {
             "rows": j.to(dev), "cols": k.to(dev),  # PEFT's `indices`
             "pos_half2d": pos.to(dev), "w_half2d": w2d.to(dev),
+            "pos_grad": torch.where(k <= hi, j * (hi + 1) + k, jm * (hi + 1) + km).to(dev),  # half-grid cell of (j, k)
             "src": src.repeat_interleave(2).to(dev), "w_fft": w_fft.to(dev),
             "gather": (2 * kk[src, None] + pair).flatten().to(dev),
             "scatter": (2 * slot[:, None] + pair).flatten().to(dev),
@@ -271,8 +272,22 @@ class FourierFT(Method):
     def delta_output(cls, x: Tensor, prep: FourierPrep) -> Tensor:
         return delta_output_fft(x, prep) if cls._path(x, prep) == "fft" else delta_output_dense(x, prep)
 
+    delta_fields: ClassVar[tuple[str, ...]] = ("coef",)
+
     @staticmethod
-    def apply_to_weight(weight: Tensor, prep: FourierPrep) -> Tensor:
+    def delta_weight(prep: FourierPrep, dtype: torch.dtype) -> Tensor:
+        return delta_weight(prep.coef, prep.buffers, prep.d_out, prep.d_in, dtype)
+
+    @staticmethod
+    def delta_weight_backward(prep: FourierPrep, grad: Tensor) -> tuple[Tensor]:
+        """``d coef_m = Re(fft2(G))[j_m, k_m] / (d_out d_in)`` for ``G = dL/d(dW)``: the adjoint of
+        ``dW[p, q] = sum_m coef_m cos(2 pi (j_m p / d_out + k_m q / d_in)) / (d_out d_in)``, read
+        from the half spectrum (``Re fft2(G)[j, k] = Re fft2(G)[-j, -k]`` for real G)."""
+        spectrum = torch.fft.rfft2(grad.to(torch.promote_types(grad.dtype, torch.float32)))
+        picked = spectrum.real.flatten().index_select(0, prep.buffers["pos_grad"])
+        return ((picked * (1.0 / (prep.d_out * prep.d_in))).to(prep.coef.dtype),)
+
+    @classmethod
+    def apply_to_weight(cls, weight: Tensor, prep: FourierPrep) -> Tensor:
         dt = torch.promote_types(weight.dtype, torch.float32)
-        dW = delta_weight(prep.coef, prep.buffers, prep.d_out, prep.d_in, dt)
-        return (weight.to(dt) + dW).to(weight.dtype)
+        return (weight.to(dt) + cls.delta_weight(prep, dt)).to(weight.dtype)

@@ -464,9 +464,13 @@ class FRoD(Method):
         ]
 
     @staticmethod
-    def fold_into_weight(x: Tensor, prep: FRoDPrep) -> bool:
+    def may_fold(prep: FRoDPrep) -> bool:
+        return prep.dropout == 0  # dropout acts on the adapter branch's input
+
+    @classmethod
+    def fold_into_weight(cls, x: Tensor, prep: FRoDPrep) -> bool:
         d_out, d_in = prep.U.shape
-        return prep.dropout == 0 and uses_weight_path(x.numel() // d_in, d_out, d_in)
+        return cls.may_fold(prep) and uses_weight_path(x.numel() // d_in, d_out, d_in)
 
     @staticmethod
     def delta_output(x: Tensor, prep: FRoDPrep) -> Tensor:
@@ -476,6 +480,12 @@ class FRoD(Method):
         if uses_weight_path(x.numel() // d_in, d_out, d_in):
             return F.linear(x, _delta_weight(prep, x.dtype))
         return F.linear(F.linear(x @ prep.V.to(x.dtype), _core(prep, x.dtype)), prep.U.to(x.dtype))
+
+    delta_fields: ClassVar[tuple[str, ...]] = ("lam", "vals")
+
+    @staticmethod
+    def delta_weight(prep: FRoDPrep, dtype: torch.dtype) -> Tensor:
+        return _delta_weight(prep, dtype)
 
     @staticmethod
     def apply_to_weight(weight: Tensor, prep: FRoDPrep) -> Tensor:

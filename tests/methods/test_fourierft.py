@@ -395,3 +395,18 @@ def test_compile_fullgraph():
             mod.zero_grad()
             mod(x, s).square().sum().backward()
             torch.testing.assert_close(g, mod.params["fourierft_spectrum"].grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(12, 10), (9, 7), (16, 33)])
+def test_delta_weight_backward_is_the_adjoint_of_delta_weight(shape):
+    """The closed-form adjoint the runtime uses in backward (no dW kept) against autograd, float64."""
+    d_out, d_in = shape
+    layer = torch.nn.Linear(d_in, d_out).double()
+    cfg = FourierFTConfig(n_frequency=min(40, d_out * d_in), init_weights=False)
+    _, params, buffers = contract.init(FourierFT, cfg, layer)
+    prep = FourierFT.prepare(cfg, params, buffers, 0.7)
+    prep = prep._replace(coef=prep.coef.detach().requires_grad_(True))  # the factor the runtime folds
+    grad = torch.randn(d_out, d_in, dtype=torch.float64)
+    (want,) = torch.autograd.grad(FourierFT.delta_weight(prep, torch.float64), prep.coef, grad)
+    (got,) = FourierFT.delta_weight_backward(prep, grad)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
