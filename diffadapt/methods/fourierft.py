@@ -255,7 +255,7 @@ class FourierFT(Method):
         coef = torch.stack([p["fourierft_spectrum"] for p in params]) * config.scaling
         coef = coef * strength
         return [
-            FourierPrep(coef[g], b, *b["shape"].shape[:2], config.fast_path) for g, b in enumerate(buffers)
+            FourierPrep(c, b, *b["shape"].shape[:2], config.fast_path) for c, b in zip(coef.unbind(0), buffers)
         ]
 
     @staticmethod

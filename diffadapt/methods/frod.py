@@ -460,7 +460,8 @@ class FRoD(Method):
         vals = torch.stack([p["frod_lambda_s_values"] for p in params]) * strength
         p = config.frod_dropout if training else 0.0
         return [
-            FRoDPrep(b["V"], b["U"], lam[g], vals[g], b["indices"][0], b["indices"][1], p) for g, b in enumerate(buffers)
+            FRoDPrep(b["V"], b["U"], lg, vg, b["indices"][0], b["indices"][1], p)
+            for lg, vg, b in zip(lam.unbind(0), vals.unbind(0), buffers)
         ]
 
     @staticmethod

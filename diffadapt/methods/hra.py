@@ -199,7 +199,7 @@ class HRA(Method):
     ) -> list[HRAFactors]:
         """The WY factors of all layers of one shape from one batched normalise / Gram / solve."""
         y, v = wy_factors(torch.stack([p["hra_u"] for p in params]), config.apply_GS, strength)
-        return [HRAFactors(y[g], v[g]) for g in range(len(params))]
+        return [HRAFactors(yg, vg) for yg, vg in zip(y.unbind(0), v.unbind(0))]
 
     @staticmethod
     def rotate_input(x: Tensor, prep: HRAFactors) -> Tensor:

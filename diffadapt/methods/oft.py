@@ -40,7 +40,7 @@ Strength ``a``: the skew matrix is scaled, ``Q_a = Cayley(a S)`` (or Neumann(``a
 ``I`` at ``a = 0`` and the trained blocks at ``a = 1``; orthogonal for every ``a`` with exact Cayley.
 
 Defaults: diffadapt's ``use_cayley_neumann`` default is **False** (exact, orthogonal Cayley; one
-batched ``solve_ex`` per layer and step, no host sync), PEFT's is True. Every saved
+batched inverse per shape group and step, no host sync), PEFT's is True. Every saved
 ``adapter_config.json`` carries the field explicitly, so PEFT computes the same function;
 :meth:`OFTConfig.from_peft_dict` fills a missing field with PEFT's default (True), which is what
 PEFT computes for such files.
@@ -264,7 +264,7 @@ class OFT(BOFT):
         if training and config.module_dropout > 0:
             blocks = drop_blocks(blocks, config.module_dropout)
         out = config.rotation_side == "output"
-        return [RotationFactors(blocks[g], None, out) for g in range(len(params))]
+        return [RotationFactors(b, None, out) for b in blocks.unbind(0)]
 
     @staticmethod
     def _skews(config: OFTConfig, vec: Tensor, triu_index: Tensor) -> Tensor:
