@@ -10,6 +10,7 @@ loads what PEFT writes. diffadapt's own full config also rides in the safetensor
 from __future__ import annotations
 
 import json
+import warnings
 import os
 from pathlib import Path
 from typing import Optional, Union
@@ -133,6 +134,13 @@ def read_adapter(path: Union[str, os.PathLike]) -> tuple[AdapterConfig, dict[str
     if "peft_type" not in data:
         raise CheckpointError(f"{config_file} has no 'peft_type'; it is not a PEFT adapter config.")
     method = method_for_peft_type(data["peft_type"])
+    if isinstance(data.get("target_modules"), str) and (data.get("layers_to_transform") or data.get("layers_pattern")):
+        # PEFT's OFT / BOFT / FRoD accept this and ignore the layer filter (its HRA / FourierFT refuse it)
+        warnings.warn(
+            f"{config_file}: layers_to_transform / layers_pattern with a string target_modules; PEFT ignores "
+            "the layer filter there, so diffadapt does too."
+        )
+        data = {**data, "layers_to_transform": None, "layers_pattern": None}
     return method.config_class.from_peft_dict(data), tensors
 
 

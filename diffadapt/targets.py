@@ -84,12 +84,26 @@ def _matches(spec: Union[str, list[str], None], name: str, module: nn.Module) ->
 
 
 def _layer_index(name: str, layers_pattern: Union[str, list[str], None]) -> Optional[int]:
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [r"[^.]+"])
-    for pattern in patterns:
-        m = re.match(rf"(.*\.)?{pattern}\.(\d+)(\.|$)", name)
+    """PEFT's block index of a module path: the FIRST numbered component after a ``layers_pattern``
+    component, or without a pattern the first one that has two components before it and one after
+    (so ``down_blocks.0.attentions.1...`` is block 1 and ``to_out.0`` is never an index)."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+        return int(m.group(1)) if m else None
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
         if m:
-            return int(m.group(2))
+            return int(m.group(1))
     return None
+
+
+def _output_layer(model: nn.Module) -> Optional[nn.Module]:
+    """A transformers model's output embedding (``lm_head``), which ``"all-linear"`` leaves out as PEFT does."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
 
 
 def select_targets(model: nn.Module, config, supported: tuple[type, ...]) -> list[str]:
@@ -101,6 +115,8 @@ def select_targets(model: nn.Module, config, supported: tuple[type, ...]) -> lis
     )
     names = []
     candidates = []
+    head = _output_layer(model) if config.target_modules == "all-linear" else None
+    exact = set(config.target_modules) if isinstance(config.target_modules, (list, tuple, set)) else set()
     for name, module in model.named_modules():
         if isinstance(module, AdapterHost):
             module = module.base_layer
@@ -109,12 +125,12 @@ def select_targets(model: nn.Module, config, supported: tuple[type, ...]) -> lis
         ):
             continue
         candidates.append(name)
-        if not _matches(config.target_modules, name, module):
+        if not _matches(config.target_modules, name, module) or (head is not None and module is head):
             continue
         if _matches(config.exclude_modules, name, module):
             continue
-        if layers and _layer_index(name, config.layers_pattern) not in layers:
-            continue
+        if layers and name not in exact and _layer_index(name, config.layers_pattern) not in layers:
+            continue  # PEFT: a target named by its full path is not filtered by layer
         names.append(name)
     if not names:
         raise AdapterConfigError(no_match_message(config.target_modules, candidates, type(model).__name__))

@@ -92,10 +92,39 @@ def test_zero_matches_lists_nearest_module_names():
 
 def test_regex_exclude_and_layers_to_transform():
     names = da.add_adapter(
-        tm.tiny_clip(),
-        da.HRAConfig(r=2, target_modules=r".*self_attn\.(q|v)_proj", exclude_modules=["v_proj"], layers_to_transform=[1]),
+        tm.tiny_clip(), da.HRAConfig(r=2, target_modules=r".*layers\.1\.self_attn\.(q|v)_proj", exclude_modules=["v_proj"])
     )
     assert names == ["text_model.encoder.layers.1.self_attn.q_proj"] or names == ["encoder.layers.1.self_attn.q_proj"]
+    names = da.add_adapter(tm.tiny_clip(), da.HRAConfig(r=2, target_modules=["q_proj", "v_proj"], layers_to_transform=[1]))
+    assert {n.split("encoder.")[-1] for n in names} == {"layers.1.self_attn.q_proj", "layers.1.self_attn.v_proj"}
+
+
+def test_layers_to_transform_follows_peft():
+    """PEFT's rules: a string target_modules refuses a layer filter; without layers_pattern the
+    block index is the first numbered part with two components before it (never ``to_out.0``)."""
+    from peft import HRAConfig as PeftHRA
+
+    with pytest.raises(da.AdapterConfigError, match="layers_to_transform cannot be used when target_modules is a string"):
+        da.HRAConfig(r=2, target_modules=r".*to_q", layers_to_transform=[0])
+    with pytest.raises(ValueError):
+        PeftHRA(r=2, target_modules=r".*to_q", layers_to_transform=[0])
+    targets = ["to_q", "to_out.0"]
+    for layers in ([0], [1]):
+        ours = da.add_adapter(tm.tiny_unet(), da.HRAConfig(r=2, target_modules=targets, layers_to_transform=layers))
+        from peft import get_peft_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        peft_model = get_peft_model(tm.tiny_unet(), PeftHRA(r=2, target_modules=targets, layers_to_transform=layers))
+        theirs = [n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, BaseTunerLayer)]
+        assert ours == theirs and any(n.endswith("to_out.0") for n in ours)  # block index from attentions.<i>
+
+
+def test_all_linear_leaves_out_the_output_embedding_as_peft():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
+    names = da.add_adapter(model, da.HRAConfig(r=2, target_modules="all-linear"))
+    assert "lm_head" not in names and any(n.endswith("c_attn") for n in names)
 
 
 def test_injection_is_atomic():

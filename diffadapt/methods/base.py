@@ -129,6 +129,14 @@ class AdapterConfig:
             )
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
             raise AdapterConfigError(f"{type(self).__name__}: target_modules is an empty list.")
+        if isinstance(self.target_modules, str):
+            for key in ("layers_to_transform", "layers_pattern"):
+                if getattr(self, key) not in (None, [], ""):
+                    raise AdapterConfigError(
+                        f"{type(self).__name__}: {key} cannot be used when target_modules is a string "
+                        f"({self.target_modules!r}), as in PEFT; list the module-name suffixes instead, e.g. "
+                        "target_modules=['to_q', 'to_v'], or put the block index into the regex."
+                    )
 
     def check_layer(self, layer: LayerSpec) -> None:
         """Raise AdapterConfigError naming ``layer`` if this config cannot adapt it."""
