@@ -377,8 +377,29 @@ def test_exported_rotations_load_in_lycoris(sd, tmp_path, config):
     theirs, loaded = lycoris_apply(sd, path)
     assert loaded == layers
     close(ours, theirs)
-    alphas = {float(v) for k, v in load_file(str(path)).items() if k.endswith(".alpha")}
-    assert alphas == ({10.0} if config.constraint == 10.0 else {0.0})
+    tensors = load_file(str(path))
+    alphas = {float(v) for k, v in tensors.items() if k.endswith(".alpha")}
+    if config.constraint == 10.0:
+        assert alphas == {10.0}
+    assert_alpha_binds_in_no_consumer(tensors)
+
+
+def assert_alpha_binds_in_no_consumer(tensors):
+    """Oracles of the consumers' OFT norm limit, written from their behaviour: with Q = A - A^T,
+    A1111 / kohya scale Q by (min(|Q|, alpha * out) + 1e-8) / (|Q| + 1e-8) -- even for alpha = 0,
+    which wipes the rotation --, ComfyUI by alpha / |Q| when 0 < alpha < |Q|. Every module of an
+    exported file must come through both unscaled, and must rotate."""
+    for key, blocks in tensors.items():
+        if not key.endswith(".oft_blocks"):
+            continue
+        alpha = float(tensors[key[: -len("oft_blocks")] + "alpha"])
+        q = blocks - blocks.transpose(-1, -2)
+        norm = torch.linalg.vector_norm(q.flatten())
+        out = q.shape[-3] * q.shape[-1]  # blocks x block size (per factor for BOFT)
+        a1111 = (torch.clamp(norm, max=alpha * out) + 1e-8) / (norm + 1e-8)
+        assert a1111 == 1.0, key
+        assert not (0 < alpha < norm), key  # ComfyUI leaves it alone
+        assert norm > 0, key
 
 
 @pytest.mark.parametrize("build", [tp.build_sd, tp.build_sdxl], ids=["sd", "sdxl-ldm-names"])

@@ -102,8 +102,13 @@ def _rotation_tensors(src: _Source, notes: Counter) -> dict[str, Tensor]:
     norm = float(torch.linalg.vector_norm(blocks - blocks.mT))
     alpha = float(config.constraint)
     if alpha and norm + 1e-8 > alpha:  # ComfyUI clamps to alpha, LyCORIS to alpha * out: bake it
-        notes["constraint baked into the blocks, alpha written as 0 (ComfyUI and LyCORIS read alpha differently)"] += 1
+        notes["constraint baked into the blocks (ComfyUI and LyCORIS read alpha differently)"] += 1
         alpha = 0.0
+    if not alpha:
+        # every consumer reads alpha as a norm limit on Q = A - A^T: ComfyUI as the limit itself,
+        # LyCORIS / A1111 / kohya as alpha * out_features, and A1111 / kohya clamp to it even at 0
+        # (the rotation would vanish). A limit of at least twice the norm binds nowhere.
+        alpha = max(1.0, 2.0 * norm)
     out = {"oft_blocks": blocks.contiguous(), "alpha": torch.tensor(alpha)}
     if scale is not None:
         ndim = len(src.weight_shape) if src.weight_shape is not None else (4 if src.kind == "conv2d" else 2)
