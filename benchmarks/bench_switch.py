@@ -87,7 +87,7 @@ def bench_lora(base, sync, repeat):
     return row
 
 
-def bench_method(base, method, kwargs, sync, repeat):
+def bench_method(base, method, kwargs, sync, repeat, with_peft=True):
     cfg = da.get_method(method).config_class(target_modules=TARGETS, **kwargs)
     if method == "oft" and min(base.config.block_out_channels) < 32:
         cfg = da.get_method(method).config_class(target_modules=TARGETS, oft_block_size=8, r=0)
@@ -114,6 +114,8 @@ def bench_method(base, method, kwargs, sync, repeat):
 
     row["merge+unmerge ms"] = timed(cycle, sync, repeat)
 
+    if not with_peft:
+        return row
     peft_cls = PEFT_TYPE_TO_CONFIG_MAPPING[cfg.peft_type]
     try:
         theirs = get_peft_model(copy.deepcopy(base), peft_cls(**cfg.to_peft_dict()), adapter_name="A")
@@ -150,6 +152,8 @@ def main():
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-peft-same", action="store_true",
+                        help="skip PEFT's own implementation of each method (PEFT LoRA stays; PEFT BOFT at SD1.5 size takes minutes)")
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -158,13 +162,16 @@ def main():
     base = UNet2DConditionModel(**MODELS[args.model]).to(args.device, dtype).eval()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     rows = [bench_lora(base, sync, args.repeat)]
-    rows += [bench_method(base, m, METHODS[m], sync, args.repeat) for m in args.methods.split(",")]
-    keys = list(rows[1] if len(rows) > 1 else rows[0])
+    print(rows[-1], flush=True)
+    for m in args.methods.split(","):
+        rows.append(bench_method(base, m, METHODS[m], sync, args.repeat, with_peft=not args.no_peft_same))
+        print(rows[-1], flush=True)
+    keys = list(dict.fromkeys(k for row in rows[1:] + rows[:1] for k in row))
     print(f"\nUNet {args.model}, {args.device}, {args.dtype}, targets {','.join(TARGETS)}; median of {args.repeat}\n")
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for row in rows:
-        print("| " + " | ".join(f"{row.get(k):.2f}" if isinstance(row.get(k), float) else str(row.get(k)) for k in keys) + " |")
+        print("| " + " | ".join(f"{row[k]:.2f}" if isinstance(row.get(k), float) else str(row.get(k, "-")) for k in keys) + " |")
 
 
 if __name__ == "__main__":

@@ -133,7 +133,10 @@ class Runner:
                 self.stats.note = "PEFT: fbd_cuda extension failed to load"
         C.sync(args.device)
         self.stats.setup_s = time.perf_counter() - t0
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.raw = self.model  # the verbs take the model itself
+        if args.compile:  # the whole model, inductor (one graph per mode; warmup steps compile it)
+            self.model = torch.compile(self.model, fullgraph=args.compile == "fullgraph")
+        params = [p for p in self.raw.parameters() if p.requires_grad]
         self.stats.trainable = sum(p.numel() for p in params)
         if variant.method != "floor":
             if not params:
@@ -163,8 +166,8 @@ class Runner:
         if self.v.impl == "diffadapt":
             import diffadapt as da
 
-            da.merge_adapters(self.model)
-            da.unmerge_adapters(self.model)
+            da.merge_adapters(self.raw)
+            da.unmerge_adapters(self.raw)
         else:
             self.peft_model.merge_adapter()
             self.peft_model.unmerge_adapter()
@@ -177,8 +180,27 @@ class Runner:
         if not self.args.device.startswith("cuda"):
             self.stats.peak_bytes = peak
 
+    def recompiles_on_switch(self) -> None:
+        """Compiled diffadapt models: frames compiled by a strength change and by an in-place
+        hot-swap of the adapter's values (both should be 0), recorded in the variant's note."""
+        import diffadapt as da
+
+        counters = torch._dynamo.utils.counters["stats"]
+        before = counters["unique_graphs"]
+        with torch.no_grad():
+            da.set_adapter_strength(self.raw, "default", 0.5)
+            self.step()
+            after_strength = counters["unique_graphs"]
+            for p in da.adapter_parameters(self.raw, "default").values():
+                p.mul_(0.99)  # what hotswap_adapter does: copy new values in place
+            self.step()
+            da.set_adapter_strength(self.raw, "default", 1.0)
+        after_swap = counters["unique_graphs"]
+        self.stats.note = (f"compiled graphs added by a strength change: {after_strength - before}, "
+                           f"by a hot-swap: {after_swap - after_strength}")
+
     def close(self) -> None:
-        self.model = self.peft_model = self.opt = None
+        self.model = self.raw = self.peft_model = self.opt = None
 
 
 def error_text(exc: BaseException) -> str:
@@ -220,8 +242,10 @@ def run_resident(variants, master, spec, args, inputs, target, log) -> list[C.St
         if runner is None:
             log(f"  {v.key}: {stats.error}")
             continue
-        if not args.no_memory:
+        if not args.no_memory and not args.compile:
             runner.measure_ops_and_memory()
+        if args.compile and v.impl == "diffadapt":
+            runner.recompiles_on_switch()
         runners.append(runner)
         log(f"  {v.key}: setup {stats.setup_s:.2f} s, {stats.layers} layers, {stats.trainable} trainable")
 
@@ -467,6 +491,9 @@ def parse_args(argv=None):
                    help="timings reported: auto = process CPU time on cpu (robust on shared machines), wall on cuda")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machines)")
     p.add_argument("--no-memory", action="store_true", help="skip the untimed tracker step (CPU memory, ops/step)")
+    p.add_argument("--compile", nargs="?", const="graph", default=None, choices=["graph", "fullgraph"],
+                   help="torch.compile (inductor) each whole model; 'fullgraph' refuses graph breaks. Ops/memory "
+                        "are not tracked; diffadapt variants report recompiles on a strength change / hot-swap")
     p.add_argument("--out", default=None, help="also write the markdown report here")
     p.add_argument("--json", default=None, help="write raw numbers (every timing) here")
     p.add_argument("--verbose", action="store_true", help="tracebacks of crashing variants")
@@ -529,7 +556,8 @@ def main(argv=None) -> int:
         "settings": (f"{args.dtype}, batch {args.batch}, grad ckpt {'on' if args.grad_ckpt else 'off'}, "
                      f"targets {','.join(spec.targets)}; {args.schedule} schedule: warmup {args.warmup}, "
                      f"{args.rounds} rounds × {args.steps} steps (infer {args.infer_steps}, merge "
-                     f"{args.merge_reps} per round); AdamW lr 1e-4"),
+                     f"{args.merge_reps} per round); AdamW lr 1e-4"
+                     + (f"; torch.compile (inductor, {args.compile}) of every whole model" if args.compile else "")),
         "methods": "; ".join(f"{C.METHOD_LABELS[m]} = {C.METHOD_SETTINGS[m]}" for m in args.methods)
         + "; PEFT LoRA r=16, lora_alpha=16; other fields at each library's default, PEFT configs built with "
         "diffadapt's to_peft_dict (identical function)",

@@ -20,9 +20,6 @@ from diffadapt.targets import preset_pattern, select_targets
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-ModelAdapters = AdapterPlan  # the record's former name
-
-
 def adapter_state(model: nn.Module) -> AdapterPlan:
     state = model.__dict__.get("_diffadapt")
     if state is None:
@@ -191,7 +188,7 @@ def add_adapter(
 
 
 def _names_and_weights(
-    state: ModelAdapters, adapter_names: Union[str, Sequence[str]], weights
+    state: AdapterPlan, adapter_names: Union[str, Sequence[str]], weights
 ) -> list[tuple[str, float]]:
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     unknown = [n for n in names if n not in state.configs]

@@ -54,10 +54,6 @@ class AdapterPlan:
         self._key: Any = None  # what the prepared steps were made for (eager mode)
 
     # -- what runs ------------------------------------------------------------------------------
-    @property
-    def active(self) -> list[tuple[str, float]]:
-        return list(self.order)
-
     def live(self) -> list[str]:
         """Adapters that run on the activations, in activation order (fixed between structural
         changes, so a compiled graph guards on names only, never on strength values)."""
