@@ -566,7 +566,8 @@ def main(argv=None) -> int:
     report = render(results, variants, args, header)
     print(report)
     if args.out:
-        with open(args.out, "w") as f:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
             f.write(report)
     if args.json:
         with open(args.json, "w") as f:

@@ -31,6 +31,7 @@ from diffadapt.pipeline import (  # noqa: E402  (every verb takes a model or a p
     save_adapter,
     set_adapter_strength,
     set_adapters,
+    set_keep_eval_weights,
     unload,
     unmerge_adapters,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "read_adapter",
     "save_adapter",
     "set_adapter_strength",
+    "set_keep_eval_weights",
     "set_adapters",
     "unload",
     "unmerge_adapters",

@@ -195,11 +195,15 @@ class AdapterHost(nn.Module):
         if not preps:  # no live adapter: the base layer runs untouched (bit-exact)
             return self.base_layer(x, *args, **kwargs)
         base = self.base_layer
+        keep = (not torch.is_grad_enabled() and not self.training and self.plan.keep_eval_weights
+                and not torch.compiler.is_compiling())  # a compiled graph keeps no Python-side state
+        if keep:  # generating: the kept W_eff, one plain layer call
+            w = self._folded_weight(preps, x.dtype)
+            if isinstance(base, nn.Conv2d):
+                return base._conv_forward(x, w.reshape(base.weight.shape), base.bias)
+            return F.linear(x, w, base.bias)
         if isinstance(base, nn.Conv2d):
-            if torch.is_grad_enabled():
-                w = self.compose(weight_2d(base), preps).to(x.dtype)
-            else:
-                w = self._folded_weight(preps, x.dtype)
+            w = self.compose(weight_2d(base), preps).to(x.dtype)
             return base._conv_forward(x, w.reshape(base.weight.shape), base.bias)
         # forward sweep: rotate the input, remember each adapter's per-step factors; additive
         # adapters after the last rotation may fold W + dW into the base product instead;
@@ -208,13 +212,13 @@ class AdapterHost(nn.Module):
         for i, (method, _) in enumerate(preps):
             if method.multiplicative:
                 last_rotation = i
-        z, steps, folds, grad = x, [], [], torch.is_grad_enabled()
+        z, steps, folds = x, [], []
         for i, (method, prep) in enumerate(preps):
             if method.multiplicative:
                 z = method.rotate_input(z, prep)
                 steps.append((method, prep, None))
             elif (i > last_rotation and method.delta_fields and method.may_fold(prep)
-                  and (not grad or method.fold_into_weight(z, prep))):
+                  and (keep or method.fold_into_weight(z, prep))):
                 folds.append((method, prep))
             else:
                 steps.append((method, prep, method.delta_output(z, prep)))
@@ -226,23 +230,21 @@ class AdapterHost(nn.Module):
         return y
 
     def _base_product(self, z: Tensor, folds: list) -> Tensor:
-        """``z W_eff^T`` for the additive adapters ``folds`` folded into the base weight: kept
-        between eval forwards while nothing changed, rebuilt in backward under autograd."""
+        """``z W_eff^T`` for the additive adapters ``folds`` folded into the base weight (under
+        autograd with ``dW`` rebuilt in backward where the method has a cheap adjoint)."""
         w = weight_2d(self.base_layer)
         if not folds:
             return F.linear(z, w.to(z.dtype))
-        if torch.is_grad_enabled():
-            if any(m.delta_weight_backward is None for m, _ in folds):  # rebuilding dW would cost GEMMs
-                return F.linear(z, self.compose(w, folds).to(z.dtype))
+        if torch.is_grad_enabled() and all(m.delta_weight_backward is not None for m, _ in folds):
             factors = [getattr(prep, f) for method, prep in folds for f in method.delta_fields]
             return _FoldedLinear.apply(z, w, tuple(folds), *factors)
-        return F.linear(z, self._folded_weight(folds, z.dtype))
+        return F.linear(z, self.compose(w, folds).to(z.dtype))  # FRoD: rebuilding dW would cost GEMMs
 
     def _folded_weight(self, folds: list, dtype: torch.dtype) -> Tensor:
-        """``W_eff`` of ``folds`` in ``dtype``; without autograd it is kept while the factors (the
-        plan reuses them while parameters and strengths are unchanged) and the base weight stay
-        the same, so a live additive adapter costs one weight copy per layer, not a rebuild per
-        forward (``merge_adapters`` needs no copy)."""
+        """``W_eff`` of ``folds`` (``(method, factors)`` steps) in ``dtype``, kept while the factors
+        (the plan reuses them while parameters and strengths are unchanged) and the base weight
+        stay the same: in eval a live adapter costs one weight copy per layer instead of work per
+        forward (``set_keep_eval_weights(model, False)`` turns the copy off; merging needs none)."""
         if torch.compiler.is_compiling():  # the graph computes it; no Python-side cache
             return self.compose(weight_2d(self.base_layer), folds).to(dtype)
         weight = self.base_layer.weight

@@ -319,6 +319,17 @@ def unmerge_adapters(model: nn.Module) -> None:
     state.bake()
 
 
+def set_keep_eval_weights(model: nn.Module, keep: bool) -> None:
+    """In eval mode without autograd each adapted layer keeps its effective weight (one copy of
+    the layer's weight) so that generating with live adapters costs about the base model's time.
+    ``False`` drops the copies and computes adapters on the activations (less memory, slower);
+    ``merge_adapters`` is as fast and needs no copy."""
+    state = adapter_state(model)
+    state.keep_eval_weights = bool(keep)
+    for host in state.hosts:
+        host.clear_cache()
+
+
 def refresh_merged(model: nn.Module) -> None:
     """Re-bake merged adapters after their parameters changed in place (hot-swap)."""
     state = adapter_state(model)

@@ -290,6 +290,7 @@ def _each(verb):
 enable_adapters = _each(mdl.enable_adapters)
 disable_adapters = _each(mdl.disable_adapters)
 unmerge_adapters = _each(mdl.unmerge_adapters)
+set_keep_eval_weights = _each(mdl.set_keep_eval_weights)
 
 
 def merge_adapters(obj: Any, adapter_names: Optional[Sequence[str]] = None) -> None:

@@ -12,10 +12,12 @@ weights, whether adapters are disabled -- and derives everything else from it:
   layers before the first one runs, each :class:`~diffadapt.host.AdapterHost` reads its slice.
   The factors are built outside any checkpointed block, so gradient checkpointing recomputes
   the layers with the very same factors and their gradients reach the parameters once;
-* reuse in eval: in eval mode without autograd, prepared factors are kept while no parameter (version
-  counter, storage) and no strength changed, so generating with a live adapter costs little
-  more than the base model; an optimizer step, a hot-swap, ``load_state_dict`` or a strength
-  change invalidates them. Under ``torch.compile`` the factors are rebuilt inside the graph;
+* reuse in eval: in eval mode without autograd, prepared factors -- and each layer's effective
+  weight, one copy per adapted layer (``keep_eval_weights``) -- are kept while no parameter
+  (version counter, storage) and no strength changed, so generating with a live adapter costs
+  about what the base model costs; an optimizer step, a hot-swap, ``load_state_dict`` or a
+  strength change invalidates them. Under ``torch.compile`` the factors are rebuilt inside the
+  graph and activations are rotated (no kept weights);
 * strengths as 0-d tensors (one per adapter and device): changing a non-zero strength updates
   them in place, so a compiled model does not recompile.
 
@@ -42,6 +44,7 @@ class AdapterPlan:
         self.order: list[tuple[str, float]] = []  # chosen adapters, activation order, strengths
         self.merged: list[str] = []  # baked into the base weights: the innermost live adapters
         self.disabled = False
+        self.keep_eval_weights = True  # in eval without autograd, layers keep W_eff (one copy each)
         self.requires_grad = requires_grad  # base parameters' flags before injection (unload restores)
         self.hosts: list = []  # AdapterHost modules of the model, in module order
         self.saved_hosts: list = []  # SavedModuleHost modules

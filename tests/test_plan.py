@@ -336,3 +336,22 @@ def test_adapters_added_to_an_eval_model_do_not_drop_out(method):
     model.train()  # and in training mode it does drop
     with torch.no_grad():
         assert not torch.equal(model(**inputs).sample, model(**inputs).sample)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_kept_eval_weights_equal_the_live_forward(method):
+    """Generating from the kept W_eff gives the live forward's output (float64), and turning the
+    copies off drops them."""
+    model = tm.tiny_unet().double()
+    da.add_adapter(model, SMALL[method](), "a", preset="attention+ff")
+    randomise(model, "a")
+    inputs = _double(tm.unet_inputs())
+    with torch.no_grad():
+        kept = model(**inputs).sample
+        hosts = da.model.adapter_state(model).hosts
+        assert all("_weight_cache" in h.__dict__ for h in hosts)
+        da.set_keep_eval_weights(model, False)
+        assert not any("_weight_cache" in h.__dict__ for h in hosts)
+        live = model(**inputs).sample
+        assert not any("_weight_cache" in h.__dict__ for h in hosts)
+    torch.testing.assert_close(kept, live, rtol=1e-10, atol=1e-12)
