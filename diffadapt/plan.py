@@ -214,6 +214,12 @@ class AdapterPlan:
         """Write the merged adapters into every host's base weight (from its kept original)."""
         names = [] if self.disabled else list(self.merged)
         steps = self.prepare(names, False) if names else [[] for _ in self.hosts]
+        back = [h for h, chain in zip(self.hosts, steps) if not chain and h.original_weight is not None]
+        if back:  # every restore in one foreach copy
+            torch._foreach_copy_([h.base_layer.weight for h in back], [h.original_weight for h in back])
+            for host in back:
+                host.original_weight = None
         for host, chain in zip(self.hosts, steps):
-            host.bake(chain)
+            if chain:
+                host.bake(chain)
         self._key = None  # base weights changed under any cached factors' users
