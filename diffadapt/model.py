@@ -7,6 +7,7 @@ diffusers' LoRA verbs. What diffadapt knows about a model lives in ``model._diff
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -203,7 +204,16 @@ def _names_and_weights(
     weights = list(weights)
     if len(weights) != len(names):
         raise ValueError(f"Got {len(weights)} strengths for {len(names)} adapters {names}.")
+    check_strengths(names, weights)
     return [(n, float(w)) for n, w in zip(names, weights)]
+
+
+def check_strengths(names: Sequence[str], weights: Sequence) -> None:
+    """Strengths are finite real numbers (NaN / inf would give black images without an error)."""
+    for n, w in zip(names, weights):
+        ok = isinstance(w, (int, float)) and not isinstance(w, bool) or (isinstance(w, torch.Tensor) and w.numel() == 1)
+        if not ok or not math.isfinite(float(w)):
+            raise ValueError(f"Strength of adapter {n!r} must be a finite number, got {w!r}.")
 
 
 def set_adapters(

@@ -256,9 +256,15 @@ def set_adapters(
 
 
 def set_adapter_strength(obj: Any, adapter_name: str, strength: float) -> None:
-    for m in adapted(obj).values():
-        if adapter_name in [n for n, _ in mdl.adapter_state(m).order]:
-            mdl.set_adapter_strength(m, adapter_name, strength)
+    """Change one active adapter's strength on every component that runs it."""
+    models = [m for m in adapted(obj).values() if adapter_name in [n for n, _ in mdl.adapter_state(m).order]]
+    if not models:
+        known = _all_names(obj)
+        why = "is not active" if adapter_name in known else "is not loaded"
+        raise ValueError(f"Adapter {adapter_name!r} {why}; loaded: {known}, active: {[n for n, _ in active_adapters(obj)]}.")
+    mdl.check_strengths([adapter_name], [strength])
+    for m in models:
+        mdl.set_adapter_strength(m, adapter_name, strength)
 
 
 def active_adapters(obj: Any) -> list[tuple[str, float]]:

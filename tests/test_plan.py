@@ -355,3 +355,20 @@ def test_kept_eval_weights_equal_the_live_forward(method):
         live = model(**inputs).sample
         assert not any("_weight_cache" in h.__dict__ for h in hosts)
     torch.testing.assert_close(kept, live, rtol=1e-10, atol=1e-12)
+
+
+def test_bad_strengths_and_names_are_refused_with_the_adapter_named():
+    model = tm.tiny_unet()
+    da.add_adapter(model, SMALL["hra"](), "a")
+    da.add_adapter(model, SMALL["oft"](), "b")
+    da.set_adapters(model, ["a"], [0.5])
+    for bad in (float("nan"), float("inf"), "1", None):
+        with pytest.raises(ValueError, match="'a' must be a finite number"):
+            da.set_adapters(model, ["a"], [bad])
+        with pytest.raises(ValueError, match="'a' must be a finite number"):
+            da.set_adapter_strength(model, "a", bad)
+    with pytest.raises(ValueError, match="'b' is not active"):
+        da.set_adapter_strength(model, "b", 0.3)
+    with pytest.raises(ValueError, match="'zz' is not loaded"):
+        da.set_adapter_strength(model, "zz", 0.3)
+    assert da.active_adapters(model) == [("a", 0.5)]
