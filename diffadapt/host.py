@@ -113,7 +113,9 @@ class _FoldedLinear(torch.autograd.Function):
     def backward(ctx, g):
         x, weight, *_ = ctx.saved_tensors  # the folds' preps hold the same factors
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-        gx = (g2 @ AdapterHost.compose(weight, ctx.folds).to(g.dtype)).view(x.shape) if ctx.needs_input_grad[0] else None
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = (g2 @ AdapterHost.compose(weight, ctx.folds).to(g.dtype)).view(x.shape)
         gw = g2.mT @ x2  # the gradient of W_eff, so of every dW_i
         grads = [t for method, prep in ctx.folds for t in method.delta_weight_backward(prep, gw)]
         return gx, (gw.to(weight.dtype) if ctx.needs_input_grad[1] else None), None, *grads
@@ -218,7 +220,7 @@ class AdapterHost(nn.Module):
                 z = method.rotate_input(z, prep)
                 steps.append((method, prep, None))
             elif (i > last_rotation and method.delta_fields and method.may_fold(prep)
-                  and (keep or method.fold_into_weight(z, prep))):
+                  and method.fold_into_weight(z, prep)):
                 folds.append((method, prep))
             else:
                 steps.append((method, prep, method.delta_output(z, prep)))
@@ -241,12 +243,10 @@ class AdapterHost(nn.Module):
         return F.linear(z, self.compose(w, folds).to(z.dtype))  # FRoD: rebuilding dW would cost GEMMs
 
     def _folded_weight(self, folds: list, dtype: torch.dtype) -> Tensor:
-        """``W_eff`` of ``folds`` (``(method, factors)`` steps) in ``dtype``, kept while the factors
+        """``W_eff`` of ``folds`` (``(method, factors)`` steps) in ``dtype`` (eager only), kept while the factors
         (the plan reuses them while parameters and strengths are unchanged) and the base weight
         stay the same: in eval a live adapter costs one weight copy per layer instead of work per
         forward (``set_keep_eval_weights(model, False)`` turns the copy off; merging needs none)."""
-        if torch.compiler.is_compiling():  # the graph computes it; no Python-side cache
-            return self.compose(weight_2d(self.base_layer), folds).to(dtype)
         weight = self.base_layer.weight
         key = (weight._version, weight.data_ptr(), dtype, len(folds))
         cached = self.__dict__.get("_weight_cache")
