@@ -21,7 +21,13 @@ from diffadapt.targets import preset_pattern, select_targets
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds (every verb acts on it), else ``model``."""
+    return getattr(model, "_orig_mod", model)
+
+
 def adapter_state(model: nn.Module) -> AdapterPlan:
+    model = unwrap(model)
     state = model.__dict__.get("_diffadapt")
     if state is None:
         raise ValueError(f"This {type(model).__name__} has no diffadapt adapters; add or load one first.")
@@ -29,6 +35,7 @@ def adapter_state(model: nn.Module) -> AdapterPlan:
 
 
 def _hosts(model: nn.Module) -> tuple[list, list]:
+    model = unwrap(model)
     state = model.__dict__.get("_diffadapt")
     if state is not None:
         return state.hosts, state.saved_hosts
@@ -177,8 +184,10 @@ def add_adapter(
     Without ``target_modules`` the architecture's ``preset`` is used ('attention' by default;
     'attention+ff' adds the feed-forward layers). Injection is atomic: if any layer fails
     validation or initialisation the model is left exactly as it was. The new adapter becomes
-    the active one and the only trainable parameters are its own.
+    the active one and the only trainable parameters are its own. A ``torch.compile``d model is
+    adapted through the module it wraps (names without ``_orig_mod.``, files that load anywhere).
     """
+    model = unwrap(model)
     _check_name(model, adapter_name)
     config = resolve_targets(model, config, preset)
     names = select_targets(model, config, SUPPORTED_LAYERS)

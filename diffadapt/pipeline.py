@@ -60,7 +60,7 @@ def save_adapter(
     """Save ``adapter_name``: a PEFT folder for a model; for a pipeline a folder, or one file if
     ``path`` ends in ``.safetensors``. ``metadata`` (base_model, instance_prompt, ...) is stored."""
     if isinstance(obj, nn.Module):
-        return checkpoint.save_adapter(obj, path, adapter_name, (metadata or {}).get("base_model"))
+        return checkpoint.save_adapter(mdl.unwrap(obj), path, adapter_name, (metadata or {}).get("base_model"))
     parts = {n: m for n, m in adapted(obj).items() if adapter_name in mdl.adapter_state(m).configs}
     if not parts:
         raise ValueError(f"No component has an adapter named {adapter_name!r}; adapters: {_all_names(obj)}.")

@@ -372,3 +372,21 @@ def test_bad_strengths_and_names_are_refused_with_the_adapter_named():
     with pytest.raises(ValueError, match="'zz' is not loaded"):
         da.set_adapter_strength(model, "zz", 0.3)
     assert da.active_adapters(model) == [("a", 0.5)]
+
+
+def test_add_adapter_to_a_compiled_model_adapts_the_module_it_wraps(tmp_path):
+    torch._dynamo.reset()
+    model = tm.tiny_unet()
+    compiled = torch.compile(model, backend="eager")
+    names = da.add_adapter(compiled, SMALL["hra"](), "a")  # the preset of the wrapped UNet
+    assert names and not any("_orig_mod" in n for n in names)
+    randomise(model, "a")
+    inputs = tm.unet_inputs()
+    with torch.no_grad():
+        out = compiled(**inputs).sample
+    da.save_adapter(compiled, tmp_path / "a", "a")
+    plain = tm.tiny_unet()
+    da.load_adapter(plain, tmp_path / "a", "a")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**inputs).sample, out, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
