@@ -254,6 +254,7 @@ class AdapterHost(nn.Module):
             return cached[2]
         w = self.compose(weight_2d(self.base_layer), folds).to(dtype)
         self.__dict__["_weight_cache"] = (key, list(folds), w)
+        self.plan.weights_kept = True
         return w
 
     def clear_cache(self) -> None:

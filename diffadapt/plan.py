@@ -45,6 +45,7 @@ class AdapterPlan:
         self.merged: list[str] = []  # baked into the base weights: the innermost live adapters
         self.disabled = False
         self.keep_eval_weights = True  # in eval without autograd, layers keep W_eff (one copy each)
+        self.weights_kept = False  # some layer holds such a copy now
         self.requires_grad = requires_grad  # base parameters' flags before injection (unload restores)
         self.hosts: list = []  # AdapterHost modules of the model, in module order
         self.saved_hosts: list = []  # SavedModuleHost modules
@@ -193,6 +194,10 @@ class AdapterPlan:
             self._steps = self.prepare(self.live(), training)
             return
         grad = torch.is_grad_enabled()
+        if grad and self.weights_kept:  # training again (e.g. after a validation run): drop the eval copies
+            for host in self.hosts:
+                host.clear_cache()
+            self.weights_kept = False
         if self._steps is not None and self._key is not None and self._key[:2] == (training, grad):
             if not fresh:
                 return

@@ -355,6 +355,13 @@ def test_kept_eval_weights_equal_the_live_forward(method):
         live = model(**inputs).sample
         assert not any("_weight_cache" in h.__dict__ for h in hosts)
     torch.testing.assert_close(kept, live, rtol=1e-10, atol=1e-12)
+    da.set_keep_eval_weights(model, True)
+    with torch.no_grad():
+        model(**inputs)  # a validation run during training keeps copies ...
+    assert all("_weight_cache" in h.__dict__ for h in hosts)
+    model.train()
+    model(**inputs).sample.sum().backward()  # ... that the next training step drops
+    assert not any("_weight_cache" in h.__dict__ for h in hosts)
 
 
 def test_bad_strengths_and_names_are_refused_with_the_adapter_named():
