@@ -28,7 +28,8 @@ adapter, in between the spectrum and couplings move linearly: ``Lambda0 + a (Lam
 
 Forward, exact either way (:func:`uses_weight_path` picks by shape, no host sync), with the
 core ``M = diag(a (Lambda - Lambda0)) + a S`` scattered dense once per call (d_in^2 numbers, like
-V): few tokens ``((x V) M^T) U^T``; many tokens ``x dW^T`` with ``dW = (U M) V^T``. A sparse
+V): few tokens ``((x V) M^T) U^T`` (M rebuilt in backward rather than kept); many tokens
+``x dW^T`` with ``dW = (U M) V^T``. A sparse
 gather/``index_add`` for ``(x V) S^T`` was measured and dropped (CPU, 1 thread, fp32, fwd+bwd,
 sparse_rate 0.01: d=320, T=4096: 95 ms vs 79 ms with the dense core, 36 ms via dW; d=768,
 T=154: 21 vs 15 ms; it wins only near sparse_rate 0.001, saves T x nnz activations, and on GPUs
@@ -262,8 +263,32 @@ def uses_weight_path(tokens: int, d_out: int, d_in: int) -> bool:
 
 def _core(p: FRoDPrep, dtype: torch.dtype) -> Tensor:
     """diag(lam) + S as a dense (d_in, d_in) matrix (repeated cells add, as PEFT's coalesce)."""
-    m = torch.diag(p.lam.to(dtype))
-    return m.index_put((p.rows, p.cols), p.vals.to(dtype), accumulate=True)
+    return _core_of(p.lam, p.vals, p.rows, p.cols, dtype)
+
+
+class _CoreProduct(torch.autograd.Function):
+    """``h M^T`` for the core ``M = diag(lam) + S`` without keeping the dense ``d_in x d_in`` M for
+    backward (it is rebuilt there; only ``h`` and the few core values are saved):
+    ``dh = g M``, ``dM = g^T h`` read at the diagonal and at the S cells."""
+
+    @staticmethod
+    def forward(ctx, h, lam, vals, rows, cols):
+        ctx.save_for_backward(h, lam, vals, rows, cols)
+        return F.linear(h, _core_of(lam, vals, rows, cols, h.dtype))
+
+    @staticmethod
+    def backward(ctx, g):
+        h, lam, vals, rows, cols = ctx.saved_tensors
+        gh = g @ _core_of(lam, vals, rows, cols, g.dtype) if ctx.needs_input_grad[0] else None
+        gm = g.reshape(-1, g.shape[-1]).mT @ h.reshape(-1, h.shape[-1])  # (d_in, d_in), transient
+        glam = gm.diagonal().to(lam.dtype) if ctx.needs_input_grad[1] else None
+        gvals = gm[rows, cols].to(vals.dtype) if ctx.needs_input_grad[2] else None
+        return gh, glam, gvals, None, None
+
+
+def _core_of(lam: Tensor, vals: Tensor, rows: Tensor, cols: Tensor, dtype: torch.dtype) -> Tensor:
+    m = torch.diag(lam.to(dtype))
+    return m.index_put((rows, cols), vals.to(dtype), accumulate=True)
 
 
 def _delta_weight(p: FRoDPrep, dtype: torch.dtype) -> Tensor:
@@ -480,7 +505,12 @@ class FRoD(Method):
         d_out, d_in = prep.U.shape
         if uses_weight_path(x.numel() // d_in, d_out, d_in):
             return F.linear(x, _delta_weight(prep, x.dtype))
-        return F.linear(F.linear(x @ prep.V.to(x.dtype), _core(prep, x.dtype)), prep.U.to(x.dtype))
+        h = x @ prep.V.to(x.dtype)
+        if torch.is_grad_enabled() and (prep.lam.requires_grad or prep.vals.requires_grad or h.requires_grad):
+            core = _CoreProduct.apply(h, prep.lam, prep.vals, prep.rows, prep.cols)  # the d_in^2 core not kept
+        else:
+            core = F.linear(h, _core(prep, x.dtype))
+        return F.linear(core, prep.U.to(x.dtype))
 
     delta_fields: ClassVar[tuple[str, ...]] = ("lam", "vals")
 
