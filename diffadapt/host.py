@@ -104,14 +104,14 @@ class _FoldedLinear(torch.autograd.Function):
     factors through the method's adjoint (:meth:`Method.delta_weight_backward`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, folds, *factors):
-        ctx.folds = folds
-        ctx.save_for_backward(x, weight, *factors)
+    def forward(ctx, x, weight, folds, *factors):  # factors: inputs so that gradients reach them
+        ctx.folds = folds  # their preps hold the same factor tensors
+        ctx.save_for_backward(x, weight)
         return F.linear(x, AdapterHost.compose(weight, folds).to(x.dtype))
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, *_ = ctx.saved_tensors  # the folds' preps hold the same factors
+        x, weight = ctx.saved_tensors
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         gx = None
         if ctx.needs_input_grad[0]:

@@ -113,10 +113,11 @@ class AdapterPlan:
         updated in place and nothing is regrouped (no recompilation)."""
         structural = [(n, s != 0.0) for n, s in order] != [(n, s != 0.0) for n, s in self.order]
         self.order = list(order)
+        values = dict(order)
         with torch.no_grad():
             for (name, _), tensor in self._strengths.items():
-                if name in dict(order):
-                    tensor.fill_(dict(order)[name])
+                if name in values:
+                    tensor.fill_(values[name])
         if structural:
             self.changed()
         self._key = None  # prepared factors carry the old strengths
@@ -174,11 +175,9 @@ class AdapterPlan:
         return steps
 
     def _versions(self) -> tuple:
+        """Version counter and storage of every live parameter (what reused factors depend on)."""
         return tuple(
-            (p._version, p.data_ptr())
-            for host in self.hosts
-            for name in host.adapters
-            for p in host.adapters[name].parameters()
+            (p._version, p.data_ptr()) for *_, slots, _ in self._groups for slot in slots for p in slot.parameters()
         )
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:

@@ -10,8 +10,12 @@ import math
 import random
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common import UsageError
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used (fast --help)
+    import torch
 
 # ----------------------------------------------------------------------------------------------
 # SD / SDXL pieces (UNet families)

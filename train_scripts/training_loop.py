@@ -15,8 +15,12 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common import UsageError, tensorboard_available
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used (fast --help)
+    import torch
 
 
 def make_accelerator(args, find_unused_parameters: bool = False):
@@ -261,8 +265,6 @@ def training_plan(args, batches_per_epoch: int) -> int:
 
 def write_rank_digest(accelerator, args, models: dict, saved: bool) -> None:
     """Debug/tests: each process writes a hash of its trained tensors (must agree across ranks)."""
-    import torch
-
     digest, total, count = hashlib.sha256(), 0.0, 0
     for role in sorted(models):
         for name, tensor in sorted(trainable_state(models[role]).items()):
