@@ -13,7 +13,8 @@ from typing import Iterable, Optional, Union
 
 from torch import nn
 
-from diffadapt.methods.base import AdapterConfigError
+from diffadapt import patterns
+from diffadapt.methods.base import AdapterConfigError, layer_index_pattern
 
 _QKVO = r"(to_q|to_k|to_v|to_out\.0)"
 _JOINT = r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
@@ -71,7 +72,7 @@ def preset_pattern(model: nn.Module, preset: str) -> str:
     return PRESETS[arch][key]
 
 
-def _matches(spec: Union[str, list[str], None], name: str, module: nn.Module) -> bool:
+def _matches(spec: Union[str, list[str], None], name: str, module: nn.Module, field: str = "target_modules") -> bool:
     if spec is None:
         return False
     if isinstance(spec, str):
@@ -79,7 +80,7 @@ def _matches(spec: Union[str, list[str], None], name: str, module: nn.Module) ->
             from transformers.pytorch_utils import Conv1D
 
             return isinstance(module, (nn.Linear, Conv1D))
-        return re.fullmatch(spec, name) is not None
+        return patterns.fullmatch(spec, name, field)
     return any(name == t or name.endswith("." + t) for t in spec)
 
 
@@ -91,7 +92,7 @@ def _layer_index(name: str, layers_pattern: Union[str, list[str], None]) -> Opti
         m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
         return int(m.group(1)) if m else None
     for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-        m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+        m = patterns.match(layer_index_pattern(pattern), name, "layers_pattern")
         if m:
             return int(m.group(1))
     return None
@@ -127,7 +128,7 @@ def select_targets(model: nn.Module, config, supported: tuple[type, ...]) -> lis
         candidates.append(name)
         if not _matches(config.target_modules, name, module) or (head is not None and module is head):
             continue
-        if _matches(config.exclude_modules, name, module):
+        if _matches(config.exclude_modules, name, module, "exclude_modules"):
             continue
         if layers and name not in exact and _layer_index(name, config.layers_pattern) not in layers:
             continue  # PEFT: a target named by its full path is not filtered by layer

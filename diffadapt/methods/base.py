@@ -37,21 +37,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Hashable, Optional, Union
 
 from torch import Tensor
 
+from diffadapt import patterns
 
-def pattern_matches(pattern: str, name: str) -> bool:
-    """``pattern`` is a module-name suffix (``"attn1.to_q"``) or a full-match regex."""
+
+def pattern_matches(pattern: str, name: str, field: str = "pattern") -> bool:
+    """``pattern`` is a module-name suffix (``"attn1.to_q"``) or a full-match regex (bounded:
+    see :mod:`diffadapt.patterns`; ``field`` names it in a refusal)."""
     if name == pattern or name.endswith("." + pattern):
         return True
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False
+    return patterns.fullmatch(pattern, name, field)
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value)
 
 
 class AdapterConfigError(ValueError):
@@ -79,6 +82,11 @@ class LayerSpec:
             k = "x".join(map(str, self.kernel_size))
             shape += f" (conv {self.in_features} channels, kernel {k})"
         return f"{self.name!r} [{self.kind}, weight {shape}]"
+
+
+def layer_index_pattern(layers_pattern: str) -> str:
+    """PEFT's regex for the block index after a ``layers_pattern`` component (``re.match``)."""
+    return rf"(?:^|.*?\.){layers_pattern}\.(\d+)\."
 
 
 # Fields every config has: which layers to adapt (PEFT's names and meanings).
@@ -129,6 +137,7 @@ class AdapterConfig:
             )
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
             raise AdapterConfigError(f"{type(self).__name__}: target_modules is an empty list.")
+        self._check_targeting()
         if isinstance(self.target_modules, str):
             for key in ("layers_to_transform", "layers_pattern"):
                 if getattr(self, key) not in (None, [], ""):
@@ -138,6 +147,50 @@ class AdapterConfig:
                         "target_modules=['to_q', 'to_v'], or put the block index into the regex."
                     )
 
+    def _check_targeting(self) -> None:
+        """Types of the targeting fields, and every regex in them bounded (:mod:`diffadapt.patterns`):
+        they may come from a downloaded file."""
+        name = type(self).__name__
+        for key in ("target_modules", "exclude_modules", "layers_pattern"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str) and not _strings(value):
+                raise AdapterConfigError(
+                    f"{name}: {key} must be a string or a list of strings, got {patterns.shorten(value)}."
+                )
+        if self.modules_to_save is not None and not _strings(self.modules_to_save):
+            raise AdapterConfigError(
+                f"{name}: modules_to_save must be a list of strings, got {patterns.shorten(self.modules_to_save)}."
+            )
+        layers = self.layers_to_transform
+        if layers is not None and not (
+            isinstance(layers, int) and not isinstance(layers, bool)
+            or isinstance(layers, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+        ):
+            raise AdapterConfigError(
+                f"{name}: layers_to_transform must be an integer or a list of integers, got {patterns.shorten(layers)}."
+            )
+        if not isinstance(self.overrides, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) and all(isinstance(f, str) for f in v)
+            for k, v in self.overrides.items()
+        ):
+            raise AdapterConfigError(
+                f"{name}: overrides must map patterns to {{field: value}} dicts, got {patterns.shorten(self.overrides)}."
+            )
+        checks = [("overrides key", k) for k in self.overrides]
+        checks += [("modules_to_save", p) for p in self.modules_to_save or []]
+        for key in ("target_modules", "exclude_modules"):
+            value = getattr(self, key)
+            if isinstance(value, str) and value != "all-linear":
+                checks.append((key, value))
+        try:
+            for where, pattern in checks:
+                patterns.check_pattern(pattern, where)
+            lp = self.layers_pattern
+            for pattern in [lp] if isinstance(lp, str) else lp or []:
+                patterns.check_pattern(layer_index_pattern(pattern), "layers_pattern", full=False)
+        except patterns.UnsafePatternError as exc:
+            raise AdapterConfigError(f"{name}: {exc}") from None
+
     def check_layer(self, layer: LayerSpec) -> None:
         """Raise AdapterConfigError naming ``layer`` if this config cannot adapt it."""
 
@@ -146,7 +199,7 @@ class AdapterConfig:
         """This config with the ``overrides`` that match module ``name`` applied."""
         changes: dict[str, Any] = {}
         for pattern, values in self.overrides.items():
-            if pattern_matches(pattern, name):
+            if pattern_matches(pattern, name, "overrides key"):
                 changes.update(values)
         if not changes:
             return self

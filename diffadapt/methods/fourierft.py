@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffadapt import patterns
 from diffadapt.methods.base import AdapterConfig, AdapterConfigError, LayerSpec, Method
 
 # keys PEFT writes into adapter_config.json that carry no FourierFT meaning for us
@@ -51,6 +52,12 @@ _PEFT_BOOKKEEPING = {
     "peft_version", "auto_mapping",
 }
 _PATHS = ("auto", "dense", "fft")
+_FIELD = "n_frequency_pattern key"
+
+
+def _peft_key_pattern(key: str) -> str:
+    """PEFT's test of an ``n_frequency_pattern`` key: ``re.match(rf".*\\.{key}$", name)``."""
+    return rf".*\.{key}$"
 
 
 @dataclass
@@ -76,6 +83,13 @@ class FourierFTConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         name = type(self).__name__
+        if not isinstance(self.n_frequency_pattern, dict) or not all(isinstance(k, str) for k in self.n_frequency_pattern):
+            raise AdapterConfigError(f"{name}: n_frequency_pattern must map module-name keys to integers.")
+        try:
+            for key in self.n_frequency_pattern:
+                patterns.check_pattern(_peft_key_pattern(key), _FIELD, full=False)
+        except patterns.UnsafePatternError as exc:
+            raise AdapterConfigError(f"{name}: {exc}") from None
         for key, n in [(None, self.n_frequency), *self.n_frequency_pattern.items()]:
             if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
                 where = "n_frequency" if key is None else f"n_frequency_pattern[{key!r}]"
@@ -108,7 +122,7 @@ class FourierFTConfig(AdapterConfig):
     def for_layer(self, name: str) -> "FourierFTConfig":
         cfg = self
         if self.n_frequency_pattern:
-            hit = next((k for k in self.n_frequency_pattern if re.match(rf".*\.{k}$", name)), name)
+            hit = next((k for k in self.n_frequency_pattern if patterns.match(_peft_key_pattern(k), name, _FIELD)), name)
             n = self.n_frequency_pattern.get(hit, self.n_frequency)
             cfg = dataclasses.replace(self, n_frequency=n, n_frequency_pattern={})
         return AdapterConfig.for_layer(cfg, name)
