@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -25,14 +26,62 @@ class CliError(Exception):
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line: ``diffadapt generate: error: argument --steps: ...``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _integer(low: int, high: Optional[int] = None, what: str = "an integer"):
+    """argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"must be {what} {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _finite(text: str) -> float:
+    """argparse type: a finite number (no nan / inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _side(text: str) -> int:
+    """argparse type: an image side, a positive multiple of 8 (the VAE's scale factor)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 0 < value <= 16384 or value % 8:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8 (e.g. 512), got {text!r}")
+    return value
+
+
 def _parse_adapter(spec: str) -> tuple[str, float]:
-    """``PATH`` or ``PATH:STRENGTH``."""
+    """``PATH`` or ``PATH:STRENGTH`` (argparse type); a strength must be a finite number."""
     path, sep, strength = spec.rpartition(":")
     if sep and path:
         try:
-            return path, float(strength)
+            value = float(strength)
         except ValueError:
-            pass
+            return spec, 1.0  # a ':' that is part of the path
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"the strength of {path} must be a finite number, got {strength!r}")
+        return path, value
     return spec, 1.0
 
 
@@ -63,17 +112,22 @@ def cmd_generate(args) -> None:
     import torch
 
     import diffadapt as da
+    from diffadapt import files
 
-    adapters = [_parse_adapter(spec) for spec in args.adapter or []]
-    for path, _ in adapters:  # fail fast, before the model loads
+    try:
+        torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise CliError(f"--device {args.device!r} is not a torch device; use cpu, cuda, cuda:1, mps, ...") from None
+    adapters = args.adapter or []  # (path, strength): parsed and checked by argparse
+    for path, _ in adapters:  # fail fast, before the model loads (names and headers only)
         if not Path(path).exists():
             raise CliError(f"no adapter at {path}")
-        da.read_pipeline_adapter(path)
+        files.peek(path)
     pipe = _load_pipeline(args.model, args.device, args.dtype)
     names = [f"adapter{i}" for i in range(len(adapters))]
     strengths = [strength for _, strength in adapters]
     for name, (path, _) in zip(names, adapters):
-        da.load_adapter(pipe, path, name)
+        files.load(pipe, path, name)  # read once, against this pipeline: every supported format
     t0 = time.perf_counter()
     if names:
         da.set_adapters(pipe, names, strengths)
@@ -99,39 +153,31 @@ def cmd_generate(args) -> None:
     print(f"wrote {out} ({image.width}x{image.height}); adapters: {used}; switch {switch_ms:.1f} ms")
 
 
-def describe(path: str) -> dict:
-    """What ``diffadapt info`` prints: method, components, parameters, size, metadata."""
-    from diffadapt.pipeline import read_pipeline_adapter
-
-    adapter = read_pipeline_adapter(path)
-    files = [Path(path)] if Path(path).is_file() else [p for p in Path(path).rglob("*") if p.is_file()]
-    return {
-        "path": str(path),
-        "size_bytes": sum(p.stat().st_size for p in files),
-        "metadata": adapter.metadata,
-        "components": {
-            (n or "model"): {
-                "class": adapter.classes.get(n),
-                "method": config.method,
-                "layers": len({k.rsplit(".", 1)[0] for k in tensors if k.startswith("base_model.model.")}),
-                "parameters": sum(v.numel() for v in tensors.values()),
-                "config": config.to_dict(),
-            }
-            for n, (config, tensors) in adapter.components.items()
-        },
-    }
+def _short(value, limit: int = 160) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def cmd_info(args) -> None:
-    info = describe(args.path)
+    from diffadapt import files
+
+    pipe = _load_pipeline(args.model, "cpu", "float32") if args.model else None
+    info = files.describe(args.path, pipe, args.component)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return
-    print(f"{info['path']}: {info['size_bytes'] / 1e6:.2f} MB")
+    print(f"{info['path']}: {info['size_bytes'] / 1e6:.2f} MB, {files.KINDS[info['format']]}")
     for key, value in info["metadata"].items():
-        print(f"  {key}: {value}")
+        print(f"  {key}: {_short(value)}")
+    raw = info["format"] == "community" and info["fits"] is not True  # described from tensor names and shapes
     for name, comp in info["components"].items():
-        print(f"  [{name}] {comp['method']} on {comp['class'] or '?'}: {comp['layers']} layers, {comp['parameters']:,} parameters")
+        config = "".join(f", {k} {_short(v, 40)}" for k, v in comp["config"].items()) if raw else ""
+        print(f"  [{name}] {comp['method']} on {comp['class'] or '?'}: {comp['layers']} {'modules' if raw else 'layers'}, "
+              f"{comp['parameters']:,} {'values' if raw else 'parameters'}{config}")
+    if info["fits"] is not None:
+        print(f"  fits {type(pipe).__name__} ({args.model}): {'yes' if info['fits'] else 'no'}")
+    for note in info["notes"]:
+        print(f"  note: {note}")
 
 
 def cmd_convert(args) -> None:
@@ -172,27 +218,31 @@ def cmd_convert(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffadapt", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="diffadapt", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate an image with adapters")
     gen.add_argument("--model", help="pipeline folder or hub id (default: the embedded model)")
-    gen.add_argument("--adapter", action="append", metavar="PATH[:STRENGTH]", help="repeatable")
+    gen.add_argument("--adapter", action="append", type=_parse_adapter, metavar="PATH[:STRENGTH]",
+                     help="repeatable: a diffadapt file/folder, a PEFT folder or a LyCORIS/kohya/ComfyUI OFT/BOFT file")
     gen.add_argument("--merge", action="store_true", help="merge the adapters into the weights first")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative_prompt", default=None)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", type=int, default=25)
-    gen.add_argument("--guidance", type=float, default=7.5)
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--seed", type=_integer(0, 2**64 - 1, "a whole number"), default=0)
+    gen.add_argument("--steps", type=_integer(1, what="a whole number"), default=25)
+    gen.add_argument("--guidance", type=_finite, default=7.5)
+    gen.add_argument("--height", type=_side, default=None, help="pixels, a multiple of 8")
+    gen.add_argument("--width", type=_side, default=None, help="pixels, a multiple of 8")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     gen.add_argument("-o", "--output", default="diffadapt.png")
     gen.set_defaults(run=cmd_generate)
 
-    info = sub.add_parser("info", help="describe an adapter file or folder")
+    info = sub.add_parser("info", help="describe an adapter file or folder (any supported format)")
     info.add_argument("path")
+    info.add_argument("--model", default=None,
+                      help="base pipeline: check the adapter fits it, resolve a LyCORIS/kohya/ComfyUI file's layer names")
+    info.add_argument("--component", default=None, help="component of a PEFT folder or of lycoris_ keys")
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=cmd_info)
 
@@ -204,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--model", default=None, help="base pipeline: needed to read LyCORIS files and for .diff/LoRA exports")
     conv.add_argument("--rotations", choices=["auto", "blocks", "diff"], default="auto",
                       help="lycoris/comfyui: OFT/BOFT as oft_blocks where exact (auto), only so (blocks), or as .diff")
-    conv.add_argument("--lora-rank", dest="lora_rank", type=int, default=None,
+    conv.add_argument("--lora-rank", dest="lora_rank", type=_integer(1, what="a whole number"), default=None,
                       help="lycoris/comfyui: write additive adapters as a rank-R LoRA (lossy, error reported)")
     conv.add_argument("--unet-names", dest="unet_names", choices=["auto", "ldm", "diffusers"], default="auto",
                       help="lycoris/comfyui: UNet key names (auto: ldm for SDXL as kohya writes them)")
@@ -213,7 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, one line already printed)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         args.run(args)
