@@ -76,7 +76,10 @@ PREFIXES = (
     ("lora_te2_", "text_encoder_2"),
     ("lora_te3_", "text_encoder_3"),
     ("lora_te_", "text_encoder"),
+    ("diffusion_model.", None),  # ComfyUI's own trainer: its model's module paths (ldm names for SD UNets)
 )
+COMFY_PREFIX = "diffusion_model."
+ZERO_OK = ("diff", "diff_b")  # ComfyUI's trainer writes them beside oft_blocks: all-zero ones change nothing
 
 
 # -- detection --------------------------------------------------------------------------------------
@@ -133,7 +136,7 @@ class _Resolver:
                 component = self.component_for(wanted) if wanted is not None else self.denoiser
                 if component is None:
                     return None
-                path = self.table(component).get(rest)
+                path = self.table(component).get(names.flat(rest))
                 return (component, path) if path is not None else None
         head, _, rest = module_key.partition(".")  # diffusers style: <component>.<module path>
         if "" in self.mods:  # a bare model: the component name is optional
@@ -153,17 +156,30 @@ class _Layer:
     alpha: float
     rescale: Optional[Tensor]
     spec: Optional[LayerSpec] = None
+    comfy_alpha: bool = False  # alpha is the norm limit itself (ComfyUI), not alpha * out_features
 
 
 def _group(tensors: dict[str, Tensor], source: object) -> dict[str, dict[str, Tensor]]:
     groups: dict[str, dict[str, Tensor]] = {}
     others: Counter = Counter()
+    nonzero: list[str] = []
+    has_blocks = any(key.endswith(".oft_blocks") for key in tensors)
     for key, value in tensors.items():
         module, suffix = _split_key(key)
         if suffix in OFT_KEYS:
             groups.setdefault(module, {})[suffix] = value
+        elif has_blocks and suffix in ZERO_OK:
+            if bool(value.detach().ne(0).any()):
+                nonzero.append(key)
         else:
             others[OTHER_KEYS.get(suffix, f"'.{suffix}'")] += 1
+    if nonzero and not others:
+        peak = max(float(tensors[k].detach().abs().max()) for k in nonzero)
+        raise CheckpointError(
+            f"{source}: {len(nonzero)} diff/diff_b tensors beside the oft_blocks are nonzero (e.g. {nonzero[0]}, "
+            f"max |x| {peak:.3g}; ComfyUI's trainer trains biases and norm weights with the rotation): no diffadapt "
+            "adapter changes biases or norms. Load the file in ComfyUI, or drop those keys to import the rotation alone."
+        )
     if others:
         kinds = ", ".join(f"{k} ({n} tensors)" for k, n in others.items())
         raise CheckpointError(
@@ -212,6 +228,7 @@ def read_lycoris(
             group["oft_blocks"].detach().to(torch.float32),
             float(alpha) if alpha is not None else 0.0,
             None if group.get("rescale") is None else group["rescale"].detach().to(torch.float32),
+            comfy_alpha=module_key.startswith(COMFY_PREFIX),
         ))
     if unknown:
         raise CheckpointError(
@@ -257,6 +274,8 @@ def _component_from_lycoris(
             problems.append(f"{layer.path}: rescale {tuple(layer.rescale.shape)} vs {spec.out_features} output channels")
         if layer.alpha < 0 or not math.isfinite(layer.alpha):
             problems.append(f"{layer.path}: alpha={layer.alpha} is not a constraint >= 0")
+        elif layer.comfy_alpha:  # ComfyUI: |Q| <= alpha; diffadapt's constraint c means |Q| <= c * out_features
+            layer.alpha = layer.alpha / spec.out_features
         layer.spec = spec
     if problems:
         raise CheckpointError(f"{source} does not fit this {type(model).__name__}: " + "; ".join(problems[:5]))

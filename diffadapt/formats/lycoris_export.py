@@ -1,11 +1,29 @@
-"""Export to LyCORIS / kohya / ComfyUI files: every diffadapt method (the format and the
-mapping are described in :mod:`diffadapt.formats.lycoris`, which reads them).
+"""Export to LyCORIS / kohya / ComfyUI / A1111 / Forge files: every diffadapt method (the format
+and the mapping are described in :mod:`diffadapt.formats.lycoris`, which reads them).
 
 Output-side OFT / BOFT go out as ``oft_blocks`` (``Q / 2``: a round trip keeps ``Q`` bit for bit;
-a constraint some UI would apply differently is baked in and ``alpha`` written as 0); input-side
-rotations (PEFT's convention) as ``.diff``; HRA as an exact LoRA (``W Q = W - (W V) Y^T``);
-FourierFT and FRoD as ``.diff`` or, with ``lora_rank``, as a truncated-SVD LoRA whose error is
-reported.
+a constraint some UI would apply differently is baked in, and ``alpha`` is a limit that binds in no
+consumer); input-side rotations (PEFT's convention) as ``.diff``; HRA as an exact LoRA
+(``W Q = W - (W V) Y^T``); FourierFT and FRoD as ``.diff`` or, with ``lora_rank``, as a
+truncated-SVD LoRA whose error is reported.
+
+What each consumer reads (checked against their loaders; ``consumer=`` picks forms for one of them,
+the default picks forms every oft_blocks reader loads, and the header's ``consumers`` entry and a
+warning say who cannot load the file and why):
+
+* LyCORIS (and kohya sd-scripts through ``--network_module lycoris.kohya``, which the header
+  names): 3-d blocks only with block size <= block count (its diag-oft rebuilds the layout as
+  ``factorization(out, b)``, which swaps them otherwise); 4-d blocks only with an even block size,
+  a power-of-two block count ``N`` and ``log2(N) + 1`` factors (identity factors pad). An OFT layer
+  with more rows per block than blocks is written exactly as one 4-d factor of larger blocks
+  (block-diagonal ``Q``, the other factors identity); what has no exact LyCORIS layout goes out as
+  ``.diff`` (needs the base model) or is refused with the reason.
+* ComfyUI: 3-d and 4-d blocks of any layout (ignores ``rescale`` on 3-d blocks), ``.diff``, LoRA.
+* A1111: 3-d blocks in every version, 4-d blocks from 1.8 on (before: an error on every layer,
+  caught and counted), never on SDXL's second text encoder's q/k/v (OpenCLIP's fused
+  ``in_proj``); ``.diff`` and LoRA always. ``consumer="a1111"`` writes BOFT as ``.diff``.
+* Forge (since its 2024-08 patcher rework): no ``oft_blocks`` at all; ``.diff`` and LoRA.
+  ``consumer="forge"`` writes every rotation as ``.diff``.
 """
 
 from __future__ import annotations
@@ -13,6 +31,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +55,18 @@ from diffadapt.formats import names
 from diffadapt.formats.lycoris import half_chunk_order
 
 EXPORT_FORMAT = "diffadapt.lycoris-export"
+CONSUMERS = ("lycoris", "comfyui", "a1111", "forge", "kohya")
+# what strength s does to a file in each consumer (diffadapt's own strength: Cayley(s S))
+STRENGTH = {
+    "diffadapt": "rotations R(s) = Cayley(s S) (orthogonal at every s), additive W + s dW",
+    "lycoris, kohya (lycoris.kohya)": "3-d oft_blocks: W + s (R^T W - W); 4-d: rescale B_s W, B_s's factors "
+                                      "s r_i + (1 - s) I; .diff / LoRA: W + s dW",
+    "a1111": "oft_blocks: W + s (P W - W), P the file's whole transform at s = 1 (3-d blocks R^T, 4-d butterfly, "
+             "rescale); .diff / LoRA: W + s dW",
+    "comfyui": "3-d oft_blocks: W + s^2 (R^T W - W); 4-d: W + s (rescale B_s W - W), B_s's factors "
+               "s r_i + (1 - s) I; .diff / LoRA: W + s dW",
+    "note": "all agree with diffadapt at s = 0 and s = 1 only (for rotations)",
+}
 
 
 @dataclass
@@ -74,31 +106,87 @@ def _prefix(component: str, classes: dict[str, Optional[str]]) -> str:
     raise CheckpointError(f"No community key prefix is known for component {component!r}; export the denoiser and text encoders only.")
 
 
-def _rotation_tensors(src: _Source, notes: Counter) -> dict[str, Tensor]:
-    """Output-side OFT/BOFT -> ``oft_blocks`` (+ ``rescale``) and ``alpha``, exactly."""
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def lycoris_layout(blocks: Tensor) -> Optional[str]:
+    """None if LyCORIS' own loader rebuilds this ``oft_blocks`` layout, else why not (one phrase)."""
+    if blocks.dim() == 3:
+        n, b = blocks.shape[0], blocks.shape[-1]
+        if b > n:
+            return f"its diag-oft swaps block size {b} > block count {n} ({n} blocks of {b} rows)"
+        return None
+    m, n, b = blocks.shape[0], blocks.shape[1], blocks.shape[-1]
+    if b % 2 or not _is_pow2(n):
+        return f"its BOFT needs an even block size and a power-of-two block count (here {n} blocks of {b})"
+    if m != n.bit_length():
+        return f"its BOFT wants log2({n}) + 1 = {n.bit_length()} factors, not {m}"
+    return None
+
+
+def _pad_factors(blocks: Tensor) -> Tensor:
+    """4-d blocks with identity factors (A = 0) appended up to LyCORIS' log2(N) + 1 (they change nothing)."""
+    full = blocks.shape[1].bit_length() if _is_pow2(blocks.shape[1]) else 0
+    if full > blocks.shape[0]:
+        blocks = torch.cat([blocks, blocks.new_zeros(full - blocks.shape[0], *blocks.shape[1:])])
+    return blocks
+
+
+def _as_one_factor(skew: Tensor) -> Tensor:
+    """Natural-order skew blocks ``(N, b, b)`` of one output rotation (``W' = blockdiag(r_k^T) W``) ->
+    the same rotation as 4-d blocks ``(m, N', b', b')`` read by LyCORIS: blocks of ``b'`` rows, ``b'`` a
+    multiple of ``b`` with ``out / b'`` a power of two (``Q`` block-diagonal inside them: exact,
+    Cayley keeps block-diagonal structure), identity factors after. None if no such ``b'``."""
+    n, b = skew.shape[0], skew.shape[-1]
+    out = n * b
+    group = n // (n & -n)  # the odd part of n: b' = b * group * 2^j, N' = out / b' a power of two
+    big = b * group
+    if big % 2:
+        big *= 2
+    if out % big:
+        return None
+    per = big // b
+    full = skew.new_zeros(out // big, big, big)
+    for j in range(per):  # block-diagonal Q inside each big block
+        full[:, j * b:(j + 1) * b, j * b:(j + 1) * b] = skew.reshape(out // big, per, b, b)[:, j]
+    back = torch.argsort(half_chunk_order(big))
+    return _pad_factors((-full / 2)[None][..., back, :][..., :, back])
+
+
+def _rotation_tensors(src: _Source, notes: Counter, layout: str = "any") -> dict[str, Tensor]:
+    """Output-side OFT/BOFT -> ``oft_blocks`` (+ ``rescale``) and ``alpha``, exactly.
+
+    ``layout``: ``"any"`` (the natural 3-d / 4-d blocks) or ``"lycoris"`` (a layout LyCORIS' loader
+    rebuilds, by exact re-layouts; CheckpointError if there is none)."""
     config = src.config
     skew = src.method.skew(config, src.params, src.buffers).detach().float()  # constraint applied
     scale = None
     if src.method is OFT:
         skew = skew.expand(src.out_features // skew.shape[-1], -1, -1) if config.block_share else skew
-        blocks = skew / 2  # Q = A - A^T = S
+        natural = skew  # Q = A - A^T = S
     else:
         s = src.params["boft_s"].detach().float().reshape(-1)
         scale = None if bool((s == 1).all()) else s
-        if skew.shape[0] == 1 and scale is None:
-            blocks = skew[0] / 2  # one factor, natural order: diag-oft
-        else:
-            back = torch.argsort(half_chunk_order(skew.shape[-1]))
-            blocks = (-skew / 2)[..., back, :][..., :, back]  # Q = -S in LyCORIS' interleaved order
-            n = blocks.shape[1]
-            full = n.bit_length() if n & (n - 1) == 0 else 0  # LyCORIS' own loader wants log2(N) + 1 factors
-            if full > blocks.shape[0]:  # identity factors (A = 0) after ours change nothing
-                blocks = torch.cat([blocks, blocks.new_zeros(full - blocks.shape[0], *blocks.shape[1:])])
-                notes["BOFT padded with identity factors to LyCORIS' log2(N)+1"] += 1
-            elif not full:
-                notes["BOFT block count not a power of two: ComfyUI reads it, LyCORIS' own loader does not"] += 1
-    if blocks.dim() == 3 and blocks.shape[-1] > blocks.shape[0]:
-        notes["OFT block size > block count: ComfyUI reads it, LyCORIS' own loader does not"] += 1
+        natural = skew[0] if skew.shape[0] == 1 and scale is None else None  # one factor, natural order: diag-oft
+    if natural is not None:
+        blocks = natural / 2
+        if layout == "lycoris" and lycoris_layout(blocks) is not None:
+            wide = _as_one_factor(natural)
+            if wide is None or lycoris_layout(wide) is not None:
+                raise CheckpointError(_no_layout(src, blocks))
+            notes[f"{config.method.upper()} blocks larger than their count: written as one 4-d factor of wider "
+                  "blocks LyCORIS rebuilds (exact, larger file)"] += 1
+            blocks = wide
+    else:
+        back = torch.argsort(half_chunk_order(skew.shape[-1]))
+        blocks = (-skew / 2)[..., back, :][..., :, back]  # Q = -S in LyCORIS' interleaved order
+        padded = _pad_factors(blocks)
+        if padded.shape[0] > blocks.shape[0]:
+            notes["BOFT padded with identity factors to LyCORIS' log2(N)+1"] += 1
+        blocks = padded
+        if layout == "lycoris" and lycoris_layout(blocks) is not None:
+            raise CheckpointError(_no_layout(src, blocks))
     norm = float(torch.linalg.vector_norm(blocks - blocks.mT))
     alpha = float(config.constraint)
     if alpha and norm + 1e-8 > alpha:  # ComfyUI clamps to alpha, LyCORIS to alpha * out: bake it
@@ -114,6 +202,14 @@ def _rotation_tensors(src: _Source, notes: Counter) -> dict[str, Tensor]:
         ndim = len(src.weight_shape) if src.weight_shape is not None else (4 if src.kind == "conv2d" else 2)
         out["rescale"] = scale.reshape(-1, *[1] * (ndim - 1)).contiguous()
     return out
+
+
+def _no_layout(src: _Source, blocks: Tensor) -> str:
+    return (
+        f"{src.component or 'model'}.{src.path}: no exact oft_blocks layout that LyCORIS loads for this "
+        f"{src.config.method.upper()} (oft_blocks {tuple(blocks.shape)}, {src.out_features} output channels: "
+        f"{lycoris_layout(blocks)}). Pass the base model (--model) to write it as .diff, or export for ComfyUI/A1111."
+    )
 
 
 def _base_weight(src: _Source) -> Tensor:
@@ -157,8 +253,31 @@ def _delta(src: _Source) -> Tensor:
     return slot.method.apply_to_weight(w, slot.prepare(1.0, False)) - w
 
 
+_FUSED_QKV = re.compile(r"(^|\.)self_attn\.(q|k|v)_proj$")
+
+
+def _is_4d(src: _Source) -> bool:
+    """Whether this output-side OFT/BOFT layer's natural oft_blocks are 4-d (BOFT beyond one plain factor)."""
+    if src.method is not BOFT:
+        return False
+    return src.params["boft_R"].shape[0] > 1 or not bool((src.params["boft_s"] == 1).all())
+
+
+def _blocks_unread(src: _Source, consumer: Optional[str]) -> Optional[str]:
+    """Why ``consumer`` would not apply this layer's oft_blocks (None: it would)."""
+    if consumer == "forge":
+        return "Forge reads no oft_blocks"
+    if consumer == "a1111":
+        if src.component == "text_encoder_2" and _FUSED_QKV.search(src.path):
+            return "A1111 applies no oft_blocks to SDXL's text_encoder_2 q/k/v (OpenCLIP's fused in_proj)"
+        if _is_4d(src):
+            return "A1111 before 1.8 reads no 4-d (BOFT) oft_blocks"
+    return None
+
+
 def _layer_tensors(
-    src: _Source, rotations: str, lora_rank: Optional[int], notes: Counter, errors: list[float]
+    src: _Source, rotations: str, lora_rank: Optional[int], notes: Counter, errors: list[float],
+    consumer: Optional[str] = None,
 ) -> tuple[str, dict[str, Tensor]]:
     """(kind written, tensors by suffix) for one layer."""
     config = src.config
@@ -176,8 +295,26 @@ def _layer_tensors(
             "rotation_side='output' for an exact LyCORIS file."
         )
     if exact_blocks and rotations != "diff":
-        return "oft_blocks", _rotation_tensors(src, notes)
-    if rotation and rotations == "auto":
+        unread = _blocks_unread(src, consumer)
+        layout = "lycoris" if consumer in (None, "lycoris", "kohya") else "any"
+        if unread is None:
+            try:
+                return "oft_blocks", _rotation_tensors(src, notes, layout)
+            except CheckpointError:
+                if src.host is None or rotations == "blocks":
+                    raise
+            notes["no exact oft_blocks layout LyCORIS loads: written as .diff"] += 1
+        elif src.host is None or rotations == "blocks":
+            if consumer == "a1111" and "1.8" in unread:  # A1111 1.8+ reads 4-d blocks: write them, say so
+                notes[f"{unread}: written as oft_blocks anyway (A1111 1.8+ reads them; pass the model for .diff)"] += 1
+                return "oft_blocks", _rotation_tensors(src, notes, layout)
+            raise CheckpointError(
+                f"{src.component or 'model'}.{src.path}: {unread}. Pass the base model (--model) to write this "
+                f"{config.method.upper()} layer as .diff, or export it for another consumer."
+            )
+        else:
+            notes[f"{unread}: written as .diff"] += 1
+    elif rotation and rotations == "auto":
         side = "output side, Cayley-Neumann" if config.rotation_side == "output" else "input side"
         notes[f"{config.method.upper()} ({side}) has no oft_blocks form: written as .diff / LoRA"] += 1
     if src.host is None:
@@ -247,6 +384,60 @@ def _file_sources(adapter) -> list[_Source]:
     return out
 
 
+READERS = ("lycoris", "kohya", "comfyui", "a1111", "a1111<1.8", "forge")  # keys of the header's "consumers"
+_SD_FAMILY = ("UNet2DConditionModel", "CLIPTextModel", "CLIPTextModelWithProjection")
+
+
+def _unread_by(kind: str, values: dict[str, Tensor], src: _Source, cls: str) -> dict[str, Optional[str]]:
+    """For one written layer: reader -> None (applies it exactly at strength 1) or why not."""
+    out: dict[str, Optional[str]] = dict.fromkeys(READERS)
+    if cls not in _SD_FAMILY:  # DiTs: LyCORIS' own wrapper is the reader diffadapt checks
+        for reader in READERS[1:]:
+            out[reader] = f"not checked for {cls}"
+    if kind == "oft_blocks":
+        blocks = values["oft_blocks"]
+        layout = lycoris_layout(blocks)
+        if layout is not None:
+            out["lycoris"] = out["kohya"] = f"LyCORIS: {layout}"
+        if blocks.dim() == 3 and "rescale" in values:
+            out["comfyui"] = "ComfyUI ignores rescale on 3-d blocks"
+        if blocks.dim() == 4:
+            out["a1111<1.8"] = "A1111 before 1.8 reads no 4-d (BOFT) oft_blocks"
+        if src.component == "text_encoder_2" and _FUSED_QKV.search(src.path):
+            out["a1111"] = out["a1111<1.8"] = "A1111 applies no oft_blocks to SDXL's text_encoder_2 q/k/v"
+        out["forge"] = out["forge"] or "Forge reads no oft_blocks"
+    if src.component == "text_encoder_2" and src.path == "text_projection":
+        out["a1111"] = out["a1111<1.8"] = "A1111's SDXL text_encoder_2 has no text_projection layer"
+    return out
+
+
+def base_model_version(obj: Any, classes: dict[str, Optional[str]]) -> dict[str, str]:
+    """kohya's ``ss_base_model_version`` / ``ss_v2`` for the model exported from (A1111 files a LoRA
+    by them: SDXL only with ``sdxl_*``; anything else with metadata counts as SD1). {} if unknown."""
+    mods = components(obj) if obj is not None else {}
+    unet = next((m for m in mods.values() if type(m).__name__ == "UNet2DConditionModel"), None)
+    names_ = set(classes.values())
+    if (unet is not None and names.is_sdxl_unet(unet)) or (
+        "CLIPTextModelWithProjection" in names_ and ("UNet2DConditionModel" in names_ or "CLIPTextModel" in names_)
+    ):
+        return {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"}
+    if "FluxTransformer2DModel" in names_:
+        return {"ss_base_model_version": "flux1", "ss_v2": "False"}
+    if unet is None and not names_ & {"UNet2DConditionModel", "CLIPTextModel"}:
+        return {}
+    width = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
+    if width is None:  # text encoder alone: SD2's OpenCLIP-H is 1024 wide, SD1's CLIP-L 768
+        te = next((m for m in mods.values() if type(m).__name__ == "CLIPTextModel"), None)
+        width = getattr(getattr(te, "config", None), "hidden_size", None)
+    if width is None:
+        return {}
+    if width == 1024:
+        scheduler = getattr(obj, "scheduler", None)
+        v = getattr(getattr(scheduler, "config", None), "prediction_type", None) == "v_prediction"
+        return {"ss_base_model_version": "sd_v2_v" if v else "sd_v2", "ss_v2": "True"}
+    return {"ss_base_model_version": "sd_v1", "ss_v2": "False"}
+
+
 @torch.no_grad()
 def lycoris_state_dict(
     obj: Any = None,
@@ -256,6 +447,7 @@ def lycoris_state_dict(
     unet_names: str = "auto",
     rotations: str = "auto",
     lora_rank: Optional[int] = None,
+    consumer: Optional[str] = None,
 ) -> tuple[dict[str, Tensor], dict[str, str], dict[str, Any]]:
     """(tensors, safetensors header, report) of an adapter in the LyCORIS / kohya / ComfyUI format.
 
@@ -266,9 +458,16 @@ def lycoris_state_dict(
     ``lora_rank``: write additive methods and input-side rotations as a rank-``r`` LoRA (truncated
     SVD of ``dW``; the largest relative Frobenius error goes into the report) instead of ``.diff``.
     ``unet_names``: see :func:`diffadapt.formats.names.community_namer`.
+    ``consumer``: ``None`` (oft_blocks in layouts LyCORIS' loader rebuilds, which ComfyUI and A1111
+    1.8+ read too), ``"lycoris"`` / ``"kohya"`` (the same), ``"comfyui"`` (oft_blocks as they are),
+    ``"a1111"`` (BOFT and SDXL te2 q/k/v as ``.diff``: every A1111 version applies it), ``"forge"``
+    (every rotation as ``.diff``). The report's and the header's ``consumers`` say, per reader,
+    whether the file loads there exactly at strength 1; a warning names those where it does not.
     """
     if rotations not in ("auto", "blocks", "diff"):
         raise ValueError(f"rotations must be 'auto', 'blocks' or 'diff', got {rotations!r}.")
+    if consumer is not None and consumer not in CONSUMERS:
+        raise ValueError(f"consumer must be one of {', '.join(CONSUMERS)} or None, got {consumer!r}.")
     if obj is not None:
         sources = _live_sources(obj, adapter_name)
         mods = components(obj)
@@ -282,26 +481,65 @@ def lycoris_state_dict(
     notes: Counter = Counter()
     errors: list[float] = []
     kinds: Counter = Counter()
+    unread: dict[str, Counter] = {r: Counter() for r in READERS}
+    sizes: Counter = Counter()
+    alphas: Counter = Counter()
+    algos: set[str] = set()
+    rescaled = False
     namers = {
         n: names.community_namer(mods.get(n), classes.get(n), unet_names) for n in dict.fromkeys(x.component for x in sources)
     }
     for src in sources:
         name = _prefix(src.component, classes) + namers[src.component](src.path)
-        kind, values = _layer_tensors(src, rotations, lora_rank, notes, errors)
+        kind, values = _layer_tensors(src, rotations, lora_rank, notes, errors, consumer)
         kinds[kind] += 1
         tensors.update({f"{name}.{k}": v for k, v in values.items()})
+        for reader, why in _unread_by(kind, values, src, classes.get(src.component) or "").items():
+            if why is not None:
+                unread[reader][why] += 1
+        if kind == "oft_blocks":
+            algos.add("boft" if values["oft_blocks"].dim() == 4 else "diag-oft")
+            sizes[values["oft_blocks"].shape[-1]] += 1
+            alphas[float(values["alpha"])] += 1
+            rescaled = rescaled or "rescale" in values
+        elif kind == "lora":
+            algos.add("lora")
+            sizes[values["lora_up.weight"].shape[1]] += 1
+            alphas[float(values["alpha"])] += 1
+        else:
+            algos.add("full")
+    layers = sum(kinds.values())
+    readers = {}
+    for reader, whys in unread.items():
+        missed = sum(whys.values())
+        readers[reader] = "loads" if not missed else (
+            f"{missed} of {layers} layers not applied: " + "; ".join(f"{why} ({n})" for why, n in whys.items())
+        )
+    version = base_model_version(obj, classes)
+    if not version:
+        notes["base model family unknown (no model given): ss_base_model_version not written, "
+              "A1111 files this as SD1; pass the model (--model)"] += 1
     report = {
-        "layers": sum(kinds.values()),
+        "layers": layers,
         "written_as": dict(kinds),
         "max_relative_error": max(errors) if errors else 0.0,
         "notes": [f"{note} ({n} layers)" for note, n in notes.items()],
+        "consumers": readers,
     }
+    args = {"algo": "+".join(sorted(algos))}
+    if rescaled:
+        args["rescaled"] = True
     header = {
         "format": "pt",
         "ss_network_module": "lycoris.kohya",
+        "ss_network_dim": str(sizes.most_common(1)[0][0]) if sizes else "None",
+        "ss_network_alpha": repr(alphas.most_common(1)[0][0]) if alphas else "None",
+        "ss_network_args": json.dumps(args),
+        **version,
         EXPORT_FORMAT: json.dumps({
             "diffadapt_version": __version__,
             "adapter": adapter_name,
+            "consumer": consumer,
             "components": {n: {"class": classes.get(n), "config": c.to_dict()} for n, c in configs.items()},
             "conventions": {
                 "oft_blocks": "output side: W' = diag(rescale) P W; Q = A - A^T, r = (I+Q)(I-Q)^-1; 3-d: P = "
@@ -309,15 +547,20 @@ def lycoris_state_dict(
                               "(alpha * out_features, 0 = none)",
                 "diff": "W' = W + diff",
                 "lora": "W' = W + alpha / rank * up @ down",
+                "strength": STRENGTH,
             },
+            "consumers": readers,
             "report": report,
         }),
     }
-    if len(kinds) == 1:
-        algos = {src.method.name for src in sources}
-        only = next(iter(kinds))
-        algo = {"diff": "full", "lora": "lora"}.get(only) or ("boft" if "boft" in algos else "diag-oft")
-        header["ss_network_args"] = json.dumps({"algo": algo})
+    missing = {r: v for r, v in readers.items() if v != "loads" and "not checked" not in v}
+    if missing:
+        warnings.warn(
+            "this export does not load exactly everywhere: "
+            + " | ".join(f"{r}: {v}" for r, v in missing.items())
+            + " (consumer='a1111'/'forge' or rotations='diff' with the base model write .diff, which all of them read)",
+            stacklevel=3,
+        )
     return tensors, header, report
 
 

@@ -8,7 +8,10 @@ Community files name a module by its path with ``.`` replaced by ``_`` after a p
   ``input_blocks.4.1.transformer_blocks.0.attn1.to_q`` -- :func:`ldm_unet_paths` maps a diffusers
   ``UNet2DConditionModel`` onto it from the model's own block structure;
 * CLIP text encoders: the ``transformers`` path with ``text_model.`` (which transformers 5 drops
-  inside ``CLIPTextModel``: both spellings are accepted, ``text_model_`` is written);
+  inside ``CLIPTextModel``: both spellings are accepted, ``text_model_`` is written), except
+  ``CLIPTextModelWithProjection.text_projection``, which sits beside ``text_model``
+  (``lora_te2_text_projection``, as kohya, LyCORIS and ComfyUI name it; the old
+  ``lora_te2_text_model_text_projection`` is still read);
 * DiTs (SD3, Flux, PixArt): the diffusers path.
 
 Underscored names are ambiguous on their own (``to_q`` vs ``to.q``), so they are resolved against
@@ -42,6 +45,7 @@ _TOP = {  # diffusers UNet2DConditionModel top-level module -> ldm path
     "conv_out": "out.2",
 }
 _WRAPPERS = (".base_layer", ".adapters.", ".original_module", ".copies.", ".shared")
+_CLIP_TOP = ("text_projection",)  # CLIP modules outside text_model (CLIPTextModelWithProjection)
 
 
 def flat(path: str) -> str:
@@ -166,7 +170,9 @@ def community_namer(model: Optional[nn.Module], class_name: Optional[str] = None
         raise ValueError(f"unet_names must be 'auto', 'ldm' or 'diffusers', got {unet_names!r}.")
     cls = class_name or (type(model).__name__ if model is not None else "")
     if cls.startswith("CLIPText"):
-        return lambda path: flat(path if path.startswith("text_model.") else "text_model." + path)
+        # CLIPTextModelWithProjection's text_projection sits beside text_model, not in it: kohya,
+        # LyCORIS and ComfyUI spell it lora_te2_text_projection
+        return lambda path: flat(path if path.startswith("text_model.") or path in _CLIP_TOP else "text_model." + path)
     if cls == "UNet2DConditionModel" and model is not None:
         if unet_names == "ldm" or (unet_names == "auto" and is_sdxl_unet(model)):
             ldm = ldm_unet_paths(model)
