@@ -106,8 +106,13 @@ def build_slots(
 ) -> dict[str, AdapterSlot]:
     """Create (without installing) one AdapterSlot per module name. Raises before any change.
 
-    ``saved_shared`` are non-layer tensors from a checkpoint (e.g. FRoD's saved bases)."""
+    ``saved_shared`` are non-layer tensors from a checkpoint (e.g. FRoD's saved bases). Layers are
+    handed to the method in the model's module order, whatever order ``names`` has (PEFT's FRoD
+    bases depend on it)."""
     method = get_method(config.method)
+    wanted = set(names)
+    ordered = [n for n, _ in model.named_modules(remove_duplicate=False) if n in wanted]
+    names = list(dict.fromkeys(ordered + list(names)))  # names the model lacks fail below, named
     modules = [_module(model, n) for n in names]
     specs = [layer_spec(n, m) for n, m in zip(names, modules)]
     configs = [config.for_layer(n) for n in names]

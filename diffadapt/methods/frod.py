@@ -39,16 +39,21 @@ Precision and devices of the shared basis: decompositions run on the weights' de
 over groups of equal (N, d_out, d_in), in float64 on CPU and float32 elsewhere. PEFT runs them
 one category at a time in float32 on CPU; its V is *not* a stable function of the weights (sign
 flips, and arbitrary bases of (near-)degenerate eigenspaces, e.g. every single-layer group has
-``T = I/(1+alpha)``), so a float64 V differs from PEFT's. ``projection_mode="peft"`` reproduces
-PEFT's float32 CPU op sequence (V bit-equal to PEFT's, same torch/CPU build); ``from_peft_dict``
-selects it. Trained S values only mean something with the very V they were trained on: save V
-(``save_projection=True``) unless the adapter is ``"peft"`` mode and PEFT must regenerate it.
+``T = I/(1+alpha)``), so a float64 V differs from PEFT's. ``projection_mode="peft"`` is PEFT's own
+sharing and op sequence: one basis per PEFT category (not per role and shape), from one weight per
+block index, float32 on the CPU -- V bit-equal to PEFT's (same torch/CPU build); it refuses models
+PEFT cannot build (a category mixing input widths, e.g. SD UNets). ``from_peft_dict`` selects it.
+PEFT computes U from *its own* V when it creates a layer and never from a loaded one, so only
+``"peft"``-mode files give diffadapt's outputs in PEFT (saving a ``"fast"`` one warns). Trained S
+values only mean something with the very V they were trained on: ``"fast"`` needs
+``save_projection=True``; ``"peft"`` may leave V out for PEFT (and diffadapt) to regenerate.
 Only nn.Linear and transformers Conv1D are supported (PEFT's scope).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Optional, Sequence, Union
 
@@ -155,8 +160,9 @@ class FRoDConfig(AdapterConfig):
     ``runtime_offload_base_weight`` must be False (a PEFT memory trick the runtime does not do).
     ``overrides`` may only set ``frod_dropout`` / ``init_weights``: the rest is shared per group.
     ``projection_mode`` (diffadapt only, never written to PEFT): ``"fast"`` = decompositions on
-    the weights' device, batched, float64 on CPU / float32 elsewhere; ``"peft"`` = PEFT's float32
-    CPU sequence, V equal to PEFT's where groups coincide with PEFT's categories (slower).
+    the weights' device, batched, float64 on CPU / float32 elsewhere, one basis per role and shape;
+    ``"peft"`` = PEFT's categories and float32 CPU sequence, V equal to PEFT's (slower; the mode whose
+    files PEFT reproduces).
     """
 
     method: ClassVar[str] = "frod"
@@ -199,6 +205,12 @@ class FRoDConfig(AdapterConfig):
             )
         if self.projection_mode not in ("fast", "peft"):
             raise AdapterConfigError(f"{name}: projection_mode={self.projection_mode!r}; choose 'fast' or 'peft'.")
+        if self.projection_mode == "fast" and not self.save_projection:
+            raise AdapterConfigError(
+                f"{name}: save_projection=False needs projection_mode='peft': a file without its bases is rebuilt "
+                "from the weights with PEFT's float32 recipe on load, and a 'fast' (float64, per role and shape) "
+                "basis is not that one. Keep save_projection=True, or use projection_mode='peft'."
+            )
         for pattern, values in self.overrides.items():
             bad = sorted(set(values) - _PER_LAYER_FIELDS)
             if bad:
@@ -317,6 +329,8 @@ class FRoD(Method):
         same dict (same tensors) for all layers of a group (see ``projection_mode``)."""
         for layer in layers:
             config.check_layer(layer)
+        if config.projection_mode == "peft":
+            return cls._init_shared_peft(config, layers, weights)
         groups: dict[str, list[int]] = {}
         for j, layer in enumerate(layers):
             groups.setdefault(cls.group_key(layer), []).append(j)
@@ -334,12 +348,6 @@ class FRoD(Method):
         bar = tqdm(total=len(order), desc="FRoD joint decompositions", unit="group", disable=not config.progressbar)
         for (n, o, i, device), keys in buckets.items():
             bar.set_postfix(layers=n, shape=f"{o}x{i}")
-            if config.projection_mode == "peft":
-                for k in keys:
-                    bases[k], good = _basis_peft([weights[j].detach().float().cpu() for j in groups[k]], alpha)
-                    failed += [] if good else [k]
-                bar.update(len(keys))
-                continue
             dtype = torch.float64 if device.type == "cpu" else torch.float32
             step = max(1, _MAX_BATCH_ELEMS // (n * i * (i + o)))
             for s in range(0, len(keys), step):
@@ -364,6 +372,46 @@ class FRoD(Method):
             idx = _draw_pattern(d, sparse_nnz(d, config.sparse_rate), gen)
             shared[k] = {"V": bases[k].to(device=first.device, dtype=first.dtype), "indices": idx.to(first.device)}
         return [shared[cls.group_key(layer)] for layer in layers]
+
+    @classmethod
+    def _init_shared_peft(
+        cls, config: FRoDConfig, layers: list[LayerSpec], weights: list[Tensor]
+    ) -> list[dict[str, Tensor]]:
+        """PEFT's own sharing (``FrodModel._init_frod_projections``): one basis per category
+        (:func:`peft_category`), decomposed in float32 on the CPU from one weight per block index
+        -- the last target layer of that category with that index (:func:`_peft_block_index`), as
+        PEFT's ``weights[block][category]`` keeps it -- in ascending block order; patterns drawn
+        category by category in sorted order. PEFT cannot build a category whose layers differ in
+        input width (it concatenates them), so neither does this mode."""
+        cats = [peft_category(layer.name) for layer in layers]
+        by_block: dict[int, dict[str, int]] = {}
+        for j, layer in enumerate(layers):
+            by_block.setdefault(_peft_block_index(layer.name, j), {})[cats[j]] = j
+        alpha = config.regularization_alpha
+        gen = torch.Generator(device="cpu").manual_seed(config.projection_prng_key)
+        shared: dict[str, dict[str, Tensor]] = {}
+        for cat in tqdm(sorted(set(cats)), desc="FRoD joint decompositions (PEFT mode)", unit="category",
+                        disable=not config.progressbar):
+            widths = sorted({layers[j].fan_in for j, c in enumerate(cats) if c == cat})
+            if len(widths) > 1:
+                raise AdapterConfigError(
+                    f"FRoD projection_mode='peft': PEFT shares one basis per category {cat!r}, but its layers have "
+                    f"input widths {widths} (PEFT itself fails on this model). Use projection_mode='fast' (bases per "
+                    "role and shape, saved in the file) or target layers of one width per category."
+                )
+            members = [by_block[b][cat] for b in sorted(by_block) if cat in by_block[b]]
+            V, good = _basis_peft([weights[j].detach().float().cpu() for j in members], alpha)
+            if not good:
+                where = ", ".join(layers[j].describe() for j in members)
+                raise AdapterConfigError(
+                    f"FRoD: the joint basis of {where} (PEFT category {cat!r}) is singular with "
+                    f"regularization_alpha={alpha} (Q_i^T Q_i + alpha I has no inverse); use a positive value "
+                    "(PEFT default 1e-3)."
+                )
+            first = weights[members[0]]
+            idx = _draw_pattern(widths[0], sparse_nnz(widths[0], config.sparse_rate), gen)
+            shared[cat] = {"V": V.to(device=first.device, dtype=first.dtype), "indices": idx.to(first.device)}
+        return [shared[c] for c in cats]
 
     @classmethod
     def shared_from_projections(
@@ -421,6 +469,15 @@ class FRoD(Method):
         names) unless ``save_projection`` is False."""
         if not config.save_projection:
             return {}
+        if config.projection_mode == "fast":
+            warnings.warn(
+                "FRoD adapter saved with projection_mode='fast' (diffadapt's float64 bases per role and shape): "
+                "diffadapt loads it exactly, but PEFT computes U from a basis of its own and gives other outputs. "
+                "For a file PEFT reproduces, create the adapter with FRoDConfig(projection_mode='peft') "
+                "(train_dreambooth.py: --frod_projection_mode peft).",
+                UserWarning,
+                stacklevel=2,
+            )
         if cls._peft_keys_fit(layers, lambda i, j: buffers[i]["V"] is buffers[j]["V"]):
             keys = [peft_category(layer.name) for layer in layers]
         else:  # PEFT would mix shapes or groups in one category: diffadapt's own group keys

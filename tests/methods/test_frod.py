@@ -477,3 +477,108 @@ def test_basis_path_core_product_matches_autograd_float64():
     b = torch.autograd.grad(want, leaves, g)
     for u, v in zip(a, b):
         torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- files PEFT reproduces (issue 13, 2-4)
+FILE_MODELS = {  # PEFT categories differ from diffadapt's role+shape groups in both
+    "unet": (lambda: __import__("tests.tiny_models", fromlist=["x"]).tiny_unet(widths=(32, 32)),
+             ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]),
+    "flux": (lambda: __import__("tests.tiny_models", fromlist=["x"]).tiny_flux(),
+             ["to_q", "to_k", "to_v", "add_q_proj", "proj_mlp"]),
+    "clip": (lambda: __import__("tests.tiny_models", fromlist=["x"]).tiny_clip(), CLIP_TARGETS),
+}
+
+
+def _layer_outputs(model, names, seed=7):
+    """Each adapted layer on its own random input (no forward signature needed)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    with torch.no_grad():
+        for n in names:
+            mod = model.get_submodule(n)
+            base = getattr(mod, "base_layer", mod)
+            d_in = base.in_features if hasattr(base, "in_features") else base.weight.shape[0]
+            out[n] = mod(torch.randn(3, 5, d_in, generator=g))
+    return out
+
+
+def _peft_targets(model, targets):
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(
+        n == t or n.endswith("." + t) for t in targets)]
+
+
+@pytest.mark.parametrize("which", list(FILE_MODELS))
+def test_peft_file_without_projections_rebuilds_peft_bases(tmp_path, which):
+    """A PEFT folder saved with save_projection=False: diffadapt regenerates PEFT's own bases
+    (its categories, one weight per block index), so outputs equal PEFT's."""
+    import diffadapt as da
+
+    build, targets = FILE_MODELS[which]
+    pm = peft_model(build(), targets, save_projection=False, sparse_rate=0.05)
+    randomize_peft(pm, seed=4)
+    pm.save_pretrained(tmp_path / "peft")
+    assert not any("frod_V" in k for k in get_peft_model_state_dict(pm))
+    names = _peft_targets(build(), targets)
+    want = _layer_outputs(pm.base_model.model, names)
+    ours = build()
+    da.load_adapter(ours, tmp_path / "peft", "a")
+    got = _layer_outputs(ours, names)
+    base = _layer_outputs(build(), names)
+    assert max(rel_err(want[n], base[n]) for n in names) > 0.05
+    for n in names:
+        assert rel_err(got[n], want[n]) < 1e-5, n
+
+
+@pytest.mark.parametrize("which", list(FILE_MODELS))
+def test_peft_mode_files_give_diffadapt_outputs_in_peft(tmp_path, which):
+    """FRoD made by diffadapt in projection_mode='peft', trained (perturbed), saved with and
+    without its bases: PEFT loading the folder computes the same layer outputs as diffadapt."""
+    import diffadapt as da
+    from peft import PeftModel
+
+    build, targets = FILE_MODELS[which]
+    names = _peft_targets(build(), targets)
+    for save_projection in (True, False):
+        ours = build()
+        cfg = FRoDConfig(target_modules=targets, projection_mode="peft", sparse_rate=0.05, progressbar=False,
+                         save_projection=save_projection)
+        da.add_adapter(ours, cfg, "a")
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for p in da.model.adapter_parameters(ours, "a").values():
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g)).add_(0.1 * torch.randn(p.shape, generator=g))
+        want = _layer_outputs(ours, names)
+        folder = tmp_path / f"ours_{save_projection}"
+        da.save_adapter(ours, folder, "a")
+        reloaded = PeftModel.from_pretrained(build(), folder)
+        got = _layer_outputs(reloaded.base_model.model, names)
+        base = _layer_outputs(build(), names)
+        assert max(rel_err(want[n], base[n]) for n in names) > 0.05
+        for n in names:
+            assert rel_err(got[n], want[n]) < 1e-5, (save_projection, n)
+
+
+def test_fast_mode_says_it_is_not_for_peft(tmp_path):
+    import diffadapt as da
+
+    build, targets = FILE_MODELS["clip"]
+    model = build()
+    da.add_adapter(model, FRoDConfig(target_modules=targets, progressbar=False), "a")
+    with pytest.warns(UserWarning, match=r"projection_mode='fast'.*PEFT computes U from a basis of its own"):
+        da.save_adapter(model, tmp_path / "fast", "a")
+    with pytest.raises(AdapterConfigError, match=r"save_projection=False needs projection_mode='peft'"):
+        FRoDConfig(target_modules=targets, save_projection=False)
+
+
+def test_peft_mode_refuses_what_peft_cannot_build():
+    """SD-UNet widths: PEFT's category 'attn1_to_q' would concatenate 32- and 64-wide weights."""
+    import diffadapt as da
+    from tests import tiny_models as tm
+
+    model = tm.tiny_unet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = FRoDConfig(target_modules=["to_q"], projection_mode="peft", progressbar=False)
+    with pytest.raises(AdapterConfigError, match=r"category 'attn1_to_q'.*input widths \[32, 64\].*'fast'"):
+        da.add_adapter(model, cfg, "a")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    da.add_adapter(model, FRoDConfig(target_modules=["to_q"], progressbar=False), "a")  # fast mode: fine
