@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import atomic_io
 from common import UsageError
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used (fast --help)
@@ -160,8 +162,23 @@ def save_grid(images: list, path, rows: int = 1) -> str:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_image_grid(images, rows=rows, cols=math.ceil(len(images) / rows)).save(path)
+    save_image_atomic(make_image_grid(images, rows=rows, cols=math.ceil(len(images) / rows)), path)
     return str(path)
+
+
+def save_image_atomic(image, path) -> None:
+    """PIL ``save`` into a temporary sibling, then rename (a kill leaves no truncated PNG)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image.save(tmp, format=_image_format(path))
+    os.replace(tmp, path)
+
+
+def _image_format(path) -> str:
+    from PIL import Image
+
+    Image.init()
+    return Image.EXTENSION.get(Path(path).suffix.lower(), "PNG")
 
 
 def labelled_grid(rows: list[tuple[str, list]], path=None, size: int | None = None, label_width: int = 300):
@@ -182,7 +199,7 @@ def labelled_grid(rows: list[tuple[str, list]], path=None, size: int | None = No
             grid.paste(image.convert("RGB").resize((size, size), Image.NEAREST), (label_width + j * (size + 2), top))
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
+        save_image_atomic(grid, path)
     return grid
 
 
@@ -240,4 +257,4 @@ def write_model_card(args, *, title: str, tags: list[str], base_model: str, usag
     lines += ["", "Adapter config:", "", "```json", json.dumps(config, indent=2, default=str), "```", ""]
     if images:
         lines += ["## Validation images", ""] + [f"![{Path(p).stem}]({p})" for p in images] + [""]
-    Path(args.output_dir, "README.md").write_text("\n".join(front + lines))
+    atomic_io.write_text_atomic(Path(args.output_dir, "README.md"), "\n".join(front + lines))

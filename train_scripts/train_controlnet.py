@@ -44,6 +44,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import atomic_io  # noqa: E402
 import common  # noqa: E402
 import sd_parts  # noqa: E402
 import training_loop  # noqa: E402
@@ -363,9 +364,13 @@ def main(argv=None):
                     "adapt": ",".join(args.adapt), "controlnet_trainable": args.controlnet_trainable,
                     "controlnet": CONTROLNET_FOLDER if save_weights else controlnet_source,
                     "resolution": args.resolution, "steps": global_step}
-        da.save_adapter(pipe, args.output_dir, common.ADAPTER_NAME, metadata=metadata)
-        if save_weights:
-            save_controlnet_weights(controlnet, Path(args.output_dir, CONTROLNET_FOLDER))
+
+        def write(folder):  # into a temporary folder first: a kill leaves no half-written files
+            da.save_adapter(pipe, folder, common.ADAPTER_NAME, metadata=metadata)
+            if save_weights:
+                save_controlnet_weights(controlnet, Path(folder, CONTROLNET_FOLDER))
+
+        atomic_io.publish_artifact(args.output_dir, write)
         if validating:
             free_memory()
             from diffusers import ControlNetModel

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import atomic_io  # noqa: E402
 import common  # noqa: E402
 import sd_parts  # noqa: E402
 import training_loop  # noqa: E402
@@ -523,7 +524,8 @@ def main(argv=None):
         metadata = {"base_model": args.pretrained_model_name_or_path, "instance_prompt": args.instance_prompt,
                     "method": args.method, "family": family, "train_text_encoder": bool(text_roles),
                     "resolution": args.resolution, "steps": global_step}
-        da.save_adapter(pipe, args.output_dir, common.ADAPTER_NAME, metadata=metadata)
+        atomic_io.publish_artifact(  # into a temporary folder first: a kill leaves no half-written files
+            args.output_dir, lambda folder: da.save_adapter(pipe, folder, common.ADAPTER_NAME, metadata=metadata))
         saved = True
         if args.validation_prompt or args.comparison_prompts:  # from the saved files, as users will load them
             free_memory()

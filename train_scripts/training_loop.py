@@ -13,11 +13,13 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common import UsageError, tensorboard_available
+import atomic_io
+from common import ADAPTER_NAME, METHOD_FLAGS, METHODS, UsageError, tensorboard_available
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used (fast --help)
     import torch
@@ -99,6 +101,27 @@ def step_generator(accelerator, seed: int, global_step: int, micro: int) -> torc
 
     index = (global_step * 1024 + micro) * accelerator.num_processes + accelerator.process_index
     return torch.Generator(accelerator.device).manual_seed((seed * 1_000_003 + index) % (2**63))
+
+
+def seed_global_rngs(seed: int, global_step: int, micro: int, rank: int) -> None:
+    """Seed the global generators (python ``random``, numpy, torch on the CPU and every
+    accelerator device) for one micro-batch, from (seed, step, micro-batch, rank) only.
+
+    Adapter dropout (BOFT ``boft_dropout``, OFT ``module_dropout``, FRoD ``frod_dropout``) and
+    anything else that draws inside the forward uses these global generators. Their state at a
+    checkpoint is not what a resumed run has at the same step: between ``load_state`` and the
+    next step other code draws from them (a new DataLoader iterator takes a seed from torch's
+    CPU generator, accelerate synchronises generators per iteration, ...). Seeding them per
+    micro-batch makes a resumed run draw exactly what the uninterrupted one draws, whatever ran
+    in between. The stream differs from ``step_generator``'s (noise and timesteps)."""
+    import numpy as np
+    import torch
+
+    digest = hashlib.sha256(f"diffadapt global rng {seed} {global_step} {micro} {rank}".encode()).digest()
+    value = int.from_bytes(digest[:8], "little") >> 1  # 63 bits
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)  # CPU and all CUDA (and other accelerator) devices
 
 
 class EpochSampler:
@@ -186,13 +209,20 @@ def register_checkpointing(accelerator, models: dict) -> None:
             path = os.path.join(input_dir, f"{role}.trainable.safetensors")
             if not os.path.isfile(path):
                 raise UsageError(f"{input_dir} has no {role}.trainable.safetensors: not a checkpoint of this training.")
-            tensors = load_file(path)
+            try:
+                tensors = load_file(path)
+            except Exception as err:  # noqa: BLE001 - safetensors raises several types for a damaged file
+                raise UsageError(f"{path} is not a readable safetensors file ({one_line(err)}).") from None
             params = {n: p for n, p in models[role].named_parameters() if p.requires_grad}
             if set(tensors) != set(params):
                 raise UsageError(
                     f"{path} holds other tensors than this run trains ({len(tensors)} vs {len(params)}); "
                     "resume with the same method, hyper-parameters and targets."
                 )
+            for n, p in params.items():
+                if tuple(tensors[n].shape) != tuple(p.shape):
+                    raise UsageError(f"{path}: {n} has shape {tuple(tensors[n].shape)} there and {tuple(p.shape)} in "
+                                     "this run; resume with the same method, hyper-parameters and targets.")
             with torch.no_grad():
                 for n, p in params.items():
                     p.copy_(tensors[n])
@@ -202,53 +232,228 @@ def register_checkpointing(accelerator, models: dict) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+def one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or "no message"
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: written into checkpoint-<step>.tmp, renamed when complete, described by a manifest
+# ----------------------------------------------------------------------------------------------
+
+MANIFEST = "diffadapt_checkpoint.json"  # written last: its presence means the folder is complete
+MANIFEST_FORMAT = "diffadapt.training-checkpoint"
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+LEFTOVER_RE = re.compile(r"checkpoint-\d+\.(tmp|old)")
+
+
+def _jsonable(value):
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return str(value)
+
+
+def run_signature(args, models: dict) -> dict:
+    """What a checkpoint must share with the run that resumes it: the method, the trained roles,
+    each role's adapter config and every trained tensor's name and shape."""
+    from diffadapt.model import adapter_state
+
+    adapters, trainable = {}, {}
+    for role, model in models.items():
+        try:
+            config = adapter_state(model).configs.get(ADAPTER_NAME)
+        except ValueError:  # no adapter on this model (e.g. a ControlNet trained in full)
+            config = None
+        if config is not None:
+            adapters[role] = config.to_dict()
+        trainable[role] = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    signature = {"method": args.method, "adapters": adapters, "trainable": trainable}
+    return json.loads(json.dumps(signature, sort_keys=True, default=_jsonable))  # as it reads back
+
+
+def _step(name: str) -> int | None:
+    match = CHECKPOINT_RE.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
 def _checkpoints(output_dir) -> list[str]:
+    """``checkpoint-<step>`` folder names in ``output_dir``, oldest first (complete or not)."""
     if not os.path.isdir(output_dir):
         return []
-    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
-    return sorted(names, key=lambda d: int(d.split("-")[1]))
+    names = [d for d in os.listdir(output_dir) if _step(d) is not None and os.path.isdir(os.path.join(output_dir, d))]
+    return sorted(names, key=_step)
 
 
-def save_checkpoint(accelerator, args, global_step: int) -> str:
-    """``accelerator.save_state`` into ``output_dir/checkpoint-<step>`` (all processes call it:
-    accelerate writes models/optimizer on the main process and each process's RNG state),
-    keeping at most ``--checkpoints_total_limit`` checkpoints."""
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        existing = _checkpoints(args.output_dir)
-        for name in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-            shutil.rmtree(os.path.join(args.output_dir, name))
-    accelerator.wait_for_everyone()
+def read_manifest(path) -> dict | None:
+    try:
+        data = json.loads(Path(path, MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT else None
+
+
+def checkpoint_problem(path) -> str | None:
+    """None if the checkpoint folder is complete, else why not (one clause)."""
+    if not Path(path, MANIFEST).is_file():
+        return (f"it has no {MANIFEST} (a save that did not finish, or a checkpoint of an older version of the "
+                "script)")
+    manifest = read_manifest(path)
+    if manifest is None or not isinstance(manifest.get("files"), dict):
+        return f"its {MANIFEST} is unreadable"
+    for rel, size in sorted(manifest["files"].items()):
+        file = Path(path, rel)
+        if not file.is_file():
+            return f"{rel} is missing"
+        if file.stat().st_size != size:
+            return f"{rel} has {file.stat().st_size} bytes, {size} were written (truncated or damaged)"
+    return None
+
+
+def _files(folder) -> dict[str, int]:
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            p = os.path.join(root, name)
+            out[os.path.relpath(p, folder).replace(os.sep, "/")] = os.path.getsize(p)
+    return out
+
+
+def save_checkpoint(accelerator, args, global_step: int, models: dict) -> str:
+    """``accelerator.save_state`` into ``output_dir/checkpoint-<step>``, atomically: all processes
+    write into ``checkpoint-<step>.tmp`` (accelerate writes models/optimizer on the main process and
+    each process's RNG state), the main process adds the manifest, flushes and renames it; only
+    then are checkpoints beyond ``--checkpoints_total_limit`` removed (complete ones, oldest first)."""
     path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    accelerator.save_state(path)
+    tmp = path + ".tmp"
+    if accelerator.is_main_process:
+        atomic_io.remove(tmp)  # left by a save that was killed
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        manifest = {"format": MANIFEST_FORMAT, "version": 1, "step": global_step,
+                    "world_size": accelerator.num_processes, **run_signature(args, models), "files": _files(tmp)}
+        Path(tmp, MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        atomic_io.fsync_tree(tmp)
+        atomic_io.replace_dir(tmp, path)
+        prune_checkpoints(args, keep=path)
     accelerator.wait_for_everyone()
     return path
 
 
-def resolve_resume(args) -> str | None:
-    """The checkpoint folder --resume_from_checkpoint names (None: start fresh)."""
+def prune_checkpoints(args, keep: str) -> None:
+    """Leftovers of killed saves (``checkpoint-<step>.tmp`` / ``.old``) go; with
+    ``--checkpoints_total_limit n`` the n newest complete checkpoints stay (``keep``, the one
+    just written, among them), older complete ones go. Incomplete ``checkpoint-<step>`` folders
+    are left alone: they do not count, and an older script's checkpoint may be one."""
+    out = args.output_dir
+    for name in os.listdir(out):
+        if LEFTOVER_RE.fullmatch(name) and os.path.join(out, name) != keep:
+            atomic_io.remove(os.path.join(out, name))
+    if args.checkpoints_total_limit is None:
+        return
+    complete = [d for d in _checkpoints(out) if checkpoint_problem(os.path.join(out, d)) is None]
+    kept = set(complete[-args.checkpoints_total_limit:]) | {os.path.basename(keep)}
+    for name in complete:
+        if name not in kept:
+            shutil.rmtree(os.path.join(out, name))
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def resolve_resume(args, warn=_stderr) -> str | None:
+    """The checkpoint folder --resume_from_checkpoint names (None: start fresh). ``latest`` is the
+    newest complete checkpoint in --output_dir; incomplete ones are skipped with a ``warn`` line."""
     if not args.resume_from_checkpoint:
         return None
     if args.resume_from_checkpoint == "latest":
-        found = _checkpoints(args.output_dir)
-        return os.path.join(args.output_dir, found[-1]) if found else None
+        for name in reversed(_checkpoints(args.output_dir)):
+            path = os.path.join(args.output_dir, name)
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            warn(f"warning: skipping {path} for --resume_from_checkpoint latest: {problem}.")
+        return None
     path = args.resume_from_checkpoint
     if not os.path.isdir(path):
-        path = os.path.join(args.output_dir, os.path.basename(path))
-    if not os.path.isdir(path) or not re.fullmatch(r"checkpoint-\d+", os.path.basename(os.path.normpath(path))):
+        path = os.path.join(args.output_dir, os.path.basename(os.path.normpath(path)))
+    if not os.path.isdir(path) or _step(os.path.basename(os.path.normpath(path))) is None:
         raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no checkpoint-<step> folder there.")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        if Path(path, MANIFEST).exists():
+            raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {path} cannot be resumed: "
+                             f"{problem}.")
+        warn(f"warning: {path}: {problem}; trying to load it anyway.")
     return path
 
 
-def resume(accelerator, args, steps_per_epoch: int) -> tuple[int, int, int]:
+# flag spelling of a config field in an error message: (method, field) -> flag
+FIELD_FLAGS = {(method, field_name): flag for flag, (method, field_name, _, _) in METHOD_FLAGS.items()}
+FIELD_FLAGS.update({(m, "target_modules"): "target_modules" for m in METHODS})
+
+
+def _setting(method: str, name: str, value) -> str:
+    flag = FIELD_FLAGS.get((method, name))
+    if flag is None:
+        return f"{name}={json.dumps(value)} (--adapter_config)"
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value if not isinstance(value, (list, dict)) else json.dumps(value)}"
+
+
+def check_same_run(where: str, manifest: dict, current: dict) -> None:
+    """Refuse (one line) a checkpoint whose method, trained roles, adapter configs or trained
+    tensor shapes differ from this run's: the first difference, with the flags that set it."""
+    hint = "resume with the checkpoint's settings, or train into a new --output_dir"
+    if manifest.get("method") != current["method"]:
+        raise UsageError(f"{where} was trained with --method {manifest.get('method')}, this run has --method "
+                         f"{current['method']}; {hint}.")
+    method = current["method"]
+    old, new = manifest.get("trainable") or {}, current["trainable"]
+    if sorted(old) != sorted(new):
+        raise UsageError(f"{where} trained {', '.join(sorted(old)) or 'nothing'}, this run trains "
+                         f"{', '.join(sorted(new))} (--train_text_encoder / --adapt / --controlnet_trainable); {hint}.")
+    old_adapters, new_adapters = manifest.get("adapters") or {}, current["adapters"]
+    for role in sorted(set(old_adapters) | set(new_adapters)):
+        a, b = old_adapters.get(role), new_adapters.get(role)
+        if a is None or b is None:
+            raise UsageError(f"{where}: the {role} {'had no' if a is None else 'had an'} adapter there, "
+                             f"{'has one' if a is None else 'has none'} in this run; {hint}.")
+        for name in sorted(set(a) | set(b)):
+            if a.get(name) != b.get(name):
+                raise UsageError(f"{where}: its {role} adapter was trained with {_setting(method, name, a.get(name))}, "
+                                 f"this run has {_setting(method, name, b.get(name))}; {hint}.")
+    for role in sorted(new):
+        for name in sorted(set(old[role]) | set(new[role])):
+            if old[role].get(name) != new[role].get(name):
+                raise UsageError(f"{where}: {role} tensor {name} has shape {old[role].get(name)} there and "
+                                 f"{new[role].get(name)} in this run; {hint}.")
+
+
+def resume(accelerator, args, steps_per_epoch: int, models: dict) -> tuple[int, int, int]:
     """Load the checkpoint if asked; returns (global_step, first_epoch, batches to skip)."""
-    path = resolve_resume(args)
+    path = resolve_resume(args, _stderr if accelerator.is_main_process else (lambda _: None))
     if path is None:
         if args.resume_from_checkpoint:
-            accelerator.print(f"No checkpoint in {args.output_dir}; starting a new training run.")
+            accelerator.print(f"No complete checkpoint in {args.output_dir}; starting a new training run.")
         return 0, 0, 0
+    where = f"--resume_from_checkpoint {args.resume_from_checkpoint} ({path})"
+    manifest = read_manifest(path)
+    if manifest is not None:
+        check_same_run(where, manifest, run_signature(args, models))
     accelerator.print(f"Resuming from {path}")
-    accelerator.load_state(path)
-    global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
+    try:
+        accelerator.load_state(path)
+    except UsageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a damaged optimizer / scheduler / RNG file of any kind
+        raise UsageError(f"{where} cannot be loaded: {one_line(err)}") from None
+    global_step = _step(os.path.basename(os.path.normpath(path)))
     first_epoch = global_step // steps_per_epoch
     skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
     return global_step, first_epoch, skip
@@ -305,7 +510,7 @@ def train(accelerator, args, *, models, wrapped, optimizer, lr_scheduler, datalo
     ``use_epoch``/``epoch`` set (sampler, dataset) so data order and augmentation follow the epoch."""
     from tqdm.auto import tqdm
 
-    global_step, first_epoch, skip = resume(accelerator, args, steps_per_epoch)
+    global_step, first_epoch, skip = resume(accelerator, args, steps_per_epoch, models)
     log = JsonlLog(accelerator, args.output_dir, global_step)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
@@ -321,6 +526,7 @@ def train(accelerator, args, *, models, wrapped, optimizer, lr_scheduler, datalo
         batches = accelerator.skip_first_batches(dataloader, skip) if epoch == first_epoch and skip else dataloader
         for batch in batches:
             with accelerator.accumulate(*wrapped.values()):
+                seed_global_rngs(args.seed_value, global_step, micro, accelerator.process_index)
                 loss = loss_fn(batch, step_generator(accelerator, args.seed_value, global_step, micro))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -336,7 +542,7 @@ def train(accelerator, args, *, models, wrapped, optimizer, lr_scheduler, datalo
                 progress.update(1)
                 log.write(step=global_step, epoch=epoch, **logs, seconds=round(time.perf_counter() - start, 3))
                 if global_step % args.checkpointing_steps == 0:
-                    accelerator.print(f"Saved state to {save_checkpoint(accelerator, args, global_step)}")
+                    accelerator.print(f"Saved state to {save_checkpoint(accelerator, args, global_step, models)}")
                 if validate_fn and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                     for m in models.values():
                         m.eval()
