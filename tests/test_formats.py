@@ -10,16 +10,19 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import warnings
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import diffadapt as da
 from diffadapt import cli
+from diffadapt.artifact import components
 from diffadapt.checkpoint import CheckpointError
-from diffadapt.formats import names
+from diffadapt.formats import lycoris, names
 from diffadapt.formats.lycoris_export import save_lycoris
 from diffadapt.pipeline import load_lycoris
 from diffadapt.methods import AdapterConfigError
@@ -545,3 +548,200 @@ def test_cli_convert_both_ways(sd, tmp_path, preset, capsys):
     assert "needs the base model's weights" in capsys.readouterr().err
     assert cli.main(["convert", str(boft), str(tmp_path / "d.safetensors"), "--to", "lycoris", "--model", str(model)]) == 0
     assert "as diff" in capsys.readouterr().out
+
+
+# -- 4. every consumer's patch logic, as oracles written from their behaviour --------------------------
+# ComfyUI (comfy/weight_adapter/oft.py, boft.py, comfy/lora.py), A1111 (extensions-builtin/Lora:
+# network_oft.py 1.8+ and before, network_full.py, network_lora.py), Forge (its 2024-08 patcher: no
+# oft_blocks), kohya (through lycoris.kohya, which the header names: LyCORIS' own code above).
+# Each takes the base weight W (float64, module layout), one module's tensors and a strength s;
+# returns the patched weight, or None where that consumer does not load the module.
+class NotLoaded(Exception):
+    pass
+
+
+def _cayley(q):
+    eye = torch.eye(q.shape[-1], dtype=q.dtype)
+    return (eye + q) @ torch.linalg.inv(eye - q)
+
+
+def _butterfly(w, r, lerp=1.0):
+    """LyCORIS' butterfly (its factor i mixes each run of 2^i b rows, halves interleaved)."""
+    m, _, b, _ = r.shape
+    eye = torch.eye(b, dtype=r.dtype)
+    x = w
+    for i in range(m):
+        k = 2 ** i * (b // 2)
+        bi = r[i] * lerp + (1 - lerp) * eye
+        x = x.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, b))
+        x = torch.einsum("bij,bj...->bi...", bi, x)
+        x = x.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
+    return x
+
+
+def _additive(w, g, s):
+    if "diff" in g:
+        return w + s * g["diff"].double().reshape(w.shape)
+    up, down = g["lora_up.weight"].double(), g["lora_down.weight"].double()
+    rank = down.shape[0]
+    return w + s * float(g["alpha"]) / rank * (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+
+
+def comfy_apply(w, g, s=1.0):
+    if "oft_blocks" not in g:
+        return _additive(w, g, s)
+    blocks, alpha = g["oft_blocks"].double(), float(g.get("alpha", 0.0))
+    q = blocks - blocks.transpose(-1, -2)
+    norm = torch.linalg.vector_norm(q.flatten()) + 1e-8
+    if alpha > 0 and norm > alpha:  # the limit is alpha itself
+        q = q * alpha / norm
+    r = _cayley(q)
+    if blocks.dim() == 3:  # rescale ignored; strength enters twice
+        eye = torch.eye(blocks.shape[-1], dtype=w.dtype)
+        diff = torch.einsum("knm,kn...->km...", s * r - s * eye, w.unflatten(0, (blocks.shape[0], -1))).flatten(0, 1)
+        return w + s * diff
+    out = _butterfly(w, r, s)
+    if "rescale" in g:
+        out = out * g["rescale"].double()
+    return w + s * (out - w)
+
+
+def a1111_apply(w, g, s=1.0, version=(1, 10)):
+    if "oft_blocks" not in g:
+        return _additive(w, g, s)
+    blocks = g["oft_blocks"].double()
+    if blocks.dim() == 4 and version < (1, 8):
+        raise NotLoaded("A1111 < 1.8 transposes dims 1, 2 of the blocks and fails")  # caught, counted
+    alpha = float(g["alpha"]) if "alpha" in g else 0.0
+    q = blocks - blocks.transpose(-1, -2)
+    limit = alpha * w.shape[0]
+    if limit != 0 or version < (1, 8):  # before 1.8 the clamp always runs (0 wipes the rotation)
+        norm = torch.linalg.vector_norm(q.flatten())
+        q = q * ((torch.clamp(norm, max=limit) + 1e-8) / (norm + 1e-8))
+    r = _cayley(q)
+    if blocks.dim() == 3:
+        out = torch.einsum("knm,kn...->km...", r, w.unflatten(0, (blocks.shape[0], -1))).flatten(0, 1)
+    else:
+        out = _butterfly(w, r)
+    if "rescale" in g and version >= (1, 8):
+        out = g["rescale"].double().reshape(-1, *[1] * (w.dim() - 1)) * out
+    return w + s * (out - w)  # finalize_updown: updown * scale (1) * multiplier
+
+
+def forge_apply(w, g, s=1.0):
+    if "oft_blocks" in g:
+        raise NotLoaded("Forge's patcher has no oft_blocks type")
+    return _additive(w, g, s)
+
+
+ORACLES = {
+    "comfyui": comfy_apply,
+    "a1111": a1111_apply,
+    "a1111<1.8": lambda w, g, s=1.0: a1111_apply(w, g, s, version=(1, 7)),
+    "forge": forge_apply,
+}
+
+
+def module_groups(tensors):
+    groups = {}
+    for key, value in tensors.items():
+        module, suffix = lycoris._split_key(key)
+        groups.setdefault(module, {})[suffix] = value
+    return groups
+
+
+def oracle_check(base_pipe, merged_pipe, path, report, readers=ORACLES, strength=1.0):
+    """Apply every reader's oracle to every module of the file at ``path``; where the report says
+    the file loads there, the result must be diffadapt's merged weight (<= 1e-5 relative); where
+    it says not, the oracle must indeed fail to load some module or disagree."""
+    tensors = load_file(str(path))
+    resolver = lycoris._Resolver(components(base_pipe), None)
+    merged_mods = components(merged_pipe)
+    for reader, oracle in readers.items():
+        worst, failed = 0.0, 0
+        for module, group in module_groups(tensors).items():
+            component, mpath = resolver.resolve(module)
+            w = resolver.mods[component].get_submodule(mpath).weight.detach().double()
+            target = merged_mods[component].get_submodule(mpath)
+            target = target.base_layer if hasattr(target, "base_layer") else target
+            try:
+                got = oracle(w, group, strength)
+            except NotLoaded:
+                failed += 1
+                continue
+            worst = max(worst, rel(got, target.weight.detach().double()))
+        if report["consumers"][reader] == "loads":
+            assert failed == 0 and worst <= 1e-5, (reader, failed, worst)
+        else:
+            assert failed or worst > 1e-5, (reader, report["consumers"][reader])
+
+
+def safe_header(path):
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def merged_copy(pipe, name):
+    merged = fresh(pipe)
+    da.merge_adapters(merged)
+    return merged
+
+
+CONSUMER_CASES = {
+    "oft": da.OFTConfig(oft_block_size=4, rotation_side="output", constraint=10.0),  # alpha > 0 kept (item 10)
+    "oft-wide-blocks": da.OFTConfig(oft_block_size=8, rotation_side="output"),  # 8 rows per block > 4 blocks
+    "boft": da.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, rotation_side="output"),
+    "boft-input": da.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2),
+    "hra": da.HRAConfig(r=2, init_weights=False),
+    "fourierft": da.FourierFTConfig(n_frequency=40, init_weights=False),
+    "frod": da.get_method("frod").config_class(sparse_rate=0.05, progressbar=False),
+}
+
+
+@pytest.mark.parametrize("consumer", [None, "comfyui", "a1111", "forge"], ids=["default", "comfyui", "a1111", "forge"])
+@pytest.mark.parametrize("case", list(CONSUMER_CASES))
+def test_exports_apply_in_every_consumer(sd, tmp_path, case, consumer):
+    """Every method x every consumer the CLI names: the file, patched by each consumer's logic,
+    gives diffadapt's merged weights wherever the header says it loads; where it does not, the
+    export said so (warning + header) and that consumer's logic indeed does not reproduce it."""
+    pipe = fresh(sd)
+    config = CONSUMER_CASES[case]
+    for module in (pipe.unet, pipe.text_encoder):
+        da.add_adapter(module, config, "x", preset="attention+ff")
+    randomise(pipe, "x", scale=0.005 if config.method in ("fourierft", "frod") else 0.2)  # FourierFT: scaling 150
+    path = tmp_path / "x.safetensors"
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        report = save_lycoris(pipe, path, "x", consumer=consumer)
+    header = json.loads(safe_header(path)["diffadapt.lycoris-export"])
+    assert header["consumers"] == report["consumers"] and "strength" in header["conventions"]
+    merged = merged_copy(pipe, "x")
+    oracle_check(sd, merged, path, report)
+    missing = [r for r, v in report["consumers"].items() if v != "loads"]
+    warned = [str(w.message) for w in record if "does not load exactly everywhere" in str(w.message)]
+    assert bool(missing) == bool(warned) and all(f"{r}:" in warned[0] for r in missing)
+    if consumer in ("a1111", "forge"):
+        assert report["consumers"][consumer] == "loads" and report["consumers"]["a1111"] == "loads"
+    if consumer == "a1111":
+        assert report["consumers"]["a1111<1.8"] == "loads"
+    if consumer is None:  # the default: what LyCORIS' own loader rebuilds, checked by running it
+        assert report["consumers"]["lycoris"] == "loads"
+        lycoris_weights_match(sd, merged, path, report["layers"])
+
+
+def lycoris_weights_match(base, merged, path, layers):
+    """LyCORIS' own loader (kohya entry point) on copies of ``base``: every module it builds from
+    the file gives diffadapt's merged weight (<= 1e-5 relative), and it builds all of them."""
+    LycorisNetworkKohya.apply_preset(SD_PRESET)
+    unet, te = copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder)
+    net, _ = create_network_from_weights(1.0, str(path), None, clip_holder(te), unet)
+    net.apply_to(clip_holder(te), unet, True, True)
+    assert len(net.unet_loras) + len(net.text_encoder_loras) == layers
+    resolver = lycoris._Resolver(components(base), None)
+    mods = components(merged)
+    for module in (*net.unet_loras, *net.text_encoder_loras):
+        component, mpath = resolver.resolve(module.lora_name)
+        target = mods[component].get_submodule(mpath)
+        target = target.base_layer if hasattr(target, "base_layer") else target
+        weight, _ = module.get_merged_weight(1.0, target.weight.shape, target.weight.device)
+        assert rel(weight.double().reshape(target.weight.shape), target.weight.double()) <= 1e-5, module.lora_name
