@@ -23,6 +23,7 @@ from diffadapt import cli
 from diffadapt.artifact import components
 from diffadapt.checkpoint import CheckpointError
 from diffadapt.formats import lycoris, names
+from diffadapt.formats import lycoris_export
 from diffadapt.formats.lycoris_export import save_lycoris
 from diffadapt.pipeline import load_lycoris
 from diffadapt.methods import AdapterConfigError
@@ -745,3 +746,138 @@ def lycoris_weights_match(base, merged, path, layers):
         target = target.base_layer if hasattr(target, "base_layer") else target
         weight, _ = module.get_merged_weight(1.0, target.weight.shape, target.weight.device)
         assert rel(weight.double().reshape(target.weight.shape), target.weight.double()) <= 1e-5, module.lora_name
+
+
+def test_lycoris_layouts_exact_or_refused(tmp_path):
+    """Item 15: OFT with more rows per block than blocks goes out as one 4-d factor of wider blocks
+    (exact; LyCORIS' loader rebuilds it); a BOFT block count that is not a power of two has no
+    LyCORIS layout: .diff with the model, a one-line refusal naming the layer and shapes without."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 24), nn.Linear(24, 32))
+    da.add_adapter(model, da.OFTConfig(oft_block_size=8, rotation_side="output", target_modules=["1"]), "o")
+    randomise(model, "o")
+    tensors, _, report = lycoris_export.lycoris_state_dict(model, "o")
+    blocks = tensors["lycoris_1.oft_blocks"]
+    assert blocks.shape == (3, 4, 8, 8) and lycoris_export.lycoris_layout(blocks) is None
+    assert report["consumers"]["lycoris"] == "loads"
+    merged = copy.deepcopy(model)
+    da.merge_adapters(merged)
+    w = model.get_submodule("1").base_layer.weight.detach().double()
+    target = merged.get_submodule("1").base_layer.weight.double()
+    assert rel(comfy_apply(w, {"oft_blocks": blocks, "alpha": tensors["lycoris_1.alpha"]}), target) <= 1e-5
+    from lycoris.modules.boft import ButterflyOFTModule  # LyCORIS' own BOFT module rebuilds it from the tensors
+
+    with torch.no_grad():
+        built = ButterflyOFTModule.make_module_from_state_dict(
+            "x", copy.deepcopy(model.get_submodule("1").base_layer), blocks, None, tensors["lycoris_1.alpha"])
+        assert rel(built.get_merged_weight(1.0)[0].double(), target) <= 1e-5
+    with pytest.warns(UserWarning, match="lycoris: 1 of 1 layers not applied: LyCORIS: its diag-oft swaps"):
+        tensors, _, report = lycoris_export.lycoris_state_dict(model, "o", consumer="comfyui")
+    assert tensors["lycoris_1.oft_blocks"].shape == (4, 8, 8)
+
+    boft = nn.Sequential(nn.Linear(6, 24))
+    da.add_adapter(boft, da.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, rotation_side="output",
+                                       target_modules=["0"]), "b")
+    randomise(boft, "b")
+    _, _, report = lycoris_export.lycoris_state_dict(boft, "b")
+    assert report["written_as"] == {"diff": 1} and "written as .diff" in " ".join(report["notes"])
+    with pytest.raises(CheckpointError, match=r"^model\.0: no exact oft_blocks layout that LyCORIS loads for this BOFT "
+                                              r"\(oft_blocks \(2, 6, 4, 4\), 24 output channels: its BOFT needs"):
+        lycoris_export.lycoris_state_dict(boft, "b", rotations="blocks")
+    tensors, _, _ = lycoris_export.lycoris_state_dict(boft, "b", consumer="comfyui")
+    assert tensors["lycoris_0.oft_blocks"].shape == (2, 6, 4, 4)  # ComfyUI reads any layout
+
+
+def test_strength_conventions_documented():
+    """Item 17: strength s != 1 means different things: diffadapt Cayley(s S); LyCORIS / A1111 /
+    kohya W + s (R^T W - W); ComfyUI W + s^2 (R^T W - W) -- the header says so, the oracles
+    show it, and diffadapt matches neither between 0 and 1."""
+    torch.manual_seed(1)
+    layer = nn.Linear(5, 8)
+    model = nn.Sequential(layer)
+    da.add_adapter(model, da.OFTConfig(oft_block_size=2, rotation_side="output", target_modules=["0"]), "o")
+    randomise(model, "o", scale=0.5)
+    tensors, header, _ = lycoris_export.lycoris_state_dict(model, "o")
+    strength = json.loads(header["diffadapt.lycoris-export"])["conventions"]["strength"]
+    assert "Cayley(s S)" in strength["diffadapt"] and "s^2 (R^T W - W)" in strength["comfyui"]
+    assert "W + s (P W - W)" in strength["a1111"] and "W + s (R^T W - W)" in strength["lycoris, kohya (lycoris.kohya)"]
+    g = {"oft_blocks": tensors["lycoris_0.oft_blocks"], "alpha": tensors["lycoris_0.alpha"]}
+    w = layer.weight.detach().double()
+    full = a1111_apply(w, g) - w
+    torch.testing.assert_close(a1111_apply(w, g, 0.5), w + 0.5 * full)
+    torch.testing.assert_close(comfy_apply(w, g, 0.5), w + 0.25 * full)
+    da.set_adapters(model, "o", 0.5)
+    da.merge_adapters(model)
+    ours = model.get_submodule("0").base_layer.weight.double()
+    assert rel(ours, w + 0.5 * full) > 1e-4 and rel(ours, w + 0.25 * full) > 1e-4
+
+
+def test_sdxl_export_metadata_and_text_projection(tmp_path):
+    """Items 12, 13: kohya's ss_* fields (A1111 files an SDXL LoRA under SDXL only by
+    ss_base_model_version 'sdxl_*'), SD1's 'sd_v1'; text_encoder_2.text_projection is
+    lora_te2_text_projection (as ComfyUI and LyCORIS map it), and both spellings read back."""
+    pipe = tp.build_sdxl(0)
+    config = da.OFTConfig(oft_block_size=4, rotation_side="output")
+    da.add_adapter(pipe.unet, config, "x", preset="attention")
+    da.add_adapter(pipe.text_encoder_2, copy.deepcopy(config).__class__(oft_block_size=4, rotation_side="output",
+                   target_modules=["text_projection", "q_proj"]), "x")
+    randomise(pipe, "x")
+    path = tmp_path / "sdxl.safetensors"
+    report = save_lycoris(pipe, path, "x")
+    header = safe_header(path)
+    assert header["ss_base_model_version"] == "sdxl_base_v1-0" and header["ss_v2"] == "False"
+    assert header["ss_network_module"] == "lycoris.kohya" and header["ss_network_dim"] == "4"
+    assert float(header["ss_network_alpha"]) > 0 and json.loads(header["ss_network_args"])["algo"] == "diag-oft"
+    assert str(header["ss_base_model_version"]).startswith("sdxl_")  # A1111's detect_version: SdVersion.SDXL
+    keys = load_file(str(path))
+    assert "lora_te2_text_projection.oft_blocks" in keys
+    assert not any("text_model_text_projection" in k for k in keys)
+    assert "text_projection" in report["consumers"]["a1111"]  # OpenCLIP's is a parameter in A1111
+    old = tmp_path / "old.safetensors"
+    rename(path, old, lambda k: k.replace("lora_te2_text_projection", "lora_te2_text_model_text_projection"))
+    for file in (path, old):
+        again = fresh(tp.build_sdxl(0))
+        da.load_adapter(again, file, "x")
+        ours = da.adapter_parameters(pipe.text_encoder_2, "x")
+        theirs = da.adapter_parameters(again.text_encoder_2, "x")
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    sd = tp.build_sd(0)
+    add(sd, config, "y")
+    tensors_, sd_header, _ = lycoris_export.lycoris_state_dict(sd, "y")
+    assert sd_header["ss_base_model_version"] == "sd_v1" and sd_header["ss_v2"] == "False"
+
+
+def test_comfyui_trainer_oft_file(sd, tmp_path):
+    """Item 14: ComfyUI's own trainer writes diffusion_model.<ldm path>.oft_blocks, alpha the norm
+    limit itself, zero diff_b beside them: read on a pipeline and on a bare UNet as ComfyUI applies
+    it (its oracle vs diffadapt's merged weights); trained (nonzero) bias diffs are refused."""
+    g = torch.Generator().manual_seed(7)
+    ldm = names.ldm_unet_paths(sd.unet)
+    tensors, expected = {}, {}
+    for i, path in enumerate(["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                              "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2",
+                              "mid_block.attentions.0.proj_out"]):
+        module = sd.unet.get_submodule(path)
+        out = module.weight.shape[0]
+        blocks = torch.randn(out // 4, 4, 4, generator=g) * 0.3  # ComfyUI: block size <= block count
+        norm = float((blocks - blocks.mT).norm())
+        alpha = norm / 2 if i == 0 else 2 * norm  # binds on the first layer only
+        key = f"diffusion_model.{ldm[path]}"
+        tensors[f"{key}.oft_blocks"], tensors[f"{key}.alpha"] = blocks, torch.tensor(alpha)
+        tensors[f"{key}.diff_b"] = torch.zeros(out)
+        w = module.weight.detach().double()
+        expected[path] = comfy_apply(w, {"oft_blocks": blocks, "alpha": torch.tensor(alpha)})
+    path_ = tmp_path / "comfy_trained.safetensors"
+    save_file(tensors, str(path_))
+    for target in ("pipeline", "unet"):
+        pipe = fresh(sd)
+        obj = pipe if target == "pipeline" else pipe.unet
+        da.load_adapter(obj, path_, "c")
+        da.merge_adapters(obj)
+        for path, want in expected.items():
+            assert rel(pipe.unet.get_submodule(path).base_layer.weight.double(), want) <= 1e-5, (target, path)
+    tensors[next(k for k in tensors if k.endswith("diff_b"))] = torch.full((32,), 0.1)
+    save_file(tensors, str(path_))
+    with pytest.raises(CheckpointError, match=r"1 diff/diff_b tensors beside the oft_blocks are nonzero \(e\.g\. "
+                                              r"diffusion_model\.input_blocks\.1\.1.*ComfyUI's trainer trains biases"):
+        da.load_adapter(fresh(sd), path_, "c")
