@@ -21,7 +21,9 @@ A1111 ``extensions-builtin/Lora/network_oft.py``):
 Prefixes: ``lora_unet_`` / kohya's OFT ``oft_unet_`` (UNet; diffusers names for SD 1.x, ldm names
 for SDXL, :mod:`diffadapt.formats.names`), ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` / ``lora_te3_``
 (text encoders), ``lycoris_`` (LyCORIS' wrapper on the denoiser), ``lora_transformer_`` and
-``<component>.`` (DiTs, diffusers names).
+``<component>.`` (DiTs, diffusers names), ``diffusion_model.`` (ComfyUI's own trainer: its model's
+paths, ldm names for SD UNets; its ``alpha`` is ComfyUI's limit itself, read as ``alpha / out_features``;
+the all-zero ``diff`` / ``diff_b`` it writes beside the blocks are dropped, trained ones refused).
 
 Mapping onto diffadapt (exact, both ways): 3-d blocks -> :class:`~diffadapt.methods.oft.OFTConfig`
 with ``rotation_side="output"``, ``S = Q`` (``oft_R`` = upper triangle of ``Q``); 4-d blocks (or a
