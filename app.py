@@ -1,20 +1,32 @@
 """Gradio demo: one diffusers pipeline, any number of diffadapt adapters, switched per request.
 
     python app.py [--model PATH_OR_ID] [--adapters DIR_OR_FILES ...] [--host 127.0.0.1] [--port 7860]
-                  [--device cpu] [--dtype float32] [--max-upload-mb 512]
+                  [--device cpu] [--dtype float32] [--max-upload-mb 512] [--max-adapters 8]
+                  [--max-uploads 32] [--session-minutes 60]
 
 The base pipeline is loaded once. Every request says which adapters it wants, with which
 strengths and in which mode ("live": adapters run on the activations; "merged": baked into the
 weights, bit-exactly undone on the next switch); ``DemoApp.generate`` applies that choice and
-renders inside one lock, so concurrent users always get exactly what they asked for. Uploaded
-adapters are checked (extension, size, readable diffadapt/PEFT file, fits this pipeline) before
-they are used; ``load_adapter`` is atomic, so a refused file leaves the pipeline untouched.
+renders inside one lock, so concurrent users always get exactly what they asked for.
+
+Adapters given at start (``--adapters``) are shared by every visitor. An uploaded adapter belongs
+to the browser session that uploaded it: only that session sees and uses it, it takes one of that
+page's ``--max-adapters`` slots (the page says how many are left), and it is deleted when the
+session ends (tab closed or reloaded) or after ``--session-minutes`` without a request.
+``--max-uploads`` bounds the uploads held for all sessions together (memory). Uploads are
+checked (extension, size, a readable diffadapt / PEFT / LyCORIS-kohya-ComfyUI file, fits this
+pipeline) before they are used; loading is atomic, so a refused file leaves the pipeline and
+every other session untouched. Everything a file brings (names, metadata, config values, the
+text of errors about it) is escaped before it reaches the page.
 """
 
 from __future__ import annotations
 
 import argparse
+import html
 import inspect
+import itertools
+import math
 import os
 import random
 import re
@@ -31,7 +43,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import torch  # noqa: E402
 
 import diffadapt as da  # noqa: E402
-from diffadapt.cli import describe  # noqa: E402
+from diffadapt import files  # noqa: E402
 
 ADAPTER_MARKERS = ("diffadapt_adapter.json", "adapter_config.json")  # an adapter folder has one
 MAX_SEED = 2**31 - 1
@@ -43,13 +55,21 @@ class AdapterError(ValueError):
 
 @dataclass
 class AdapterInfo:
-    name: str
+    name: str  # what the page shows and requests name; unique within what one session sees
     source: str  # path it was loaded from (or the uploaded file's original name)
     method: str
     parameters: int
     size_bytes: int
     trigger: str
     metadata: dict = field(default_factory=dict)
+    key: str = ""  # its name inside the pipeline (uploads: unique over all sessions); default: name
+    owner: Optional[str] = None  # the session that uploaded it; None: loaded at start, shared
+
+
+@dataclass
+class _Session:
+    uploads: list = field(default_factory=list)  # AdapterInfo, in upload order
+    last_seen: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -77,7 +97,7 @@ class GenerateResult:
     generation_s: float
 
     def summary(self) -> str:
-        used = ", ".join(f"{n} @ {s:g}" for n, s in self.adapters) or "none (base model)"
+        used = ", ".join(f"{_md(n)} @ {s:g}" for n, s in self.adapters) or "none (base model)"
         return (
             f"**Adapters used:** {used} · mode **{self.mode}** · seed {self.seed}  \n"
             f"switch {self.switch_ms:.1f} ms · generation {self.generation_s:.2f} s"
@@ -132,13 +152,23 @@ def _clean_name(stem: str) -> str:
 
 # -- the non-UI part: adapter registry + locked generation -----------------------------------------
 class DemoApp:
-    """One shared pipeline, its adapters, and ``generate(request)`` under a lock."""
+    """One shared pipeline, its adapters, and ``generate(request)`` under a lock.
 
-    def __init__(self, pipe, max_upload_mb: float = 512.0, max_adapters: int = 8):
+    ``adapters`` are the shared ones (loaded at start); each session's uploads are kept apart in
+    ``sessions`` and seen only by that session (``view(session)``): slot i of a page is
+    ``view(session)[i]``. ``session`` is any string naming a visitor (the app passes gradio's
+    session hash); ``None`` means no session: the shared adapters only."""
+
+    def __init__(self, pipe, max_upload_mb: float = 512.0, max_adapters: int = 8,
+                 max_uploads: Optional[int] = None, session_ttl_s: float = 3600.0):
         self.pipe = pipe
         self.max_upload_mb = max_upload_mb
-        self.max_adapters = max_adapters
-        self.adapters: list[AdapterInfo] = []  # load order; never reordered (UI slots index it)
+        self.max_adapters = max_adapters  # slots of one page: shared adapters + that session's uploads
+        self.max_uploads = 4 * max_adapters if max_uploads is None else max_uploads  # all sessions together
+        self.session_ttl_s = session_ttl_s
+        self.adapters: list[AdapterInfo] = []  # shared, load order; never reordered (UI slots index it)
+        self.sessions: dict[str, _Session] = {}
+        self._keys = itertools.count(1)
         self.lock = threading.RLock()
         params = inspect.signature(pipe.__call__).parameters
         self.accepts = set(params)
@@ -151,58 +181,147 @@ class DemoApp:
         self.default_steps = params["num_inference_steps"].default if "num_inference_steps" in params else 25
         self.default_guidance = params["guidance_scale"].default if "guidance_scale" in params else 7.5
 
+    # -- who sees what -------------------------------------------------------------------------
     @property
     def names(self) -> list[str]:
+        """The shared adapters' names."""
         return [a.name for a in self.adapters]
 
-    def _unique(self, stem: str) -> str:
+    def view(self, session: Optional[str] = None) -> list[AdapterInfo]:
+        """What ``session`` sees, in slot order: the shared adapters, then its own uploads."""
+        own = self.sessions.get(session) if session is not None else None
+        return self.adapters + (list(own.uploads) if own else [])
+
+    def names_for(self, session: Optional[str] = None) -> list[str]:
+        return [a.name for a in self.view(session)]
+
+    def uploads_held(self) -> int:
+        return sum(len(s.uploads) for s in list(self.sessions.values()))  # list(): a snapshot, also off the lock
+
+    def slots_left(self, session: Optional[str] = None) -> int:
+        """Uploads ``session`` can still make: free slots of its page, within the global bound."""
+        return max(0, min(self.max_adapters - len(self.view(session)), self.max_uploads - self.uploads_held()))
+
+    def touch(self, session: Optional[str]) -> None:
+        state = self.sessions.get(session) if session is not None else None
+        if state is not None:
+            state.last_seen = time.monotonic()
+
+    def end_session(self, session: Optional[str]) -> int:
+        """Delete ``session``'s uploads from the pipeline (the tab was closed, or it expired).
+        Returns how many were freed."""
+        with self.lock:
+            own = self.sessions.pop(session, None) if session is not None else None
+            for a in own.uploads if own else []:
+                da.delete_adapter(self.pipe, a.key)
+            return len(own.uploads) if own else 0
+
+    def expire(self, now: Optional[float] = None) -> int:
+        """End every session idle for more than ``session_ttl_s``; returns the uploads freed."""
+        now = time.monotonic() if now is None else now
+        idle = [s for s, state in list(self.sessions.items()) if now - state.last_seen > self.session_ttl_s]
+        if not idle:  # the usual case: no need to wait for a running generation
+            return 0
+        with self.lock:
+            return sum(self.end_session(s) for s in idle
+                       if s in self.sessions and now - self.sessions[s].last_seen > self.session_ttl_s)
+
+    def _unique(self, stem: str, taken: Sequence[str]) -> str:
         name, i = _clean_name(stem), 2
         base = name
-        while name in self.names:
+        while name in taken:
             name, i = f"{base}_{i}", i + 1
         return name
 
-    def add_adapter(self, path, name: Optional[str] = None, shown: Optional[str] = None) -> AdapterInfo:
-        """Read, describe and load one adapter (file or folder). AdapterError if it is unusable;
-        the pipeline is then unchanged (load_adapter checks everything before it changes a thing).
-        ``shown``: the name used in messages instead of the path (uploads: the original file name)."""
+    def _room(self, session: Optional[str]) -> None:
+        """AdapterError if ``session`` may not add an adapter now (checked before and under the lock)."""
+        if session is None:
+            if len(self.adapters) >= self.max_adapters:
+                raise AdapterError(f"This demo holds at most {self.max_adapters} adapters.")
+            return
+        if len(self.view(session)) >= self.max_adapters:
+            raise AdapterError(
+                f"All {self.max_adapters} adapter slots of this page are in use; your uploads are freed when you "
+                "close or reload the page."
+            )
+        if self.uploads_held() >= self.max_uploads:
+            self.expire()
+            if self.uploads_held() >= self.max_uploads:
+                raise AdapterError(
+                    f"The demo holds its limit of {self.max_uploads} uploaded adapters for its visitors right now; "
+                    f"try again later (uploads are freed when their page closes or after "
+                    f"{self.session_ttl_s / 60:g} idle minutes)."
+                )
+
+    # -- adding adapters -----------------------------------------------------------------------
+    def add_adapter(self, path, name: Optional[str] = None, shown: Optional[str] = None,
+                    session: Optional[str] = None) -> AdapterInfo:
+        """Read (once), describe and load one adapter (file or folder, any supported format).
+        ``session=None``: a shared adapter; else an upload of that session, seen by it alone.
+        AdapterError if it is unusable; the pipeline and every session are then unchanged (loading
+        checks everything before it changes a thing). ``shown``: the name used in messages
+        instead of the path (uploads: the original file name)."""
         path = Path(path)
         shown = shown or str(path)
 
         def why(exc):  # one line, with no server-side paths for uploads
             return _one_line(exc).replace(str(path), shown).replace(str(path.parent) + os.sep, "")
 
-        if len(self.adapters) >= self.max_adapters:
-            raise AdapterError(f"This demo holds at most {self.max_adapters} adapters.")
+        self._room(session)
         try:
-            info = describe(str(path))
-        except Exception as exc:  # CheckpointError, bad JSON, unknown method, ...
+            kind = files.peek(path)
+            # a community file's names resolve against the pipeline: read it under the lock
+            adapter = None if kind == "community" else files.read(path, self.pipe)
+        except Exception as exc:  # UnreadableAdapter, CheckpointError, unknown method, ...
             raise AdapterError(f"{shown} is not a readable adapter: {why(exc)}") from None
-        meta = info["metadata"]
         with self.lock:
-            name = self._unique(name or (path.stem if path.is_file() else path.name))
-            if self.adapters:  # load into unmerged weights; generate() re-applies every request's choice
+            self._room(session)
+            stem = name or (path.stem if path.is_file() else path.name)
+            keys = {a.key for a in self.adapters} | {a.key for s in self.sessions.values() for a in s.uploads}
+            if session is None:
+                name = key = self._unique(stem, sorted(keys))
+            else:
+                name = self._unique(stem, self.names_for(session))
+                key = f"upload{next(self._keys)}_{name}"
+                while key in keys:
+                    key = f"upload{next(self._keys)}_{name}"
+            if self.adapters or self.uploads_held():  # load into unmerged weights; generate() re-applies every choice
                 da.unmerge_adapters(self.pipe)
             try:
-                da.load_adapter(self.pipe, path, name)
+                if adapter is None:
+                    adapter = files.read(path, self.pipe)
+                loaded = files.load(self.pipe, adapter, key)
+            except files.UnreadableAdapter as exc:
+                raise AdapterError(f"{shown} is not a readable adapter: {why(exc)}") from None
             except Exception as exc:
-                if self.adapters and name in da.list_adapters(self.pipe):  # never expected: load is atomic
-                    da.delete_adapter(self.pipe, name)
                 raise AdapterError(f"{shown} does not fit this pipeline: {why(exc)}") from None
-            entry = AdapterInfo(
-                name=name,
-                source=shown,
-                method=str(meta.get("method") or next(iter(info["components"].values()))["method"]),
-                parameters=sum(c["parameters"] for c in info["components"].values()),
-                size_bytes=info["size_bytes"],
-                trigger=str(meta.get("instance_prompt") or meta.get("trigger") or meta.get("trigger_word") or ""),
-                metadata=meta,
-            )
-            self.adapters.append(entry)
+            try:
+                info = files.describe_adapter(loaded)
+                meta = info["metadata"]
+                entry = AdapterInfo(
+                    name=name,
+                    source=shown,
+                    method=str(info["method"]),
+                    parameters=sum(c["parameters"] for c in info["components"].values()),
+                    size_bytes=info["size_bytes"],
+                    trigger=str(meta.get("instance_prompt") or meta.get("trigger") or meta.get("trigger_word") or ""),
+                    metadata=meta,
+                    key=key,
+                    owner=session,
+                )
+            except Exception as exc:  # never expected; the pipeline must not keep what is not listed
+                da.delete_adapter(self.pipe, key)
+                raise AdapterError(f"{shown} cannot be described: {why(exc)}") from None
+            if session is None:
+                self.adapters.append(entry)
+            else:
+                self.sessions.setdefault(session, _Session()).uploads.append(entry)
+                self.touch(session)
         return entry
 
-    def add_upload(self, path, original_name: Optional[str] = None) -> AdapterInfo:
-        """An uploaded file: ``.safetensors`` only, at most ``max_upload_mb``, then ``add_adapter``."""
+    def add_upload(self, path, original_name: Optional[str] = None, session: Optional[str] = None) -> AdapterInfo:
+        """An uploaded file: ``.safetensors`` only, at most ``max_upload_mb``, then ``add_adapter``
+        for ``session`` (None: shared, for code that runs the app itself)."""
         path = Path(path)
         shown = original_name or path.name
         if path.suffix.lower() != ".safetensors" or not path.is_file():
@@ -210,11 +329,13 @@ class DemoApp:
         size = path.stat().st_size
         if size > self.max_upload_mb * 2**20:
             raise AdapterError(f"{shown}: {size / 2**20:.1f} MB is over the {self.max_upload_mb:g} MB upload limit.")
-        return self.add_adapter(path, Path(shown).stem, shown=shown)
+        return self.add_adapter(path, Path(shown).stem, shown=shown, session=session)
 
+    # -- generating ----------------------------------------------------------------------------
     def _apply(self, adapters: list[tuple[str, float]], merged: bool) -> None:
-        """Make exactly ``adapters`` active (in order) in ``merged`` or live mode. Under the lock."""
-        if not self.adapters:
+        """Make exactly ``adapters`` (pipeline keys) active, in order, in ``merged`` or live mode.
+        Under the lock."""
+        if not self.adapters and not self.uploads_held():
             return
         if not merged:
             da.unmerge_adapters(self.pipe)  # a no-op when nothing is merged
@@ -241,32 +362,48 @@ class DemoApp:
         with torch.no_grad():
             return self.pipe(**kwargs).images[0]
 
-    def check(self, req: GenerateRequest) -> list[tuple[str, float]]:
+    def check(self, req: GenerateRequest, session: Optional[str] = None) -> list[tuple[str, float]]:
+        """The request's adapters as (name, strength), or ValueError naming what is wrong."""
         if req.mode not in ("live", "merged"):
             raise ValueError(f"mode must be 'live' or 'merged', not {req.mode!r}.")
         if not str(req.prompt).strip():
             raise ValueError("Write a prompt first.")
-        if not 1 <= int(req.steps) <= 200:
-            raise ValueError("Steps must be between 1 and 200.")
+        if not _finite(req.steps) or float(req.steps) != int(req.steps) or not 1 <= int(req.steps) <= 200:
+            raise ValueError(f"Steps must be a whole number from 1 to 200 (got {req.steps!r}).")
+        if not _finite(req.guidance):
+            raise ValueError(f"Guidance must be a finite number (got {req.guidance!r}).")
+        if req.seed is not None and (not _finite(req.seed) or not 0 <= int(req.seed) <= MAX_SEED):
+            raise ValueError(f"Seed must be a whole number from 0 to {MAX_SEED} (got {req.seed!r}).")
         for side in (req.width, req.height):
-            if side and (int(side) % self.size_step or not 0 < int(side) <= 4096):
-                raise ValueError(f"Width and height must be multiples of {self.size_step} (got {side}).")
-        adapters = [(str(n), float(s)) for n, s in req.adapters]
-        unknown = [n for n, _ in adapters if n not in self.names]
+            if side and (not _finite(side) or int(side) % self.size_step or not 0 < int(side) <= 4096):
+                raise ValueError(f"Width and height must be multiples of {self.size_step} up to 4096 (got {side}).")
+        adapters = [(str(n), s) for n, s in req.adapters]
+        for n, s in adapters:
+            if not _finite(s):
+                raise ValueError(f"Strength of adapter {n!r} must be a finite number (got {s!r}).")
+        adapters = [(n, float(s)) for n, s in adapters]
+        names = self.names_for(session)
+        unknown = [n for n, _ in adapters if n not in names]
         if unknown:
-            raise ValueError(f"Unknown adapter(s) {unknown}; loaded: {self.names}.")
+            raise ValueError(f"Unknown adapter(s) {unknown}; loaded: {names}.")
         if len({n for n, _ in adapters}) != len(adapters):
             raise ValueError("An adapter can be chosen once per request.")
         return adapters
 
-    def generate(self, req: GenerateRequest, progress: Optional[Callable[[int, int], None]] = None) -> GenerateResult:
-        """Render ``req`` with exactly its adapters/strengths/mode (and, side by side, without)."""
-        adapters = self.check(req)
+    def generate(self, req: GenerateRequest, progress: Optional[Callable[[int, int], None]] = None,
+                 session: Optional[str] = None) -> GenerateResult:
+        """Render ``req`` with exactly its adapters/strengths/mode (and, side by side, without),
+        choosing among what ``session`` sees."""
+        self.touch(session)
+        self.expire()
+        self.check(req, session)  # fail before waiting for the lock
         seed = random.randint(0, MAX_SEED) if req.seed is None else int(req.seed)
         total = int(req.steps) * (2 if req.side_by_side else 1)
         with self.lock:
+            adapters = self.check(req, session)  # again: the session's uploads cannot vanish now
+            keys = {a.name: a.key or a.name for a in self.view(session)}
             t0 = time.perf_counter()
-            self._apply(adapters, req.mode == "merged")
+            self._apply([(keys[n], s) for n, s in adapters], req.mode == "merged")
             switch_ms = (time.perf_counter() - t0) * 1e3
             t0 = time.perf_counter()
             images = [self._render(req, seed, progress, 0, total)]
@@ -278,16 +415,52 @@ class DemoApp:
         captions = [f"with {used}"] + (["without adapters"] if req.side_by_side else [])
         return GenerateResult(images, captions, adapters, req.mode, seed, switch_ms, generation_s)
 
-    def table(self) -> str:
-        if not self.adapters:
+    # -- what the page shows (everything from a file escaped) ------------------------------------
+    def table(self, session: Optional[str] = None) -> str:
+        view = self.view(session)
+        if not view:
             return "_No adapters loaded yet: upload a `.safetensors` adapter file below._"
-        rows = ["| adapter | method | trainable parameters | file size | trigger / instance prompt | base model |", "|---|---|---|---|---|---|"]
-        for a in self.adapters:
-            trigger = f"`{a.trigger}`" if a.trigger else "—"
+        rows = ["| adapter | method | trainable parameters | file size | trigger / instance prompt | base model | yours |",
+                "|---|---|---|---|---|---|---|"]
+        for a in view:
+            meta = a.metadata
+            base = meta.get("base_model") or meta.get("ss_sd_model_name") or ""
             rows.append(
-                f"| {a.name} | {a.method} | {a.parameters:,} | {_size(a.size_bytes)} | {trigger} | {a.metadata.get('base_model', '—')} |"
+                f"| {_md(a.name)} | {_md(a.method)} | {a.parameters:,} | {_size(a.size_bytes)} | "
+                f"{_md(a.trigger) or '—'} | {_md(base) or '—'} | {'uploaded' if a.owner is not None else 'shared'} |"
             )
         return "\n".join(rows)
+
+    def slots_text(self, session: Optional[str] = None) -> str:
+        left, own = self.slots_left(session), len(self.view(session)) - len(self.adapters)
+        room = self.max_adapters - len(self.adapters)
+        if room <= 0 or self.max_uploads <= 0:
+            return "This demo takes no uploads." + (" Every adapter slot holds a shared adapter." if room <= 0 else "")
+        if left == 0 and own < room:
+            return (f"**No upload slot free right now**: the demo holds its limit of {self.max_uploads} uploads for its "
+                    f"visitors; try again in a few minutes.")
+        return (f"**{left} of {room} upload slots left.** Your uploads are visible to you only and are removed when "
+                f"you close or reload this page, or after {self.session_ttl_s / 60:g} minutes without a request.")
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _md(value, limit: int = 300) -> str:
+    """``value`` (text from a file: names, metadata, config values, errors about it) as inert
+    Markdown: every character Markdown, HTML, LaTeX or autolinking could act on becomes a numeric
+    character reference, which the page shows as that character; whitespace runs become one space."""
+    text = " ".join(str(value).split())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    out = []
+    for i, ch in enumerate(text):
+        inner = ch in "_-" and 0 < i < len(text) - 1 and text[i - 1].isalnum() and text[i + 1].isalnum()
+        out.append(ch if (ch.isascii() and ch.isalnum()) or ch == " " or inner else f"&#{ord(ch)};")
+    return "".join(out)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -306,11 +479,26 @@ def create_app(model=None, adapters: Sequence[str] = (), device="cpu", dtype="fl
 
 
 # -- the UI ----------------------------------------------------------------------------------------
+def _session_of(request) -> str:
+    """The browser session a gradio request comes from (gradio_client: one per Client)."""
+    return getattr(request, "session_hash", None) or "no-session"
+
+
+def _takes_request(fn):
+    """gradio passes a gr.Request to a parameter annotated so (set here: this module's
+    annotations are strings, and gradio is imported inside build_ui)."""
+    import gradio as gr
+
+    fn.__annotations__ = {"request": gr.Request}
+    return fn
+
+
 def build_ui(app: DemoApp):
     import gradio as gr
 
     n_slots = app.max_adapters
     size_ok = {"width", "height"} <= app.accepts
+    inert = dict(latex_delimiters=[], sanitize_html=True)  # text from files: escaped, and no LaTeX either
 
     with gr.Blocks(title="diffadapt demo") as demo:
         gr.Markdown(f"## diffadapt demo · `{type(app.pipe).__name__}`\nAdapters switch per request; the base model is loaded once.")
@@ -319,7 +507,7 @@ def build_ui(app: DemoApp):
                 prompt = gr.Textbox(label="Prompt", elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", visible="negative_prompt" in app.accepts, elem_id="negative")
                 with gr.Row():
-                    seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
+                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
                     random_seed = gr.Checkbox(label="random seed", value=False, elem_id="random_seed")
                 steps = gr.Slider(1, 100, value=app.default_steps, step=1, label="Steps", elem_id="steps")
                 guidance = gr.Slider(0, 20, value=app.default_guidance, step=0.5, label="Guidance",
@@ -332,83 +520,141 @@ def build_ui(app: DemoApp):
                     mode = gr.Radio(["live", "merged"], value="live", label="Adapter mode", elem_id="mode")
                     side = gr.Checkbox(label="side by side: same seed without adapters", elem_id="side")
                 gr.Markdown("### Active adapters and strengths")
-                rows, uses, strengths = [], [], []  # one slot per adapter, in load order
+                rows, uses, strengths = [], [], []  # one slot per adapter this session sees, in slot order
                 for i in range(n_slots):
                     name = app.names[i] if i < len(app.adapters) else ""
                     with gr.Row(visible=bool(name)) as row:
                         uses.append(gr.Checkbox(label=name, value=False, elem_id=f"use_{i}"))
                         strengths.append(gr.Slider(0, 2, value=1.0, step=0.05, label=f"{name} strength", elem_id=f"strength_{i}"))
                     rows.append(row)
-                upload = gr.File(label="Add an adapter (.safetensors)", file_types=[".safetensors"], height=110, elem_id="upload")
-                upload_status = gr.Markdown(elem_id="upload_status")
+                upload = gr.File(label="Add an adapter (.safetensors: diffadapt, PEFT or LyCORIS/kohya/ComfyUI OFT/BOFT)",
+                                 file_types=[".safetensors"], height=110, elem_id="upload")
+                slots = gr.Markdown(app.slots_text(None), elem_id="slots", **inert)
+                upload_status = gr.Markdown(elem_id="upload_status", **inert)
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 gallery = gr.Gallery(label="Result", columns=2, format="png", preview=False, object_fit="contain",
                                      height=420, elem_id="result")
-                info = gr.Markdown(elem_id="info")
+                info = gr.Markdown(elem_id="info", **inert)
                 with gr.Accordion("details (JSON)", open=False):
                     details = gr.JSON(elem_id="details")
         gr.Markdown("### Loaded adapters")
-        table = gr.Markdown(app.table(), elem_id="adapters_table")
+        table = gr.Markdown(app.table(None), elem_id="adapters_table", **inert)
 
-        def on_generate(progress=gr.Progress(), *values):
+        @_takes_request
+        def on_generate(request, progress=gr.Progress(), *values):
+            session = _session_of(request)
             p, neg, s, rnd, st, g, w, h, md, sbs = values[:10]
             use, strength = values[10 : 10 + n_slots], values[10 + n_slots :]
-            chosen = [(a.name, float(strength[i])) for i, a in enumerate(app.adapters[:n_slots]) if use[i]]
-            req = GenerateRequest(p, chosen, neg or "", None if rnd else int(s or 0), int(st), float(g),
-                                  int(w) if size_ok else None, int(h) if size_ok else None, md, bool(sbs))
+            view = app.view(session)
+            if any(use[len(view):]):
+                raise gr.Error("An adapter you chose is no longer loaded (uploads are removed after "
+                               f"{app.session_ttl_s / 60:g} idle minutes); upload it again.")
             try:
-                res = app.generate(req, lambda i, n: progress((i, n), desc="denoising"))
-            except Exception as exc:  # a message in the page, never a crash
-                raise gr.Error(_one_line(exc)) from None
+                chosen = [(a.name, float(strength[i])) for i, a in enumerate(view[:n_slots]) if use[i]]
+                req = GenerateRequest(p, chosen, neg or "", None if rnd else int(s or 0), int(st), float(g),
+                                      int(w) if size_ok else None, int(h) if size_ok else None, md, bool(sbs))
+                res = app.generate(req, lambda i, n: progress((i, n), desc="denoising"), session=session)
+            except Exception as exc:  # a message in the page, never a crash (gradio renders it as HTML)
+                raise gr.Error(html.escape(_one_line(exc))) from None
             return list(zip(res.images, res.captions)), res.summary(), res.as_dict()
 
-        def slot_updates():  # rows, checkbox labels, slider labels
-            names = app.names + [""] * (n_slots - len(app.adapters))
-            return ([gr.update(visible=bool(n)) for n in names] + [gr.update(label=n) for n in names]
-                    + [gr.update(label=f"{n} strength") for n in names])
+        def page(session):  # table, slots text, then rows, checkbox labels, slider labels
+            names = app.names_for(session)[:n_slots]
+            names += [""] * (n_slots - len(names))
+            return ([app.table(session), app.slots_text(session)] + [gr.update(visible=bool(n)) for n in names]
+                    + [gr.update(label=n) for n in names] + [gr.update(label=f"{n} strength") for n in names])
 
-        def on_upload(file):
+        @_takes_request
+        def on_upload(request, file):
+            session = _session_of(request)
+            app.touch(session)
+            app.expire()
             if file is None:
-                return ["", app.table(), *slot_updates()]
+                return ["", *page(session)]
             path = Path(file if isinstance(file, str) else file.name)  # gradio keeps the original name
             try:
-                a = app.add_upload(path, path.name)
-                msg = f"Loaded **{a.name}** ({a.method}, {a.parameters:,} parameters)."
+                a = app.add_upload(path, path.name, session=session)
+                msg = f"Loaded **{_md(a.name)}** ({_md(a.method)}, {a.parameters:,} parameters)."
             except Exception as exc:  # AdapterError (or anything else): a message, never a crash
-                gr.Warning(_one_line(exc))
-                msg = f"**Upload refused:** {_one_line(exc)}"
-            return [msg, app.table(), *slot_updates()]
+                gr.Warning(html.escape(_one_line(exc)))
+                msg = f"**Upload refused:** {_md(_one_line(exc), limit=600)}"
+            return [msg, *page(session)]
+
+        @_takes_request
+        def on_load(request):
+            session = _session_of(request)
+            app.touch(session)
+            app.expire()
+            return page(session)
+
+        @_takes_request
+        def on_unload(request):  # the tab was closed or reloaded: its uploads go
+            app.end_session(_session_of(request))
 
         controls = [prompt, negative, seed, random_seed, steps, guidance, width, height, mode, side, *uses, *strengths]
+        page_outputs = [table, slots, *rows, *uses, *strengths]
         button.click(on_generate, controls, [gallery, info, details], api_name="generate", concurrency_limit=1,
                      concurrency_id="generate")
         prompt.submit(on_generate, controls, [gallery, info, details], api_name=False, concurrency_limit=1,
                       concurrency_id="generate")
-        upload.upload(on_upload, upload, [upload_status, table, *rows, *uses, *strengths], api_name="upload_adapter")
-        demo.load(lambda: [app.table(), *slot_updates()], None, [table, *rows, *uses, *strengths], api_name=False)
+        upload.upload(on_upload, upload, [upload_status, *page_outputs], api_name="upload_adapter")
+        demo.load(on_load, None, page_outputs, api_name=False)
+        demo.unload(on_unload)
     demo.queue(default_concurrency_limit=1)
     return demo
 
 
+def _number(kind, low, what):
+    """argparse type: a finite number of ``kind`` >= ``low``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"must be {what} >= {low:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit code 2
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Gradio demo of diffadapt adapters on a diffusers pipeline.")
+    parser = _Parser(prog="app.py", description="Gradio demo of diffadapt adapters on a diffusers pipeline.")
     parser.add_argument("--model", default=None, help="pipeline folder or hub id (default: the embedded model)")
-    parser.add_argument("--adapters", nargs="*", default=[], help="adapter files/folders, or folders holding them")
+    parser.add_argument("--adapters", nargs="*", default=[], help="shared adapters: files/folders, or folders holding them")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=_number(int, 0, "a port number"), default=7860)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--max-upload-mb", type=float, default=512.0)
-    parser.add_argument("--max-adapters", type=int, default=8, help="adapter slots in the page")
-    args = parser.parse_args(argv)
+    parser.add_argument("--max-upload-mb", type=_number(float, 0.001, "a number of MB"), default=512.0)
+    parser.add_argument("--max-adapters", type=_number(int, 1, "a whole number"), default=8,
+                        help="adapter slots of a page: the shared adapters plus that visitor's uploads")
+    parser.add_argument("--max-uploads", type=_number(int, 0, "a whole number"), default=None,
+                        help="uploaded adapters held for all visitors together (default: 4 x --max-adapters)")
+    parser.add_argument("--session-minutes", type=_number(float, 1, "a number of minutes"), default=60.0,
+                        help="an upload is removed after this long without a request from its page")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if args.port > 65535:
+        print(f"app.py: error: argument --port: must be a port number from 0 to 65535, got {args.port}", file=sys.stderr)
+        return 2
     try:
         app = create_app(args.model, args.adapters, args.device, args.dtype,
-                         max_upload_mb=args.max_upload_mb, max_adapters=args.max_adapters)
+                         max_upload_mb=args.max_upload_mb, max_adapters=args.max_adapters,
+                         max_uploads=args.max_uploads, session_ttl_s=args.session_minutes * 60)
     except (AdapterError, OSError, ValueError) as exc:
         print(f"app.py: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    print(f"loaded {type(app.pipe).__name__}; adapters: {', '.join(app.names) or 'none'}")
+    print(f"loaded {type(app.pipe).__name__}; shared adapters: {', '.join(app.names) or 'none'}")
     build_ui(app).launch(server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb:g}mb")
     return 0
 

@@ -6,12 +6,20 @@
 * concurrency: 10 simultaneous gradio_client requests (and 8 direct threads) with different
   adapters/strengths/modes each get exactly the image that choice gives when rendered alone;
 * uploads: not safetensors, another architecture, wrong shapes, truncated, too large: refused
-  with a message, the pipeline unchanged, the app keeps serving; a good upload becomes usable.
+  with a message, the pipeline unchanged, the app keeps serving; a good upload becomes usable;
+  a LyCORIS/kohya/ComfyUI file is accepted like diffadapt and PEFT files;
+* sessions: an upload belongs to the session (browser tab / gradio_client) that made it: no other
+  session sees or uses it, each page has its own slots (the page says how many are left), and the
+  uploads go when the session ends (tab closed, client closed) or idles past the time limit;
+* hostile files: names, metadata and errors are escaped (no remote <img>, no broken code span);
+  nan / inf strengths, guidance, steps are refused naming the value.
 """
 
 from __future__ import annotations
 
+import html
 import os
+import re
 import shutil
 import socket
 import threading
@@ -78,8 +86,25 @@ def files(tmp_path_factory):
     sdxl = model_adapter(tp.tiny_sdxl_unet(), "unet", da.HRAConfig(r=2), bad / "sdxl_unet.safetensors")  # same class, other shapes
     data = (adapters / "hra_style.safetensors").read_bytes()
     (bad / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    # a LyCORIS/kohya/ComfyUI file (output-side OFT as oft_blocks), and the same adapter as a diffadapt file
+    da.add_adapter(pipe.unet, da.OFTConfig(oft_block_size=4, rotation_side="output"), "oft", preset="attention")
+    randomise(pipe.unet, "oft", 4)
+    lycoris = root / "uploads" / "comfy_oft.safetensors"
+    da.save_lycoris(pipe, lycoris, "oft")
+    oft = da.save_adapter(pipe, root / "uploads" / "oft_same.safetensors", "oft")
+    da.add_adapter(pipe.unet, da.HRAConfig(r=2), "evil")
+    evil = da.save_adapter(pipe, root / "uploads" / "hostile.safetensors", "evil", metadata=HOSTILE)
     return SimpleNamespace(root=root, model=model_path, adapters=adapters, good=good, sd3=sd3, sdxl=sdxl,
-                           txt=bad / "notes.txt", truncated=bad / "truncated.safetensors")
+                           txt=bad / "notes.txt", truncated=bad / "truncated.safetensors", lycoris=lycoris, oft=oft,
+                           evil=evil)
+
+
+EVIL_URL = "http://127.0.0.1:9/evil.png"
+HOSTILE = {  # metadata a visitor can put in a file: every value ends up in the page
+    "instance_prompt": f"`sks` <img src={EVIL_URL}> **bold** | pipe ` tick $$x^2$$ [link](http://evil.test) www.evil.test",
+    "base_model": f'<img src="{EVIL_URL}" onerror="alert(1)"><script>alert(2)</script>',
+    "method": "<b>hra</b>_x_ & &amp; \\`",
+}
 
 
 def free_port() -> int:
@@ -105,7 +130,7 @@ def server(files):
         demo = demo_app.build_ui(app)
         port = free_port()
         demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, max_file_size="1mb")
-        yield SimpleNamespace(app=app, url=f"http://127.0.0.1:{port}/", loads=loads)
+        yield SimpleNamespace(app=app, demo=demo, url=f"http://127.0.0.1:{port}/", loads=loads)
     finally:
         DiffusionPipeline.from_pretrained = original
         if "demo" in locals():
@@ -128,17 +153,18 @@ def request(adapters=(), mode="live", seed=0, side=False):
                                     width=SIZE, height=SIZE, mode=mode, side_by_side=side)
 
 
-def api_args(app, adapters=(), mode="live", seed=0, side=False):
+def api_args(app, adapters=(), mode="live", seed=0, side=False, session=None):
     """Positional inputs of the /generate endpoint: the controls, then a checkbox and a strength
-    per adapter slot (slot i = i-th loaded adapter)."""
+    per adapter slot (slot i = i-th adapter the session sees: the shared ones, then its uploads)."""
     use, strength = [False] * app.max_adapters, [1.0] * app.max_adapters
+    names = app.names_for(session)
     for name, s in adapters:
-        use[app.names.index(name)], strength[app.names.index(name)] = True, s
+        use[names.index(name)], strength[names.index(name)] = True, s
     return [PROMPT, "", seed, False, STEPS, GUIDANCE, SIZE, SIZE, mode, side, *use, *strength]
 
 
-def in_slot_order(app, adapters):
-    return sorted(adapters, key=lambda pair: app.names.index(pair[0]))
+def in_slot_order(app, adapters, session=None):
+    return sorted(adapters, key=lambda pair: app.names_for(session).index(pair[0]))
 
 
 # -- 1. the page in a real browser ------------------------------------------------------------------
@@ -310,20 +336,38 @@ def test_bad_uploads_are_refused_and_the_app_keeps_serving(server, client, files
 
 
 def test_a_good_upload_becomes_a_usable_adapter(server, client, files):
+    """Usable by the session that uploaded it, and by no other."""
     from gradio_client import handle_file
 
     app = server.app
-    status = client.predict(handle_file(str(files.good)), api_name="/upload_adapter")[0]
+    mine = client.session_hash
+    status, table, slots = client.predict(handle_file(str(files.good)), api_name="/upload_adapter")[:3]
     assert "Loaded **fourier_late**" in status
-    assert app.names[-1] == "fourier_late" and app.adapters[-1].method == "fourierft"
-    assert app.adapters[-1].trigger == "qwe" and app.adapters[-1].parameters > 0
-    assert "fourier_late" in app.table()
+    assert app.names == ["boft_subject", "hra_style"], "an upload is not shared"
+    assert app.names_for(mine)[-1] == "fourier_late" and app.view(mine)[-1].method == "fourierft"
+    assert app.view(mine)[-1].trigger == "qwe" and app.view(mine)[-1].parameters > 0
+    assert "fourier_late" in app.table(mine) and "fourier_late" in table and "fourier_late" not in app.table()
+    assert "5 of 6 upload slots left" in slots
     choice = [("fourier_late", 0.9)]
-    gallery, info, details = client.predict(*api_args(app, choice, "merged"), api_name="/generate")
+    gallery, info, details = client.predict(*api_args(app, choice, "merged", session=mine), api_name="/generate")
     assert "fourier_late @ 0.9" in info
     image = pixels(gallery[0]["image"])
-    np.testing.assert_array_equal(image, pixels(app.generate(request(choice, "merged")).images[0]))
+    np.testing.assert_array_equal(image, pixels(app.generate(request(choice, "merged"), session=mine).images[0]))
     assert not np.array_equal(image, pixels(app.generate(request()).images[0]))
+    # another visitor: does not see it, cannot ask for it, and its slot 2 is empty
+    other = gradio_client.Client(server.url, verbose=False)
+    try:
+        assert app.names_for(other.session_hash) == ["boft_subject", "hra_style"]
+        with pytest.raises(ValueError, match="Unknown adapter"):
+            app.generate(request(choice), session=other.session_hash)
+        args = api_args(app, session=mine)
+        args[10 + 2] = True  # the checkbox of slot 2: fourier_late in the uploader's page
+        with pytest.raises(Exception, match="no longer loaded"):
+            other.predict(*args, api_name="/generate")
+        gallery, info, details = other.predict(*api_args(app, [("hra_style", 1.0)]), api_name="/generate")
+        assert details["adapters"] == [["hra_style", 1.0]]
+    finally:
+        other.close()
     assert len(server.loads) == 1
 
 
@@ -338,8 +382,192 @@ def test_find_adapters_and_request_checks(files, server):
                 request([("hra_style", 1.0), ("hra_style", 0.5)]), demo_app.GenerateRequest(PROMPT, width=33, height=32)]:
         with pytest.raises(ValueError):
             app.generate(bad)
+    for field, value, words in [("adapters", [("hra_style", float("nan"))], "'hra_style' must be a finite number (got nan)"),
+                                ("adapters", [("boft_subject", float("inf"))], "'boft_subject' must be a finite number (got inf)"),
+                                ("adapters", [("hra_style", "-inf")], "(got '-inf')"),
+                                ("guidance", float("nan"), "Guidance must be a finite number"),
+                                ("steps", 0, "Steps must be"), ("steps", float("inf"), "Steps must be"),
+                                ("seed", -1, "Seed must be"), ("width", float("nan"), "Width and height")]:
+        req = request()
+        setattr(req, field, value)
+        with pytest.raises(ValueError, match=re.escape(words)):
+            app.generate(req)
     calls = []
     result = app.generate(request([("hra_style", 0.5)], seed=None, side=True), progress=lambda i, n: calls.append((i, n)))
     assert calls == [(i, 2 * STEPS) for i in range(1, 2 * STEPS + 1)]  # the progress bar's feed
     assert 0 <= result.seed <= demo_app.MAX_SEED and len(result.images) == 2
     assert result.captions == ["with hra_style @ 0.5", "without adapters"]
+
+
+# -- 4. uploads belong to their session ---------------------------------------------------------------
+def test_each_session_has_its_own_slots_freed_when_it_ends(server, files):
+    app = server.app
+    base = pixels(app.generate(request([("hra_style", 1.0)])).images[0])
+    before = da.list_adapters(app.pipe)
+    room = app.max_adapters - len(app.adapters)
+    assert app.slots_left("greedy") == room and f"{room} of {room} upload slots left" in app.slots_text("greedy")
+    for i in range(room):  # one visitor fills every slot of its page...
+        a = app.add_upload(files.good, session="greedy")
+        assert a.name == ("fourier_late" if i == 0 else f"fourier_late_{i + 1}") and a.owner == "greedy"
+    assert app.slots_left("greedy") == 0 and f"0 of {room} upload slots left" in app.slots_text("greedy")
+    with pytest.raises(demo_app.AdapterError, match="adapter slots of this page are in use"):
+        app.add_upload(files.good, session="greedy")
+    # ...and the next visitor still has all of its own; same file name, its own adapter
+    assert app.slots_left("next") == room
+    mine = app.add_upload(files.good, session="next")
+    assert mine.name == "fourier_late" and mine.key != app.view("greedy")[len(app.adapters)].key
+    assert app.names_for("next") == [*app.names, "fourier_late"] and len(app.view("greedy")) == app.max_adapters
+    # a refused upload changes nothing, for anyone
+    views = {s: [a.key for a in app.view(s)] for s in ("greedy", "next")}
+    loaded = da.list_adapters(app.pipe)
+    for bad in (files.sdxl, files.truncated, files.sd3):
+        with pytest.raises(demo_app.AdapterError):
+            app.add_upload(bad, session="next")
+    assert {s: [a.key for a in app.view(s)] for s in views} == views and da.list_adapters(app.pipe) == loaded
+    # the same choice gives the same image in both sessions (each uses its own copy)
+    choice = [("fourier_late", 0.7)]
+    np.testing.assert_array_equal(pixels(app.generate(request(choice), session="greedy").images[0]),
+                                  pixels(app.generate(request(choice), session="next").images[0]))
+    # a session that ends frees its slots and its adapters
+    assert app.end_session("greedy") == room
+    assert app.view("greedy") == app.adapters and app.slots_left("greedy") == room
+    assert not any(a.startswith("upload") and a.endswith(tuple(f"fourier_late_{i}" for i in range(2, room + 1)))
+                   for a in da.list_adapters(app.pipe))
+    # an idle one expires
+    app.touch("next")
+    assert app.expire() == 0 and "next" in app.sessions
+    app.sessions["next"].last_seen -= app.session_ttl_s + 1  # as if idle past the limit (others are not)
+    assert app.expire() == 1 and "next" not in app.sessions
+    assert da.list_adapters(app.pipe).keys() == before.keys()
+    np.testing.assert_array_equal(pixels(app.generate(request([("hra_style", 1.0)])).images[0]), base)
+    # the bound over all sessions together (memory)
+    limit = app.max_uploads
+    try:
+        app.max_uploads = app.uploads_held() + 1  # (other tests' sessions hold some)
+        app.add_upload(files.good, session="first")
+        with pytest.raises(demo_app.AdapterError, match=f"limit of {app.max_uploads} uploaded adapters"):
+            app.add_upload(files.good, session="second")
+        assert app.slots_left("second") == 0 and "No upload slot free right now" in app.slots_text("second")
+    finally:
+        app.max_uploads = limit
+        app.end_session("first")
+    assert da.list_adapters(app.pipe).keys() == before.keys()
+
+
+def test_a_lycoris_upload_is_accepted_like_any_other(server, client, files):
+    from gradio_client import handle_file
+
+    app = server.app
+    status = client.predict(handle_file(str(files.lycoris)), api_name="/upload_adapter")[0]
+    assert "Loaded **comfy_oft**" in status and "(oft," in status
+    session = client.session_hash
+    theirs = app.view(session)[-1]
+    assert theirs.name == "comfy_oft" and theirs.metadata["source_format"] == "lycoris"
+    ours = app.add_upload(files.oft, session=session)  # the same adapter, as a diffadapt file
+    assert ours.parameters == theirs.parameters
+    for mode in ("live", "merged"):
+        a = pixels(app.generate(request([("comfy_oft", 0.8)], mode), session=session).images[0])
+        b = pixels(app.generate(request([("oft_same", 0.8)], mode), session=session).images[0])
+        np.testing.assert_array_equal(a, b)
+    gallery, info, details = client.predict(*api_args(app, [("comfy_oft", 0.8)], session=session), api_name="/generate")
+    np.testing.assert_array_equal(pixels(gallery[0]["image"]), a)
+    assert not np.array_equal(a, pixels(app.generate(request()).images[0]))
+
+
+def test_closing_a_client_ends_its_session(server, files, monkeypatch):
+    from gradio_client import handle_file
+
+    monkeypatch.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.2")  # read by the server per heartbeat connection
+    app = server.app
+    visitor = gradio_client.Client(server.url, verbose=False)
+    session = visitor.session_hash
+    try:
+        assert "Loaded" in visitor.predict(handle_file(str(files.good)), api_name="/upload_adapter")[0]
+        key = app.view(session)[-1].key
+        assert key in da.list_adapters(app.pipe)
+    finally:
+        visitor.close()
+    deadline = time.monotonic() + 30
+    while session in app.sessions and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert session not in app.sessions, "the session's uploads must go when it ends"
+    assert key not in da.list_adapters(app.pipe)
+
+
+# -- 5. hostile files ---------------------------------------------------------------------------------
+def _rendered(markdown_text):
+    """The HTML a CommonMark + GFM-table renderer makes of the app's Markdown (the page uses marked)."""
+    markdown_it = pytest.importorskip("markdown_it")
+    return markdown_it.MarkdownIt("commonmark").enable("table").render(markdown_text)
+
+
+def test_hostile_metadata_is_shown_as_text(server, client, files):
+    from gradio_client import handle_file
+
+    app = server.app
+    status, table, slots = client.predict(handle_file(str(files.evil)), api_name="/upload_adapter")[:3]
+    assert "Loaded **hostile**" in status
+    session = client.session_hash
+    assert table == app.table(session)
+    page = _rendered(table)
+    tags = set(re.findall(r"<\s*([a-zA-Z]+)", page))
+    assert tags <= {"table", "thead", "tbody", "tr", "th", "td", "em"}, tags  # em: the "nothing loaded" line only
+    for raw in (table, status):
+        assert "<" not in raw and ">" not in raw and "`" not in raw and "http:" not in raw and "www." not in raw
+        assert "$$" not in raw
+    assert "|" not in status and all(line.count("|") == 8 for line in table.splitlines())  # the table's own pipes only
+    text = html.unescape(re.sub(r"<[^>]+>", "", page))
+    for value in HOSTILE.values():
+        assert " ".join(value.split()) in text, value  # shown, character for character
+    rows = [r for r in page.split("<tr>") if "hostile" in r]
+    assert len(rows) == 1 and rows[0].count("<td") == 7, "a | in a value must not add table cells"
+    # a refusal naming a hostile file is escaped too: the page's status line and the toast
+    named = files.root / "uploads" / "<img src=x onerror=alert(1)> `x`.safetensors"
+    named.write_bytes(files.truncated.read_bytes())
+    status = client.predict(handle_file(str(named)), api_name="/upload_adapter")[0]  # gradio strips <>`
+    assert "Upload refused" in status and "<" not in status and "`" not in status
+    (upload,) = [f.fn for f in server.demo.fns.values() if f.api_name == "upload_adapter"]
+    with pytest.warns(UserWarning) as toasts:  # gr.Warning outside a request: a Python warning
+        status = upload(SimpleNamespace(session_hash="hostile-name"), str(named))[0]  # the name as is
+    assert "Upload refused" in status and "not a readable adapter" in status
+    assert "<" not in status and "`" not in status and "&#60;img src&#61;x onerror&#61;alert&#40;1&#41;&#62;" in status
+    toast = " ".join(str(w.message) for w in toasts)
+    assert "<img" not in toast and "&lt;img src=x onerror=alert(1)&gt;" in toast
+    assert "hostile-name" not in app.sessions
+
+
+def test_browser_escapes_hostile_metadata_and_frees_the_tab_on_close(server, files, monkeypatch):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium; .ci/run does it)")
+    monkeypatch.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.2")
+    app = server.app
+    sessions_before = set(app.sessions)
+    requested = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.on("request", lambda r: requested.append(r.url))
+            page.goto(server.url)
+            expect = sync_api.expect
+            room = app.max_adapters - len(app.adapters)
+            expect(page.locator("#slots")).to_contain_text(f"{room} of {room} upload slots left")
+            page.locator("#upload input[type=file]").set_input_files(str(files.evil))
+            expect(page.locator("#upload_status")).to_contain_text("Loaded hostile", timeout=60_000)
+            expect(page.locator("#slots")).to_contain_text(f"{room - 1} of {room} upload slots left")
+            table = page.locator("#adapters_table")
+            expect(table).to_contain_text(HOSTILE["instance_prompt"])
+            expect(table).to_contain_text("<script>alert(2)</script>")
+            assert table.locator("img, script, code, a, strong, b, .katex").count() == 0
+            expect(page.locator("#use_2")).to_be_visible()  # its slot, in this page
+            (session,) = set(app.sessions) - sessions_before
+            assert app.names_for(session)[-1] == "hostile"
+            page.close()  # the tab goes: its session ends, its upload is deleted
+            deadline = time.monotonic() + 30
+            while session in app.sessions and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert session not in app.sessions
+        finally:
+            browser.close()
+    assert not [u for u in requested if "evil" in u], "a file's metadata made the page fetch a URL"
