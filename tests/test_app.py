@@ -571,3 +571,41 @@ def test_browser_escapes_hostile_metadata_and_frees_the_tab_on_close(server, fil
         finally:
             browser.close()
     assert not [u for u in requested if "evil" in u], "a file's metadata made the page fetch a URL"
+
+
+def test_nan_strengths_from_the_page_are_refused(server, client):
+    """gradio_client cannot even send NaN (not JSON); what the page's handler gets is still checked."""
+    app = server.app
+    (on_generate,) = [f.fn for f in server.demo.fns.values() if f.api_name == "generate"]
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        args = api_args(app, [("hra_style", 1.0)])
+        args[10 + app.max_adapters + app.names.index("hra_style")] = bad
+        with pytest.raises(gr.Error, match=re.escape(f"Strength of adapter &#x27;hra_style&#x27; must be a finite number (got {bad})")):
+            on_generate(SimpleNamespace(session_hash="nan-session"), lambda *a, **k: None, *args)
+        with pytest.raises(Exception, match="JSON"):
+            client.predict(*args, api_name="/generate")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--max-adapters", "0"], "--max-adapters"), (["--max-upload-mb", "nan"], "--max-upload-mb"),
+    (["--session-minutes", "inf"], "--session-minutes"), (["--port", "70000"], "--port"),
+    (["--max-uploads", "-1"], "--max-uploads"), (["--port", "x"], "--port"),
+])
+def test_app_flags_are_checked_in_one_line(capsys, monkeypatch, argv, words):
+    monkeypatch.setattr(demo_app, "create_app", lambda *a, **k: pytest.fail("a bad flag must stop before the model loads"))
+    assert demo_app.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and words in err and "error" in err
+
+
+def test_a_shared_lycoris_adapter_given_at_start(server, files):
+    """``app.py --adapters comfy.safetensors``: read against the pipeline, like an upload (runs last:
+    it loads a second pipeline)."""
+    app = demo_app.create_app(str(files.model), [str(files.lycoris)])
+    assert app.names == ["comfy_oft"] and app.adapters[0].method == "oft" and app.adapters[0].owner is None
+    server.app.add_upload(files.lycoris, session="twin")
+    try:
+        np.testing.assert_array_equal(pixels(app.generate(request([("comfy_oft", 0.6)])).images[0]),
+                                      pixels(server.app.generate(request([("comfy_oft", 0.6)]), session="twin").images[0]))
+    finally:
+        server.app.end_session("twin")
