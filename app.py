@@ -368,14 +368,14 @@ class DemoApp:
             raise ValueError(f"mode must be 'live' or 'merged', not {req.mode!r}.")
         if not str(req.prompt).strip():
             raise ValueError("Write a prompt first.")
-        if not _finite(req.steps) or float(req.steps) != int(req.steps) or not 1 <= int(req.steps) <= 200:
+        if not _whole(req.steps) or not 1 <= float(req.steps) <= 200:
             raise ValueError(f"Steps must be a whole number from 1 to 200 (got {req.steps!r}).")
         if not _finite(req.guidance):
             raise ValueError(f"Guidance must be a finite number (got {req.guidance!r}).")
-        if req.seed is not None and (not _finite(req.seed) or not 0 <= int(req.seed) <= MAX_SEED):
+        if req.seed is not None and (not _whole(req.seed) or not 0 <= float(req.seed) <= MAX_SEED):
             raise ValueError(f"Seed must be a whole number from 0 to {MAX_SEED} (got {req.seed!r}).")
         for side in (req.width, req.height):
-            if side and (not _finite(side) or int(side) % self.size_step or not 0 < int(side) <= 4096):
+            if side and (not _whole(side) or int(float(side)) % self.size_step or not 0 < float(side) <= 4096):
                 raise ValueError(f"Width and height must be multiples of {self.size_step} up to 4096 (got {side}).")
         adapters = [(str(n), s) for n, s in req.adapters]
         for n, s in adapters:
@@ -448,6 +448,10 @@ def _finite(value) -> bool:
         return math.isfinite(float(value))
     except (TypeError, ValueError):
         return False
+
+
+def _whole(value) -> bool:
+    return _finite(value) and float(value).is_integer()
 
 
 def _md(value, limit: int = 300) -> str:
