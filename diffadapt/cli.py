@@ -182,7 +182,7 @@ def cmd_info(args) -> None:
 
 def cmd_convert(args) -> None:
     from diffadapt.checkpoint import write_peft_folder
-    from diffadapt.pipeline import read_pipeline_adapter, write_pipeline_adapter
+    from diffadapt.pipeline import read_pipeline_adapter, write_pipeline_adapter, write_pipeline_folder
 
     # the base pipeline resolves LyCORIS names and gives the weights .diff / LoRA exports need
     pipe = _load_pipeline(args.model, "cpu", "float32") if args.model else None
@@ -209,9 +209,8 @@ def cmd_convert(args) -> None:
         if len(parts) == 1:
             ((_, (config, tensors)),) = parts.items()
             write_peft_folder(dst, config, tensors, adapter.metadata.get("base_model"))
-        else:
-            for n, (config, tensors) in parts.items():
-                write_peft_folder(dst / n, config, tensors, adapter.metadata.get("base_model"))
+        else:  # one PEFT folder per component, written atomically with its manifest
+            write_pipeline_folder(adapter, dst)
     else:
         write_pipeline_adapter(adapter, dst)
     print(f"wrote {dst} ({to}: {', '.join(adapter.components)})")

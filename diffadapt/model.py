@@ -103,9 +103,11 @@ def build_slots(
     config: AdapterConfig,
     names: Sequence[str],
     saved_shared: Optional[dict[str, torch.Tensor]] = None,
+    device: Optional[Union[str, torch.device]] = None,
 ) -> dict[str, AdapterSlot]:
     """Create (without installing) one AdapterSlot per module name. Raises before any change.
 
+    ``device="meta"`` builds shape-only slots from the weights' shapes (nothing is allocated).
     ``saved_shared`` are non-layer tensors from a checkpoint (e.g. FRoD's saved bases). Layers are
     handed to the method in the model's module order, whatever order ``names`` has (PEFT's FRoD
     bases depend on it)."""
@@ -118,7 +120,7 @@ def build_slots(
     configs = [config.for_layer(n) for n in names]
     for cfg, spec in zip(configs, specs):
         cfg.check_layer(spec)
-    weights = [weight_2d(m).detach() for m in modules]
+    weights = [weight_2d(m).detach() if device is None else weight_2d(m).detach().to(device) for m in modules]
     if saved_shared is None:
         shared = method.init_shared(config, specs, weights)
     else:

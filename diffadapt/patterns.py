@@ -16,7 +16,8 @@ freeze the program. Every such pattern goes through :func:`compile_pattern` once
   refused; ``.*`` counts once per character it could stop at, except where what follows cannot
   start inside it (``\\d+\\.``: only the full digit run can be followed by ``.``) or at the end
   of a full match. The search explores each way at most once, doing bounded work per way, so an
-  accepted pattern matches in bounded time (a few ms on a module path in the worst case).
+  accepted pattern matches in bounded time (a few ms on a module path in the worst case). A
+  name longer than that reference is matched if the bound grows at most quadratically with it.
 
 Lookarounds are allowed (``^(?!.*text_model).*to_q``); their bodies are bounded the same way.
 Refusals are one-line :class:`UnsafePatternError` (a ``ValueError``) naming the field and the
@@ -124,7 +125,7 @@ class _Ways:
         self.total, self.by_len = total, by_len
 
     def count(self) -> float:
-        return min(self.total, sum(self.by_len.values()))
+        return self.total if self.by_len is None else min(self.total, sum(self.by_len.values()))
 
 
 def _cap(x: float) -> float:
@@ -132,12 +133,15 @@ def _cap(x: float) -> float:
 
 
 class _Analysis:
-    def __init__(self, n: int, flags: int):
+    def __init__(self, n: int, flags: int, lengths: bool = True):
         self.n = n
+        self.lengths = lengths  # also count by consumed length (tighter; costs O(n^2) per node)
         self.ignorecase = bool(flags & re.IGNORECASE)
         self.extra = 0.0  # work of top-level lookarounds
 
-    def conv(self, a: dict, b: dict) -> dict:
+    def conv(self, a: Optional[dict], b: Optional[dict]) -> Optional[dict]:
+        if a is None or b is None:
+            return None
         out: dict[int, float] = {}
         for i, x in a.items():
             for j, y in b.items():
@@ -145,10 +149,22 @@ class _Analysis:
                     out[i + j] = _cap(out.get(i + j, 0.0) + x * y)
         return out
 
+    def vec(self, v: dict) -> Optional[dict]:
+        return v if self.lengths else None
+
+    @staticmethod
+    def add(a: Optional[dict], b: Optional[dict]) -> Optional[dict]:
+        if a is None or b is None:
+            return None
+        out = dict(a)
+        for d, x in b.items():
+            out[d] = _cap(out.get(d, 0.0) + x)
+        return out
+
     def seq(self, items: list, follow, depth: int) -> _Ways:
         if depth > MAX_NESTING:
             raise _Unsafe(f"more than {MAX_NESTING} nested groups")
-        ways = _Ways(1.0, {0: 1.0})
+        ways = _Ways(1.0, self.vec({0: 1.0}))
         for i, item in enumerate(items):
             if depth == 0 and item[0] in (C.ASSERT, C.ASSERT_NOT):
                 # a top-level lookaround is atomic: one way on, its own search once per way that reaches it
@@ -175,9 +191,9 @@ class _Analysis:
         op, av = item
         n = self.n
         if op in _SINGLE:
-            return _Ways(1.0, {1: 1.0})
+            return _Ways(1.0, self.vec({1: 1.0}))
         if op == C.AT:
-            return _Ways(1.0, {0: 1.0})
+            return _Ways(1.0, self.vec({0: 1.0}))
         if op in (C.GROUPREF, C.GROUPREF_EXISTS, C.GROUPREF_IGNORE, C.GROUPREF_LOC_IGNORE, C.GROUPREF_UNI_IGNORE):
             raise _Unsafe("backreferences and conditional groups are not allowed")
         if op == C.SUBPATTERN:
@@ -186,13 +202,12 @@ class _Analysis:
             return self.seq(list(av.data), follow, depth + 1)
         if op in (C.ASSERT, C.ASSERT_NOT):  # zero width; its own search counts against the total
             inner = self.seq(list(av[1].data), None, depth + 1)
-            return _Ways(inner.count(), {0: inner.count()})
+            return _Ways(inner.count(), self.vec({0: inner.count()}))
         if op == C.BRANCH:
             branches = [self.seq(list(b.data), follow, depth + 1) for b in av[1]]
-            by_len: dict[int, float] = {}
+            by_len: Optional[dict[int, float]] = self.vec({})
             for b in branches:
-                for d, x in b.by_len.items():
-                    by_len[d] = _cap(by_len.get(d, 0.0) + x)
+                by_len = self.add(by_len, b.by_len)
             return _Ways(_cap(sum(b.total for b in branches)), by_len)
         if op in (C.MAX_REPEAT, C.MIN_REPEAT, C.POSSESSIVE_REPEAT):
             lo, hi, body = av
@@ -200,7 +215,7 @@ class _Analysis:
             data = list(body.data)
             if len(data) == 1 and data[0][0] in _SINGLE:  # x*, \d+, [^.]{2,5}
                 stops = max(0, hi_n - lo + 1)
-                by_len = {d: 1.0 for d in range(lo, hi_n + 1)}
+                by_len = self.vec({d: 1.0 for d in range(lo, hi_n + 1)} if self.lengths else {})
                 total = 1.0 if self.deterministic(data, follow) else float(stops)
                 return _Ways(min(total, float(stops)) if stops else 0.0, by_len)
             inner = self.seq(data, None, depth + 1)
@@ -210,22 +225,21 @@ class _Analysis:
             reps = hi_n if width == 0 else min(hi_n, n // width)
             if inner.total > 1 and hi == C.MAXREPEAT:
                 raise _Unsafe("it repeats a part that can match the same text in several ways (a nested quantifier)")
-            total, by_len, power = 0.0, {}, {0: 1.0}
+            total, by_len, power = 0.0, self.vec({}), self.vec({0: 1.0})
             for k in range(0, reps + 1):
                 if k:
                     power = self.conv(power, inner.by_len)
                 if k >= lo:
                     total = _cap(total + inner.total ** k)
-                    for d, x in power.items():
-                        by_len[d] = _cap(by_len.get(d, 0.0) + x)
-                if not power or total > MAX_WAYS * 1e6:
+                    by_len = self.add(by_len, power)
+                if power == {} or total > MAX_WAYS * 1e6:
                     break
             return _Ways(total, by_len)
         raise _Unsafe(f"it uses {op} (not supported for patterns from files)")
 
 
-def _ways(parsed, n: int, full: bool) -> float:
-    analysis = _Analysis(n, parsed.state.flags)
+def _ways(parsed, n: int, full: bool, lengths: bool = True) -> float:
+    analysis = _Analysis(n, parsed.state.flags, lengths)
     return analysis.seq(list(parsed.data), _END if full else None, 0).count() + analysis.extra
 
 
@@ -256,8 +270,9 @@ def _checked(pattern: str, full: bool) -> tuple[Optional[re.Pattern], Optional[s
 @functools.lru_cache(maxsize=4096)
 def _long_name_ok(pattern: str, full: bool, n: int) -> Optional[str]:
     parsed = _checked(pattern, full)[2]
-    ways = _ways(parsed, n, full)
-    return None if ways <= MAX_WAYS else f"matching it against a {n}-character name can take ~{ways:.1e} steps"
+    ways = _ways(parsed, n, full, lengths=False)  # the product bound: O(pattern), whatever n is
+    budget = MAX_WAYS * (n / REFERENCE_NAME_CHARS) ** 2  # linear-time work per character of a longer name
+    return None if ways <= budget else f"matching it against a {n}-character name can take ~{ways:.1e} steps"
 
 
 def compile_pattern(pattern: object, field: str, full: bool = True) -> Optional[re.Pattern]:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import uuid
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from diffadapt import checkpoint, model as mdl
@@ -34,6 +35,7 @@ from diffadapt.checkpoint import CheckpointError
 from diffadapt.artifact import DENOISERS, PipelineAdapter, components  # noqa: F401  (re-exported)
 from diffadapt.formats import lycoris, lycoris_export
 from diffadapt.methods import get_method
+from diffadapt.patterns import shorten
 
 META_NAME = "diffadapt_adapter.json"
 FORMAT = "diffadapt.pipeline-adapter"
@@ -78,11 +80,29 @@ def save_adapter(
     return write_pipeline_adapter(adapter, path)
 
 
+_COMPONENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_component(name: object, source: object) -> str:
+    """A component name from a file: an identifier (``unet``, ``text_encoder_2``), never a path."""
+    if not isinstance(name, str) or len(name) > 100 or not _COMPONENT.fullmatch(name):
+        raise CheckpointError(
+            f"{source} names component {shorten(name, 60)}: component names are identifiers "
+            "(letters, digits, '_'), never paths; the file is damaged or hostile."
+        )
+    return name
+
+
 def write_pipeline_adapter(adapter: PipelineAdapter, path: Union[str, os.PathLike]) -> Path:
-    """Write a pipeline adapter as one ``.safetensors`` file or as a folder of PEFT folders."""
+    """Write a pipeline adapter as one ``.safetensors`` file or as a folder of PEFT folders
+    (both atomically: a temporary sibling renamed into place once complete)."""
     path = Path(path)
     if "" in adapter.components:
         raise ValueError("Name the component of a single-model adapter (e.g. 'unet') before writing it.")
+    if not adapter.components:
+        raise ValueError("The adapter has no components; there is nothing to write.")
+    for n in adapter.components:
+        check_component(n, "the adapter")
     if path.suffix == ".safetensors":
         tensors = {f"{n}.{k}": v for n, (_, part) in adapter.components.items() for k, v in part.items()}
         header = {
@@ -93,14 +113,112 @@ def write_pipeline_adapter(adapter: PipelineAdapter, path: Union[str, os.PathLik
                 for n, (config, _) in adapter.components.items()
             },
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={"format": "pt", "diffadapt": json.dumps(header)})
-        return path
-    for n, (config, part) in adapter.components.items():
-        checkpoint.write_peft_folder(path / n, config, part, adapter.metadata.get("base_model"))
-    with open(path / META_NAME, "w") as f:
-        json.dump({"format": FORMAT, "metadata": adapter.metadata, "components": adapter.classes}, f, indent=2)
-    return path
+        return checkpoint.save_file_atomic(tensors, path, metadata={"format": "pt", "diffadapt": json.dumps(header)})
+    return write_pipeline_folder(adapter, path)
+
+
+def _listed_components(folder: Path) -> list[str]:
+    """Component folders the manifest of an existing pipeline folder lists (for replacing them)."""
+    try:
+        header = json.loads((folder / META_NAME).read_text())
+        return [n for n in header["components"] if isinstance(n, str) and _COMPONENT.fullmatch(n)]
+    except Exception:  # no manifest or not ours: nothing to remove
+        return []
+
+
+def write_pipeline_folder(adapter: PipelineAdapter, path: Union[str, os.PathLike]) -> Path:
+    """A folder of PEFT folders, one per component, and the manifest ``diffadapt_adapter.json``
+    written last, carrying a write id that every component's weights carry too (the reader
+    refuses parts of different writes)."""
+    path = Path(path)
+    for n in adapter.components:
+        check_component(n, "the adapter")
+    write_id = uuid.uuid4().hex
+    base_model = adapter.metadata.get("base_model")
+    for config, _ in adapter.components.values():
+        checkpoint.peft_config_dict(config, base_model)  # refuses what PEFT cannot express, before writing
+
+    def write(tmp: Path) -> None:
+        for n, (config, part) in adapter.components.items():
+            checkpoint._write_peft_files(tmp / n, config, part, base_model, write_id)
+        manifest = {"format": FORMAT, "metadata": adapter.metadata, "components": adapter.classes, "write_id": write_id}
+        with open(tmp / META_NAME, "w") as f:
+            json.dump(manifest, f, indent=2)
+
+    return checkpoint.write_folder_atomic(
+        path,
+        write,
+        ours=lambda e: e.name == META_NAME and e.is_file() or checkpoint.is_adapter_folder(e),
+        manifest=META_NAME,
+        stale=_listed_components,
+    )
+
+
+def _read_folder(path: Path) -> PipelineAdapter:
+    meta = path / META_NAME
+    checkpoint.check_inside(path, meta, "manifest")
+    header = checkpoint.expect(checkpoint.read_json(meta), dict, meta, "the manifest")
+    if header.get("format", FORMAT) != FORMAT:
+        raise CheckpointError(f"{meta}: format {shorten(header.get('format'), 40)} is not {FORMAT}.")
+    listed = checkpoint.expect(header.get("components"), dict, meta, "components")
+    metadata = checkpoint.expect(header.get("metadata", {}), dict, meta, "metadata")
+    if not listed:
+        raise CheckpointError(f"{meta} lists no components; there is no adapter to load.")
+    for n, cls in listed.items():
+        check_component(n, meta)
+        checkpoint.expect(cls, (str, type(None)), meta, f"components[{n!r}]")
+    write_id = header.get("write_id")
+    parts = {}
+    for n in listed:
+        sub = path / n
+        checkpoint.check_inside(path, sub, f"component {n!r}")
+        if not sub.is_dir():
+            raise CheckpointError(f"{meta} lists component {n!r} but {path} has no {n}/ folder; the folder is incomplete.")
+        parts[n] = checkpoint.read_adapter(sub, root=path)
+        if write_id is not None:
+            theirs = checkpoint.read_safetensors_metadata(sub / checkpoint.WEIGHTS_NAME).get(checkpoint.WRITE_ID)
+            if theirs != write_id:
+                raise CheckpointError(
+                    f"{path}: component {n!r} was written by another save than {META_NAME} (write id "
+                    f"{shorten(theirs, 40)} vs {shorten(write_id, 40)}); the folder mixes two saves. Save the adapter again."
+                )
+    if write_id is not None:  # parts of this kind of write that the manifest does not list
+        for sub in sorted(p for p in path.iterdir() if p.is_dir() and p.name not in listed):
+            weights = sub / checkpoint.WEIGHTS_NAME
+            if weights.is_file() and not weights.is_symlink():
+                if checkpoint.WRITE_ID in checkpoint.read_safetensors_metadata(weights):
+                    raise CheckpointError(
+                        f"{path}: sub-folder {sub.name!r} holds a diffadapt component that {META_NAME} does not list "
+                        "(left from another save); the folder's parts disagree. Save the adapter again."
+                    )
+    return PipelineAdapter(parts, metadata, dict(listed))
+
+
+def _read_file(path: Path, raw: object, tensors: dict[str, torch.Tensor]) -> PipelineAdapter:
+    header = checkpoint.expect(checkpoint.parse_json(raw, path, "diffadapt header"), dict, path, "the diffadapt header")
+    if header.get("format", FORMAT) != FORMAT:
+        raise CheckpointError(f"{path}: format {shorten(header.get('format'), 40)} is not {FORMAT}.")
+    listed = checkpoint.expect(header.get("components"), dict, path, "components")
+    metadata = checkpoint.expect(header.get("metadata", {}), dict, path, "metadata")
+    if not listed:
+        raise CheckpointError(f"{path} lists no components; there is no adapter to load.")
+    parts, classes = {}, {}
+    for n, info in listed.items():
+        check_component(n, path)
+        checkpoint.expect(info, dict, path, f"components[{n!r}]")
+        classes[n] = checkpoint.expect(info.get("class"), (str, type(None)), path, f"components[{n!r}].class")
+        config = checkpoint.config_from_dict(info.get("config"), path, f"components[{n!r}].config")
+        prefix = n + "."
+        part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not part:
+            raise CheckpointError(f"{path}: component {n!r} has no tensors ({prefix}*); the file is incomplete.")
+        parts[n] = (config, part)
+    stray = [k for k in tensors if k.split(".", 1)[0] not in listed]
+    if stray:
+        raise CheckpointError(
+            f"{path}: {len(stray)} tensors belong to no listed component ({', '.join(shorten(k) for k in stray[:3])})."
+        )
+    return PipelineAdapter(parts, metadata, classes)
 
 
 def read_pipeline_adapter(
@@ -108,29 +226,26 @@ def read_pipeline_adapter(
 ) -> PipelineAdapter:
     """Read a diffadapt pipeline folder or file, or a plain PEFT folder (for ``component``), or a
     LyCORIS / kohya / ComfyUI OFT/BOFT file, whose names resolve against ``target`` (the pipeline
-    or model it is for; ``component`` then names the component of ``lycoris_`` keys)."""
+    or model it is for; ``component`` then names the component of ``lycoris_`` keys).
+
+    Whatever the file holds, a malformed or hostile one raises one-line CheckpointError naming
+    the file and the field (component names are identifiers; a folder's parts never resolve
+    outside it and must come from one save)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"No adapter at {path}.")
+    if component is not None:
+        check_component(component, "component=")
     if path.is_dir() and (path / META_NAME).is_file():
-        with open(path / META_NAME) as f:
-            header = json.load(f)
-        parts = {n: checkpoint.read_adapter(path / n) for n in header["components"]}
-        return PipelineAdapter(parts, header.get("metadata", {}), dict(header["components"]))
+        return _read_folder(path)
     if path.is_file() and path.suffix == ".safetensors":
         header_meta, tensors = checkpoint.read_safetensors(path)
         raw = header_meta.get("diffadapt")
         if raw is not None:
-            header = json.loads(raw)
-            parts = {}
-            for n, info in header["components"].items():
-                config = get_method(info["config"]["method"]).config_class.from_dict(info["config"])
-                prefix = n + "."
-                parts[n] = (config, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-            classes = {n: info.get("class") for n, info in header["components"].items()}
-            return PipelineAdapter(parts, header.get("metadata", {}), classes)
+            return _read_file(path, raw, tensors)
         if lycoris.is_community_file(tensors):
-            return lycoris.read_lycoris(path, target, component, tensors, header_meta)
+            with checkpoint.refusing(path):
+                return lycoris.read_lycoris(path, target, component, tensors, header_meta)
     config, tensors = checkpoint.read_adapter(path)  # a single PEFT adapter
     return PipelineAdapter({component or "": (config, tensors)}, {"method": config.method}, {component or "": None})
 
@@ -153,6 +268,8 @@ def load_adapter(
         saved = PipelineAdapter(dict(path.components), dict(path.metadata), dict(path.classes))
     else:
         saved = read_pipeline_adapter(path, component, target=obj)
+    if not saved.components:
+        raise CheckpointError(f"{path} holds no adapter components; there is nothing to load.")
     mods = components(obj)
     if "" in saved.components and "" not in mods:  # PEFT folder into a pipeline
         target = component or next((n for n in DENOISERS if n in mods), None)
@@ -209,22 +326,29 @@ def hotswap_adapter(obj: Any, path: Union[str, os.PathLike], adapter_name: str =
         old = state.configs[adapter_name]
         if old.modules_to_save:
             raise CheckpointError(f"{adapter_name!r} has modules_to_save; hot-swap covers adapter weights only.")
-        mine, theirs = old.to_dict(), config.to_dict()
-        differ = sorted(k for k in mine if mine[k] != theirs.get(k))
-        if differ:
-            raise CheckpointError(
-                f"{path} cannot be hot-swapped into {adapter_name!r}: its config differs in {differ}. "
-                "Load it as another adapter instead."
-            )
-        layers, extra = checkpoint.split_keys(model, config, tensors)
-        params = mdl.adapter_parameters(model, adapter_name)
-        wanted = {f"{p}.{k}" for p, values in layers.items() for k in values}
-        if wanted != set(params):
-            raise CheckpointError(f"{path} adapts other layers than the loaded {adapter_name!r}; load it instead.")
-        for p, values in layers.items():
-            for k, v in values.items():
-                if v.shape != params[f"{p}.{k}"].shape:
-                    raise CheckpointError(f"{p}.{k}: file {tuple(v.shape)} vs loaded {tuple(params[f'{p}.{k}'].shape)}.")
+        with checkpoint.refusing(path):
+            config = checkpoint.normalise_config(model, config)
+            mine, theirs = old.to_dict(), config.to_dict()
+            differ = sorted(k for k in mine if mine[k] != theirs.get(k))
+            if differ:
+                raise CheckpointError(
+                    f"{path} cannot be hot-swapped into {adapter_name!r}: its config differs in {differ}. "
+                    "Load it as another adapter instead."
+                )
+            layers, extra = checkpoint.split_keys(model, config, tensors)
+            problems = checkpoint.value_problems(get_method(config.method), layers, extra)
+            if problems:
+                raise CheckpointError(f"{path} cannot be hot-swapped into {adapter_name!r}: " + "; ".join(problems[:5]))
+            params = mdl.adapter_parameters(model, adapter_name)
+            wanted = {f"{p}.{k}" for p, values in layers.items() for k in values}
+            if wanted != set(params):
+                raise CheckpointError(f"{path} adapts other layers than the loaded {adapter_name!r}; load it instead.")
+            for p, values in layers.items():
+                for k, v in values.items():
+                    if v.shape != params[f"{p}.{k}"].shape:
+                        raise CheckpointError(
+                            f"{p}.{k}: file {tuple(v.shape)} vs loaded {tuple(params[f'{p}.{k}'].shape)}."
+                        )
         plans.append((model, params, layers))
     for model, params, layers in plans:
         with torch.no_grad():
