@@ -26,6 +26,7 @@ import importlib.util
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,6 +75,8 @@ class Job:
     cost: int = 1
     after: str | None = None
     timeout: float = 420.0
+    before: object = None  # called (in the runner thread) right before the job starts; result kept
+    before_result: object = None
     rc: int | None = None
     seconds: float = 0.0
     cpu: float = 0.0
@@ -114,6 +117,14 @@ class Runner:
                     used = sum(self.jobs[k].cost for k in self.procs)
                     if self.procs and used + job.cost > self.slots:
                         continue
+                    if job.before is not None:
+                        try:
+                            job.before_result = job.before()
+                        except Exception as exc:  # noqa: BLE001 - reported as the job's failure
+                            job.rc, job.stderr = -1, f"before-hook failed: {exc!r}"
+                            self.queue.remove(key)
+                            job.done.set()
+                            continue
                     out = open(self.log_dir / f"{key}.out", "w")
                     err = open(self.log_dir / f"{key}.err", "w")
                     self.procs[key] = subprocess.Popen(job.cmd, stdout=out, stderr=err, env=ENV, cwd=ROOT,
@@ -138,9 +149,14 @@ class Runner:
             time.sleep(0.1)
 
     def result(self, key) -> Job:
+        job = self.finished(key)
+        assert job.rc == 0, f"{key} exited {job.rc}:\n{job.stderr[-4000:]}"
+        return job
+
+    def finished(self, key) -> Job:
+        """The job once it ended, whatever its exit code."""
         job = self.jobs[key]
         assert job.done.wait(job.timeout * 3), f"job {key} did not finish"
-        assert job.rc == 0, f"{key} exited {job.rc}:\n{job.stderr[-4000:]}"
         return job
 
     def stop(self):
@@ -194,6 +210,7 @@ def assets(tmp_path_factory):
     (root / "instance").mkdir()
     for i in range(5):  # 5 images, batch 2: 3 batches per epoch, the last one short
         _shapes_image(i).save(root / "instance" / f"{i}.png")
+    (root / "a_file").write_text("a file where a folder is expected\n")
     data = root / "control"
     (data / "images").mkdir(parents=True)
     (data / "conditioning_images").mkdir()
@@ -255,6 +272,64 @@ FAMILY_RUNS = {  # model -> method + extras (2 steps: they must run, save and lo
 }
 
 
+# adapter dropout of each method that has one (FourierFT and HRA have none), all drawing from the
+# global generators inside the forward; resume must replay exactly the same draws
+DROPOUT = {
+    "boft": ["--boft_dropout", "0.5"],  # 8-16 blocks of 4 per layer: 4-8 dropped per step
+    "oft": ["--adapter_config", '{"module_dropout": 0.5}'],  # 4-8 blocks of 8: 2-4 dropped
+    "frod": ["--frod_dropout", "0.5"],
+}
+DROPOUT_FIELD = {"boft": "boft_dropout", "oft": "module_dropout", "frod": "frod_dropout"}
+# 4 steps, a checkpoint every 2 and only one kept: the killed run dies while saving checkpoint-4,
+# after checkpoint-2 is complete
+DROPOUT_RUN = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--checkpoints_total_limit", "1"]
+# runs a script (argv[2:]) with accelerate's save_state killed: the argv[1]-th call writes its
+# folder, cuts one file short (as a kill while writing leaves it) and ends the process at once
+KILL_AT_SAVE = r"""
+import os, runpy, sys
+import accelerate
+save_state, calls, kill_at = accelerate.Accelerator.save_state, [], int(sys.argv[1])
+def killed_save_state(self, output_dir=None, **kwargs):
+    calls.append(output_dir)
+    result = save_state(self, output_dir, **kwargs)
+    if len(calls) == kill_at:
+        path = os.path.join(output_dir, "optimizer.bin")
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        os._exit(137)
+    return result
+accelerate.Accelerator.save_state = killed_save_state
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+# training flags that cannot work: id -> (args after the usual ones, words the one error line must
+# contain, whether it resumes from a copy of the ck_fourierft run's output folder)
+REFUSALS = {
+    "overrides-unknown-field": (["oft", "--adapter_config", '{"overrides": {"to_q": {"bogus": 1}}}'],
+                                ["--adapter_config", "overrides", "bogus", "allowed"], False),
+    "overrides-bad-value": (["oft", "--adapter_config", '{"overrides": {"to_q": {"oft_block_size": -3}}}'],
+                            ["overrides", "oft_block_size", "-3"], False),
+    "learning-rate-nan": (["oft", "--learning_rate", "nan"], ["--learning_rate", "nan", "finite"], False),
+    "learning-rate-negative": (["oft", "--learning_rate", "-0.1"], ["--learning_rate", "-0.1", ">= 0"], False),
+    "adam-beta-above-1": (["oft", "--adam_beta2", "1.5"], ["--adam_beta2", "1.5", "[0, 1)"], False),
+    "seed-negative": (["oft", "--seed", "-1"], ["--seed", "-1", "2**32"], False),
+    "output-dir-unwritable": (["oft", "--output_dir", "{a_file}/out"], ["--output_dir", "a_file", "not a writable"],
+                              False),
+    "hra-r-absurd": (["hra", "--hra_r", "100000000"], ["--hra_r 100000000", "fan_in=32", "<= 32"], False),
+    "resume-other-n-frequency": (["fourierft", "--n_frequency", "32", "--resume_from_checkpoint", "latest"],
+                                 ["--resume_from_checkpoint", "--n_frequency 64", "--n_frequency 32"], True),
+    "resume-other-method": (["hra", "--resume_from_checkpoint", "latest"],
+                            ["--resume_from_checkpoint", "--method fourierft", "--method hra"], True),
+    "resume-other-targets": (["fourierft", "--target_modules", "to_q", "--resume_from_checkpoint", "latest"],
+                             ["--resume_from_checkpoint", "--target_modules"], True),
+    "resume-truncated-file": (["fourierft", "--resume_from_checkpoint", "{copy}/checkpoint-2"],
+                              ["--resume_from_checkpoint", "optimizer.bin", "truncated"], True),
+    "resume-missing-checkpoint": (["fourierft", "--resume_from_checkpoint", "{copy}/checkpoint-7"],
+                                  ["--resume_from_checkpoint", "checkpoint-7", "no checkpoint-<step> folder"], False),
+}
+
+
 def wanted_jobs(items) -> set[str]:
     """The jobs the selected tests need (so that ``-k`` runs only those)."""
     keys = set()
@@ -268,6 +343,9 @@ def wanted_jobs(items) -> set[str]:
             "test_dreambooth_two_processes": {"ddp"},
             "test_controlnet_every_method": {f"cn_{param}"},
             "test_embedded_default_model_end_to_end": {"db_embedded"},
+            "test_dropout_resume_is_bit_identical": {f"drop_{param}", f"drop_{param}_killed", f"drop_{param}_resume"},
+            "test_training_flag_refusals": {f"refuse_{param}"} | ({"ck_fourierft"} if REFUSALS.get(param, [0, 0, 0])[2]
+                                                                else set()),
         }.get(name, set())
     return keys
 
@@ -279,6 +357,29 @@ def runs(assets, request):
     logs.mkdir()
     r = Runner(logs, wanted=wanted_jobs(request.session.items))
     fill = {"cond": assets / "control" / "conditioning_images" / "0.png", "sd_controlnet": assets / "sd_controlnet"}
+    for m, extra in DROPOUT.items():  # uninterrupted; killed while saving checkpoint-4, then resumed
+        cmd = dreambooth_cmd(assets, out / f"drop_{m}", m, *extra, *DROPOUT_RUN)
+        r.add(f"drop_{m}", cmd, out / f"drop_{m}")
+        killed = out / f"drop_{m}_killed"
+        cmd = dreambooth_cmd(assets, killed, m, *extra, *DROPOUT_RUN)
+        r.add(f"drop_{m}_killed", [cmd[0], "-c", KILL_AT_SAVE, "2", *cmd[1:]], killed)
+        r.add(f"drop_{m}_resume", [*cmd, "--resume_from_checkpoint", "latest"], killed, after=f"drop_{m}_killed",
+              before=lambda folder=killed: sorted(p.name for p in folder.iterdir()))
+    ck = out / "ck_fourierft"
+    r.add("ck_fourierft", dreambooth_cmd(assets, ck, "fourierft", "--max_train_steps", "2", "--checkpointing_steps",
+                                         "1"), ck)
+    for case, (args, _, from_copy) in REFUSALS.items():
+        copy = out / f"refuse_{case}"
+
+        def prepare(copy=copy, case=case):
+            shutil.copytree(ck, copy)
+            if case == "resume-truncated-file":
+                path = copy / "checkpoint-2" / "optimizer.bin"
+                os.truncate(path, path.stat().st_size // 2)
+
+        method, *rest = [a.replace("{a_file}", str(assets / "a_file")).replace("{copy}", str(copy)) for a in args]
+        r.add(f"refuse_{case}", [*dreambooth_cmd(assets, copy, method), *rest], copy, timeout=90,
+              after="ck_fourierft" if from_copy else None, before=prepare if from_copy else None)
     r.add("db_hra_part", dreambooth_cmd(assets, out / "db_hra_resumed", "hra", "--checkpointing_steps", "2",
                                         "--max_train_steps", "4"), out / "db_hra_resumed")
     for m in METHODS:
@@ -515,6 +616,55 @@ def test_dreambooth_resume_equals_uninterrupted(runs):
     assert [e["loss"] for e in log] == pytest.approx([e["loss"] for e in ref_log], abs=1e-6)
 
 
+@pytest.mark.parametrize("method", list(DROPOUT))
+def test_dropout_resume_is_bit_identical(method, runs):
+    """With adapter dropout on: 4 uninterrupted steps = 2 steps, a run killed while it saves
+    checkpoint-4 (one file cut short, --checkpoints_total_limit 1), then --resume_from_checkpoint
+    latest to 4. The killed save never became a checkpoint-4, the complete checkpoint-2 survived
+    it, the resume starts there and ends with exactly the same tensors and losses."""
+    from safetensors.torch import load_file
+
+    reference = runs.result(f"drop_{method}").out_dir
+    killed = runs.finished(f"drop_{method}_killed")
+    assert killed.rc == 137, f"the save was not killed ({killed.rc}):\n{killed.stderr[-3000:]}"
+    resumed = runs.result(f"drop_{method}_resume")
+    left = runs.jobs[f"drop_{method}_resume"].before_result  # the killed run's folder, before the resume
+    assert "checkpoint-2" in left and "checkpoint-4" not in left and "checkpoint-4.tmp" in left, left
+    text = resumed.stdout + resumed.stderr
+    assert f"Resuming from {killed.out_dir / 'checkpoint-2'}" in text and "Traceback" not in text
+    assert sorted(p.name for p in killed.out_dir.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-4"]
+    manifest = json.loads((killed.out_dir / "checkpoint-4" / "diffadapt_checkpoint.json").read_text())
+    assert manifest["adapters"]["unet"][DROPOUT_FIELD[method]] == 0.5 and manifest["step"] == 4
+    a = load_file(reference / "unet" / "adapter_model.safetensors")
+    b = load_file(killed.out_dir / "unet" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{method} {k}: max abs {(a[k] - b[k]).abs().max().item():.3g}"
+    log = [json.loads(line) for line in (killed.out_dir / "train_log.jsonl").read_text().splitlines()]
+    ref_log = [json.loads(line) for line in (reference / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3, 4]  # the killed run's steps 3-4 were replaced
+    assert [e["loss"] for e in log] == [e["loss"] for e in ref_log]
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_training_flag_refusals(case, runs):
+    """Flags that cannot work, and resumes that cannot: exit code 2, one final ``error:`` line
+    naming the flag and the value, no traceback, in seconds (--hra_r 100000000 used to allocate
+    ~18 GB for a minute; a resume with another config or a cut file ended in a traceback)."""
+    job = runs.finished(f"refuse_{case}")
+    lines = [line for line in job.stderr.splitlines() if line.strip()]
+    assert job.rc == 2, f"{case}: exit code {job.rc}\n{job.stderr[-3000:]}"
+    assert "Traceback" not in job.stderr, f"{case}:\n{job.stderr[-3000:]}"
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], f"{case}: not one final error line:\n{job.stderr[-3000:]}"
+    for word in REFUSALS[case][1]:
+        assert word in errors[0], f"{case}: {word!r} not in {errors[0]!r}"
+    assert job.seconds < 45, f"{case} took {job.seconds:.0f} s"  # ~0.3 s, or a few s with a model to load
+    if REFUSALS[case][2]:  # the checkpoints it was refused against are untouched
+        assert sorted(p.name for p in job.out_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+        assert not (job.out_dir / "checkpoint-3").exists()
+
+
 @pytest.mark.parametrize("model", list(FAMILY_RUNS))
 def test_dreambooth_other_families(model, runs, assets):
     from diffusers import DiffusionPipeline
@@ -575,6 +725,110 @@ def test_script_config_defaults(dreambooth_module):
     assert config.init_weights is False and config.scaling == 10
     args.adapter_config, args.method = None, "oft"
     assert "init_weights" not in common.adapter_fields(args)
+
+
+class FakeAccelerator:
+    """What save_checkpoint uses of accelerate; ``save_state`` writes four files and, when told,
+    dies after half of the third (as a kill in the middle of a save does)."""
+
+    is_main_process, num_processes, process_index = True, 1, 0
+
+    def __init__(self, die: bool = False):
+        self.die = die
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, path):
+        os.makedirs(path, exist_ok=True)
+        for i, name in enumerate(["unet.trainable.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"]):
+            if self.die and i == 2:
+                Path(path, name).write_bytes(b"\0" * 7)
+                raise KeyboardInterrupt("killed while saving")
+            Path(path, name).write_bytes(bytes(range(200)) * (i + 1))
+
+
+def test_checkpoints_are_atomic(dreambooth_module, tmp_path):
+    """A save killed half-way leaves no checkpoint-<step> (only checkpoint-<step>.tmp), keeps the
+    complete older one also under --checkpoints_total_limit 1; ``latest`` skips incomplete or cut
+    folders with a warning each and takes the newest complete one; the next save cleans up."""
+    tl = dreambooth_module.training_loop
+    args = type("Args", (), {"output_dir": str(tmp_path), "checkpoints_total_limit": 1, "method": "hra",
+                             "resume_from_checkpoint": "latest"})()
+    models = {"unet": torch.nn.Linear(3, 2)}
+    tl.save_checkpoint(FakeAccelerator(), args, 2, models)
+    assert tl.checkpoint_problem(tmp_path / "checkpoint-2") is None
+    with pytest.raises(KeyboardInterrupt):
+        tl.save_checkpoint(FakeAccelerator(die=True), args, 4, models)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-4.tmp"]
+    assert tl.checkpoint_problem(tmp_path / "checkpoint-2") is None
+    # by hand: a half-written folder as older scripts left it, and a complete one with a cut file
+    shutil.copytree(tmp_path / "checkpoint-4.tmp", tmp_path / "checkpoint-6")
+    shutil.copytree(tmp_path / "checkpoint-2", tmp_path / "checkpoint-8")
+    os.truncate(tmp_path / "checkpoint-8" / "optimizer.bin", 10)
+    warnings = []
+    assert tl.resolve_resume(args, warnings.append) == str(tmp_path / "checkpoint-2")
+    assert len(warnings) == 2 and all(w.startswith("warning: skipping") for w in warnings), warnings
+    assert "checkpoint-8" in warnings[0] and "optimizer.bin has 10 bytes" in warnings[0]
+    assert "checkpoint-6" in warnings[1] and "diffadapt_checkpoint.json" in warnings[1]
+    args.resume_from_checkpoint = str(tmp_path / "checkpoint-8")  # named: refused, not skipped
+    with pytest.raises(dreambooth_module.common.UsageError, match="optimizer.bin has 10 bytes"):
+        tl.resolve_resume(args)
+    # the next complete save: the leftover .tmp goes, then the limit removes the older complete one;
+    # incomplete folders neither count nor go
+    tl.save_checkpoint(FakeAccelerator(), args, 4, models)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    args.resume_from_checkpoint = "latest"
+    assert tl.resolve_resume(args, warnings.append) == str(tmp_path / "checkpoint-4")
+    tl.save_checkpoint(FakeAccelerator(), args, 4, models)  # the same step again: replaced whole
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    assert tl.checkpoint_problem(tmp_path / "checkpoint-4") is None
+
+
+def test_final_artifact_is_atomic(dreambooth_module, tmp_path):
+    """The adapter is written into a temporary folder and moved into --output_dir: a kill while
+    writing leaves the previous artifact whole (no empty adapter_config.json); a complete write
+    replaces it, and drops components the new one does not have."""
+    atomic_io = dreambooth_module.atomic_io
+
+    def writer(components, die=False):
+        def write(folder):
+            for i, name in enumerate(components):
+                Path(folder, name).mkdir()
+                Path(folder, name, "adapter_model.safetensors").write_bytes(b"w" * 50)
+                if die and i == 1:
+                    Path(folder, name, "adapter_config.json").write_text("")
+                    raise KeyboardInterrupt("killed while saving")
+                Path(folder, name, "adapter_config.json").write_text(json.dumps({"component": name}))
+            Path(folder, "diffadapt_adapter.json").write_text(json.dumps({"components": {n: "M" for n in components}}))
+        return write
+
+    (tmp_path / "checkpoint-2").mkdir()  # other contents of --output_dir stay
+    atomic_io.publish_artifact(tmp_path, writer(["unet", "text_encoder"]))
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(KeyboardInterrupt):
+        atomic_io.publish_artifact(tmp_path, writer(["unet", "text_encoder"], die=True))
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*")
+             if p.is_file() and atomic_io.ARTIFACT_TMP not in p.parts}
+    assert after == before and json.loads((tmp_path / "text_encoder" / "adapter_config.json").read_text())
+    atomic_io.publish_artifact(tmp_path, writer(["unet"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "diffadapt_adapter.json", "unet"]
+    assert json.loads((tmp_path / "diffadapt_adapter.json").read_text()) == {"components": {"unet": "M"}}
+
+
+def test_out_of_memory_is_one_line(dreambooth_module, capsys):
+    """Running out of memory (an absurd --resolution or batch) ends with one line, exit code 1."""
+    common = dreambooth_module.common
+
+    def main(argv):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 1099511627776 bytes.\nmore")
+
+    with pytest.raises(SystemExit) as exit_info:
+        common.guarded(main)([])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: out of memory") and "--train_batch_size" in err[0]
 
 
 def test_embedded_defaults_glue(assets, tmp_path, monkeypatch, dreambooth_module):

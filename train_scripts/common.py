@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
@@ -50,8 +51,19 @@ def _refusals() -> tuple[type, ...]:
     return tuple(found)
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(err, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
 def guarded(main):
-    """Run ``main(argv)``; known refusals become one stderr line and exit code 2."""
+    """Run ``main(argv)``; known refusals become one stderr line and exit code 2, running out of
+    memory one line and exit code 1."""
 
     def run(argv=None):
         try:
@@ -59,16 +71,32 @@ def guarded(main):
         except Exception as err:  # noqa: BLE001 - re-raised unless it is a refusal
             if isinstance(err, _refusals()):
                 fail(err)
+            if _out_of_memory(err):
+                first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                fail(f"out of memory ({first}); lower --train_batch_size or --resolution, or use "
+                     "--gradient_checkpointing / --mixed_precision.", code=1)
             raise
 
     return run
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line too (instead of usage + message)."""
+    """argparse whose errors are one line too (instead of usage + message); float flags must be
+    finite (``float("nan")`` and ``float("inf")`` parse, and would fail deep inside torch)."""
 
     def error(self, message):
         fail(f"{self.prog}: {message}")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        for action in self._actions:
+            if action.type is not float:
+                continue
+            value = getattr(parsed, action.dest, None)
+            for v in value if isinstance(value, list) else [value]:
+                if v is not None and not math.isfinite(v):
+                    self.error(f"argument {'/'.join(action.option_strings)}: must be a finite number, got {v}")
+        return parsed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,10 +262,37 @@ def adapter_config(args, target_modules=None):
     fields = adapter_fields(args)
     if target_modules is not None:
         fields["target_modules"] = target_modules
+    config_class = get_method(args.method).config_class
     try:
-        return get_method(args.method).config_class.from_dict(fields)
+        config = config_class.from_dict(fields)
     except TypeError as err:  # a field of the wrong kind in --adapter_config
         raise AdapterConfigError(f"{args.method} config from the flags / --adapter_config: {err}") from None
+    check_overrides(config)
+    return config
+
+
+def check_overrides(config) -> None:
+    """Each ``overrides`` entry must name config fields and give values the config accepts:
+    checked here, once, instead of when the first matching layer is built (where an unknown
+    field is a TypeError deep inside injection)."""
+    import dataclasses
+
+    from diffadapt import AdapterConfigError
+    from diffadapt.methods.base import TARGETING_FIELDS
+
+    cls = type(config)
+    allowed = sorted(f.name for f in dataclasses.fields(cls) if f.name not in TARGETING_FIELDS)
+    base = {k: v for k, v in config.to_dict().items() if k not in ("method", "overrides")}
+    for pattern, values in (config.overrides or {}).items():
+        where = f"--adapter_config overrides[{pattern!r}]"
+        unknown = sorted(k for k in values if k not in allowed)
+        if unknown:
+            raise UsageError(f"{where}: {', '.join(map(repr, unknown))} is not a per-layer field of {config.method} "
+                             f"(allowed: {', '.join(allowed)}).")
+        try:
+            cls.from_dict({**base, **values})
+        except (AdapterConfigError, TypeError, ValueError) as err:
+            raise UsageError(f"{where}: {' '.join(str(err).split())}") from None
 
 
 # architectures without their own preset whose module names follow another's
@@ -256,10 +311,37 @@ def inject(model, config, preset: str | None, role: str) -> list[str]:
     if config.target_modules is None and twin is not None:
         config = type(config).from_dict({**config.to_dict(), "target_modules": da.PRESETS[twin][preset or "attention"]})
         preset = None
+    preset = None if config.target_modules else preset
     try:
-        return da.add_adapter(model, config, ADAPTER_NAME, preset=None if config.target_modules else preset)
+        check_sizes(model, config, preset, role)
+        return da.add_adapter(model, config, ADAPTER_NAME, preset=preset)
     except AdapterConfigError as err:
         raise AdapterConfigError(f"{role} ({type(model).__name__}): {err}") from None
+
+
+def check_sizes(model, config, preset, role: str) -> None:
+    """Sizes that a flag can make unbounded, checked against the target layers' widths before
+    anything is allocated (the method's own layer checks run while its tensors are built).
+
+    HRA: ``r`` Householder vectors of ``fan_in`` features per layer; more than ``fan_in``
+    reflections are redundant (every rotation is a product of at most ``fan_in`` of them), and
+    ``--hra_r 100000000`` would allocate r x fan_in floats per layer before anything fails."""
+    if config.method != "hra":
+        return
+    from diffadapt.host import SUPPORTED_LAYERS, layer_spec
+    from diffadapt.model import resolve_targets
+    from diffadapt.targets import select_targets
+
+    resolved = resolve_targets(model, config, preset)
+    specs = [layer_spec(n, model.get_submodule(n)) for n in select_targets(model, resolved, SUPPORTED_LAYERS)]
+    for spec in specs:
+        layer_config = resolved.for_layer(spec.name)
+        if layer_config.r > spec.fan_in:
+            source = "--hra_r" if layer_config.r == config.r else "an --adapter_config override"
+            raise UsageError(
+                f"{source} {layer_config.r} does not fit {role} layer {spec.describe()}: HRA takes at most "
+                f"fan_in={spec.fan_in} Householder reflections there; use {source} <= "
+                f"{min(s.fan_in for s in specs)} for these layers (or overrides per layer).")
 
 
 def check_common_args(args) -> None:
@@ -278,7 +360,8 @@ def check_common_args(args) -> None:
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UsageError(f"--resolution must be a positive multiple of 8, got {args.resolution}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise UsageError("--checkpoints_total_limit must be >= 1.")
+        raise UsageError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}.")
+    check_numbers(args)
     if args.target_preset and args.target_modules:
         raise UsageError("Give either --target_preset or --target_modules, not both.")
     if args.report_to == "tensorboard" and not tensorboard_available():
@@ -286,6 +369,61 @@ def check_common_args(args) -> None:
     if args.learning_rate is None:
         args.learning_rate = DEFAULT_LR[args.method]
     adapter_fields(args)  # flags of another method, bad --adapter_config JSON
+    check_output_dir(args.output_dir)
+
+
+_AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
+_ABOVE_0 = (lambda v: v > 0, "> 0")
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_PROBABILITY_BELOW_1 = (lambda v: 0 <= v < 1, "in [0, 1)")
+# flag -> (test, what is allowed); flags a script does not have are skipped. Floats are finite
+# already (Parser); what torch / numpy would refuse with a traceback, or silently misuse.
+NUMBER_RANGES = {
+    "learning_rate": _AT_LEAST_0,
+    "text_encoder_lr": _AT_LEAST_0,
+    "controlnet_lr": _AT_LEAST_0,
+    "adam_beta1": _PROBABILITY_BELOW_1,
+    "adam_beta2": _PROBABILITY_BELOW_1,
+    "adam_epsilon": _AT_LEAST_0,
+    "adam_weight_decay": _AT_LEAST_0,
+    "max_grad_norm": _ABOVE_0,
+    "lr_warmup_steps": _AT_LEAST_0,
+    "lr_num_cycles": _AT_LEAST_1,
+    "lr_power": _AT_LEAST_0,
+    "dataloader_num_workers": _AT_LEAST_0,
+    "snr_gamma": _ABOVE_0,
+    "noise_offset": _AT_LEAST_0,
+    "prior_loss_weight": _AT_LEAST_0,
+    "num_class_images": _AT_LEAST_1,
+    "sample_batch_size": _AT_LEAST_1,
+    "max_sequence_length": _AT_LEAST_1,
+    "max_train_samples": _AT_LEAST_1,
+    "logit_std": _ABOVE_0,
+    "mode_scale": _AT_LEAST_0,
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32 - 1] (numpy's seed range)"),
+}
+
+
+def check_numbers(args) -> None:
+    """Ranges of the numeric training flags, each refused naming the flag, the value and what
+    is allowed."""
+    for flag, (ok, allowed) in NUMBER_RANGES.items():
+        value = getattr(args, flag, None)
+        if value is not None and not ok(value):
+            raise UsageError(f"--{flag} must be {allowed}, got {value}.")
+
+
+def check_output_dir(path) -> None:
+    """--output_dir must be a folder this process can create and write (checked before anything
+    is loaded; a failure here would otherwise come at the first checkpoint or the final save)."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"--output_dir {path} is not a writable folder ({err.strerror or err}).") from None
 
 
 def tensorboard_available() -> bool:

@@ -250,6 +250,7 @@ def main(argv=None):
     args = parse_args(argv)
     family, _ = common.pipeline_family(args, FAMILIES, "train_controlnet.py", "SD 1.x/2.x and SDXL UNets")
     config = common.adapter_config(args, common.parse_targets(args.target_modules))  # field validation
+    training_loop.find_resume(args)  # a missing or damaged checkpoint: refused before anything loads
     if args.controlnet_trainable == "none" and args.controlnet_model_name_or_path is None \
             and not has_controlnet(args.pretrained_model_name_or_path):
         raise UsageError("A ControlNet made from the UNet starts with zero output convolutions and would stay a "
@@ -285,6 +286,7 @@ def main(argv=None):
     for role, model in (("unet", unet), ("controlnet", controlnet)):
         if any(p.requires_grad for p in model.parameters()):
             models[role] = model
+    training_loop.check_resume(accelerator, args, models)  # another run's checkpoint: refused before any work
     trainable = {role: da.count_parameters(m)[0] for role, m in models.items()}
     accelerator.print(f"{args.method} adapters on {','.join(args.adapt)}; trainable parameters: {trainable}")
 

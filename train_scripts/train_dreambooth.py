@@ -416,6 +416,7 @@ def main(argv=None):
     if args.max_sequence_length is None:
         args.max_sequence_length = 77 if family == "sd3" else 512
     config = common.adapter_config(args, common.parse_targets(args.target_modules))  # field validation
+    training_loop.find_resume(args)  # a missing or damaged checkpoint: refused before anything loads
 
     import torch
     from accelerate.logging import get_logger
@@ -445,6 +446,7 @@ def main(argv=None):
         te_config = common.adapter_config(args, te_targets)
         common.inject(getattr(pipe, role), te_config, preset if te_targets is None else None, role)
         models[role] = getattr(pipe, role)
+    training_loop.check_resume(accelerator, args, models)  # another run's checkpoint: refused before any work
     trainable = {role: da.count_parameters(m)[0] for role, m in models.items()}
     logger.info(f"{args.method} adapters, trainable parameters: {trainable}", main_process_only=True)
 

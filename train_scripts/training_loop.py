@@ -234,7 +234,7 @@ def register_checkpointing(accelerator, models: dict) -> None:
 
 def one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or "no message"
-    return f"{type(err).__name__}: {text[:300]}"
+    return f"{type(err).__name__}: {text if len(text) <= 240 else text[:240] + ' ...'}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,10 +386,20 @@ def resolve_resume(args, warn=_stderr) -> str | None:
     problem = checkpoint_problem(path)
     if problem is not None:
         if Path(path, MANIFEST).exists():
-            raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {path} cannot be resumed: "
+            named = "" if path == args.resume_from_checkpoint else f" ({path})"
+            raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}{named} cannot be resumed: "
                              f"{problem}.")
         warn(f"warning: {path}: {problem}; trying to load it anyway.")
     return path
+
+
+def find_resume(args) -> str | None:
+    """``resolve_resume`` once per run, early (before the models load: a damaged or missing
+    checkpoint is refused at once); the first process prints the warnings."""
+    if not hasattr(args, "resume_path"):
+        first = os.environ.get("RANK", "0") == "0"
+        args.resume_path = resolve_resume(args, _stderr if first else (lambda _: None))
+    return args.resume_path
 
 
 # flag spelling of a config field in an error message: (method, field) -> flag
@@ -435,17 +445,27 @@ def check_same_run(where: str, manifest: dict, current: dict) -> None:
                                  f"{new[role].get(name)} in this run; {hint}.")
 
 
+def check_resume(accelerator, args, models: dict) -> str | None:
+    """The checkpoint to resume from (None: start fresh), checked against this run's method,
+    trained roles, adapter configs and tensor shapes. The scripts call it as soon as the
+    adapters are in (before data, class images, devices), ``resume`` again (once resolved)."""
+    path = find_resume(args)
+    if path is not None:
+        manifest = read_manifest(path)
+        if manifest is not None:
+            where = f"--resume_from_checkpoint {args.resume_from_checkpoint} ({path})"
+            check_same_run(where, manifest, run_signature(args, models))
+    return path
+
+
 def resume(accelerator, args, steps_per_epoch: int, models: dict) -> tuple[int, int, int]:
     """Load the checkpoint if asked; returns (global_step, first_epoch, batches to skip)."""
-    path = resolve_resume(args, _stderr if accelerator.is_main_process else (lambda _: None))
+    path = check_resume(accelerator, args, models)
     if path is None:
         if args.resume_from_checkpoint:
             accelerator.print(f"No complete checkpoint in {args.output_dir}; starting a new training run.")
         return 0, 0, 0
     where = f"--resume_from_checkpoint {args.resume_from_checkpoint} ({path})"
-    manifest = read_manifest(path)
-    if manifest is not None:
-        check_same_run(where, manifest, run_signature(args, models))
     accelerator.print(f"Resuming from {path}")
     try:
         accelerator.load_state(path)
@@ -560,12 +580,25 @@ def train(accelerator, args, *, models, wrapped, optimizer, lr_scheduler, datalo
 
 class JsonlLog:
     """train_log.jsonl in the output folder (main process): step, epoch, loss, lr and the seconds
-    since the loop (re)started - readable without trackers."""
+    since the loop (re)started - readable without trackers. A resumed run keeps the lines up to
+    its checkpoint's step (a killed run may have logged steps after it, which it trains again)."""
 
     def __init__(self, accelerator, output_dir, resume_step: int):
         self.path = Path(output_dir, "train_log.jsonl") if accelerator.is_main_process else None
-        if self.path is not None and resume_step == 0 and self.path.exists():
+        if self.path is None or not self.path.exists():
+            return
+        if resume_step == 0:
             self.path.unlink()
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= resume_step:
+                kept.append(line + "\n")
+        atomic_io.write_text_atomic(self.path, "".join(kept))
 
     def write(self, **values) -> None:
         if self.path is not None:
