@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import uuid
 import warnings
@@ -44,6 +45,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 WRITE_ID = "diffadapt_write_id"  # safetensors metadata: which write of a pipeline folder a part belongs to
 MAX_JSON_BYTES = 16 << 20  # adapter_config.json / headers: far above any real config
+_LONG_WORD = re.compile(r"\S{200,}")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -52,7 +54,10 @@ class CheckpointError(ValueError):
     message is always one line."""
 
     def __init__(self, message: object = "") -> None:
-        super().__init__(" ".join(str(message).split()))
+        text = " ".join(str(message).split())
+        if len(text) > 1500:  # hostile values quoted in a message: keep their start
+            text = _LONG_WORD.sub(lambda m: m.group(0)[:120] + f"...({len(m.group(0))} chars)", text)
+        super().__init__(text)
 
 
 class CheckpointConfigError(CheckpointError, AdapterConfigError):
