@@ -735,6 +735,10 @@ class FakeAccelerator:
 
     def __init__(self, die: bool = False):
         self.die = die
+        self.printed = []
+
+    def print(self, *values):
+        self.printed.append(" ".join(map(str, values)))
 
     def wait_for_everyone(self):
         pass
@@ -754,7 +758,7 @@ def test_checkpoints_are_atomic(dreambooth_module, tmp_path):
     folders with a warning each and takes the newest complete one; the next save cleans up."""
     tl = dreambooth_module.training_loop
     args = type("Args", (), {"output_dir": str(tmp_path), "checkpoints_total_limit": 1, "method": "hra",
-                             "resume_from_checkpoint": "latest"})()
+                             "resume_from_checkpoint": "latest", "seed_value": 1234})()
     models = {"unet": torch.nn.Linear(3, 2)}
     tl.save_checkpoint(FakeAccelerator(), args, 2, models)
     assert tl.checkpoint_problem(tmp_path / "checkpoint-2") is None
@@ -783,6 +787,9 @@ def test_checkpoints_are_atomic(dreambooth_module, tmp_path):
     tl.save_checkpoint(FakeAccelerator(), args, 4, models)  # the same step again: replaced whole
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
     assert tl.checkpoint_problem(tmp_path / "checkpoint-4") is None
+    # a resume without --seed continues with the checkpoint's seed (not a new random one)
+    args.seed, args.resume_path = None, str(tmp_path / "checkpoint-4")
+    assert tl.shared_seed(args, FakeAccelerator()) == 1234
 
 
 def test_final_artifact_is_atomic(dreambooth_module, tmp_path):

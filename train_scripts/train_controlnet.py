@@ -286,7 +286,7 @@ def main(argv=None):
     for role, model in (("unet", unet), ("controlnet", controlnet)):
         if any(p.requires_grad for p in model.parameters()):
             models[role] = model
-    training_loop.check_resume(accelerator, args, models)  # another run's checkpoint: refused before any work
+    training_loop.check_resume(args, models)  # another run's checkpoint: refused before any work
     trainable = {role: da.count_parameters(m)[0] for role, m in models.items()}
     accelerator.print(f"{args.method} adapters on {','.join(args.adapt)}; trainable parameters: {trainable}")
 

@@ -446,7 +446,7 @@ def main(argv=None):
         te_config = common.adapter_config(args, te_targets)
         common.inject(getattr(pipe, role), te_config, preset if te_targets is None else None, role)
         models[role] = getattr(pipe, role)
-    training_loop.check_resume(accelerator, args, models)  # another run's checkpoint: refused before any work
+    training_loop.check_resume(args, models)  # another run's checkpoint: refused before any work
     trainable = {role: da.count_parameters(m)[0] for role, m in models.items()}
     logger.info(f"{args.method} adapters, trainable parameters: {trainable}", main_process_only=True)
 

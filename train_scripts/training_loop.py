@@ -80,9 +80,21 @@ def to_device(model, device, dtype) -> None:
 
 
 def shared_seed(args, accelerator) -> int:
-    """--seed, or one random seed agreed by all processes (data order must match across ranks)."""
+    """--seed, or when resuming without it the checkpoint's seed (data order, noise and dropout
+    follow the seed: a new one would not continue the run), or one random seed agreed by all
+    processes (data order must match across ranks)."""
+    path = getattr(args, "resume_path", None)
+    manifest = read_manifest(path) if path else None
+    saved = manifest.get("seed") if manifest else None
+    saved = saved if isinstance(saved, int) and not isinstance(saved, bool) else None
     if args.seed is not None:
+        if saved is not None and saved != args.seed and accelerator.is_main_process:
+            _stderr(f"warning: --seed {args.seed} differs from the seed of {path} ({saved}); data order, noise "
+                    "and dropout do not continue that run's.")
         return args.seed
+    if saved is not None:
+        accelerator.print(f"No --seed given: resuming with the seed of {path} ({saved}).")
+        return saved
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([random.SystemRandom().randrange(2**31)])[0]
@@ -333,7 +345,7 @@ def save_checkpoint(accelerator, args, global_step: int, models: dict) -> str:
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        manifest = {"format": MANIFEST_FORMAT, "version": 1, "step": global_step,
+        manifest = {"format": MANIFEST_FORMAT, "version": 1, "step": global_step, "seed": args.seed_value,
                     "world_size": accelerator.num_processes, **run_signature(args, models), "files": _files(tmp)}
         Path(tmp, MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         atomic_io.fsync_tree(tmp)
@@ -445,7 +457,7 @@ def check_same_run(where: str, manifest: dict, current: dict) -> None:
                                  f"{new[role].get(name)} in this run; {hint}.")
 
 
-def check_resume(accelerator, args, models: dict) -> str | None:
+def check_resume(args, models: dict) -> str | None:
     """The checkpoint to resume from (None: start fresh), checked against this run's method,
     trained roles, adapter configs and tensor shapes. The scripts call it as soon as the
     adapters are in (before data, class images, devices), ``resume`` again (once resolved)."""
@@ -460,7 +472,7 @@ def check_resume(accelerator, args, models: dict) -> str | None:
 
 def resume(accelerator, args, steps_per_epoch: int, models: dict) -> tuple[int, int, int]:
     """Load the checkpoint if asked; returns (global_step, first_epoch, batches to skip)."""
-    path = check_resume(accelerator, args, models)
+    path = check_resume(args, models)
     if path is None:
         if args.resume_from_checkpoint:
             accelerator.print(f"No complete checkpoint in {args.output_dir}; starting a new training run.")
