@@ -567,7 +567,7 @@ def main(argv=None) -> int:
     print(report)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+        with open(args.out, "w") as f:
             f.write(report)
     if args.json:
         with open(args.json, "w") as f:
