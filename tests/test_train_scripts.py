@@ -10,11 +10,20 @@ What is checked
   learning rate of 0 the ratio is exactly 1, so the probe sees what training did);
 * resume: 4 steps + checkpoint, then resume "latest" to 8 = an uninterrupted 8-step run
   (fp32, 1e-6; it is bit-exact), resuming in the middle of an epoch;
+* resume with adapter dropout (BOFT, OFT, FRoD), after a run killed while saving a checkpoint
+  under --checkpoints_total_limit 1: the complete checkpoint survives, "latest" takes it, and
+  the result equals the uninterrupted run exactly (torch.equal, same losses);
+* atomic saves (in-process, simulated kills): no half-written checkpoint-<step>, the limit only
+  applied after a complete save, "latest" skipping incomplete or cut folders with a warning, the
+  final artifact replaced whole or not at all;
 * two processes (torchrun, gloo on CPU): identical trained tensors on both ranks, one save;
 * SDXL (both text encoders trained), SD3 and Flux DreamBooth runs;
 * the embedded default model with the bundled subject (no model, no data given), and the glue
   that provides them (also while the embedded model is missing: one clear refusal);
-* bad arguments fail at once, with one ``error:`` line on stderr, exit code 2, no traceback.
+* bad arguments fail at once, with one ``error:`` line on stderr, exit code 2, no traceback;
+  so do bad training flags (non-finite or out-of-range numbers, an unwritable output folder,
+  unknown override fields, adapter sizes beyond the layers) and resumes that cannot work
+  (another method / config / targets than the checkpoint's, a cut file, a missing checkpoint).
 
 Subprocesses run two at a time (one torch thread each) from a small job runner, so the whole
 file takes about as long as its longest chain of jobs.
@@ -317,6 +326,8 @@ REFUSALS = {
     "output-dir-unwritable": (["oft", "--output_dir", "{a_file}/out"], ["--output_dir", "a_file", "not a writable"],
                               False),
     "hra-r-absurd": (["hra", "--hra_r", "100000000"], ["--hra_r 100000000", "fan_in=32", "<= 32"], False),
+    "boft-butterflies-absurd": (["boft", "--boft_n_butterfly_factor", "100000"],
+                                ["--boft_n_butterfly_factor 100000", "32 wide", "<= 6"], False),
     "resume-other-n-frequency": (["fourierft", "--n_frequency", "32", "--resume_from_checkpoint", "latest"],
                                  ["--resume_from_checkpoint", "--n_frequency 64", "--n_frequency 32"], True),
     "resume-other-method": (["hra", "--resume_from_checkpoint", "latest"],

@@ -325,8 +325,11 @@ def check_sizes(model, config, preset, role: str) -> None:
 
     HRA: ``r`` Householder vectors of ``fan_in`` features per layer; more than ``fan_in``
     reflections are redundant (every rotation is a product of at most ``fan_in`` of them), and
-    ``--hra_r 100000000`` would allocate r x fan_in floats per layer before anything fails."""
-    if config.method != "hra":
+    ``--hra_r 100000000`` would allocate r x fan_in floats per layer before anything fails.
+    BOFT: ``m`` butterfly factors need ``2^(m-1)`` to divide the block count, so ``2^(m-1)``
+    cannot exceed the rotated width (checked without computing ``2^(m-1)``: for
+    ``--boft_n_butterfly_factor 100000`` that number has 30,000 digits)."""
+    if config.method not in ("hra", "boft"):
         return
     from diffadapt.host import SUPPORTED_LAYERS, layer_spec
     from diffadapt.model import resolve_targets
@@ -336,6 +339,17 @@ def check_sizes(model, config, preset, role: str) -> None:
     specs = [layer_spec(n, model.get_submodule(n)) for n in select_targets(model, resolved, SUPPORTED_LAYERS)]
     for spec in specs:
         layer_config = resolved.for_layer(spec.name)
+        if config.method == "boft":
+            m = layer_config.boft_n_butterfly_factor
+            width = spec.out_features if getattr(layer_config, "rotation_side", "input") == "output" else spec.fan_in
+            if m > width.bit_length():  # 2^(m-1) > width
+                source = ("--boft_n_butterfly_factor" if m == config.boft_n_butterfly_factor
+                          else "an --adapter_config override")
+                raise UsageError(
+                    f"{source} {m} does not fit {role} layer {spec.describe()}: m butterfly factors need at least 2^(m-1) "
+                    f"blocks, and the layer is {width} wide; use {source} <= {width.bit_length()} "
+                    "(fewer where the block count is not a power of two).")
+            continue
         if layer_config.r > spec.fan_in:
             source = "--hra_r" if layer_config.r == config.r else "an --adapter_config override"
             raise UsageError(
