@@ -1,8 +1,10 @@
 """Which modules of a model get adapters: PEFT-style target matching and per-architecture presets.
 
 ``target_modules`` means what it means in PEFT: a list of module-name suffixes, one regex string
-(full match), or ``"all-linear"``. Presets are anchored regexes per architecture, so that a bare
-``proj_out`` never hits the top-level output layer of a DiT.
+(full match), or ``"all-linear"``. Presets are derived from the model's structure
+(:mod:`diffadapt.presets`: the projections of its attention modules, and its blocks' feed-forward
+layers) and written as one anchored regex, so that a bare ``proj_out`` never hits the top-level
+output layer of a DiT.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ _JOINT = r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out
 _FF = r"ff\.net\.(0\.proj|2)"
 _CLIP = r"(text_model\.)?encoder\.layers\.\d+\."
 
-# architecture (model class name) -> preset name -> anchored regex (full match on module path)
+# The hand-written presets of diffadapt <= 0.x, per model class (anchored regexes, full match).
+# preset_pattern no longer reads them: it derives the same layers from the model's structure
+# (tests/test_families.py checks that on these classes), and more where they fell short (SD3.5's
+# dual-attention attn2). Kept for code that reads da.PRESETS.
 PRESETS: dict[str, dict[str, str]] = {
     "UNet2DConditionModel": {
         "attention": rf".*transformer_blocks\.\d+\.attn[12]\.{_QKVO}",
@@ -57,19 +62,10 @@ def architecture(model: nn.Module) -> str:
 
 
 def preset_pattern(model: nn.Module, preset: str) -> str:
-    """The regex of ``preset`` for ``model``'s architecture."""
-    arch = architecture(model)
-    if arch not in PRESETS:
-        raise AdapterConfigError(
-            f"No target presets for {arch}; presets exist for {', '.join(sorted(PRESETS))}. "
-            "Pass target_modules (module-name suffixes or a regex) instead."
-        )
-    key = PRESET_ALIASES.get(preset, preset)
-    if key not in PRESETS[arch]:
-        raise AdapterConfigError(
-            f"Unknown preset {preset!r} for {arch}; choose one of {', '.join(sorted(PRESETS[arch]))}."
-        )
-    return PRESETS[arch][key]
+    """The regex of ``preset`` for ``model``, derived from its structure (:mod:`diffadapt.presets`)."""
+    from diffadapt import presets
+
+    return presets.preset_pattern(model, PRESET_ALIASES.get(preset, preset), preset)
 
 
 def _matches(spec: Union[str, list[str], None], name: str, module: nn.Module, field: str = "target_modules") -> bool:
@@ -107,6 +103,15 @@ def _output_layer(model: nn.Module) -> Optional[nn.Module]:
         return None
 
 
+def _quantized_layer(module: nn.Module) -> bool:
+    """A quantized linear layer of a type diffadapt cannot adapt (e.g. HQQ, not an nn.Linear): a
+    candidate, so that naming it is refused with its type (:func:`diffadapt.quantized.check_supported`)
+    instead of skipped."""
+    from diffadapt import quantized
+
+    return getattr(module, "in_features", None) is not None and quantized.kind(module) == quantized.UNSUPPORTED
+
+
 def select_targets(model: nn.Module, config, supported: tuple[type, ...]) -> list[str]:
     """Names of the modules ``config`` targets, in model order. Raises if none match."""
     from diffadapt.host import AdapterHost
@@ -121,7 +126,7 @@ def select_targets(model: nn.Module, config, supported: tuple[type, ...]) -> lis
     for name, module in model.named_modules():
         if isinstance(module, AdapterHost):
             module = module.base_layer
-        elif not isinstance(module, supported) or any(
+        elif not (isinstance(module, supported) or _quantized_layer(module)) or any(
             part in f".{name}." for part in (".base_layer.", ".original_module.", ".copies.")
         ):
             continue
