@@ -45,6 +45,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 WRITE_ID = "diffadapt_write_id"  # safetensors metadata: which write of a pipeline folder a part belongs to
 MAX_JSON_BYTES = 16 << 20  # adapter_config.json / headers: far above any real config
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 _LONG_WORD = re.compile(r"\S{200,}")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -71,6 +72,8 @@ def refusing(source: object) -> Iterator[None]:
     where = str(source)
     try:
         yield
+    except _OUT_OF_MEMORY:
+        raise  # a real limit of this machine, not a property of the file
     except CheckpointError as exc:
         msg = str(exc)
         raise type(exc)(msg if where in msg else f"{where}: {msg}") from None
@@ -239,7 +242,11 @@ def write_folder_atomic(
         if all(ours(entry) for entry in folder.iterdir()):
             old = _sibling(folder, "old")
             os.rename(folder, old)
-            os.rename(tmp, folder)
+            try:
+                os.rename(tmp, folder)
+            except OSError:
+                os.rename(old, folder)  # the old folder back, as it was
+                raise
             shutil.rmtree(old, ignore_errors=True)
             return folder
         gone = set(stale(folder)) - {e.name for e in tmp.iterdir()}

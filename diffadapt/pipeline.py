@@ -234,7 +234,7 @@ def read_pipeline_adapter(
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"No adapter at {path}.")
-    if component is not None:
+    if component:
         check_component(component, "component=")
     if path.is_dir() and (path / META_NAME).is_file():
         return _read_folder(path)
