@@ -2,7 +2,7 @@
 
     python app.py [--model PATH_OR_ID] [--adapters DIR_OR_FILES ...] [--host 127.0.0.1] [--port 7860]
                   [--device cpu] [--dtype float32] [--max-upload-mb 512] [--max-adapters 8]
-                  [--max-uploads 32] [--session-minutes 60]
+                  [--max-uploads 32] [--session-minutes 60] [--max-grid-cells 16]
 
 The base pipeline is loaded once. Every request says which adapters it wants, with which
 strengths and in which mode ("live": adapters run on the activations; "merged": baked into the
@@ -18,6 +18,14 @@ checked (extension, size, a readable diffadapt / PEFT / LyCORIS-kohya-ComfyUI fi
 pipeline) before they are used; loading is atomic, so a refused file leaves the pipeline and
 every other session untouched. Everything a file brings (names, metadata, config values, the
 text of errors about it) is escaped before it reaches the page.
+
+The page opens ready to use: steps and guidance come from the model folder's card
+(``model_defaults``), the shared adapters are checked and the prompt holds their trigger prompts
+(from each file's metadata; checking or uploading an adapter adds its trigger while the prompt is
+still the prefilled one), example prompts the model draws are one click away, and "Make grid"
+renders the checked adapters (rows) x a list of strengths (columns) with one seed for every cell,
+each cell exactly what ``generate`` gives for that adapter alone at that strength
+(``--max-grid-cells`` bounds it).
 """
 
 from __future__ import annotations
@@ -87,6 +95,98 @@ class GenerateRequest:
 
 
 @dataclass
+class GridResult:
+    """An adapter x strength grid: ``cells[r][c]`` is adapter ``rows[r]`` alone at ``strengths[c]``."""
+
+    image: object  # PIL: the labelled grid
+    cells: list  # rows x columns of PIL images
+    rows: list[str]
+    strengths: list[float]
+    mode: str
+    seed: int
+    origin: tuple[int, int]  # top-left pixel of cell (0, 0); cell (r, c) starts at origin + (c*w, r*h)
+    cell_size: tuple[int, int]
+    generation_s: float
+
+    def cell_box(self, r: int, c: int) -> tuple[int, int, int, int]:
+        (x, y), (w, h) = self.origin, self.cell_size
+        return (x + c * w, y + r * h, x + (c + 1) * w, y + (r + 1) * h)
+
+    @property
+    def caption(self) -> str:
+        return (f"rows: {', '.join(self.rows)} · columns: strength {', '.join(f'{s:g}' for s in self.strengths)}"
+                f" · seed {self.seed}")
+
+    def summary(self) -> str:
+        rows = ", ".join(_md(n) for n in self.rows)
+        return (f"**Grid:** {len(self.rows)} adapter(s) x {len(self.strengths)} strength(s) "
+                f"({', '.join(f'{s:g}' for s in self.strengths)}) · rows {rows} · mode **{self.mode}** · "
+                f"seed {self.seed} (every cell)  \ngeneration {self.generation_s:.2f} s for "
+                f"{len(self.rows) * len(self.strengths)} images")
+
+    def as_dict(self) -> dict:
+        return {
+            "grid": {"rows": list(self.rows), "strengths": list(self.strengths), "origin": list(self.origin),
+                     "cell_size": list(self.cell_size), "size": list(self.image.size)},
+            "mode": self.mode,
+            "seed": self.seed,
+            "generation_s": round(self.generation_s, 3),
+        }
+
+
+def parse_strengths(text) -> list[float]:
+    """``"0, 0.5, 1"`` (commas, semicolons or spaces between) -> [0.0, 0.5, 1.0]; ValueError naming
+    the field otherwise."""
+    if isinstance(text, (list, tuple)):
+        parts = list(text)
+    else:
+        parts = [p for p in re.split(r"[,;\s]+", str(text or "").strip()) if p]
+    if not parts:
+        raise ValueError("Grid strengths: give at least one number, e.g. 0, 0.5, 1.")
+    values = []
+    for part in parts:
+        try:
+            value = float(part)
+        except (TypeError, ValueError):
+            raise ValueError(f"Grid strengths: {str(part)[:40]!r} is not a number; give a list such as 0, 0.5, 1.") from None
+        if not math.isfinite(value):
+            raise ValueError(f"Grid strengths must be finite numbers (got {str(part)[:40]!r}).")
+        values.append(value)
+    return values
+
+
+def compose_grid(cells: Sequence[Sequence], rows: Sequence[str], strengths: Sequence[float]):
+    """The labelled grid image of ``cells`` (rows x columns, all one size): strengths across the
+    top, adapter names down the left. Returns (image, origin of cell (0, 0), cell size)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    w, h = cells[0][0].size
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def text_size(text):
+        left, top, right, bottom = probe.textbbox((0, 0), text, font=font)
+        return right - left, bottom - top
+
+    rows = [n if len(n) <= 24 else n[:22] + ".." for n in rows]
+    cols = [f"{s:g}" for s in strengths]
+    pad = 4
+    left = max(text_size(n)[0] for n in rows) + 2 * pad
+    top = max(text_size(c)[1] for c in cols + ["strength"]) + 2 * pad
+    grid = Image.new("RGB", (left + w * len(cols), top + h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, label in enumerate(cols):
+        tw, _ = text_size(label)
+        draw.text((left + c * w + max(0, (w - tw) // 2), pad), label, fill="black", font=font)
+    for r, label in enumerate(rows):
+        _, th = text_size(label)
+        draw.text((pad, top + r * h + max(0, (h - th) // 2)), label, fill="black", font=font)
+        for c, cell in enumerate(cells[r]):
+            grid.paste(cell.convert("RGB"), (left + c * w, top + r * h))
+    return grid, (left, top), (w, h)
+
+
+@dataclass
 class GenerateResult:
     images: list  # PIL images: [with adapters] or [with adapters, without]
     captions: list[str]
@@ -146,8 +246,144 @@ def find_adapters(paths: Sequence[str]) -> list[Path]:
     return found
 
 
+TRIGGER_KEYS = ("instance_prompt", "trigger", "trigger_word", "trigger_words", "trigger_phrase",
+                "modelspec.trigger_phrase", "activation_text")  # adapter metadata, first found wins
+
+
+def trigger_of(metadata: dict) -> str:
+    """The trigger / instance prompt an adapter file's metadata names (diffadapt's DreamBooth
+    script writes ``instance_prompt``; kohya's sd-scripts ``modelspec.trigger_phrase``), or ""."""
+    for key in TRIGGER_KEYS:
+        value = metadata.get(key)
+        if isinstance(value, (list, tuple)):
+            value = ", ".join(str(v) for v in value)
+        text = " ".join(str(value).split()) if value is not None else ""
+        if text:
+            return text[:500]
+    return ""
+
+
 def _clean_name(stem: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_") or "adapter"
+
+
+# -- what the model folder says about itself --------------------------------------------------------
+@dataclass
+class ModelDefaults:
+    """Steps, guidance and example prompts the page opens with, and where each came from."""
+
+    steps: int
+    guidance: float
+    examples: list[str] = field(default_factory=list)
+    sources: dict = field(default_factory=dict)  # "steps" / "guidance" -> "model card" | "pipeline signature" | ...
+
+
+_RANGE_STEPS = re.compile(r"(\d{1,3})\s*(?:[\u2013\u2014-]|to)\s*(\d{1,3})\s+(?:[A-Za-z+]+\s+)?steps\b", re.I)
+_CODE_STEPS = re.compile(r"num_inference_steps\s*[=:]\s*(\d{1,3})\b")
+_CODE_GUIDANCE = re.compile(r"guidance_scale\s*[=:]\s*(\d+(?:\.\d+)?)")
+_PROSE_GUIDANCE = re.compile(r"\b(?:guidance(?: scale)?|cfg(?: scale)?)\b[^.\d\n]{0,30}?\(?(\d+(?:\.\d+)?)\b", re.I)
+_CODE_PROMPT = re.compile(r"\bpipe(?:line)?\(\s*(?:prompt\s*=\s*)?\"([^\"\n]{3,200})\"")
+
+
+def model_card(source) -> str:
+    """The model card (README.md) of a pipeline folder, or of a hub id already in the local
+    cache (no download); "" if there is none."""
+    if not source:
+        return ""
+    path = Path(str(source)) / "README.md"
+    if not path.is_file() and not Path(str(source)).exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(source), "README.md")
+            path = Path(cached) if isinstance(cached, str) else path
+        except Exception:  # not a hub id, no hub library, ...: no card
+            return ""
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")[:200_000] if path.is_file() else ""
+    except OSError:
+        return ""
+
+
+def _front_matter(card: str) -> dict:
+    if not card.startswith("---"):
+        return {}
+    end = card.find("\n---", 3)
+    try:
+        import yaml
+
+        data = yaml.safe_load(card[3:end]) if end > 0 else None
+    except Exception:  # a broken header: as if there were none
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _steps_ok(value) -> Optional[int]:
+    return int(float(value)) if _whole(value) and 1 <= float(value) <= 200 else None
+
+
+def _guidance_ok(value) -> Optional[float]:
+    return float(value) if _finite(value) and 0 <= float(value) <= 50 else None
+
+
+def model_defaults(source, signature_steps=None, signature_guidance=None, embedded: Optional[bool] = None) -> ModelDefaults:
+    """What the page opens with, read from the pipeline folder's model card: the front matter's
+    ``inference: parameters: {num_inference_steps, guidance_scale}`` and ``widget: [{text}]`` (the
+    Hub's fields), else the card's text ("20-25 steps": the upper end; ``num_inference_steps=25``
+    and ``pipe("...")`` in its code; "guidance (7.5)"). What the card does not say comes from the
+    pipeline's ``__call__`` defaults (``signature_*``), else 25 steps and guidance 7.5. The
+    embedded default model adds prompts it draws well (``diffadapt.world``)."""
+    card = model_card(source)
+    meta = _front_matter(card)
+    params = meta.get("inference", {}) if isinstance(meta.get("inference"), dict) else {}
+    params = params.get("parameters", {}) if isinstance(params.get("parameters"), dict) else {}
+    text = card[card.find("\n---", 3) + 4:] if meta else card
+    steps = guidance = None
+    sources = {}
+    if _steps_ok(params.get("num_inference_steps")):
+        steps, sources["steps"] = _steps_ok(params["num_inference_steps"]), "model card (inference.parameters)"
+    else:
+        for pattern, pick in ((_RANGE_STEPS, lambda m: max(int(m[1]), int(m[2]))), (_CODE_STEPS, lambda m: int(m[1]))):
+            found = [pick(m) for m in pattern.finditer(text) if _steps_ok(pick(m))]
+            if found:
+                steps, sources["steps"] = found[0], "model card"
+                break
+    if _guidance_ok(params.get("guidance_scale")) is not None:
+        guidance, sources["guidance"] = _guidance_ok(params["guidance_scale"]), "model card (inference.parameters)"
+    else:
+        for pattern in (_CODE_GUIDANCE, _PROSE_GUIDANCE):
+            found = [float(m[1]) for m in pattern.finditer(text) if _guidance_ok(m[1]) is not None]
+            if found:
+                guidance, sources["guidance"] = found[0], "model card"
+                break
+    if steps is None:
+        steps = _steps_ok(signature_steps) or 25
+        sources["steps"] = "pipeline signature" if _steps_ok(signature_steps) else "fallback"
+    if guidance is None:
+        guidance = _guidance_ok(signature_guidance)
+        sources["guidance"] = "pipeline signature" if guidance is not None else "fallback"
+        guidance = 7.5 if guidance is None else guidance
+    widget = meta.get("widget") if isinstance(meta.get("widget"), list) else []
+    examples = [w.get("text") if isinstance(w, dict) else w for w in widget]
+    examples += [m[1] for m in _CODE_PROMPT.finditer(text)]
+    if embedded is None:
+        from diffadapt.defaults import DEFAULT_MODEL
+
+        try:
+            embedded = bool(source) and Path(str(source)).resolve() == DEFAULT_MODEL
+        except OSError:
+            embedded = False
+    if embedded:
+        from diffadapt import world
+
+        examples += list(world.UNRELATED_PROMPTS[:4])
+    seen, clean = set(), []
+    for e in examples:
+        e = " ".join(str(e).split())[:300] if isinstance(e, str) else ""
+        if e and e not in seen:
+            seen.add(e)
+            clean.append(e)
+    return ModelDefaults(steps, guidance, clean[:8], sources)
 
 
 # -- the non-UI part: adapter registry + locked generation -----------------------------------------
@@ -160,8 +396,9 @@ class DemoApp:
     session hash); ``None`` means no session: the shared adapters only."""
 
     def __init__(self, pipe, max_upload_mb: float = 512.0, max_adapters: int = 8,
-                 max_uploads: Optional[int] = None, session_ttl_s: float = 3600.0):
+                 max_uploads: Optional[int] = None, session_ttl_s: float = 3600.0, max_grid_cells: int = 16):
         self.pipe = pipe
+        self.max_grid_cells = max_grid_cells
         self.max_upload_mb = max_upload_mb
         self.max_adapters = max_adapters  # slots of one page: shared adapters + that session's uploads
         self.max_uploads = 4 * max_adapters if max_uploads is None else max_uploads  # all sessions together
@@ -178,8 +415,12 @@ class DemoApp:
         sample = sample[0] if isinstance(sample, (list, tuple)) else sample
         self.size_step = scale * (1 if getattr(pipe, "unet", None) is not None else 2)
         self.default_size = int(sample) * scale
-        self.default_steps = params["num_inference_steps"].default if "num_inference_steps" in params else 25
-        self.default_guidance = params["guidance_scale"].default if "guidance_scale" in params else 7.5
+        signature = {k: params[k].default for k in ("num_inference_steps", "guidance_scale") if k in params}
+        self.defaults = model_defaults(getattr(pipe, "name_or_path", None), signature.get("num_inference_steps"),
+                                       signature.get("guidance_scale"))
+        self.default_steps = self.defaults.steps
+        self.default_guidance = self.defaults.guidance
+        self.examples = self.defaults.examples
 
     # -- who sees what -------------------------------------------------------------------------
     @property
@@ -304,7 +545,7 @@ class DemoApp:
                     method=str(info["method"]),
                     parameters=sum(c["parameters"] for c in info["components"].values()),
                     size_bytes=info["size_bytes"],
-                    trigger=str(meta.get("instance_prompt") or meta.get("trigger") or meta.get("trigger_word") or ""),
+                    trigger=trigger_of(meta),
                     metadata=meta,
                     key=key,
                     owner=session,
@@ -415,6 +656,56 @@ class DemoApp:
         captions = [f"with {used}"] + (["without adapters"] if req.side_by_side else [])
         return GenerateResult(images, captions, adapters, req.mode, seed, switch_ms, generation_s)
 
+    def grid(self, req: GenerateRequest, strengths, progress: Optional[Callable[[int, int], None]] = None,
+             session: Optional[str] = None) -> GridResult:
+        """Adapters (rows: ``req.adapters``' names, their strengths ignored) x ``strengths``
+        (columns): each cell is that adapter alone at that strength, with one seed for every cell,
+        rendered exactly as ``generate`` renders it. At most ``max_grid_cells`` cells."""
+        self.touch(session)
+        self.expire()
+        strengths = parse_strengths(strengths)
+        req = GenerateRequest(**{**req.__dict__, "adapters": [(n, 1.0) for n, _ in req.adapters], "side_by_side": False})
+        rows = [n for n, _ in self.check(req, session)]
+        if not rows:
+            raise ValueError("Grid: check at least one adapter (the grid's rows).")
+        cells = len(rows) * len(strengths)
+        if cells > self.max_grid_cells:
+            raise ValueError(f"Grid: {len(rows)} adapter(s) x {len(strengths)} strength(s) = {cells} images is over this "
+                             f"demo's limit of {self.max_grid_cells}; check fewer adapters or give fewer strengths.")
+        seed = random.randint(0, MAX_SEED) if req.seed is None else int(req.seed)
+        steps = int(req.steps)
+        with self.lock:
+            self.check(req, session)  # again, under the lock: the session's uploads cannot vanish now
+            keys = {a.name: a.key or a.name for a in self.view(session)}
+            t0 = time.perf_counter()
+            images = []
+            for r, name in enumerate(rows):
+                images.append([])
+                for c, strength in enumerate(strengths):
+                    self._apply([(keys[name], strength)], req.mode == "merged")
+                    images[-1].append(self._render(req, seed, progress, (r * len(strengths) + c) * steps, cells * steps))
+            generation_s = time.perf_counter() - t0
+        image, origin, size = compose_grid(images, rows, strengths)
+        return GridResult(image, images, rows, strengths, req.mode, seed, origin, size, generation_s)
+
+    # -- what the prompt box is prefilled with -------------------------------------------------------
+    def prefill(self, checked: Sequence[bool], session: Optional[str] = None) -> str:
+        """The prompt for these checked slots: their adapters' trigger prompts, joined; with none,
+        the model's first example prompt."""
+        view = self.view(session)
+        triggers = [view[i].trigger for i, on in enumerate(checked) if on and i < len(view) and view[i].trigger]
+        return ", ".join(dict.fromkeys(triggers)) or (self.examples[0] if self.examples else "")
+
+    def prompt_after(self, prompt, filled, checked: Sequence[bool], session: Optional[str] = None) -> Optional[str]:
+        """The prompt once ``checked`` are the checked slots: their prefill if the prompt is empty
+        or still ``filled`` (what the page last put there); None (leave it) once the visitor wrote
+        their own or picked an example."""
+        text = " ".join(str(prompt or "").split())
+        if text and text != " ".join(str(filled or "").split()):
+            return None
+        new = self.prefill(checked, session)
+        return None if new == prompt else new
+
     # -- what the page shows (everything from a file escaped) ------------------------------------
     def table(self, session: Optional[str] = None) -> str:
         view = self.view(session)
@@ -508,13 +799,19 @@ def build_ui(app: DemoApp):
         gr.Markdown(f"## diffadapt demo · `{type(app.pipe).__name__}`\nAdapters switch per request; the base model is loaded once.")
         with gr.Row():
             with gr.Column():
-                prompt = gr.Textbox(label="Prompt", elem_id="prompt")
+                shared = len(app.adapters[:n_slots])  # the shared adapters open checked, their triggers in the prompt
+                prompt = gr.Textbox(label="Prompt", value=app.prefill([True] * shared), elem_id="prompt")
+                filled = gr.State(app.prefill([True] * shared))  # what the page last put in the prompt box
+                if app.examples:
+                    gr.Examples([[e] for e in app.examples], inputs=[prompt], label="Example prompts", elem_id="examples")
                 negative = gr.Textbox(label="Negative prompt", visible="negative_prompt" in app.accepts, elem_id="negative")
                 with gr.Row():
                     seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
                     random_seed = gr.Checkbox(label="random seed", value=False, elem_id="random_seed")
-                steps = gr.Slider(1, 100, value=app.default_steps, step=1, label="Steps", elem_id="steps")
-                guidance = gr.Slider(0, 20, value=app.default_guidance, step=0.5, label="Guidance",
+                steps = gr.Slider(1, max(100, app.default_steps), value=app.default_steps, step=1, label="Steps",
+                                  elem_id="steps")
+                guidance = gr.Slider(0, max(20, math.ceil(app.default_guidance)), value=app.default_guidance, step=0.5,
+                                     label="Guidance",
                                      visible="guidance_scale" in app.accepts, elem_id="guidance")
                 with gr.Row(visible=size_ok):
                     lo, hi = app.size_step * max(1, app.default_size // app.size_step // 4), app.default_size * 2
@@ -528,7 +825,7 @@ def build_ui(app: DemoApp):
                 for i in range(n_slots):
                     name = app.names[i] if i < len(app.adapters) else ""
                     with gr.Row(visible=bool(name)) as row:
-                        uses.append(gr.Checkbox(label=name, value=False, elem_id=f"use_{i}"))
+                        uses.append(gr.Checkbox(label=name, value=bool(name), elem_id=f"use_{i}"))
                         strengths.append(gr.Slider(0, 2, value=1.0, step=0.05, label=f"{name} strength", elem_id=f"strength_{i}"))
                     rows.append(row)
                 upload = gr.File(label="Add an adapter (.safetensors: diffadapt, PEFT or LyCORIS/kohya/ComfyUI OFT/BOFT)",
@@ -536,6 +833,11 @@ def build_ui(app: DemoApp):
                 slots = gr.Markdown(app.slots_text(None), elem_id="slots", **inert)
                 upload_status = gr.Markdown(elem_id="upload_status", **inert)
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Accordion("Strength grid (X/Y plot): checked adapters x strengths", open=True):
+                    grid_strengths = gr.Textbox(label="Grid strengths (columns; every checked adapter is a row, alone)",
+                                                value="0, 0.5, 1", elem_id="grid_strengths")
+                    grid_button = gr.Button(f"Make grid (at most {app.max_grid_cells} images, one seed)",
+                                            elem_id="make_grid")
             with gr.Column():
                 gallery = gr.Gallery(label="Result", columns=2, format="png", preview=False, object_fit="contain",
                                      height=420, elem_id="result")
@@ -563,27 +865,62 @@ def build_ui(app: DemoApp):
                 raise gr.Error(html.escape(_one_line(exc))) from None
             return list(zip(res.images, res.captions)), res.summary(), res.as_dict()
 
-        def page(session):  # table, slots text, then rows, checkbox labels, slider labels
+        @_takes_request
+        def on_grid(request, progress=gr.Progress(), *values):
+            session = _session_of(request)
+            p, neg, s, rnd, st, g, w, h, md, _ = values[:10]
+            use, grid_text = values[10 : 10 + n_slots], values[-1]
+            view = app.view(session)
+            if any(use[len(view):]):
+                raise gr.Error("An adapter you chose is no longer loaded (uploads are removed after "
+                               f"{app.session_ttl_s / 60:g} idle minutes); upload it again.")
+            try:
+                chosen = [(a.name, 1.0) for i, a in enumerate(view[:n_slots]) if use[i]]
+                req = GenerateRequest(p, chosen, neg or "", None if rnd else int(s or 0), int(st), float(g),
+                                      int(w) if size_ok else None, int(h) if size_ok else None, md)
+                res = app.grid(req, grid_text, lambda i, n: progress((i, n), desc="grid"), session=session)
+            except Exception as exc:  # a message in the page, never a crash
+                raise gr.Error(html.escape(_one_line(exc))) from None
+            return [(res.image, res.caption)], res.summary(), res.as_dict()
+
+        def page(session, check=None):  # table, slots text, then rows, checkboxes, slider labels
             names = app.names_for(session)[:n_slots]
             names += [""] * (n_slots - len(names))
             return ([app.table(session), app.slots_text(session)] + [gr.update(visible=bool(n)) for n in names]
-                    + [gr.update(label=n) for n in names] + [gr.update(label=f"{n} strength") for n in names])
+                    + [gr.update(label=n, **({"value": True} if i == check else {})) for i, n in enumerate(names)]
+                    + [gr.update(label=f"{n} strength") for n in names])
+
+        def on_use(slot):  # a checkbox the visitor (un)checked: an untouched prompt gets the checked triggers
+            @_takes_request
+            def handler(request, p, last, *checked):
+                new = app.prompt_after(p, last, list(checked), _session_of(request))
+                return (gr.skip(), gr.skip()) if new is None else (new, new)
+
+            handler.__name__ = "on_use"
+            return handler
 
         @_takes_request
-        def on_upload(request, file):
+        def on_upload(request, file, p=None, last=None, *checked):
             session = _session_of(request)
             app.touch(session)
             app.expire()
+            keep = [gr.skip(), gr.skip()]  # prompt, what the page last put there
             if file is None:
-                return ["", *page(session)]
+                return ["", *page(session), *keep]
             path = Path(file if isinstance(file, str) else file.name)  # gradio keeps the original name
             try:
                 a = app.add_upload(path, path.name, session=session)
                 msg = f"Loaded **{_md(a.name)}** ({_md(a.method)}, {a.parameters:,} parameters)."
+                slot = app.names_for(session).index(a.name)
+                if slot < n_slots:  # the new adapter is checked; its trigger joins an untouched prompt
+                    after = (list(checked) + [False] * n_slots)[:n_slots]
+                    after[slot] = True
+                    text = None if p is None else app.prompt_after(p, last, after, session)
+                    return [msg, *page(session, check=slot), *(keep if text is None else [text, text])]
             except Exception as exc:  # AdapterError (or anything else): a message, never a crash
                 gr.Warning(html.escape(_one_line(exc)))
                 msg = f"**Upload refused:** {_md(_one_line(exc), limit=600)}"
-            return [msg, *page(session)]
+            return [msg, *page(session), *keep]
 
         @_takes_request
         def on_load(request):
@@ -602,7 +939,12 @@ def build_ui(app: DemoApp):
                      concurrency_id="generate")
         prompt.submit(on_generate, controls, [gallery, info, details], api_name=False, concurrency_limit=1,
                       concurrency_id="generate")
-        upload.upload(on_upload, upload, [upload_status, *page_outputs], api_name="upload_adapter")
+        grid_button.click(on_grid, [*controls, grid_strengths], [gallery, info, details], api_name="grid",
+                          concurrency_limit=1, concurrency_id="generate")
+        for i, use in enumerate(uses):
+            use.input(on_use(i), [prompt, filled, *uses], [prompt, filled], api_name=False, show_progress="hidden")
+        upload.upload(on_upload, [upload, prompt, filled, *uses], [upload_status, *page_outputs, prompt, filled],
+                      api_name="upload_adapter")
         demo.load(on_load, None, page_outputs, api_name=False)
         demo.unload(on_unload)
     demo.queue(default_concurrency_limit=1)
@@ -644,6 +986,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="uploaded adapters held for all visitors together (default: 4 x --max-adapters)")
     parser.add_argument("--session-minutes", type=_number(float, 1, "a number of minutes"), default=60.0,
                         help="an upload is removed after this long without a request from its page")
+    parser.add_argument("--max-grid-cells", type=_number(int, 1, "a whole number"), default=16,
+                        help="most images one strength grid (adapters x strengths) may hold")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
@@ -654,7 +998,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         app = create_app(args.model, args.adapters, args.device, args.dtype,
                          max_upload_mb=args.max_upload_mb, max_adapters=args.max_adapters,
-                         max_uploads=args.max_uploads, session_ttl_s=args.session_minutes * 60)
+                         max_uploads=args.max_uploads, session_ttl_s=args.session_minutes * 60,
+                         max_grid_cells=args.max_grid_cells)
     except (AdapterError, OSError, ValueError) as exc:
         print(f"app.py: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -12,7 +12,13 @@
   session sees or uses it, each page has its own slots (the page says how many are left), and the
   uploads go when the session ends (tab closed, client closed) or idles past the time limit;
 * hostile files: names, metadata and errors are escaped (no remote <img>, no broken code span);
-  nan / inf strengths, guidance, steps are refused naming the value.
+  nan / inf strengths, guidance, steps are refused naming the value;
+* ready to use: steps / guidance / example prompts read from the model folder's card, the shared
+  adapters open checked with their trigger prompts in the prompt box (checking or uploading one
+  prefills an untouched prompt, never the visitor's own text);
+* the strength grid (adapters x strengths, one seed): each cell is pixel for pixel the single
+  generation of that adapter at that strength, strength 0 is the base image; over the cell limit
+  it is refused in one line; in the browser one click makes it.
 """
 
 from __future__ import annotations
@@ -182,6 +188,19 @@ def test_browser_generate_switch_and_screenshot(server, files, tmp_path):
             expect = sync_api.expect
             expect(page.locator("#adapters_table")).to_contain_text(PROMPT)  # metadata: trigger prompt
             expect(page.locator("#adapters_table")).to_contain_text("boft")
+            # it opens ready to use: the model card's steps, the shared adapters checked, their triggers as the
+            # prompt; unchecking one takes its trigger out of the untouched prompt; an example prompt is one click
+            expect(page.locator("#steps input[type=number]")).to_have_value(str(app.default_steps))
+            expect(page.locator("#use_0 input[type=checkbox]")).to_be_checked()
+            expect(page.locator("#use_1 input[type=checkbox]")).to_be_checked()
+            prompt = page.locator("#prompt textarea")
+            expect(prompt).to_have_value(f"{PROMPT}, in zwx style")
+            page.locator("#use_1 input[type=checkbox]").uncheck()
+            expect(prompt).to_have_value(PROMPT, timeout=30_000)
+            page.locator("#use_0 input[type=checkbox]").uncheck()
+            expect(prompt).to_have_value(app.examples[0], timeout=30_000)
+            page.locator("#examples").get_by_text(app.examples[1], exact=True).click()
+            expect(prompt).to_have_value(app.examples[1], timeout=30_000)
             page.locator("#prompt textarea").fill(PROMPT)
 
             def number(elem, value):
@@ -240,6 +259,45 @@ def test_browser_generate_switch_and_screenshot(server, files, tmp_path):
         shot = Path(shutil.copy(shot, Path(target) / shot.name))
     print(f"\nscreenshot of the demo page: {shot}")
     assert len(server.loads) == 1, "switching adapters must never reload the base model"
+
+
+def test_browser_strength_grid(server):
+    """One click: the checked adapters (rows) x the strengths (columns), one seed, labelled."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium; .ci/run does it)")
+    app = server.app
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(server.url)
+            expect = sync_api.expect
+            expect(page.locator("#use_1 input[type=checkbox]")).to_be_checked()  # both shared adapters: the rows
+            page.locator("#prompt textarea").fill(PROMPT)
+            for elem, value in [("steps", STEPS), ("guidance", GUIDANCE), ("width", SIZE), ("height", SIZE)]:
+                box = page.locator(f"#{elem} input[type=number]")
+                box.fill(str(value))
+                box.press("Enter")
+            page.locator("#grid_strengths textarea").fill("0, 0.5, 1")
+            page.locator("#make_grid").click()
+            expect(page.locator("#info")).to_contain_text("2 adapter(s) x 3 strength(s)", timeout=120_000)
+            imgs = page.locator("#result img")
+            expect(imgs).to_have_count(1, timeout=30_000)
+            (src,) = imgs.evaluate_all("els => els.map(e => e.src)")
+            shown = pixels(_fetch(page, src))
+        finally:
+            browser.close()
+    direct = app.grid(request([("boft_subject", 1.0), ("hra_style", 1.0)]), [0, 0.5, 1])
+    x, y = direct.origin
+    assert shown.shape == (y + 2 * SIZE, x + 3 * SIZE, 3), "2 rows x 3 columns of cells, plus the labels"
+    np.testing.assert_array_equal(shown, pixels(direct.image))
+    base = pixels(app.generate(request()).images[0])
+    for r in range(2):
+        x0, y0, x1, y1 = direct.cell_box(r, 0)
+        np.testing.assert_array_equal(shown[y0:y1, x0:x1], base, err_msg="strength 0 is the base image for the seed")
+        x0, y0, x1, y1 = direct.cell_box(r, 2)
+        assert not np.array_equal(shown[y0:y1, x0:x1], base), "strength 1 changes the image"
 
 
 def _fetch(page, src):
@@ -590,12 +648,159 @@ def test_nan_strengths_from_the_page_are_refused(server, client):
     (["--max-adapters", "0"], "--max-adapters"), (["--max-upload-mb", "nan"], "--max-upload-mb"),
     (["--session-minutes", "inf"], "--session-minutes"), (["--port", "70000"], "--port"),
     (["--max-uploads", "-1"], "--max-uploads"), (["--port", "x"], "--port"),
+    (["--max-grid-cells", "0"], "--max-grid-cells"), (["--max-grid-cells", "2.5"], "--max-grid-cells"),
 ])
 def test_app_flags_are_checked_in_one_line(capsys, monkeypatch, argv, words):
     monkeypatch.setattr(demo_app, "create_app", lambda *a, **k: pytest.fail("a bad flag must stop before the model loads"))
     assert demo_app.main(argv) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and words in err and "error" in err
+
+
+# -- 6. ready to use: defaults from the model folder, trigger prefill ------------------------------------
+def _component(demo, elem_id):
+    (found,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id]
+    return found
+
+
+def _handlers(demo, name):
+    return [f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == name]
+
+
+def test_defaults_come_from_the_model_folder(server, tmp_path):
+    app = server.app
+    # the embedded default's card: "20-25 steps and the pipeline's default guidance (7.5)"
+    assert (app.default_steps, app.default_guidance) == (25, 7.5)
+    assert app.defaults.sources == {"steps": "model card", "guidance": "model card"}
+    assert app.examples[0] == "a large striped blue square on an orange background"  # the card's own pipe("...")
+    from diffadapt import world
+
+    assert set(world.UNRELATED_PROMPTS[:4]) <= set(app.examples) and len(app.examples) <= 8
+    assert _component(server.demo, "steps").value == 25 and _component(server.demo, "guidance").value == 7.5
+    examples = [b for b in server.demo.blocks.values() if type(b).__name__ == "Dataset"]
+    assert examples and [row[0] for row in examples[0].raw_samples] == app.examples
+    # the Hub's fields in a card's front matter win; out-of-range or broken values are ignored
+    card = tmp_path / "hub" / "README.md"
+    card.parent.mkdir()
+    card.write_text("---\ninference:\n  parameters:\n    num_inference_steps: 4\n    guidance_scale: 0\n"
+                    "widget:\n- text: a corgi in space\n- text: a red fox\n---\n# turbo\n30-50 steps, guidance 9\n")
+    d = demo_app.model_defaults(card.parent, 50, 7.5)
+    assert (d.steps, d.guidance, d.examples) == (4, 0.0, ["a corgi in space", "a red fox"])
+    card.write_text("# prose only\nUse 30 to 40 sampling steps with a guidance scale of 5.\n"
+                    "```python\nimage = pipe(\"an astronaut riding a horse\").images[0]\n```\n")
+    d = demo_app.model_defaults(card.parent, 50, 7.5)
+    assert (d.steps, d.guidance, d.examples, d.sources["steps"]) == (40, 5.0, ["an astronaut riding a horse"], "model card")
+    card.write_text("---\ninference: {parameters: {num_inference_steps: 100000, guidance_scale: .nan}}\n---\n")
+    assert (demo_app.model_defaults(card.parent, 30, 6.0).steps, demo_app.model_defaults(card.parent, 30, 6.0).guidance) == (30, 6.0)
+    card.write_text("---\n: [broken yaml\n---\nfewer than ~10 steps get blurry\n")
+    d = demo_app.model_defaults(card.parent, None, None)
+    assert (d.steps, d.guidance, d.sources) == (25, 7.5, {"steps": "fallback", "guidance": "fallback"})
+    d = demo_app.model_defaults(tmp_path / "no_card", 50, 7.5)  # no card at all: the pipeline's own defaults
+    assert (d.steps, d.guidance, d.examples, d.sources["steps"]) == (50, 7.5, [], "pipeline signature")
+
+
+def test_trigger_prompts_prefill_the_prompt(server, files):
+    app = server.app
+    assert demo_app.trigger_of({"instance_prompt": "a photo of sks dog", "trigger": "x"}) == "a photo of sks dog"
+    assert demo_app.trigger_of({"modelspec.trigger_phrase": "  zwx   style "}) == "zwx style"  # kohya's sd-scripts
+    assert demo_app.trigger_of({"trigger_words": ["a", "b"]}) == "a, b" and demo_app.trigger_of({"base_model": "x"}) == ""
+    assert [a.trigger for a in app.adapters] == [PROMPT, "in zwx style"]
+    # the page opens with the shared adapters checked and their triggers as the prompt
+    assert [_component(server.demo, f"use_{i}").value for i in range(app.max_adapters)] == [True, True] + [False] * 6
+    assert _component(server.demo, "prompt").value == f"{PROMPT}, in zwx style" == app.prefill([True, True])
+    assert app.prefill([False, True]) == "in zwx style" and app.prefill([]) == app.examples[0]
+    assert app.prompt_after("", "anything", [True, False]) == PROMPT  # an empty prompt is always filled
+    assert app.prompt_after(f"{PROMPT}, in zwx style", f"{PROMPT},  in zwx style", [False, True]) == "in zwx style"
+    assert app.prompt_after(PROMPT, app.examples[0], [False, True]) is None  # the visitor's text, even if a trigger
+    assert app.prompt_after(PROMPT, PROMPT, [True, False]) is None  # unchanged: nothing to do
+    # the page's checkbox handlers (one per slot): (prompt, what the page last put there)
+    handlers = _handlers(server.demo, "on_use")
+    assert len(handlers) == app.max_adapters
+    visitor = SimpleNamespace(session_hash="prefill-visitor")
+    rest = [False] * (app.max_adapters - 2)
+    opened = f"{PROMPT}, in zwx style"
+    assert handlers[1](visitor, opened, opened, True, False, *rest) == (PROMPT, PROMPT)  # slot 1 unchecked
+    assert handlers[0](visitor, PROMPT, PROMPT, False, False, *rest) == (app.examples[0],) * 2  # none left: an example
+    assert handlers[1](visitor, app.examples[0], app.examples[0], False, True, *rest) == ("in zwx style",) * 2
+    skip = type(gr.skip())
+    assert all(isinstance(v, skip) for v in handlers[0](visitor, "my own words", opened, True, True, *rest))
+    assert all(isinstance(v, skip) for v in handlers[0](visitor, PROMPT, app.examples[0], True, False, *rest))
+    # an upload is checked, and its trigger joins an untouched prompt
+    (upload,) = [f.fn for f in server.demo.fns.values() if f.api_name == "upload_adapter"]
+    try:
+        out = upload(visitor, str(files.good), opened, opened, True, True, *rest)
+        assert "Loaded **fourier_late**" in out[0] and out[-2:] == [f"{opened}, qwe"] * 2
+        checkboxes = out[3 + app.max_adapters : 3 + 2 * app.max_adapters]  # after status, table, slots, rows
+        assert checkboxes[2]["value"] is True and checkboxes[2]["label"] == "fourier_late"
+        assert all("value" not in c for i, c in enumerate(checkboxes) if i != 2)  # the others stay as they are
+        out = upload(visitor, str(files.oft), "my own words", f"{opened}, qwe", True, True, True, *rest[1:])
+        assert all(isinstance(v, skip) for v in out[-2:]) and out[3 + app.max_adapters + 3]["value"] is True
+    finally:
+        app.end_session("prefill-visitor")
+
+
+# -- 7. the strength grid ---------------------------------------------------------------------------------
+def test_grid_cells_are_exactly_single_generations(server, client):
+    app = server.app
+    calls = []
+    res = app.grid(request([("boft_subject", 0.3), ("hra_style", 1.0)]), "0, 0.5, 1", lambda i, n: calls.append((i, n)))
+    assert (res.rows, res.strengths, res.cell_size, res.seed) == (["boft_subject", "hra_style"], [0.0, 0.5, 1.0], (SIZE, SIZE), 0)
+    x, y = res.origin
+    assert res.image.size == (x + 3 * SIZE, y + 2 * SIZE) and x > 0 and y > 0
+    assert calls == [(i, 6 * STEPS) for i in range(1, 6 * STEPS + 1)]
+    grid = pixels(res.image)
+    assert (grid[:y] < 128).any() and (grid[:, :x] < 128).any(), "the labels are drawn"
+    base = pixels(app.generate(request()).images[0])
+    for r, name in enumerate(res.rows):
+        for c, strength in enumerate(res.strengths):
+            cell = pixels(res.image.crop(res.cell_box(r, c)))
+            np.testing.assert_array_equal(cell, pixels(res.cells[r][c]))
+            np.testing.assert_array_equal(cell, pixels(app.generate(request([(name, strength)])).images[0]),
+                                          err_msg=f"{name} @ {strength}")
+        np.testing.assert_array_equal(pixels(res.cells[r][0]), base)  # strength 0: the base model
+        assert not np.array_equal(pixels(res.cells[r][2]), base)
+    # merged mode, a random seed (one for every cell), and the page's /grid endpoint
+    res = app.grid(request([("hra_style", 1.0)], mode="merged", seed=None), [0, 1])
+    for c, strength in enumerate([0, 1]):
+        single = app.generate(request([("hra_style", strength)], mode="merged", seed=res.seed)).images[0]
+        np.testing.assert_array_equal(pixels(res.cells[0][c]), pixels(single))
+    gallery, info, details = client.predict(*api_args(app, [("boft_subject", 1.0)]), "0 1", api_name="/grid")
+    direct = app.grid(request([("boft_subject", 1.0)]), [0, 1])
+    assert details["grid"] == {"rows": ["boft_subject"], "strengths": [0.0, 1.0], "origin": list(direct.origin),
+                               "cell_size": [SIZE, SIZE], "size": list(direct.image.size)}
+    assert "Grid:" in info and "1 adapter(s) x 2 strength(s)" in info and len(gallery) == 1
+    np.testing.assert_array_equal(pixels(gallery[0]["image"]), pixels(direct.image))
+
+
+def test_grid_over_the_cell_limit_is_refused_in_one_line(server):
+    app = server.app
+    calls = []
+    limit = app.max_grid_cells
+    try:
+        app.max_grid_cells = 3
+        with pytest.raises(ValueError) as refused:
+            app.grid(request([("boft_subject", 1.0), ("hra_style", 1.0)]), "0, 1", lambda i, n: calls.append(i))
+        message = str(refused.value)
+        assert message == ("Grid: 2 adapter(s) x 2 strength(s) = 4 images is over this demo's limit of 3; "
+                           "check fewer adapters or give fewer strengths.")
+        assert not calls, "refused before anything is rendered"
+        (on_grid,) = [f.fn for f in server.demo.fns.values() if f.api_name == "grid"]
+        args = api_args(app, [("boft_subject", 1.0), ("hra_style", 1.0)])
+        with pytest.raises(gr.Error, match="over this demo&#x27;s limit of 3"):
+            on_grid(SimpleNamespace(session_hash="grid-visitor"), lambda *a, **k: None, *args, "0, 1")
+        assert len(app.grid(request([("hra_style", 1.0)]), "0 0.5 1").cells[0]) == 3  # 3 cells: at the limit, fine
+    finally:
+        app.max_grid_cells = limit
+    for strengths, adapters, words in [
+        ("0, x", [("hra_style", 1.0)], "Grid strengths: 'x' is not a number; give a list such as 0, 0.5, 1."),
+        ("0, nan", [("hra_style", 1.0)], "Grid strengths must be finite numbers (got 'nan')."),
+        ("  ", [("hra_style", 1.0)], "Grid strengths: give at least one number"),
+        ("0, 1", [], "Grid: check at least one adapter (the grid's rows)."),
+        ("0, 1", [("nope", 1.0)], "Unknown adapter(s) ['nope']"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            app.grid(request(adapters), strengths)
+    assert demo_app.parse_strengths("0;0.25 , 1.5,-1") == [0.0, 0.25, 1.5, -1.0]
 
 
 def test_a_shared_lycoris_adapter_given_at_start(server, files):
