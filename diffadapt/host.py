@@ -121,6 +121,36 @@ class _FoldedLinear(torch.autograd.Function):
         return gx, (gw.to(weight.dtype) if ctx.needs_input_grad[1] else None), None, *grads
 
 
+class _ScaleBias(torch.autograd.Function):
+    """``out = y * s + b`` keeping only ``out`` (the layer's output, which the next op often keeps
+    anyway: attention's q/k/v, GEGLU's input) for backward instead of ``y``: ``d s = sum_t g (out -
+    b) / s``, ``d y = g s``. ``(out - b) / s`` is ``y s / s`` to rounding (relative ``eps |out| /
+    |y s|``); a channel whose scale is exactly 0 has lost ``y``, and gets no scale gradient."""
+
+    @staticmethod
+    def forward(ctx, y, s, inv, bias):  # inv = 1 / s (0 where s = 0), computed once per step
+        out = y * _as(s, y.dtype)
+        out = out if bias is None else out + _as(bias, y.dtype)
+        ctx.save_for_backward(out, s, inv, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        out, s, inv, bias = ctx.saved_tensors
+        gy = g * _as(s, g.dtype) if ctx.needs_input_grad[0] else None
+        gs = gb = None
+        if ctx.needs_input_grad[1]:
+            ys = out if bias is None else out - _as(bias, out.dtype)
+            gs = _as((g * ys).reshape(-1, ys.shape[-1]).sum(0, dtype=s.dtype) * inv, s.dtype)
+        if bias is not None and ctx.needs_input_grad[3]:
+            gb = _as(g.reshape(-1, g.shape[-1]).sum(0), bias.dtype)
+        return gy, gs, None, gb
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class AdapterHost(nn.Module):
     """Wraps ``base_layer`` and hosts named adapters on it (see module docstring).
 
@@ -225,8 +255,14 @@ class AdapterHost(nn.Module):
             else:
                 steps.append((method, prep, method.delta_output(z, prep)))
         y = self._base_product(z, folds)
+        scale = None  # an outermost pure output scale (BOFT's s) is fused with the bias
+        if steps and steps[0][2] is None and torch.is_grad_enabled():
+            scale = steps[0][0].scale_only(steps[0][1])
+            steps = steps[1:] if scale is not None else steps
         for method, prep, delta in reversed(steps):
             y = method.transform_output(y, prep) if delta is None else y + delta.to(y.dtype)
+        if scale is not None:
+            return _ScaleBias.apply(y, *scale, base.bias)
         if base.bias is not None:
             y = y + base.bias
         return y

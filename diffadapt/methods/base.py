@@ -339,6 +339,13 @@ class Method:
         s = cls.output_scale(prep)
         return y if s is None else y * s.to(y.dtype)
 
+    @staticmethod
+    def scale_only(prep: Any) -> Optional[tuple[Tensor, Tensor]]:
+        """``(s, 1/s)`` (``1/s`` = 0 where ``s`` = 0) when :meth:`transform_output` is exactly
+        ``y * s``: the runtime then fuses it with the bias and keeps only the layer's output for
+        backward. None (the default): ``transform_output`` runs as written."""
+        return None
+
     # additive methods
     @staticmethod
     def delta_output(x: Tensor, prep: Any) -> Tensor:  # x @ dW.T

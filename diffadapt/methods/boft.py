@@ -345,6 +345,7 @@ class RotationFactors(NamedTuple):
     scale: Optional[Tensor]
     output: bool = False
     merged: Optional[Tensor] = None
+    inv_scale: Optional[Tensor] = None  # 1 / scale (0 where scale is 0), for the runtime's fused backward
 
     @property
     def rotation(self) -> Tensor:
@@ -398,8 +399,13 @@ class BOFT(Method):
         a = strength.to(s.dtype) if isinstance(strength, Tensor) else strength
         scale = torch.lerp(torch.ones_like(s), s, a).flatten(1)
         out = config.rotation_side == "output"
+        with torch.no_grad():  # one batched reciprocal for all layers' fused backward
+            inv = torch.where(scale != 0, scale, 1).reciprocal_().masked_fill_(scale == 0, 0).unbind(0)
         # unbind, not indexing: one backward node for all layers (an index's backward writes a full stack)
-        return [RotationFactors(*f, out, m[None]) for *f, m in zip(blocks.unbind(0), scale.unbind(0), merged.unbind(0))]
+        return [
+            RotationFactors(b, sc, out, m[None], i)
+            for b, sc, m, i in zip(blocks.unbind(0), scale.unbind(0), merged.unbind(0), inv)
+        ]
 
     @staticmethod
     def _skews(config: BOFTConfig, r: Tensor) -> Tensor:
@@ -420,6 +426,10 @@ class BOFT(Method):
     @staticmethod
     def output_scale(prep: RotationFactors) -> Optional[Tensor]:
         return prep.scale
+
+    @staticmethod
+    def scale_only(prep: RotationFactors) -> Optional[tuple[Tensor, Tensor]]:
+        return None if prep.output or prep.inv_scale is None else (prep.scale, prep.inv_scale)
 
     @classmethod
     def transform_output(cls, y: Tensor, prep: RotationFactors) -> Tensor:
