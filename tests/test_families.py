@@ -323,3 +323,36 @@ def test_t5_feed_forward_adapted(tmp_path):
     model = tm.tiny_t5()
     da.add_adapter(model, da.OFTConfig(oft_block_size=4, r=0), "oft", preset="attention+ff")
     output(model, tm.text_inputs())
+
+
+@pytest.mark.parametrize("family", ["hidream", "sana", "qwen25vl"])
+def test_peft_reads_the_same_layers_from_the_stored_regex(family):
+    """The preset's regex is what a saved adapter_config.json carries as target_modules."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    build = {**FAMILIES, **TEXT_ENCODERS}[family][0]
+    model = build()
+    for preset in PRESET_NAMES:
+        expected = preset_layers(model)[preset]
+        adapted = inject_adapter_in_model(LoraConfig(r=2, target_modules=preset_pattern(model, preset)), build())
+        assert [n for n, m in adapted.named_modules() if isinstance(m, LoraLayer)] == expected
+
+
+def test_ip_adapter_processor_layers_are_not_attention_projections():
+    """IP-Adapter processors are modules inside the attention (``attn2.processor.to_k_ip.0``):
+    they belong to the IP-Adapter, not to the model's attention, and the presets leave them out."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+
+    model = tm.tiny_unet()
+    processors = {}
+    for name in model.attn_processors:
+        attention = model.get_submodule(name.rsplit(".processor", 1)[0])
+        processors[name] = (
+            IPAdapterAttnProcessor2_0(attention.to_q.out_features, cross_attention_dim=32, num_tokens=(4,))
+            if "attn2" in name else AttnProcessor2_0()
+        )
+    model.set_attn_processor(processors)
+    assert any(n.endswith("processor.to_k_ip.0") for n, _ in model.named_modules())
+    for preset in PRESET_NAMES:
+        assert matching(model, preset_pattern(model, preset)) == matching(model, LEGACY["UNet2DConditionModel"][preset])
