@@ -175,6 +175,7 @@ def compose_grid(cells: Sequence[Sequence], rows: Sequence[str], strengths: Sequ
     top = max(text_size(c)[1] for c in cols + ["strength"]) + 2 * pad
     grid = Image.new("RGB", (left + w * len(cols), top + h * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
+    draw.text((max(pad, left - pad - text_size("strength")[0]), pad), "strength", fill="gray", font=font)
     for c, label in enumerate(cols):
         tw, _ = text_size(label)
         draw.text((left + c * w + max(0, (w - tw) // 2), pad), label, fill="black", font=font)
