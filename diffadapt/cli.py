@@ -180,6 +180,9 @@ def cmd_info(args) -> None:
         print(f"  note: {note}")
 
 
+COMMUNITY = ("lycoris", "comfyui", "a1111", "forge", "kohya")
+
+
 def cmd_convert(args) -> None:
     from diffadapt.checkpoint import write_peft_folder
     from diffadapt.pipeline import read_pipeline_adapter, write_pipeline_adapter, write_pipeline_folder
@@ -192,15 +195,18 @@ def cmd_convert(args) -> None:
         adapter.classes[args.component or "unet"] = adapter.classes.pop("")
     to = args.to or ("diffadapt" if Path(args.dst).suffix == ".safetensors" or len(adapter.components) > 1 else "peft")
     dst = Path(args.dst)
-    if to in ("lycoris", "comfyui"):  # one format: LyCORIS, ComfyUI, A1111/Forge and kohya read it
+    if to in COMMUNITY:  # one format (LyCORIS keys); --to picks the forms that reader applies
         from diffadapt.pipeline import export_lycoris
 
         report = export_lycoris(
-            adapter, dst, pipe, rotations=args.rotations, lora_rank=args.lora_rank, unet_names=args.unet_names
+            adapter, dst, pipe, rotations=args.rotations, lora_rank=args.lora_rank, unet_names=args.unet_names,
+            consumer=None if to == "lycoris" else to,
         )
         kinds = ", ".join(f"{n} as {k}" for k, n in report["written_as"].items())
         lossy = f"; low-rank error up to {report['max_relative_error']:.2e}" if report["max_relative_error"] else ""
         print(f"wrote {dst} ({to}: {kinds}{lossy})")
+        for reader, verdict in report.get("consumers", {}).items():
+            print(f"  {reader}: {verdict}")
         for note in report["notes"]:
             print(f"  note: {note}")
         return
@@ -248,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="PEFT folder / diffadapt file / LyCORIS-ComfyUI file, any direction")
     conv.add_argument("src")
     conv.add_argument("dst")
-    conv.add_argument("--to", choices=["peft", "diffadapt", "lycoris", "comfyui"], default=None)
+    conv.add_argument("--to", choices=["peft", "diffadapt", *COMMUNITY], default=None,
+                      help="lycoris: forms every oft_blocks reader loads; comfyui / a1111 / forge / kohya: the forms "
+                      "that program applies exactly (the file's header says which readers load it)")
     conv.add_argument("--component", default=None, help="component of a PEFT folder (default unet) or of lycoris_ keys")
     conv.add_argument("--model", default=None, help="base pipeline: needed to read LyCORIS files and for .diff/LoRA exports")
     conv.add_argument("--rotations", choices=["auto", "blocks", "diff"], default="auto",

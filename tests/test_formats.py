@@ -551,6 +551,34 @@ def test_cli_convert_both_ways(sd, tmp_path, preset, capsys):
     assert "as diff" in capsys.readouterr().out
 
 
+def test_cli_convert_for_each_reader(sd, tmp_path, capsys):
+    """--to a1111 / forge / kohya pick the forms that reader applies (BOFT 4-d blocks are unread by
+    A1111 < 1.8 and Forge: .diff), and the CLI prints which readers load the file."""
+    import json
+
+    from safetensors import safe_open
+
+    model = tmp_path / "base"
+    sd.save_pretrained(model, safe_serialization=True)
+    pipe = fresh(sd)
+    add(pipe, da.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, rotation_side="output"), "b")
+    src = tmp_path / "boft.safetensors"
+    da.save_adapter(pipe, src, "b")
+    for to in ("a1111", "forge", "kohya", "lycoris"):
+        dst = tmp_path / f"{to}.safetensors"
+        assert cli.main(["convert", str(src), str(dst), "--to", to, "--model", str(model)]) == 0
+        out = capsys.readouterr().out
+        with safe_open(dst, "pt") as f:
+            keys, header = list(f.keys()), f.metadata()
+        exported = json.loads(next(v for k, v in header.items() if k.startswith("diffadapt")))
+        assert exported["consumer"] == (None if to == "lycoris" else to)
+        reader = "kohya" if to in ("kohya", "lycoris") else to
+        assert f"{reader}: loads" in out
+        assert exported["consumers"][reader] == "loads"
+        assert any(k.endswith(".diff") for k in keys) == (to in ("a1111", "forge"))
+    assert cli.main(["convert", str(src), str(tmp_path / "x.safetensors"), "--to", "automatic"]) == 2
+
+
 # -- 4. every consumer's patch logic, as oracles written from their behaviour --------------------------
 # ComfyUI (comfy/weight_adapter/oft.py, boft.py, comfy/lora.py), A1111 (extensions-builtin/Lora:
 # network_oft.py 1.8+ and before, network_full.py, network_lora.py), Forge (its 2024-08 patcher: no
