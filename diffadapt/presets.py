@@ -23,7 +23,9 @@ What counts as what, read from modules, not names:
   ``GLUMBConv`` or ``DenseActDense`` / ``DenseGatedActDense`` (T5). Its layers are its
   Linear / Conv1D / ungrouped Conv2d descendants (a depthwise convolution mixes space, it is no
   projection: Sana's ``conv_depth`` is left out).
-* **block MLP Linears**: Linear children of a module that has an attention module as a child,
+  Flux.2's single-stream attention fuses its MLP into the attention's own ``to_qkv_mlp_proj`` /
+  ``to_out``: they are the attention module's projections, so ``"attention"`` has them.
+* **block MLP Linears**: Linear children of a block module that has an attention module as a child,
   except ones named like modulation / norm / embedding / gate (structure alone cannot tell a
   fused MLP Linear from a modulation Linear sitting at the same place; no model in diffusers
   has the latter, the name rule guards against it).
@@ -139,10 +141,14 @@ def _children(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     return module.named_children()
 
 
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 def _layers_below(module: nn.Module, prefix: str, stop) -> Iterator[str]:
     """Names of the layers in ``module``'s subtree, not descending into modules ``stop`` refuses."""
     for name, child in _children(module):
-        path = f"{prefix}.{name}"
+        path = _join(prefix, name)
         if _is_layer(child):
             yield path
         elif not stop(module, child):
@@ -174,7 +180,7 @@ def preset_layers(model: nn.Module) -> dict[str, list[str]]:
 
     def walk(module: nn.Module, prefix: str, in_block: bool) -> None:
         for name, child in _children(module):
-            path = f"{prefix}{name}"
+            path = _join(prefix, name)
             if _is_skipped(child) or _is_layer(child):
                 continue
             if _is_attention(child):
@@ -184,13 +190,16 @@ def preset_layers(model: nn.Module) -> dict[str, list[str]]:
             if block and _is_feed_forward(child):
                 extra.extend(_layers_below(child, path, lambda parent, c: _is_skipped(c)))
                 continue
-            walk(child, path + ".", block)
+            walk(child, path, block)
         if in_block and any(_is_attention(c) for _, c in _children(module)):
             for name, child in _children(module):
                 if _is_layer(child) and not _NOT_BLOCK_MLP.fullmatch(name):
-                    extra.append(f"{prefix}{name}")
+                    extra.append(_join(prefix, name))
 
-    walk(model, "", False)
+    if _is_attention(model):  # an attention module on its own
+        attention.extend(_projections(model, ""))
+    else:
+        walk(model, "", False)
     order = {n: i for i, (n, _) in enumerate(model.named_modules(remove_duplicate=False))}
     attention = sorted(dict.fromkeys(attention), key=order.__getitem__)
     both = sorted(dict.fromkeys(attention + extra), key=order.__getitem__)
