@@ -736,6 +736,10 @@ def test_script_config_defaults(dreambooth_module):
     assert config.init_weights is False and config.scaling == 10
     args.adapter_config, args.method = None, "oft"
     assert "init_weights" not in common.adapter_fields(args)
+    args.method = "frod"  # the FRoD basis mode PEFT reproduces can be chosen from the scripts
+    assert common.adapter_config(args).projection_mode == "fast"
+    args.frod_projection_mode = "peft"
+    assert common.adapter_config(args).projection_mode == "peft"
 
 
 class FakeAccelerator:

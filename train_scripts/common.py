@@ -188,6 +188,9 @@ METHOD_FLAGS = {
     "regularization_alpha": ("frod", "regularization_alpha", float, "FRoD: basis regularisation (1e-3)."),
     "projection_prng_key": ("frod", "projection_prng_key", int, "FRoD: seed of the sparse pattern (0)."),
     "frod_dropout": ("frod", "frod_dropout", float, "FRoD: dropout (0)."),
+    "frod_projection_mode": ("frod", "projection_mode", str,
+                             "FRoD: 'fast' (batched bases, saved in the file; default) or 'peft' (PEFT's own "
+                             "bases, so that PEFT reproduces the saved adapter)."),
 }
 METHODS = ("fourierft", "boft", "oft", "hra", "frod")
 # Starting points, not tuned results: FourierFT trains raw spectral coefficients (large steps),
