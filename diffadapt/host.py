@@ -106,16 +106,19 @@ class _FoldedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, folds, *factors):  # factors: inputs so that gradients reach them
         ctx.folds = folds  # their preps hold the same factor tensors
-        ctx.save_for_backward(x, weight)
-        return F.linear(x, AdapterHost.compose(weight, folds).to(x.dtype))
+        w_eff = AdapterHost.compose(weight, folds).to(x.dtype)
+        keep = ctx.needs_input_grad[0] and any(method.keep_folded_weight for method, _ in folds)
+        ctx.save_for_backward(x, weight, w_eff if keep else None)  # kept: its rebuild would cost GEMMs
+        return F.linear(x, w_eff)
 
     @staticmethod
     def backward(ctx, g):
-        x, weight = ctx.saved_tensors
+        x, weight, w_eff = ctx.saved_tensors
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = (g2 @ AdapterHost.compose(weight, ctx.folds).to(g.dtype)).view(x.shape)
+            w_eff = AdapterHost.compose(weight, ctx.folds) if w_eff is None else w_eff
+            gx = (g2 @ w_eff.to(g.dtype)).view(x.shape)
         gw = g2.mT @ x2  # the gradient of W_eff, so of every dW_i
         grads = [t for method, prep in ctx.folds for t in method.delta_weight_backward(prep, gw)]
         return gx, (gw.to(weight.dtype) if ctx.needs_input_grad[1] else None), None, *grads
@@ -276,7 +279,7 @@ class AdapterHost(nn.Module):
         if torch.is_grad_enabled() and all(m.delta_weight_backward is not None for m, _ in folds):
             factors = [getattr(prep, f) for method, prep in folds for f in method.delta_fields]
             return _FoldedLinear.apply(z, w, tuple(folds), *factors)
-        return F.linear(z, self.compose(w, folds).to(z.dtype))  # FRoD: rebuilding dW would cost GEMMs
+        return F.linear(z, self.compose(w, folds).to(z.dtype))  # a method without an adjoint
 
     def _folded_weight(self, folds: list, dtype: torch.dtype) -> Tensor:
         """``W_eff`` of ``folds`` (``(method, factors)`` steps) in ``dtype`` (eager only), kept while the factors

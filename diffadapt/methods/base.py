@@ -377,8 +377,11 @@ class Method:
 
     delta_weight_backward: ClassVar[Optional[Any]] = None
     """Optional ``(prep, grad_dW) -> gradients of the delta_fields``: the adjoint of
-    :meth:`delta_weight`. Give it only when rebuilding ``dW`` is cheap next to the layer's GEMMs
-    (FourierFT's inverse FFT), never when the rebuild costs GEMMs of its own (FRoD's ``U M V^T``)."""
+    :meth:`delta_weight`. The runtime then rebuilds ``dW`` in backward (cheap next to the layer's
+    GEMMs for FourierFT's inverse FFT) -- or, with ``keep_folded_weight``, keeps ``W + dW`` from
+    forward (FRoD, whose rebuild ``U M V^T`` would cost GEMMs of its own)."""
+
+    keep_folded_weight: ClassVar[bool] = False
 
     # both
     @staticmethod

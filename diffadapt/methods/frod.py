@@ -618,10 +618,23 @@ class FRoD(Method):
         return F.linear(core, prep.U.to(x.dtype))
 
     delta_fields: ClassVar[tuple[str, ...]] = ("lam", "vals")
+    keep_folded_weight: ClassVar[bool] = True  # the layer keeps W + dW, not U M, M and W + dW
 
     @staticmethod
     def delta_weight(prep: FRoDPrep, dtype: torch.dtype) -> Tensor:
         return _delta_weight(prep, dtype)
+
+    @staticmethod
+    def delta_weight_backward(prep: FRoDPrep, grad: Tensor) -> tuple[Tensor, Tensor]:
+        """``dM = U^T G V`` read at the diagonal (``lam``) and at the S cells (``vals``) for
+        ``G = dL/d(dW)``: one GEMM ``G V`` and two column gathers (autograd through ``(U M) V^T``
+        spends a second GEMM on the whole ``d_in x d_in`` ``dM``)."""
+        dtype = torch.promote_types(grad.dtype, torch.float32)
+        gv = grad.to(dtype) @ prep.V.to(dtype)  # (d_out, d_in)
+        u = prep.U.to(dtype)
+        glam = (u * gv).sum(0)
+        gvals = (u[:, prep.rows] * gv[:, prep.cols]).sum(0)
+        return glam.to(prep.lam.dtype), gvals.to(prep.vals.dtype)
 
     @staticmethod
     def apply_to_weight(weight: Tensor, prep: FRoDPrep) -> Tensor:

@@ -582,3 +582,24 @@ def test_peft_mode_refuses_what_peft_cannot_build():
         da.add_adapter(model, cfg, "a")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     da.add_adapter(model, FRoDConfig(target_modules=["to_q"], progressbar=False), "a")  # fast mode: fine
+
+
+@pytest.mark.parametrize("shape", [(20, 12), (12, 20), (9, 9)])
+def test_delta_weight_backward_is_the_adjoint_of_delta_weight(shape):
+    """dM = U^T G V read at the diagonal and the S cells (what the runtime's folded linear uses, W + dW
+    kept from forward) against autograd through U M V^T, float64, repeated cells included."""
+    d_out, d_in = shape
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(d_in, d_out).double()
+    cfg = FRoDConfig(sparse_rate=0.3, init_weights=False, progressbar=False)
+    _, params, buffers = contract.init(FRoD, cfg, layer)
+    prep = FRoD.prepare(cfg, params, buffers, 0.7)
+    prep = prep._replace(rows=torch.cat([prep.rows, prep.rows[:2]]), cols=torch.cat([prep.cols, prep.cols[:2]]),
+                         vals=torch.cat([prep.vals, prep.vals[:2]]))  # a cell listed twice adds up
+    prep = prep._replace(lam=prep.lam.detach().requires_grad_(True), vals=prep.vals.detach().requires_grad_(True))
+    grad = torch.randn(d_out, d_in, dtype=torch.float64)
+    want = torch.autograd.grad(FRoD.delta_weight(prep, torch.float64), (prep.lam, prep.vals), grad)
+    got = FRoD.delta_weight_backward(prep, grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert FRoD.keep_folded_weight
