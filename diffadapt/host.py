@@ -26,13 +26,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from diffadapt import quantized
 from diffadapt.methods.base import AdapterConfig, LayerSpec, Method
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D, nn.Conv2d)
 
 
 def layer_spec(name: str, module: nn.Module) -> LayerSpec:
-    """Describe a supported base layer for the method math."""
+    """Describe a supported base layer for the method math (an unsupported quantized layer is refused, named)."""
+    quantized.check_supported(name, module)
     if isinstance(module, nn.Linear):
         return LayerSpec(name, "linear", module.out_features, module.in_features)
     if isinstance(module, Conv1D):
@@ -48,7 +50,10 @@ def layer_spec(name: str, module: nn.Module) -> LayerSpec:
 
 
 def weight_2d(module: nn.Module) -> Tensor:
-    """The base weight as ``(out_features, fan_in)`` (a view, no copy)."""
+    """The base weight as ``(out_features, fan_in)`` (a view, no copy; for a quantized layer its
+    dequantized copy, see :mod:`diffadapt.quantized`)."""
+    if quantized.is_quantized(module):
+        return quantized.dequantized_weight(module)
     if isinstance(module, Conv1D):
         return module.weight.T
     return module.weight.flatten(1)
@@ -169,6 +174,21 @@ class AdapterHost(nn.Module):
         self.plan = None  # set by AdapterPlan.attach
         self.index = -1
         self.register_buffer("original_weight", None, persistent=False)
+        # quantized base (diffadapt.quantized): called as a module; merges requantize, the original
+        # packed storage is kept here while merged (restored bit for bit)
+        self.quantized = quantized.is_quantized(base_layer)
+        self.quant_original: Optional[quantized.Storage] = None
+        self.quant_report: Optional[quantized.MergeReport] = None
+
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight (for model code that reads ``layer.weight``, e.g. T5's
+        feed-forward dtype check; adapters never change it while live)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.base_layer.bias
 
     def add(self, adapter_name: str, slot: AdapterSlot) -> None:
         if adapter_name in self.adapters:
@@ -198,6 +218,8 @@ class AdapterHost(nn.Module):
 
     def base_weight(self) -> Tensor:
         """The layer's own weight without any adapter (the kept original while merged)."""
+        if self.quantized:  # dequantized, (out, in)
+            return quantized.dequantize(self.quant_original or quantized.storage(self.base_layer))
         return self.original_weight if self.original_weight is not None else self.base_layer.weight
 
     @torch.no_grad()
@@ -207,6 +229,9 @@ class AdapterHost(nn.Module):
         computed in float32 (float64 for a float64 model) and written once."""
         if not steps:
             self.restore()
+            return
+        if self.quantized:
+            self.bake_quantized(self.plan_quantized_merge(steps))
             return
         weight = self.base_layer.weight
         if self.original_weight is None:
@@ -219,10 +244,31 @@ class AdapterHost(nn.Module):
     @torch.no_grad()
     def restore(self) -> None:
         """Put the original base weight back, bit-exactly."""
+        if self.quant_original is not None:
+            quantized.write(self.base_layer, self.quant_original)
+            self.quant_original = self.quant_report = None
+            self.clear_cache()
         if self.original_weight is None:
             return
         self.base_layer.weight.copy_(self.original_weight)
         self.original_weight = None
+
+    # quantized base layers: dequantize -> compose (float32) -> requantize; original storage kept
+    @torch.no_grad()
+    def plan_quantized_merge(self, steps: list) -> tuple[quantized.Storage, quantized.MergeReport]:
+        """The requantized ``f_1(...f_n(W))`` of ``steps`` from the original storage, and its error
+        report; nothing is written (the plan may refuse it first)."""
+        original = self.quant_original or quantized.storage(self.base_layer)
+        w = quantized.dequantize(original).float()
+        return quantized.plan_merge(self.spec.name, self.base_layer, original, self.compose(w, steps))
+
+    @torch.no_grad()
+    def bake_quantized(self, merge: tuple[quantized.Storage, quantized.MergeReport]) -> None:
+        if self.quant_original is None:
+            self.quant_original = quantized.snapshot(self.base_layer)
+        quantized.write(self.base_layer, merge[0])
+        self.quant_report = merge[1]
+        self.clear_cache()
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -230,6 +276,8 @@ class AdapterHost(nn.Module):
         if not preps:  # no live adapter: the base layer runs untouched (bit-exact)
             return self.base_layer(x, *args, **kwargs)
         base = self.base_layer
+        if self.quantized:
+            return self._forward_quantized(x, preps, *args, **kwargs)
         keep = (not torch.is_grad_enabled() and not self.training and self.plan.keep_eval_weights
                 and not torch.compiler.is_compiling())  # a compiled graph keeps no Python-side state
         if keep:  # generating: the kept W_eff, one plain layer call
@@ -270,6 +318,26 @@ class AdapterHost(nn.Module):
             y = y + base.bias
         return y
 
+    def _forward_quantized(self, x: Tensor, preps: list, *args, **kwargs) -> Tensor:
+        """The forward above with the quantized layer called as a module (never dequantized): rotate
+        the input, ``base(z)``, then the output maps and additive deltas (no folding). The bias is
+        taken out around output maps (it is never transformed)."""
+        base = self.base_layer
+        z, steps = x, []
+        for method, prep in preps:
+            if method.multiplicative:
+                z = method.rotate_input(z, prep)
+                steps.append((method, prep, None))
+            else:
+                steps.append((method, prep, method.delta_output(z, prep)))
+        y = base(z, *args, **kwargs)
+        unbias = base.bias is not None and any(delta is None and _maps_output(m, p) for m, p, delta in steps)
+        if unbias:
+            y = y - base.bias.to(y.dtype)
+        for method, prep, delta in reversed(steps):
+            y = method.transform_output(y, prep) if delta is None else y + delta.to(y.dtype)
+        return y + base.bias.to(y.dtype) if unbias else y
+
     def _base_product(self, z: Tensor, folds: list) -> Tensor:
         """``z W_eff^T`` for the additive adapters ``folds`` folded into the base weight (under
         autograd with ``dW`` rebuilt in backward where the method has a cheap adjoint)."""
@@ -305,6 +373,12 @@ class AdapterHost(nn.Module):
         live = ", ".join(f"{n}@{self.plan.strength(n):g}" for n in self.plan.live() if n in self.adapters) or "-"
         merged = ", ".join(n for n in self.plan.merged if n in self.adapters) or "-"
         return f"adapters={list(self.adapters)}, live=[{live}], merged=[{merged}]"
+
+
+def _maps_output(method: type[Method], prep) -> bool:
+    """The step changes the output (an output scale or an own ``transform_output``)."""
+    own = getattr(method.transform_output, "__func__", None) is not getattr(Method.transform_output, "__func__", None)
+    return own or method.output_scale(prep) is not None
 
 
 class SavedModuleHost(nn.Module):

@@ -56,6 +56,8 @@ class AdapterPlan:
         self._other_groups: Optional[tuple] = None  # (names, batching) of the last other set (merged)
         self._steps: Optional[list[list[tuple[Any, Any]]]] = None  # per host: (method, factors), live order
         self._key: Any = None  # what the prepared steps were made for (eager mode)
+        self._baked: tuple[list[str], list] = ([], [])  # merged names and order of the last bake
+        self._accepted_quantized: set = set()  # (adapter, strength) merges into quantized layers done before
 
     # -- what runs ------------------------------------------------------------------------------
     def live(self) -> list[str]:
@@ -218,12 +220,46 @@ class AdapterPlan:
         """Write the merged adapters into every host's base weight (from its kept original)."""
         names = [] if self.disabled else list(self.merged)
         steps = self.prepare(names, False) if names else [[] for _ in self.hosts]
+        requantized = self._plan_quantized(names, steps)  # may refuse: before anything is written
         back = [h for h, chain in zip(self.hosts, steps) if not chain and h.original_weight is not None]
         if back:  # every restore in one foreach copy
             torch._foreach_copy_([h.base_layer.weight for h in back], [h.original_weight for h in back])
             for host in back:
                 host.original_weight = None
         for host, chain in zip(self.hosts, steps):
-            if chain:
+            if host.index in requantized:
+                host.bake_quantized(requantized[host.index])
+            elif chain:
                 host.bake(chain)
+            elif host.quant_original is not None:
+                host.restore()
         self._key = None  # base weights changed under any cached factors' users
+        self._baked = (list(names), list(self.order))
+        if requantized:
+            from diffadapt import quantized
+
+            self._accepted_quantized |= {(n, self.strength(n)) for n in names}
+            quantized.warn_merged([r for _, r in requantized.values()])
+
+    def _plan_quantized(self, names: list[str], steps: list) -> dict:
+        """Host index -> (requantized storage, report) for the quantized hosts to merge into. A merge
+        of adapters (at strengths) not accepted before whose requantization error is above the limit
+        (:mod:`diffadapt.quantized`) is refused: the plan goes back to what the weights hold (the last
+        bake) and QuantizedMergeError says what to do instead."""
+        todo = [(h, chain) for h, chain in zip(self.hosts, steps) if chain and h.quantized]
+        if not todo:
+            return {}
+        from diffadapt import quantized
+
+        plans = {h.index: h.plan_quantized_merge(chain) for h, chain in todo}
+        new = [n for n in names if (n, self.strength(n)) not in self._accepted_quantized]
+        reason = quantized.refusal([r for _, r in plans.values()], quantized.merge_limit(self), names) if new else None
+        if reason is not None:
+            baked, order = self._baked
+            was, current = dict(order), [(n, s) for n, s in self.order if s != 0.0]
+            if current[len(current) - len(baked):] != [(n, was[n]) for n in baked]:
+                self.set_order(order)  # a refused merge-switch: back to the order the weights were baked for
+            self.merged = list(baked)
+            self.changed()
+            raise quantized.QuantizedMergeError(reason)
+        return plans
