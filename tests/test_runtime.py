@@ -379,3 +379,18 @@ def test_every_method_trains_under_bf16_autocast(method):
     grads = [p.grad for p in da.adapter_parameters(model, "a").values()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert rel(y.float(), reference) < 3e-2
+
+
+def test_overrides_are_checked_when_the_config_is_made():
+    """Unknown or targeting fields and bad values in overrides: one line at construction, not a
+    TypeError (or a late error) when the layer's config is derived."""
+    import diffadapt as da
+    from diffadapt.methods import AdapterConfigError
+
+    with pytest.raises(AdapterConfigError, match=r"override 'to_q' sets \['oft_blok_size'\].*choose from"):
+        da.OFTConfig(overrides={"to_q": {"oft_blok_size": 8}})
+    with pytest.raises(AdapterConfigError, match=r"sets \['target_modules'\]"):
+        da.HRAConfig(overrides={"to_q": {"target_modules": ["x"]}})
+    with pytest.raises(AdapterConfigError, match=r"override 'to_q': .*boft_dropout"):
+        da.BOFTConfig(overrides={"to_q": {"boft_dropout": 2.0}})
+    assert da.BOFTConfig(overrides={"to_q": {"boft_block_size": 8}}).for_layer("a.to_q").boft_block_size == 8

@@ -176,6 +176,14 @@ class AdapterConfig:
             raise AdapterConfigError(
                 f"{name}: overrides must map patterns to {{field: value}} dicts, got {patterns.shorten(self.overrides)}."
             )
+        fields = {f.name for f in dataclasses.fields(self)} - set(TARGETING_FIELDS) - {"overrides"}
+        for key, values in self.overrides.items():
+            bad = sorted(set(values) - fields)
+            if bad:
+                raise AdapterConfigError(
+                    f"{name}: override {patterns.shorten(key)} sets {patterns.shorten(bad)}, which are not per-layer "
+                    f"fields of {name}; choose from {sorted(fields)}."
+                )
         checks = [("overrides key", k) for k in self.overrides]
         checks += [("modules_to_save", p) for p in self.modules_to_save or []]
         for key in ("target_modules", "exclude_modules"):
@@ -190,6 +198,11 @@ class AdapterConfig:
                 patterns.check_pattern(layer_index_pattern(pattern), "layers_pattern", full=False)
         except patterns.UnsafePatternError as exc:
             raise AdapterConfigError(f"{name}: {exc}") from None
+        for key, values in self.overrides.items():  # each override's values, checked now, not per layer later
+            try:
+                dataclasses.replace(self, overrides={}, **values)
+            except AdapterConfigError as exc:
+                raise AdapterConfigError(f"{name}: override {patterns.shorten(key)}: {exc}") from None
 
     def check_layer(self, layer: LayerSpec) -> None:
         """Raise AdapterConfigError naming ``layer`` if this config cannot adapt it."""

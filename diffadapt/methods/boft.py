@@ -302,10 +302,11 @@ class BOFTConfig(AdapterConfig):
             )
         b = self.boft_block_size or d // self.boft_block_num
         n = d // b
-        if m > 1 and (b % 2 or n % 2 ** (m - 1)):
+        if m > 1 and (b % 2 or m - 1 > n.bit_length() or n % 2 ** (m - 1)):
+            power = f"2^{m - 1}" + (f"={2 ** (m - 1)}" if m <= 64 else "")  # never a 10^4-digit number
             raise AdapterConfigError(
                 f"BOFT cannot adapt {layer.describe()}: boft_n_butterfly_factor={m} needs an even block size "
-                f"and a block count divisible by 2^{m - 1}={2 ** (m - 1)}, but {given} gives {n} blocks of "
+                f"and a block count divisible by {power}, but {given} gives {n} blocks of "
                 f"size {b}. Lower boft_n_butterfly_factor or change the block size for this layer."
             )
         return m, n, b

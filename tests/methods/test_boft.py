@@ -376,3 +376,10 @@ def test_runtime_fused_scale_matches_autograd_float64(bias, shape):
             assert a.reshape(-1)[2] == 0 and b.reshape(-1)[2] != 0
             a, b = a.reshape(-1)[[0, 1, 3, 4, 5]], b.reshape(-1)[[0, 1, 3, 4, 5]]
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_absurd_butterfly_factor_is_one_line():
+    """boft_n_butterfly_factor=100000: refused naming the layer, without formatting 2^99999."""
+    layer = LayerSpec("blocks.0.proj", "linear", 16, 16)
+    with pytest.raises(AdapterConfigError, match=r"boft_n_butterfly_factor=100000 .*2\^99999,"):
+        BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=100000).check_layer(layer)
