@@ -332,6 +332,25 @@ def test_merge_that_rounding_would_erase_is_refused_before_anything_changes():
         _assert_same_storage(quant.get_submodule(n).base_layer, before[n])
 
 
+@pytest.mark.parametrize("qtype", ["nf4-dq", "int8"])
+def test_delete_and_unload_while_merged_restore_the_quantized_layer(qtype):
+    quant, _ = small(qtype)
+    layer = quant[0]
+    before = _storage_state(layer)
+    for name in ("a", "b"):
+        torch.manual_seed(7)
+        da.add_adapter(quant, SMALL["hra"](target_modules=["0", "2"]), name)
+        randomise(quant, name)
+    da.set_adapters(quant, ["a", "b"])
+    with pytest.warns(Q.QuantizedMergeWarning):
+        da.merge_adapters(quant)
+        da.delete_adapter(quant, "b")  # re-merges a alone, from the original storage
+    assert set(Q.merge_report(quant)) == {"0", "2"}
+    da.unload(quant)
+    assert quant[0] is layer
+    _assert_same_storage(layer, before)
+
+
 def test_merge_after_bitsandbytes_cpu_repack_restores_that_storage():
     """In eval without autograd bitsandbytes may repack a 4-bit weight for its CPU kernel (bf16
     absmax, in place); a merge then starts from that storage and unmerging gives it back bit for bit."""
