@@ -166,16 +166,18 @@ def test_tiny_unet_with_quantized_layers_equals_float_reference(qtype):
         h.remove()
     assert rel(yq, yr) < 1e-3 and set(seen) == set(names)
     worst = 0.0
+    for m in (quant, ref):
+        m._diffadapt._key = None  # fresh factors with autograd, kept (retain_graph) for every layer below
+        m._diffadapt.ensure_prepared(True)
     for name, x in seen.items():
         outs = []
         for m in (quant, ref):
-            m._diffadapt._key = None  # fresh factors (and graph) for this layer's backward
             host = m.get_submodule(name)
             xi = x.clone().requires_grad_(True)
             y = host(xi)
             params = list(host.adapters.parameters())
             upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
-            outs.append((y, torch.autograd.grad(y, [xi, *params], upstream)))
+            outs.append((y, torch.autograd.grad(y, [xi, *params], upstream, retain_graph=True)))
         (yq, gq), (yr, gr) = outs
         worst = max(worst, rel(yq, yr), *(rel(a, b) for a, b in zip(gq, gr) if b.norm() > 0))
     assert worst < TOL, worst
