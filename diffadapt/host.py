@@ -190,16 +190,6 @@ class AdapterHost(nn.Module):
     def bias(self) -> Optional[Tensor]:
         return self.base_layer.bias
 
-    @property
-    def weight(self) -> Tensor:
-        """The base layer's weight (for model code that reads ``layer.weight``, e.g. T5's
-        feed-forward dtype check; adapters never change it while live)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[Tensor]:
-        return self.base_layer.bias
-
     def add(self, adapter_name: str, slot: AdapterSlot) -> None:
         if adapter_name in self.adapters:
             raise ValueError(f"Layer {self.spec.name!r} already has an adapter named {adapter_name!r}.")
