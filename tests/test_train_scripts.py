@@ -338,7 +338,17 @@ REFUSALS = {
                               ["--resume_from_checkpoint", "optimizer.bin", "truncated"], True),
     "resume-missing-checkpoint": (["fourierft", "--resume_from_checkpoint", "{copy}/checkpoint-7"],
                                   ["--resume_from_checkpoint", "checkpoint-7", "no checkpoint-<step> folder"], False),
+    # regex bombs (issue 14, items 1 and 12): refused from the pattern itself, never matched for ever
+    "target-modules-regex-bomb": (["oft", "--target_modules", "(a+)+$"],
+                                  ["target_modules pattern", "'(a+)+$'", "refused", "nested quantifier"], False),
+    "target-modules-90kb-pattern": (["oft", "--target_modules", "(a|aa)*" + "x" * 90_000],
+                                    ["target_modules pattern", "(90007 chars)", "at most 1000"], False),
+    "overrides-key-regex-bomb": (["oft", "--adapter_config", '{"overrides": {"(x+x+)+y": {"oft_block_size": 4}}}'],
+                                 ["overrides key pattern", "'(x+x+)+y'", "refused"], False),
+    "text-encoder-targets-regex-bomb": (["oft", "--train_text_encoder", "--text_encoder_target_modules", "(x+x+)+y"],
+                                        ["target_modules pattern", "'(x+x+)+y'", "refused"], False),
 }
+REGEX_BOMBS = [case for case in REFUSALS if "regex-bomb" in case or "90kb" in case]
 
 
 def wanted_jobs(items) -> set[str]:
@@ -357,6 +367,7 @@ def wanted_jobs(items) -> set[str]:
             "test_dropout_resume_is_bit_identical": {f"drop_{param}", f"drop_{param}_killed", f"drop_{param}_resume"},
             "test_training_flag_refusals": {f"refuse_{param}"} | ({"ck_fourierft"} if REFUSALS.get(param, [0, 0, 0])[2]
                                                                 else set()),
+            "test_regex_bomb_flags_are_refused_quickly_in_one_short_line": {f"refuse_{param}"},
         }.get(name, set())
     return keys
 
@@ -674,6 +685,22 @@ def test_training_flag_refusals(case, runs):
     if REFUSALS[case][2]:  # the checkpoints it was refused against are untouched
         assert sorted(p.name for p in job.out_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
         assert not (job.out_dir / "checkpoint-3").exists()
+
+
+@pytest.mark.parametrize("case", REGEX_BOMBS)
+def test_regex_bomb_flags_are_refused_quickly_in_one_short_line(case, runs):
+    """A catastrophic-backtracking pattern (or a 90 KB one) in --target_modules, the text
+    encoder's targets or an overrides key: the job (killed at 90 s) ends by itself with exit code
+    2 within seconds, one short final ``error:`` line that shows the pattern cut short, no
+    traceback and nothing written (it used to hang in re.fullmatch, holding the GIL)."""
+    job = runs.finished(f"refuse_{case}")
+    assert job.rc == 2, f"{case}: exit code {job.rc} after {job.seconds:.0f} s\n{job.stderr[-3000:]}"
+    assert job.seconds < 30, f"{case} took {job.seconds:.0f} s"
+    assert "Traceback" not in job.stderr
+    lines = [line for line in job.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error:") and sum(line.startswith("error:") for line in lines) == 1, job.stderr[-3000:]
+    assert len(lines[-1]) < 600, f"{case}: the error line repeats the pattern ({len(lines[-1])} chars)"
+    assert not list(job.out_dir.glob("checkpoint-*")) and not (job.out_dir / "diffadapt_adapter.json").exists()
 
 
 @pytest.mark.parametrize("model", list(FAMILY_RUNS))
