@@ -347,6 +347,11 @@ def quantize_linear(layer: nn.Linear, quant_type: str = "nf4", double_quant: boo
         raise ValueError(f"quant_type must be 'nf4', 'fp4' or 'int8', got {quant_type!r}.")
     q.load_state_dict({k: v.detach().cpu() for k, v in layer.state_dict().items()})
     q = q.to(device)
+    if quant_type != "int8" and layer.in_features % q.weight.quant_state.blocksize:
+        # bitsandbytes' bf16 CPU inference kernel repacks the weight in blocks along a row and fails
+        # on rows that are not whole blocks ("shape '[128, 0]' is invalid"): those layers keep the
+        # dequantize + matmul path (what they run under autograd anyway)
+        q.support_avx512bf16_for_cpu = False
     q.train(layer.training)
     for p in q.parameters():
         p.requires_grad_(False)
@@ -363,3 +368,40 @@ def float_copy(layer: nn.Module) -> nn.Linear:
         if layer.bias is not None:
             out.bias.copy_(layer.bias)
     return out.train(layer.training).requires_grad_(False)
+
+
+def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
+                   compute_dtype: Optional[torch.dtype] = None, device=None, skip=()) -> list[str]:
+    """Replace every ``nn.Linear`` of ``model`` (except those whose path is in ``skip`` or starts with
+    ``skip`` + ``"."``) with its bitsandbytes copy (:func:`quantize_linear`), in place; each layer is
+    moved to ``device`` (default: where it is) before it is quantized, so a float model on the CPU
+    becomes a quantized one on the GPU without the float weights ever being there together. The
+    layers diffusers' ``BitsAndBytesConfig`` would quantize (it converts every ``nn.Linear`` too),
+    quantized in the same bitsandbytes layer types; returns the quantized layers' paths."""
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear
+             and not any(n == s or n.startswith(s + ".") for s in skip)]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        layer = getattr(owner, child)
+        if device is not None:
+            layer = layer.to(device)
+        setattr(owner, child, quantize_linear(layer, quant_type, double_quant, compute_dtype))
+    return names
+
+
+def _training_kernel_hook(module: nn.Module, args) -> None:
+    module.training = True
+
+
+def pin_training_kernels(model: nn.Module) -> list:
+    """Make the bitsandbytes layers of ``model`` always run their training kernels, also under
+    ``model.eval()`` (returns the hook handles; ``handle.remove()`` undoes it).
+
+    For a training run that generates images between steps (validation, class images): on CPUs
+    with AVX512-BF16, bitsandbytes' ``Linear4bit`` repacks its weight in place for a bf16 inference
+    kernel at its first forward in eval mode without autograd, and forwards with autograd fail on
+    the repacked weight afterwards ("a view of a leaf Variable that requires grad is being used in
+    an in-place operation"). In train mode the layer computes with the dequantized weight (float
+    exact) whatever autograd does; bitsandbytes layers have no dropout, so nothing else changes."""
+    return [m.register_forward_pre_hook(_training_kernel_hook) for m in model.modules() if is_quantized(m)]

@@ -114,6 +114,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--revision", default=None, help="Hub revision of the base model.")
     g.add_argument("--variant", default=None, help="Weights variant of the base model, e.g. fp16.")
+    g.add_argument("--quantize_base", choices=QUANT_TYPES, default=None,
+                   help="Quantize the frozen denoiser's Linear layers with bitsandbytes before the adapters are "
+                   "added (nf4 / fp4: 4-bit, double-quantized; int8: LLM.int8 weights), QLoRA-style; the adapters "
+                   "train in float32 on top and the saved files are those of a float base.")
+    g.add_argument("--quantize_text_encoder", action="store_true",
+                   help="With --quantize_base: quantize the text encoders' Linear layers too.")
+
+
+QUANT_TYPES = ("nf4", "fp4", "int8")
 
 
 def add_training_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
@@ -368,6 +377,11 @@ def check_common_args(args) -> None:
         raise UsageError(f"--method is required: one of {', '.join(METHODS)}.")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError("--use_8bit_adam needs bitsandbytes (pip install bitsandbytes); it is not installed.")
+    if getattr(args, "quantize_text_encoder", False) and not args.quantize_base:
+        raise UsageError("--quantize_text_encoder needs --quantize_base (nf4, fp4 or int8): the format to quantize in.")
+    if getattr(args, "quantize_base", None) and importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError(f"--quantize_base {args.quantize_base} needs bitsandbytes (pip install 'diffadapt[quantized]'); "
+                         "it is not installed.")
     for flag in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
                  "validation_steps", "num_validation_images", "num_inference_steps"):
         if getattr(args, flag) < 1:

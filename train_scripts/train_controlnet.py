@@ -269,6 +269,8 @@ def main(argv=None):
     controlnet, controlnet_source = load_controlnet(args, base)
     pipe = control_pipeline(family, base, controlnet)
     unet = pipe.unet
+    # the frozen UNet only (after ControlNetModel.from_unet has copied its float weights); the ControlNet stays float
+    training_loop.quantize_base(args, accelerator, pipe, ["unet"], TEXT_STACK[family])
     if args.resolution is None:
         args.resolution = int(unet.config.sample_size) * pipe.vae_scale_factor
     preset = args.target_preset
@@ -383,6 +385,7 @@ def main(argv=None):
             else:
                 fresh_cn, _ = load_controlnet(args, fresh_base)
             final = control_pipeline(family, fresh_base, fresh_cn)
+            training_loop.quantize_base(args, accelerator, final, ["unet"], TEXT_STACK[family], pin=False)
             da.load_adapter(final, args.output_dir, common.ADAPTER_NAME)
             final.to(accelerator.device)
             grids.append(validate(args, accelerator, final, "final", global_step))

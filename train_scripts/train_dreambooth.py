@@ -74,9 +74,9 @@ def parse_args(argv=None):
     g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
     g.add_argument("--validation_prompt", default=None, help="Prompt for validation images (off if not given).")
     g.add_argument("--comparison_prompts", nargs="+", default=None,
-                   help="At the end, write <output_dir>/before_after.png: for each prompt, --num_validation_images "
-                   "images of the base model above the same seeds with the adapter (embedded default: the instance "
-                   "prompt, the class prompt and two unrelated prompts).")
+                   help="At the end, write <output_dir>/before_after.png: one row per prompt, columns at adapter "
+                   "strength 0 (the base model), 0.5 and 1, --num_validation_images images each from the same seeds "
+                   "(embedded default: the instance prompt, the class prompt and two unrelated prompts).")
     g.add_argument("--train_text_encoder", action="store_true",
                    help="Also adapt the CLIP text encoder(s) (SD/Flux: text_encoder; SDXL/SD3: both CLIP encoders).")
     g.add_argument("--text_encoder_lr", type=float, default=None, help="Text encoder lr (default: --learning_rate).")
@@ -92,6 +92,9 @@ def parse_args(argv=None):
     g.add_argument("--max_sequence_length", type=int, default=None, help="T5 tokens (default SD3 77, Flux 512).")
     common.add_training_args(parser, output_dir="dreambooth-diffadapt")
     common.add_adapter_args(parser)
+    parser.add_argument("--verbose", action="store_true",
+                        help="Every library log (model loading, configs, per-phase details); default: progress bars "
+                        "and the lines that say where the output went.")
     args = parser.parse_args(argv)
 
     if args.pretrained_model_name_or_path is None:  # the embedded model: its own defaults
@@ -439,6 +442,7 @@ def main(argv=None):
         args.joint_attention_dim = denoiser.config.joint_attention_dim
     preset = args.target_preset
     models = {denoiser_name: denoiser}
+    training_loop.quantize_base(args, accelerator, pipe, [denoiser_name], TEXT_STACK[family])  # before the adapters
     common.inject(denoiser, config, preset, denoiser_name)
     text_roles = TRAINABLE_TEXT_ENCODERS[family] if args.train_text_encoder else ()
     te_targets = common.parse_targets(args.text_encoder_target_modules)
@@ -532,6 +536,7 @@ def main(argv=None):
         if args.validation_prompt or args.comparison_prompts:  # from the saved files, as users will load them
             free_memory()
             final = training_loop.load_pipeline(args, family)
+            training_loop.quantize_base(args, accelerator, final, [denoiser_name], TEXT_STACK[family], pin=False)
             da.load_adapter(final, args.output_dir, common.ADAPTER_NAME)
             final.to(accelerator.device)
             if args.validation_prompt:

@@ -25,6 +25,37 @@ if TYPE_CHECKING:  # annotations only: torch is imported where it is used (fast 
     import torch
 
 
+def verbose(args) -> bool:
+    """--verbose: every library's loading and info logs. A script without the flag logs everything."""
+    return getattr(args, "verbose", True)
+
+
+class _DropMessages:
+    """A logging filter that drops records whose message contains one of ``parts``."""
+
+    def __init__(self, *parts: str):
+        self.parts = parts
+
+    def filter(self, record) -> bool:
+        return not any(p in record.getMessage() for p in self.parts)
+
+
+def quiet_library_logs(args) -> None:
+    """Without --verbose, before diffusers / transformers are imported: no notices about optional
+    pieces the run does not use (transformers' torchvision fallback for image processors the
+    pipeline never calls; bitsandbytes' optional CPU 4-bit kernel, kept with --quantize_base).
+    Warnings about the model itself stay (see ``start_run``)."""
+    import logging
+
+    if verbose(args):
+        return
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        _DropMessages("requires torchvision (not installed)"))
+    if not getattr(args, "quantize_base", None):
+        logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+            _DropMessages("Failed to load CPU gemm_4bit_forward"))
+
+
 def make_accelerator(args, find_unused_parameters: bool = False):
     import logging
 
@@ -33,7 +64,7 @@ def make_accelerator(args, find_unused_parameters: bool = False):
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-                        datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
+                        datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO if verbose(args) else logging.WARNING)
 
     report_to = args.report_to
     if report_to is None:
@@ -73,10 +104,60 @@ def autocast(accelerator):
 
 def to_device(model, device, dtype) -> None:
     """Move a model, casting it only for mixed precision (the trained tensors are cast back to
-    fp32 with diffusers.training_utils.cast_training_params afterwards)."""
+    fp32 with diffusers.training_utils.cast_training_params afterwards). A quantized base's
+    bitsandbytes layers are moved, never cast (their storage is the quantized weight; they compute
+    in the dtype of their input); every other tensor is moved and cast as for a float model."""
     import torch
 
-    model.to(device) if dtype == torch.float32 else model.to(device, dtype=dtype)
+    from diffadapt import quantized
+
+    kept = [m for m in model.modules() if quantized.is_quantized(m)]
+    if not kept:
+        model.to(device) if dtype == torch.float32 else model.to(device, dtype=dtype)
+        return
+    skip = {id(m) for m in kept}
+    for module in model.modules():
+        if id(module) in skip:
+            if module.weight.device != torch.device(device):
+                module.to(device)
+            continue
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if t is None:
+                continue
+            cast = t.to(device, dtype=dtype) if t.is_floating_point() and dtype != torch.float32 else t.to(device)
+            if cast is not t:
+                t.data = cast
+
+
+def quantize_base(args, accelerator, pipe, denoisers, text_encoders, pin: bool = True) -> None:
+    """--quantize_base: the Linear layers of the ``denoisers`` components of ``pipe`` (and of the
+    ``text_encoders`` with --quantize_text_encoder) replaced with bitsandbytes layers
+    (``diffadapt.quantized.quantize_model``), each moved to the training device and quantized there,
+    before any adapter is added. diffusers' ``BitsAndBytesConfig`` (``from_pretrained(...,
+    quantization_config=...)``) gives the same layer types but refuses to load without a GPU
+    ("No GPU found"), so the scripts swap the layers themselves, on every device.
+
+    ``pin``: the layers keep their training kernels under ``eval()`` (validation images and class
+    images between training steps; see ``diffadapt.quantized.pin_training_kernels``)."""
+    if not getattr(args, "quantize_base", None):
+        return
+    from diffadapt import quantized
+
+    roles = list(denoisers) + (list(text_encoders) if args.quantize_text_encoder else [])
+    compute = weight_dtype(accelerator)
+    done = []
+    for role in roles:
+        model = getattr(pipe, role, None)
+        if model is None:
+            continue
+        names = quantized.quantize_model(model, args.quantize_base, double_quant=True, compute_dtype=compute,
+                                         device=accelerator.device)
+        model.requires_grad_(False)
+        if pin:
+            quantized.pin_training_kernels(model)
+        if names:
+            done.append(f"{role} {len(names)} ({quantized.describe(model.get_submodule(names[0]))})")
+    accelerator.print(f"--quantize_base {args.quantize_base}: Linear layers quantized: {'; '.join(done) or 'none'}")
 
 
 def shared_seed(args, accelerator) -> int:
@@ -574,7 +655,9 @@ def train(accelerator, args, *, models, wrapped, optimizer, lr_scheduler, datalo
                 progress.update(1)
                 log.write(step=global_step, epoch=epoch, **logs, seconds=round(time.perf_counter() - start, 3))
                 if global_step % args.checkpointing_steps == 0:
-                    accelerator.print(f"Saved state to {save_checkpoint(accelerator, args, global_step, models)}")
+                    saved = save_checkpoint(accelerator, args, global_step, models)
+                    if accelerator.is_local_main_process:  # above the progress bar, which stays whole
+                        progress.write(f"Saved state to {saved}")
                 if validate_fn and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                     for m in models.values():
                         m.eval()
@@ -624,9 +707,17 @@ def start_run(args, accelerator, family: str):
     import transformers
     from accelerate.utils import set_seed
 
-    if accelerator.is_local_main_process:
+    if accelerator.is_local_main_process and verbose(args):
         transformers.utils.logging.set_verbosity_warning()
         diffusers.utils.logging.set_verbosity_info()
+    elif accelerator.is_local_main_process:  # warnings (e.g. weights missing from a checkpoint) only, no loading bars
+        import huggingface_hub
+
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.enable_progress_bars()  # downloads of a hub model keep theirs
     else:
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
