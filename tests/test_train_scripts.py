@@ -34,6 +34,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -364,6 +365,8 @@ def wanted_jobs(items) -> set[str]:
             "test_dreambooth_two_processes": {"ddp"},
             "test_controlnet_every_method": {f"cn_{param}"},
             "test_embedded_default_model_end_to_end": {"db_embedded"},
+            "test_embedded_grid_has_strength_columns": {"db_embedded"},
+            "test_embedded_main_job_logs_are_quiet": {"db_embedded"},
             "test_dropout_resume_is_bit_identical": {f"drop_{param}", f"drop_{param}_killed", f"drop_{param}_resume"},
             "test_training_flag_refusals": {f"refuse_{param}"} | ({"ck_fourierft"} if REFUSALS.get(param, [0, 0, 0])[2]
                                                                 else set()),
@@ -921,10 +924,74 @@ def test_embedded_default_model_end_to_end(runs, dreambooth_module):
     assert meta["base_model"] == embedded_model() and meta["instance_prompt"] == world.INSTANCE_PROMPT
     assert meta["method"] == dreambooth_module.EMBEDDED_METHOD and meta["steps"] == 2
     assert len(list((out / "instance_images").glob("*.png"))) == 5
-    grid = Image.open(out / "before_after.png")  # base and adapted rows for 4 prompts, 1 image each
-    assert grid.height == 8 * (128 + 2) and grid.width > 128
+    grid = Image.open(out / "before_after.png")  # 4 prompts (rows) x strengths 0 / 0.5 / 1, 1 image each
+    assert grid.height == dreambooth_module.sd_parts.GRID_HEADER + 4 * (128 + 2) and grid.width > 3 * 128
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [1, 2] and 0 < log[0]["seconds"] <= log[1]["seconds"]
+
+
+@pytest.mark.skipif(embedded_model() is None, reason="the embedded default model is not built yet")
+def test_embedded_grid_has_strength_columns(runs, dreambooth_module):
+    """before_after.png: one row per comparison prompt, one labelled column per strength 0 / 0.5 / 1
+    (same seed); the strength-0 cell is pixel for pixel the base model's image of that prompt and
+    seed (generated here, without any adapter), the strength-1 cell is not."""
+    import numpy as np
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    from diffadapt import world
+
+    sd_parts = dreambooth_module.sd_parts
+    out = runs.result("db_embedded").out_dir
+    resolution = artifact(out)["metadata"]["resolution"]
+    size, label_width, prompts = max(resolution, 128), 300, [world.INSTANCE_PROMPT, world.CLASS_PROMPT,
+                                                             *world.UNRELATED_PROMPTS[:2]]
+    assert dreambooth_module.GRID_STRENGTHS == (0.0, 0.5, 1.0)
+    grid = Image.open(out / "before_after.png").convert("RGB")
+    assert grid.size == (label_width + 3 * (size + 2) + 2 * sd_parts.GRID_GAP,
+                         sd_parts.GRID_HEADER + len(prompts) * (size + 2))
+    header = np.asarray(grid.crop((label_width, 0, grid.width, sd_parts.GRID_HEADER)))
+    assert (header < 128).any(), "no column labels"
+    pipe = DiffusionPipeline.from_pretrained(embedded_model(), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def cell(row, col):
+        left, top = sd_parts.grid_cell(row, col, size, label_width, 1, 3)
+        return np.asarray(grid.crop((left, top, left + size, top + size)))
+
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():  # the script's call: --seed 0, --num_inference_steps 2, its resolution
+            base = pipe(prompt=[prompt], generator=[torch.Generator().manual_seed(0)], num_inference_steps=2,
+                        height=resolution, width=resolution).images[0]
+        base = np.asarray(base.resize((size, size), Image.NEAREST))
+        assert np.array_equal(cell(row, 0), base), f"{prompt!r}: strength 0 is not the base model's image"
+        assert not np.array_equal(cell(row, 2), base), f"{prompt!r}: strength 1 shows the base model's image"
+
+
+PROGRESS_BAR = re.compile(r"^\s*[\w ]+:\s+\d+%\|")  # tqdm: "Steps:  50%|█████     | 1/2 [...]"
+
+
+@pytest.mark.skipif(embedded_model() is None, reason="the embedded default model is not built yet")
+def test_embedded_main_job_logs_are_quiet(runs):
+    """The main job's output: progress bars and a few lines (what trains, where the output went,
+    how to use it), no loading reports; its model card names the embedded base by its function,
+    with no path of this machine."""
+    job = runs.result("db_embedded")
+    out = job.out_dir
+    text = job.stdout + "\n" + job.stderr
+    assert "All model checkpoint weights were used" not in text and "Loading pipeline components" not in text
+    lines = [line.strip() for line in re.split(r"[\r\n]", text) if line.strip()]
+    bars = {PROGRESS_BAR.match(line).group(0).split(":")[0].strip() for line in lines if PROGRESS_BAR.match(line)}
+    assert bars == {"Steps", "Grid"}, bars  # one bar per phase (no class images without prior preservation)
+    other = [line for line in lines if not PROGRESS_BAR.match(line)]
+    assert len(other) <= 4, other
+    assert any(str(out) in line and "before_after.png" in line for line in other), other
+    assert any(line.startswith("Generate with it: diffadapt generate") and str(out) in line for line in other), other
+    card = (out / "README.md").read_text()
+    assert "default_model_path()" in card and "da.load_adapter(pipe, 'db_embedded')" in card
+    for path in {str(out), embedded_model(), str(ROOT), str(Path.home()), os.path.realpath(embedded_model())}:
+        assert path not in card, path
+    assert not re.search(r"(?<![\w.])/(tmp|work|home|root|usr|var)/", card), card
 
 
 # ----------------------------------------------------------------------------------------------

@@ -181,22 +181,47 @@ def _image_format(path) -> str:
     return Image.EXTENSION.get(Path(path).suffix.lower(), "PNG")
 
 
-def labelled_grid(rows: list[tuple[str, list]], path=None, size: int | None = None, label_width: int = 300):
+GRID_HEADER = 28  # height of the column labels' strip (labelled_grid with ``columns``)
+GRID_GAP = 8  # extra space between column groups
+
+
+def grid_cell(row: int, col: int, size: int, label_width: int = 300, per_group: int | None = None,
+              columns: int = 0) -> tuple[int, int]:
+    """Top-left pixel of image ``col`` of row ``row`` in a ``labelled_grid`` (same arguments;
+    ``per_group``: images per column group, ``columns``: number of groups, 0 without labels)."""
+    group, j = divmod(col, per_group) if columns else (0, col)
+    left = label_width + group * ((per_group or 0) * (size + 2) + GRID_GAP) + j * (size + 2)
+    return left, (GRID_HEADER if columns else 0) + row * (size + 2)
+
+
+def labelled_grid(rows: list[tuple[str, list]], path=None, size: int | None = None, label_width: int = 300,
+                  columns: list[str] | None = None):
     """One row of images per ``(label, images)``, the label written on the left. Images are
-    resized to ``size`` (nearest neighbour: small images stay crisp) when given."""
+    resized to ``size`` (nearest neighbour: small images stay crisp) when given. ``columns``:
+    labels of column groups, written on top: each row's images split into that many equal
+    groups (e.g. one per strength), a gap between groups."""
     from PIL import Image, ImageDraw
 
     size = size or rows[0][1][0].width
     cols = max(len(images) for _, images in rows)
-    grid = Image.new("RGB", (label_width + cols * (size + 2), len(rows) * (size + 2)), "white")
+    groups = len(columns) if columns else 0
+    per = math.ceil(cols / groups) if groups else None
+    if groups and any(len(images) != per * groups for _, images in rows):
+        raise ValueError(f"labelled_grid: every row needs {per * groups} images for {groups} column groups")
+    width = grid_cell(0, cols - 1, size, label_width, per, groups)[0] + size + 2
+    grid = Image.new("RGB", (width, grid_cell(len(rows), 0, size, label_width, per, groups)[1]), "white")
     draw = ImageDraw.Draw(grid)
+    for g, text in enumerate(columns or ()):
+        draw.text((grid_cell(0, g * per, size, label_width, per, groups)[0] + 2, GRID_HEADER // 2 - 6), text,
+                  fill="black")
     for i, (label, images) in enumerate(rows):
-        top = i * (size + 2)
+        top = grid_cell(i, 0, size, label_width, per, groups)[1]
         lines = label.split("\n")
         for k, line in enumerate(lines):
             draw.text((4, top + size // 2 - 6 * len(lines) + 12 * k), line, fill="black")
         for j, image in enumerate(images):
-            grid.paste(image.convert("RGB").resize((size, size), Image.NEAREST), (label_width + j * (size + 2), top))
+            grid.paste(image.convert("RGB").resize((size, size), Image.NEAREST),
+                       grid_cell(i, j, size, label_width, per, groups))
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_image_atomic(grid, path)
@@ -224,15 +249,37 @@ def card_config(config, preset) -> dict:
     return out
 
 
+EMBEDDED_BASE = "diffadapt.default_model_path()"
+
+
+def is_embedded(name_or_path) -> bool:
+    """Whether ``name_or_path`` is the small model shipped inside diffadapt."""
+    from diffadapt.defaults import default_model_path
+
+    try:
+        return os.path.realpath(str(name_or_path)) == os.path.realpath(default_model_path())
+    except FileNotFoundError:
+        return False
+
+
+def base_model_code(name_or_path) -> str:
+    """The Python expression a model card's snippet loads the base with (``import diffadapt as
+    da``): the embedded default is ``da.default_model_path()``, its folder is a path of this machine."""
+    return "da.default_model_path()" if is_embedded(name_or_path) else repr(str(name_or_path))
+
+
 def write_model_card(args, *, title: str, tags: list[str], base_model: str, usage: str, config: dict,
                      trainable: dict, extra: str = "", images: list[str] = ()) -> None:
-    front = ["---", f"base_model: {base_model}", "library_name: diffadapt", "tags:"]
+    embedded = is_embedded(base_model)  # not a hub id: no base_model front matter, named by its function
+    front = ["---"] + ([] if embedded else [f"base_model: {base_model}"]) + ["library_name: diffadapt", "tags:"]
     front += [f"- {t}" for t in ["diffadapt", "diffusers", args.method, *tags]]
     front += ["---", ""]
+    base = (f"the small model embedded in diffadapt (`{EMBEDDED_BASE}`, loaded with "
+            f"`DiffusionPipeline.from_pretrained({EMBEDDED_BASE})`)" if embedded else f"`{base_model}`")
     lines = [
         f"# {title}",
         "",
-        f"A **{args.method}** adapter (diffadapt) for `{base_model}`, trained with "
+        f"A **{args.method}** adapter (diffadapt) for {base}, trained with "
         f"`train_scripts/{Path(sys.argv[0]).name}`.",
         "",
         extra,

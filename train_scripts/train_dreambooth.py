@@ -159,11 +159,12 @@ def use_embedded_defaults(args) -> None:
         os.replace(tmp, target)
     args.instance_data_dir = str(folder)
     args.instance_prompt = args.instance_prompt or world.INSTANCE_PROMPT
-    args.class_prompt = args.class_prompt or world.CLASS_PROMPT
-    if args.with_prior_preservation and args.class_data_dir is None:
-        args.class_data_dir = str(Path(args.output_dir, "class_images"))
+    if args.with_prior_preservation:  # (set without it, parse_args would warn that it is ignored)
+        args.class_prompt = args.class_prompt or world.CLASS_PROMPT
+        args.class_data_dir = args.class_data_dir or str(Path(args.output_dir, "class_images"))
     if args.comparison_prompts is None:
-        args.comparison_prompts = [args.instance_prompt, args.class_prompt, *world.UNRELATED_PROMPTS[:2]]
+        args.comparison_prompts = [args.instance_prompt, args.class_prompt or world.CLASS_PROMPT,
+                                   *world.UNRELATED_PROMPTS[:2]]
     if args.max_train_steps is None:
         args.max_train_steps = EMBEDDED_STEPS
 
@@ -231,10 +232,14 @@ def generate_class_images(args, pipe, accelerator, family) -> None:
     missing = list(range(have, args.num_class_images))
     if not missing:
         return
-    accelerator.print(f"Generating {len(missing)} class images for prior preservation.")
+    from tqdm.auto import tqdm
+
+    if training_loop.verbose(args):
+        accelerator.print(f"Generating {len(missing)} class images for prior preservation.")
     mine = missing[accelerator.process_index :: accelerator.num_processes]
     da.disable_adapters(pipe)
     pipe.set_progress_bar_config(disable=True)
+    bar = tqdm(total=len(mine), desc="Class images", unit="image", disable=not accelerator.is_local_main_process)
     try:
         for start in range(0, len(mine), args.sample_batch_size):
             chunk = mine[start : start + args.sample_batch_size]
@@ -244,7 +249,9 @@ def generate_class_images(args, pipe, accelerator, family) -> None:
                               **pipeline_call_kwargs(args, family)).images
             for i, image in zip(chunk, images):
                 image.save(folder / f"generated_{i:05d}.png")
+            bar.update(len(chunk))
     finally:
+        bar.close()
         da.enable_adapters(pipe)
     accelerator.wait_for_everyone()
 
@@ -383,27 +390,42 @@ def validate(args, accelerator, pipe, family, tag: str, step: int) -> str:
     return sd_parts.save_grid(images, Path(args.output_dir, "validation", f"{tag}.png"))
 
 
+GRID_STRENGTHS = (0.0, 0.5, 1.0)  # before_after.png's columns: 0 is the base model exactly
+
+
+def strength_label(strength: float) -> str:
+    return "base (strength 0)" if strength == 0 else f"strength {strength:g}"
+
+
 def before_after(args, accelerator, pipe, family) -> str:
-    """For each --comparison_prompts, --num_validation_images images of the base model (adapter
-    off) and then of the adapted one from the same seeds, as one labelled grid; returns its path."""
+    """before_after.png: one row per --comparison_prompts, one column group per GRID_STRENGTHS
+    (the adapter's strength, set with ``diffadapt.set_adapters``; 0 is the base model), each
+    --num_validation_images images from the same seeds in every column; returns its path."""
     import torch
+    from tqdm.auto import tqdm
 
     import diffadapt as da
 
     pipe.set_progress_bar_config(disable=True)
     n, rows = args.num_validation_images, []
+    bar = tqdm(total=len(args.comparison_prompts) * len(GRID_STRENGTHS), desc="Grid", unit="cell",
+               disable=not accelerator.is_local_main_process)
     try:
         for prompt in args.comparison_prompts:
-            for label, switch in (("base", da.disable_adapters), ("adapted", da.enable_adapters)):
-                switch(pipe)
+            images = []
+            for strength in GRID_STRENGTHS:
+                da.set_adapters(pipe, common.ADAPTER_NAME, strength)
                 gens = [torch.Generator(accelerator.device).manual_seed(args.seed_value + i) for i in range(n)]
                 with torch.no_grad(), training_loop.autocast(accelerator):
-                    images = pipe(prompt=[prompt] * n, generator=gens, **pipeline_call_kwargs(args, family)).images
-                rows.append((f"{label}:\n{prompt}", images))
+                    images += pipe(prompt=[prompt] * n, generator=gens, **pipeline_call_kwargs(args, family)).images
+                bar.update(1)
+            seeds = f"seed {args.seed_value}" if n == 1 else f"seeds {args.seed_value}-{args.seed_value + n - 1}"
+            rows.append((f"{prompt}\n{seeds}", images))
     finally:
-        da.enable_adapters(pipe)
+        bar.close()
+        da.set_adapters(pipe, common.ADAPTER_NAME, 1.0)
     path = Path(args.output_dir, "before_after.png")
-    sd_parts.labelled_grid(rows, path, size=max(args.resolution, 128))
+    sd_parts.labelled_grid(rows, path, size=max(args.resolution, 128), columns=[strength_label(s) for s in GRID_STRENGTHS])
     return str(path)
 
 
@@ -415,6 +437,7 @@ def before_after(args, accelerator, pipe, family) -> str:
 @common.guarded
 def main(argv=None):
     args = parse_args(argv)
+    training_loop.quiet_library_logs(args)  # before diffusers is imported
     family, class_name = common.pipeline_family(args, FAMILIES, "train_dreambooth.py", "SD 1.x/2.x, SDXL, SD3, Flux")
     if args.max_sequence_length is None:
         args.max_sequence_length = 77 if family == "sd3" else 512
@@ -453,6 +476,12 @@ def main(argv=None):
     training_loop.check_resume(args, models)  # another run's checkpoint: refused before any work
     trainable = {role: da.count_parameters(m)[0] for role, m in models.items()}
     logger.info(f"{args.method} adapters, trainable parameters: {trainable}", main_process_only=True)
+    if not training_loop.verbose(args):
+        base = ("the embedded default model" if sd_parts.is_embedded(args.pretrained_model_name_or_path)
+                else args.pretrained_model_name_or_path)
+        steps = f" for {args.max_train_steps} steps" if args.max_train_steps else ""
+        accelerator.print(f"Training a {args.method} adapter ({', '.join(f'{r}: {n:,}' for r, n in trainable.items())} "
+                          f"parameters) on {base}{steps}, into {args.output_dir}")
 
     # -- devices and dtypes: frozen weights in the mixed-precision dtype, trained tensors in fp32
     dtype = training_loop.weight_dtype(accelerator)
@@ -543,15 +572,15 @@ def main(argv=None):
                 grids.append(validate(args, accelerator, final, family, "final", global_step))
             if args.comparison_prompts:
                 grids.append(before_after(args, accelerator, final, family))
-                logger.info(f"before/after grid: {grids[-1]}", main_process_only=True)
+        folder = os.path.basename(os.path.normpath(args.output_dir))  # the card travels with the folder
         usage = f"""
 import diffadapt as da
 from diffusers import DiffusionPipeline
 
-pipe = DiffusionPipeline.from_pretrained({args.pretrained_model_name_or_path!r})
-da.load_adapter(pipe, {str(args.output_dir)!r})
+pipe = DiffusionPipeline.from_pretrained({sd_parts.base_model_code(args.pretrained_model_name_or_path)})
+da.load_adapter(pipe, {folder!r})  # this folder
+da.set_adapters(pipe, {common.ADAPTER_NAME!r}, 1.0)  # strength: 0 = base model, 1 = as trained
 image = pipe({args.instance_prompt!r}).images[0]
-da.set_adapters(pipe, "default", 0.7)  # strength: 0 = base model, 1 = as trained
 """
         sd_parts.write_model_card(
             args, title=f"DreamBooth {args.method} - {args.instance_prompt}",
@@ -561,9 +590,23 @@ da.set_adapters(pipe, "default", 0.7)  # strength: 0 = base model, 1 = as traine
             + (f" Prior preservation with `{args.class_prompt}`." if args.with_prior_preservation else "") + "\n",
             images=[os.path.relpath(g, args.output_dir) for g in grids],
         )
+        print_done(args, grids)
     if args.debug_rank_digest:
         training_loop.write_rank_digest(accelerator, args, models, saved)
     accelerator.end_training()
+
+
+def print_done(args, grids) -> None:
+    """The lines a user needs at the end: where the output went, how to use it."""
+    import shlex
+
+    grid = next((g for g in grids if Path(g).name == "before_after.png"), None)
+    shown = ", before_after.png (adapter strength 0 / 0.5 / 1)" if grid else ""
+    print(f"Saved the adapter, its model card README.md{shown} to {args.output_dir}", flush=True)
+    model = "" if sd_parts.is_embedded(args.pretrained_model_name_or_path) else (
+        f" --model {shlex.quote(str(args.pretrained_model_name_or_path))}")
+    print(f"Generate with it: diffadapt generate{model} --adapter {shlex.quote(str(args.output_dir))}:1.0 "
+          f"--prompt {shlex.quote(args.instance_prompt)} -o {shlex.quote(args.method)}.png", flush=True)
 
 
 if __name__ == "__main__":
