@@ -228,3 +228,113 @@ def test_the_app_does_not_import_the_cli():
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "diffadapt" for a in n.names}
     assert "diffadapt.cli" not in imported and "cli" not in names
+
+
+# -- hostile files through the command (issue 14: items 1 and 2) ------------------------------------
+def _hostile_cli_files(made, root: Path) -> dict:
+    """A regex bomb in an overrides key (90 KB) and in modules_to_save, and r=3,000,000 in a
+    90 KB file: each would hang for ever in re.fullmatch on the model's module names, or build
+    ~10 GB of slots, if the loader trusted the file."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from diffadapt.checkpoint import WEIGHTS_NAME
+
+    def read(path):
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+
+    out = {}
+    for name, field, value in [("bomb_peft", "modules_to_save", [r"(\w+\.?)+z"]), ("huge_peft", "r", 3_000_000)]:
+        folder = root / name
+        shutil.copytree(made.peft, folder)
+        meta, tensors = read(folder / WEIGHTS_NAME)
+        config = json.loads(meta["diffadapt_config"])
+        config[field] = value
+        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={**meta, "diffadapt_config": json.dumps(config)})
+        out[name] = folder
+    meta, tensors = read(made.mine)
+    header = json.loads(meta["diffadapt"])
+    header["components"]["unet"]["config"]["overrides"] = {r"(\w+\.?)+" + "z" * 90_000: {"oft_block_size": 4}}
+    out["bomb90k"] = root / "bomb90k.safetensors"
+    save_file(tensors, str(out["bomb90k"]), metadata={**meta, "diffadapt": json.dumps(header)})
+    assert out["bomb90k"].stat().st_size < 200_000 and (out["huge_peft"] / WEIGHTS_NAME).stat().st_size < 100_000
+    return out
+
+
+def test_hostile_files_through_generate_and_info_are_bounded_in_time_and_memory(made, tmp_path):
+    """Subprocesses (a hang would hold the GIL: only a separate process can time it out; generate
+    and info --model load the adapter through the same files.load), run together, each under a 3 GB address-space limit (a regression fails, it does not swap the
+    machine): exit code 2 (or info's "fits: no"), one line naming the field or the shapes, within
+    the timeout, and a peak RSS below the ceiling (a normal refusal: ~450 MB)."""
+    import os
+    import resource
+    import signal
+    import threading
+    import time
+
+    hostile = _hostile_cli_files(made, tmp_path)
+    model = str(made.model)
+    size = ["--steps", "1", "--height", "32", "--width", "32", "-o", str(tmp_path / "never.png")]
+    cases = {  # id -> (argv, exit code, words in the one stderr line (rc 2) or in stdout (rc 0))
+        "generate regex bomb 90 KB": (["generate", "--prompt", "x", "--model", model, "--adapter",
+                                       str(hostile["bomb90k"]), *size], 2,
+                                      ["bomb90k.safetensors", "overrides key pattern", "(90009 chars)", "at most 1000"]),
+        "info regex bomb": (["info", str(hostile["bomb_peft"])], 2,
+                            ["bomb_peft", "modules_to_save pattern", r"'(\\w+\\.?)+z'", "nested quantifier"]),
+        "info r=3e6": (["info", str(hostile["huge_peft"]), "--model", model], 0,
+                       ["fits StableDiffusionPipeline", ": no", "hra_u: file (32, 2) vs layer (32, 3000000)"]),
+    }
+    ceiling_mb, timeout_s = 1200, 150
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    procs = {name: (subprocess.Popen([sys.executable, "-m", "diffadapt.cli", *argv], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, preexec_fn=limit,
+                                     start_new_session=True), time.monotonic())
+             for name, (argv, _, _) in cases.items()}
+
+    outputs = {}
+
+    def drain(name, proc):  # read both pipes while it runs (no pipe-buffer deadlock)
+        outputs[name] = (proc.stdout.read(), proc.stderr.read())
+
+    readers = [threading.Thread(target=drain, args=(n, p), daemon=True) for n, (p, _) in procs.items()]
+    for r in readers:
+        r.start()
+    results = {}
+    while len(results) < len(procs):
+        for name, (proc, start) in procs.items():
+            if name in results:
+                continue
+            if time.monotonic() - start > timeout_s:
+                os.killpg(proc.pid, signal.SIGKILL)  # our own child's group
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                results[name] = (proc.returncode, time.monotonic() - start, usage.ru_maxrss / 1024)
+        time.sleep(0.05)
+    for r in readers:
+        r.join(timeout=10)
+    for name, (rc, seconds, peak_mb) in results.items():
+        argv, code, words = cases[name]
+        out, err = outputs[name]
+        assert rc == code, f"{name}: exit code {rc} after {seconds:.0f} s\n{err[-2000:]}"
+        assert seconds < timeout_s - 30, f"{name} took {seconds:.0f} s"
+        assert peak_mb < ceiling_mb, f"{name}: peak RSS {peak_mb:.0f} MB"
+        assert "Traceback" not in err, f"{name}:\n{err[-2000:]}"
+        if code == 2:
+            lines = [line for line in err.splitlines() if "error" in line]
+            assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0], f"{name}:\n{err[-2000:]}"
+            assert len(lines[0]) < 1000 and not out.strip(), (name, lines[0][:2000])
+            text = lines[0]
+        else:
+            text = out
+        for word in words:
+            assert word in text, (name, word, text[-1500:])
+    assert not (tmp_path / "never.png").exists()
+    print("\nhostile CLI runs (s, peak MB):", {n: (round(s), round(m)) for n, (_, s, m) in results.items()})
