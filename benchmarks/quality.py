@@ -159,16 +159,18 @@ def vae_round_trip(pipe, x: torch.Tensor) -> torch.Tensor:
     return ((vae.decode(latents).sample + 1) / 2).clamp(0, 1)
 
 
-def load_probe(work: Path, pipe) -> tuple[Probe, dict]:
-    """The probe, trained once and cached in ``work``; with its held-out accuracies."""
-    path = work / f"probe_v{PROBE_VERSION}.pt"
+def load_probe(work: Path, pipe, steps: int = 5000, scenes: int = 12000) -> tuple[Probe, dict]:
+    """The probe, trained once and cached in ``work``; with its held-out accuracies. ``steps`` /
+    ``scenes`` below the defaults: a cheaper, weaker probe (cached under its own name)."""
+    smaller = "" if (steps, scenes) == (5000, 12000) else f"_s{steps}_n{scenes}"
+    path = work / f"probe_v{PROBE_VERSION}{smaller}.pt"
     if path.exists():
         saved = torch.load(path, weights_only=False)
         probe = Probe()
         probe.load_state_dict(saved["state"])
         return probe.eval(), saved["accuracy"]
     print("training the probe on rendered world scenes ...", flush=True)
-    probe = train_probe()
+    probe = train_probe(steps=steps, n=scenes)
     x, y = render_set(1000, seed=20_000)
     accuracy = {"renders": probe_accuracy(probe, x, y),
                 "vae_round_trip": probe_accuracy(probe, vae_round_trip(pipe, x[:256]), {k: v[:256] for k, v in y.items()})}
@@ -345,6 +347,8 @@ def parse_args(argv=None):
     p.add_argument("--work_dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "diffadapt_quality"))
     p.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "quality"))
     p.add_argument("--score", nargs="+", default=None, help="score these trained adapter folders only (no training)")
+    p.add_argument("--probe_steps", type=int, default=5000, help="probe training steps (fewer: a weaker probe)")
+    p.add_argument("--probe_scenes", type=int, default=12000, help="rendered scenes the probe trains on")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads here and in the training runs (default: every core; 1 on a shared machine)")
     p.add_argument("--reuse", action="store_true", help="skip training where <work_dir>/<method> holds an adapter")
@@ -360,7 +364,7 @@ def main(args) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(da.default_model_path(), safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    probe, probe_acc = load_probe(work, pipe)
+    probe, probe_acc = load_probe(work, pipe, args.probe_steps, args.probe_scenes)
     instance = world.subject_images(5, seed=args.seed)
 
     base = sample_all(pipe, args)
