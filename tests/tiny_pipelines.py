@@ -35,6 +35,7 @@ import torch
 DEFAULT_SIZE = 64  # pixels; VAE scale factor 8 -> 8x8 latents
 T5_MAX_LEN = 16  # max_sequence_length passed to every T5-using pipeline
 CLIP_MAX_LEN = 77
+LM_MAX_LEN = 64  # max_sequence_length for the language-model text encoders (chat template included)
 
 _VAE_SCALE_FACTOR = 8
 _SAMPLE_SIZE = DEFAULT_SIZE // _VAE_SCALE_FACTOR  # latent side length the denoisers default to
@@ -157,7 +158,8 @@ T5_VOCAB_SIZE = len(_t5_pieces())
 
 
 def tiny_clip_text_encoder(
-    seed: int = 0, hidden: int = 32, projection_dim: int = 32, with_projection: bool = False
+    seed: int = 0, hidden: int = 32, projection_dim: int = 32, with_projection: bool = False,
+    max_positions: int = CLIP_MAX_LEN,
 ):
     """CLIPTextModel / CLIPTextModelWithProjection matching ``tiny_clip_tokenizer`` (eos id 513)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -169,7 +171,7 @@ def tiny_clip_text_encoder(
         intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=max(hidden // 8, 1),
-        max_position_embeddings=CLIP_MAX_LEN,
+        max_position_embeddings=max_positions,
         projection_dim=projection_dim,
         bos_token_id=CLIP_BOS_ID,
         eos_token_id=CLIP_EOS_ID,  # pooled output = first <|endoftext|> position
@@ -567,6 +569,366 @@ BUILDERS = {
 
 
 # --------------------------------------------------------------------------------------------
+# newer families (SD3.5, Flux.2, Qwen-Image, Z-Image, Sana, Lumina 2, Chroma, HiDream)
+# --------------------------------------------------------------------------------------------
+#
+# Their text encoders are language models (Mistral 3, Qwen2.5-VL, Qwen3, Gemma 2, Llama, T5);
+# their tokenizers are one byte-level BPE with no merges (``tiny_byte_tokenizer``: every byte one
+# token, plus a few special tokens and a chat template), wrapped in the class each pipeline uses.
+# The denoisers follow the geometry of tests/tiny_models.py, with the channels the VAEs need.
+
+LM_VOCAB = 272  # >= len(tiny_byte_tokenizer()): 5 special tokens, 256 bytes, "▁"
+BYTE_SPECIALS = ("<pad>", "</s>", "<s>", "<unk>", "<|endoftext|>")
+
+# the content of a message is a string or (Flux.2, Qwen-Image) a list of {"type": "text", "text": ...}
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}"
+    "{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tiny_byte_tokenizer(cls_name: str = "Qwen2Tokenizer", bos: bool = False, model_max_length: int = 4096):
+    """A byte-level BPE tokenizer (no merges) saved as ``tokenizer.json`` and loaded as
+    ``transformers.<cls_name>``: ids 0-4 are ``BYTE_SPECIALS`` (pad, eos, bos, unk, endoftext),
+    then the 256 bytes, then ``▁`` (Gemma / Llama tokenizers turn spaces into it). ``bos=True``
+    prepends ``<s>`` (Gemma, Llama). It carries a chat template, for the pipelines that apply one."""
+    import transformers
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    vocab = {s: i for i, s in enumerate(BYTE_SPECIALS)}
+    for s in _bytes_to_unicode():
+        vocab[s] = len(vocab)
+    vocab.setdefault("\u2581", len(vocab))
+    tk = Tokenizer(BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in BYTE_SPECIALS])
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(
+            single=["<s>", "$A"], pair=["<s>", "$A", "<s>", "$B"], special_tokens=[("<s>", 2)]
+        )
+    config = dict(
+        model_max_length=model_max_length, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        chat_template=_CHAT_TEMPLATE, tokenizer_class=cls_name,
+    )
+    if bos:
+        config["bos_token"] = "<s>"
+    tmp = tempfile.mkdtemp(prefix="tiny_byte_tok_")
+    try:
+        tk.save(os.path.join(tmp, "tokenizer.json"))
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f)
+        tok = getattr(transformers, cls_name).from_pretrained(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert len(tok) <= LM_VOCAB
+    return tok
+
+
+def _lm_text_config(hidden: int = 16, layers: int = 2, **extra) -> dict:
+    return dict(
+        vocab_size=LM_VOCAB, hidden_size=hidden, intermediate_size=24, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2, max_position_embeddings=2048,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2, **extra,
+    )
+
+
+def tiny_mistral3_encoder(seed: int = 0, hidden: int = 16, layers: int = 30):
+    """Mistral3ForConditionalGeneration (Flux.2's text encoder): ``layers`` >= 30 because the
+    pipeline stacks hidden states 10, 20 and 30 by default; a 1-block Pixtral vision tower."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Mistral3Config(
+        text_config=dict(model_type="mistral", sliding_window=None, **_lm_text_config(hidden, layers)),
+        vision_config=dict(
+            model_type="pixtral", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+            image_size=30, patch_size=6, num_channels=3,
+        ),
+        image_token_index=4, image_seq_length=4, vision_feature_layer=-1,
+    )
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def tiny_qwen25vl_encoder(seed: int = 0, hidden: int = 16):
+    """Qwen2_5_VLForConditionalGeneration (Qwen-Image's text encoder), 2 layers, 1 vision block."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, **_lm_text_config(hidden)),
+        vision_config=dict(
+            depth=1, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=hidden, patch_size=2,
+            spatial_merge_size=1, temporal_patch_size=1, window_size=4, fullatt_block_indexes=[0],
+        ),
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_qwen3_encoder(seed: int = 0, hidden: int = 16):
+    """Qwen3Model (Z-Image's text encoder)."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    return Qwen3Model(Qwen3Config(**_lm_text_config(hidden))).eval()
+
+
+def tiny_gemma2_encoder(seed: int = 0, hidden: int = 16):
+    """Gemma2Model (Sana's and Lumina 2's text encoder)."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    return Gemma2Model(Gemma2Config(**_lm_text_config(hidden))).eval()
+
+
+def tiny_llama_encoder(seed: int = 0, hidden: int = 8):
+    """LlamaForCausalLM (HiDream's fourth text encoder); eager attention (the pipeline asks for attentions)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**_lm_text_config(hidden))
+    config._attn_implementation = "eager"
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_flux2_vae(seed: int = 0, latent_channels: int = 4):
+    """AutoencoderKLFlux2, 4 blocks (scale factor 8); latents are patchified 2x2 (4 x latent_channels)."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(seed)
+    return AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=8, sample_size=DEFAULT_SIZE,
+    ).eval()
+
+
+def tiny_qwenimage_vae(seed: int = 0, z_dim: int = 4):
+    """AutoencoderKLQwenImage (a causal 3-D VAE): 3 stages, spatial scale factor 4."""
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(seed)
+    return AutoencoderKLQwenImage(
+        base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+        latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim,
+    ).eval()
+
+
+def tiny_dc_vae(seed: int = 0, latent_channels: int = 4):
+    """AutoencoderDC (Sana's deep-compression VAE): 6 ResBlock stages, scale factor 32 like the real one."""
+    from diffusers import AutoencoderDC
+
+    torch.manual_seed(seed)
+    return AutoencoderDC(
+        in_channels=3, latent_channels=latent_channels, attention_head_dim=2,
+        encoder_block_types="ResBlock", decoder_block_types="ResBlock",
+        encoder_block_out_channels=(8,) * 6, decoder_block_out_channels=(8,) * 6,
+        encoder_layers_per_block=(1,) * 6, decoder_layers_per_block=(1,) * 6,
+        encoder_qkv_multiscales=((),) * 6, decoder_qkv_multiscales=((),) * 6,
+        downsample_block_type="conv", upsample_block_type="interpolate", decoder_norm_types="rms_norm",
+        decoder_act_fns="silu", scaling_factor=0.41407,
+    ).eval()
+
+
+def build_sd35(seed: int = 0):
+    """StableDiffusion3Pipeline with an SD3.5-style transformer: dual attention (``attn2``) in
+    block 0 and RMS q/k norms; CLIP x2 + T5 as in build_sd3."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=_SAMPLE_SIZE, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+    ).eval()
+    return _quiet(StableDiffusion3Pipeline(
+        transformer=transformer,
+        vae=tiny_vae(seed + 1, latent_channels=16, flow=True),
+        scheduler=_flow_match(),
+        text_encoder=tiny_clip_text_encoder(seed + 2, hidden=16, projection_dim=16, with_projection=True),
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=tiny_clip_text_encoder(seed + 3, hidden=16, projection_dim=16, with_projection=True),
+        tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=tiny_t5_encoder(seed + 4),
+        tokenizer_3=tiny_t5_tokenizer(),
+    ))
+
+
+def build_flux2(seed: int = 0):
+    """Flux2Pipeline: Flux2Transformer2DModel, a Mistral 3 text encoder (30 layers of width 16:
+    the prompt embedding stacks layers 10/20/30, 48 wide), AutoencoderKLFlux2. The tokenizer is
+    the byte tokenizer with a chat template (the real one is a Pixtral processor, which needs
+    torchvision; the pipeline only calls ``apply_chat_template`` on it)."""
+    from diffusers import Flux2Pipeline, Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=48, timestep_guidance_channels=16, mlp_ratio=2.0, axes_dims_rope=(2, 2, 2, 2),
+        guidance_embeds=True,
+    ).eval()
+    return _quiet(Flux2Pipeline(
+        scheduler=_flow_match(dynamic=True),
+        vae=tiny_flux2_vae(seed + 1),
+        text_encoder=tiny_mistral3_encoder(seed + 2),
+        tokenizer=tiny_byte_tokenizer("PreTrainedTokenizerFast"),
+        transformer=transformer,
+    ))
+
+
+def build_qwenimage(seed: int = 0):
+    """QwenImagePipeline: QwenImageTransformer2DModel, Qwen2.5-VL, AutoencoderKLQwenImage (scale 4)."""
+    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(2, 2, 4),
+    ).eval()
+    return _quiet(QwenImagePipeline(
+        scheduler=_flow_match(dynamic=True),
+        vae=tiny_qwenimage_vae(seed + 1),
+        text_encoder=tiny_qwen25vl_encoder(seed + 2),
+        tokenizer=tiny_byte_tokenizer("Qwen2Tokenizer"),
+        transformer=transformer,
+    ))
+
+
+def build_zimage(seed: int = 0):
+    """ZImagePipeline: ZImageTransformer2DModel, Qwen3, a 16-channel flow AutoencoderKL."""
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=48, n_layers=2, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 8, 8], axes_lens=[512, 32, 32],
+    ).eval()
+    return _quiet(ZImagePipeline(
+        scheduler=_flow_match(),
+        vae=tiny_vae(seed + 1, latent_channels=16, flow=True),
+        text_encoder=tiny_qwen3_encoder(seed + 2),
+        tokenizer=tiny_byte_tokenizer("Qwen2Tokenizer"),
+        transformer=transformer,
+    ))
+
+
+def build_sana(seed: int = 0):
+    """SanaPipeline: SanaTransformer2DModel (``sample_size`` 16: resolution binning maps to the
+    512 px bins), Gemma 2, AutoencoderDC (scale factor 32)."""
+    from diffusers import SanaPipeline, SanaTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        sample_size=16, patch_size=1,
+    ).eval()
+    return _quiet(SanaPipeline(
+        tokenizer=tiny_byte_tokenizer("GemmaTokenizer", bos=True),
+        text_encoder=tiny_gemma2_encoder(seed + 2),
+        vae=tiny_dc_vae(seed + 1),
+        transformer=transformer,
+        scheduler=_flow_match(),
+    ))
+
+
+def build_lumina2(seed: int = 0):
+    """Lumina2Pipeline: Lumina2Transformer2DModel, Gemma 2, a 4-block AutoencoderKL."""
+    from diffusers import Lumina2Pipeline, Lumina2Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = Lumina2Transformer2DModel(
+        sample_size=_SAMPLE_SIZE, patch_size=2, in_channels=16, hidden_size=32, num_layers=2, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(512, 32, 32),
+        cap_feat_dim=16,
+    ).eval()
+    return _quiet(Lumina2Pipeline(
+        transformer=transformer,
+        scheduler=_flow_match(),
+        vae=tiny_vae(seed + 1, latent_channels=16, flow=True),
+        text_encoder=tiny_gemma2_encoder(seed + 2),
+        tokenizer=tiny_byte_tokenizer("GemmaTokenizer", bos=True),
+    ))
+
+
+def build_chroma(seed: int = 0):
+    """ChromaPipeline: ChromaTransformer2DModel (16-channel latents packed 2x2), T5."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 6, 6), approximator_num_channels=8, approximator_hidden_dim=16,
+        approximator_layers=1,
+    ).eval()
+    return _quiet(ChromaPipeline(
+        scheduler=_flow_match(dynamic=True),
+        vae=tiny_vae(seed + 1, latent_channels=16, flow=True),
+        text_encoder=tiny_t5_encoder(seed + 2),
+        tokenizer=tiny_t5_tokenizer(),
+        transformer=transformer,
+    ))
+
+
+def _small_flow_vae(seed: int = 0):
+    """A 2-block 16-channel flow AutoencoderKL (scale factor 2)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1, latent_channels=16,
+        norm_num_groups=8, sample_size=DEFAULT_SIZE, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    ).eval()
+
+
+def build_hidream(seed: int = 0):
+    """HiDreamImagePipeline: HiDreamImageTransformer2DModel (MoE feed-forwards), CLIP x2 (128
+    positions: the pipeline pads CLIP prompts to 128), T5, Llama.
+
+    HiDream renders every request at its own area, 128 x 128 latents whatever height/width say,
+    so the tiny one patchifies 8 x 8 (256 tokens) and has a 2-block VAE (256 px images)."""
+    from diffusers import HiDreamImagePipeline, HiDreamImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = HiDreamImageTransformer2DModel(
+        patch_size=8, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, caption_channels=[32, 8], text_emb_dim=32, num_routed_experts=2,
+        num_activated_experts=1, axes_dims_rope=(2, 2, 4), max_resolution=(16, 16), llama_layers=[0, 1],
+    ).eval()
+    return _quiet(HiDreamImagePipeline(
+        scheduler=_flow_match(),
+        vae=_small_flow_vae(seed + 1),
+        text_encoder=tiny_clip_text_encoder(seed + 2, hidden=16, projection_dim=16, with_projection=True,
+                                            max_positions=128),
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=tiny_clip_text_encoder(seed + 3, hidden=16, projection_dim=16, with_projection=True,
+                                              max_positions=128),
+        tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=tiny_t5_encoder(seed + 4),
+        tokenizer_3=tiny_t5_tokenizer(),
+        text_encoder_4=tiny_llama_encoder(seed + 5),
+        tokenizer_4=tiny_byte_tokenizer("PreTrainedTokenizerFast", bos=True),
+        transformer=transformer,
+    ))
+
+
+NEW_BUILDERS = {
+    "sd35": build_sd35,
+    "flux2": build_flux2,
+    "qwenimage": build_qwenimage,
+    "zimage": build_zimage,
+    "sana": build_sana,
+    "lumina2": build_lumina2,
+    "chroma": build_chroma,
+    "hidream": build_hidream,
+}
+
+
+# --------------------------------------------------------------------------------------------
 # calling / saving
 # --------------------------------------------------------------------------------------------
 
@@ -593,6 +955,13 @@ def _family(pipe) -> str:
         (d.FluxPipeline, "flux"),
         (d.PixArtSigmaPipeline, "pixart_sigma"),
         (d.PixArtAlphaPipeline, "pixart"),
+        (d.Flux2Pipeline, "flux2"),
+        (d.QwenImagePipeline, "qwenimage"),
+        (d.ZImagePipeline, "zimage"),
+        (d.SanaPipeline, "sana"),
+        (d.Lumina2Pipeline, "lumina2"),
+        (d.ChromaPipeline, "chroma"),
+        (d.HiDreamImagePipeline, "hidream"),
     ]
     for cls, name in table:
         if isinstance(pipe, cls):
@@ -612,6 +981,13 @@ def pipeline_kwargs(pipe, size: int = DEFAULT_SIZE, control_seed: int = 0) -> di
     if fam in ("pixart", "pixart_sigma"):
         # binning only knows sample sizes 32/64/128 (256..1024 px); clean_caption needs bs4+ftfy
         return {"max_sequence_length": T5_MAX_LEN, "use_resolution_binning": False, "clean_caption": False}
+    if fam in ("chroma", "hidream"):
+        return {"max_sequence_length": T5_MAX_LEN}
+    if fam == "sana":  # no long "complex human instruction" prefix; binning would render at 512 px
+        return {"max_sequence_length": LM_MAX_LEN, "use_resolution_binning": False, "complex_human_instruction": None}
+    if fam == "zimage":  # pads to max_sequence_length (512 by default)
+        return {"max_sequence_length": LM_MAX_LEN}
+    # flux2, qwenimage, lumina2: their defaults (a system prompt comes before the user's)
     return {}
 
 
