@@ -108,6 +108,18 @@ def _load_pipeline(model: Optional[str], device: str, dtype: str):
     return pipe.to(device)
 
 
+def _accepted(pipe, kwargs: dict) -> dict:
+    """The arguments this pipeline's ``__call__`` takes (Flux.2 has no negative prompt, ...);
+    unset ones (None) are left to the pipeline's defaults. A negative prompt it cannot take is an error."""
+    import inspect
+
+    params = inspect.signature(pipe.__call__).parameters
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if kwargs.get("negative_prompt") is not None and "negative_prompt" not in params and not open_ended:
+        raise CliError(f"{type(pipe).__name__} takes no negative prompt; leave out --negative_prompt")
+    return {k: v for k, v in kwargs.items() if v is not None and (open_ended or k in params)}
+
+
 def cmd_generate(args) -> None:
     import torch
 
@@ -145,7 +157,7 @@ def cmd_generate(args) -> None:
         kwargs["height"] = args.height
     if args.width:
         kwargs["width"] = args.width
-    image = pipe(**kwargs).images[0]
+    image = pipe(**_accepted(pipe, kwargs)).images[0]
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
