@@ -236,15 +236,22 @@ def set_adapters(
     model: nn.Module,
     adapter_names: Union[str, Sequence[str]],
     weights: Union[float, Sequence[float], None] = None,
+    order: str = "diffadapt",
 ) -> None:
     """Activate ``adapter_names`` (activation order) with strengths ``weights`` (default 1).
 
     Strength 0 is the base model exactly, 1 the trained adapter; see each method for values in
     between. If the model is merged, the new choice is merged instead (a merge-switch). Changing
     only non-zero strengths touches no module, so a ``torch.compile``d model does not recompile.
+    ``order="peft"``: the names are in PEFT's ``set_adapter`` order and give PEFT's function
+    (PEFT composes several HRA or BOFT adapters the other way round; one method only, as in PEFT).
     """
     state = adapter_state(model)
     chosen = _names_and_weights(state, adapter_names, weights)
+    if order == "peft":
+        chosen = _peft_order(state, chosen)
+    elif order != "diffadapt":
+        raise ValueError(f"set_adapters: order={order!r}; choose 'diffadapt' or 'peft'.")
     if not state.merged:
         state.set_order(chosen)
         return
@@ -258,6 +265,17 @@ def set_adapters(
         state.merged = merged
         state.changed()
         state.bake()
+
+
+def _peft_order(state: AdapterPlan, chosen: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """``chosen`` in PEFT's set_adapter order -> diffadapt's order with PEFT's function."""
+    methods = {state.configs[n].method for n, _ in chosen}
+    if len(methods) > 1:
+        raise ValueError(
+            f"set_adapters(order='peft'): {[n for n, _ in chosen]} mix methods {sorted(methods)}; PEFT activates "
+            "adapters of one tuner only. Give diffadapt's order (order='diffadapt') for mixed methods."
+        )
+    return chosen[::-1] if methods and get_method(methods.pop()).peft_reverses_order else chosen
 
 
 def _check_merge(state: AdapterPlan, order: list[str], merged: list[str]) -> None:

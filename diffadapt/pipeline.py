@@ -360,9 +360,13 @@ def hotswap_adapter(obj: Any, path: Union[str, os.PathLike], adapter_name: str =
 
 # -- verbs for a model or a pipeline -----------------------------------------------------------------
 def set_adapters(
-    obj: Any, adapter_names: Union[str, Sequence[str]], weights: Union[float, Sequence[float], None] = None
+    obj: Any,
+    adapter_names: Union[str, Sequence[str]],
+    weights: Union[float, Sequence[float], None] = None,
+    order: str = "diffadapt",
 ) -> None:
-    """Activate adapters (activation order) with strengths, on every component that has them."""
+    """Activate adapters (activation order) with strengths, on every component that has them
+    (``order="peft"``: the names in PEFT's order, see :func:`diffadapt.model.set_adapters`)."""
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     if weights is None or isinstance(weights, (int, float)):
         weights = [1.0 if weights is None else float(weights)] * len(names)
@@ -376,7 +380,7 @@ def set_adapters(
     for m in adapted(obj).values():
         have = mdl.adapter_state(m).configs
         pairs = [(n, w) for n, w in zip(names, weights) if n in have]
-        mdl.set_adapters(m, [n for n, _ in pairs], [w for _, w in pairs])
+        mdl.set_adapters(m, [n for n, _ in pairs], [w for _, w in pairs], order=order)
 
 
 def set_adapter_strength(obj: Any, adapter_name: str, strength: float) -> None:

@@ -140,3 +140,37 @@ def test_modules_to_save_cross_over_with_peft(tmp_path):
     reloaded = PeftModel.from_pretrained(tm.tiny_unet(), tmp_path / "ours")
     with torch.no_grad():
         assert _rel(_out(reloaded.get_base_model(), inputs), expected) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["oft", "boft", "hra", "fourierft"])
+def test_several_peft_adapters_activated_as_peft_does(tmp_path, method, dense_butterfly):
+    """Two PEFT adapters of one method, active together in PEFT ([a, b]): loaded into diffadapt and
+    activated with set_adapters(..., order="peft") they give PEFT's function (PEFT composes HRA and
+    BOFT the other way round from diffadapt's own order, OFT the same way)."""
+    build, inputs_fn, targets, _ = MODELS["clip"]
+    inputs = inputs_fn()
+    cfg = _config(method, targets)
+    peft_cls = PEFT_TYPE_TO_CONFIG_MAPPING[cfg.peft_type]
+    pm = get_peft_model(build(), peft_cls(**cfg.to_peft_dict()), adapter_name="x1")
+    pm.add_adapter("x2", peft_cls(**cfg.to_peft_dict()))
+    for i, name in enumerate(("x1", "x2")):
+        pm.base_model.set_adapter(name)
+        _randomise_peft(pm, seed=10 + i)
+        pm.save_pretrained(tmp_path / name, selected_adapters=[name])
+    pm.base_model.set_adapter(["x1", "x2"])
+    with torch.no_grad():
+        expected = _out(pm.get_base_model(), inputs)
+    model = build()
+    for name in ("x1", "x2"):
+        folder = tmp_path / name / name if (tmp_path / name / name).is_dir() else tmp_path / name
+        da.load_adapter(model, folder, adapter_name=name)
+    da.set_adapters(model, ["x1", "x2"], order="peft")
+    with torch.no_grad():
+        got = _out(model, inputs)
+        da.set_adapters(model, ["x2", "x1"], order="peft")
+        swapped = _out(model, inputs)
+    assert _rel(got, expected) < 1e-5
+    if da.get_method(method).multiplicative:
+        assert _rel(swapped, expected) > 1e-4, "the two orders must differ for the test to mean anything"
+    with pytest.raises(ValueError, match="order='sideways'"):
+        da.set_adapters(model, ["x1"], order="sideways")

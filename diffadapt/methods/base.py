@@ -250,6 +250,9 @@ class Method:
     multiplicative: ClassVar[bool]
     # adapter parameter name (ours) -> PEFT state-dict suffix; what PEFT files store
     peft_keys: ClassVar[dict[str, str]] = {}
+    # PEFT composes several active adapters of this method in the opposite order to diffadapt's
+    # (measured against PEFT 0.21: HRA and BOFT do, OFT does not); set_adapters(order="peft") uses it
+    peft_reverses_order: ClassVar[bool] = False
 
     # -- injection time -------------------------------------------------------------------
     @classmethod

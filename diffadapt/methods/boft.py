@@ -360,6 +360,7 @@ class BOFT(Method):
     name: ClassVar[str] = "boft"
     config_class: ClassVar[type[AdapterConfig]] = BOFTConfig
     multiplicative: ClassVar[bool] = True
+    peft_reverses_order: ClassVar[bool] = True
     peft_keys: ClassVar[dict[str, str]] = {"boft_R": "boft_R", "boft_s": "boft_s"}
 
     @classmethod

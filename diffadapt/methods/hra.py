@@ -173,6 +173,7 @@ class HRA(Method):
     name: ClassVar[str] = "hra"
     config_class: ClassVar[type[AdapterConfig]] = HRAConfig
     multiplicative: ClassVar[bool] = True
+    peft_reverses_order: ClassVar[bool] = True
     peft_keys: ClassVar[dict[str, str]] = {"hra_u": "hra_u"}
 
     @classmethod

@@ -220,6 +220,7 @@ class OFT(BOFT):
     name: ClassVar[str] = "oft"
     config_class: ClassVar[type[AdapterConfig]] = OFTConfig
     multiplicative: ClassVar[bool] = True
+    peft_reverses_order: ClassVar[bool] = False
     peft_keys: ClassVar[dict[str, str]] = {"oft_R": "oft_R.weight"}
 
     @classmethod
