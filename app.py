@@ -52,6 +52,7 @@ import torch  # noqa: E402
 
 import diffadapt as da  # noqa: E402
 from diffadapt import files  # noqa: E402
+from diffadapt import quantized  # noqa: E402
 
 ADAPTER_MARKERS = ("diffadapt_adapter.json", "adapter_config.json")  # an adapter folder has one
 MAX_SEED = 2**31 - 1
@@ -107,6 +108,7 @@ class GridResult:
     origin: tuple[int, int]  # top-left pixel of cell (0, 0); cell (r, c) starts at origin + (c*w, r*h)
     cell_size: tuple[int, int]
     generation_s: float
+    merge: str = ""  # a quantized base in merged mode: the cells' requantization reports / refusals
 
     def cell_box(self, r: int, c: int) -> tuple[int, int, int, int]:
         (x, y), (w, h) = self.origin, self.cell_size
@@ -122,7 +124,8 @@ class GridResult:
         return (f"**Grid:** {len(self.rows)} adapter(s) x {len(self.strengths)} strength(s) "
                 f"({', '.join(f'{s:g}' for s in self.strengths)}) · rows {rows} · mode **{self.mode}** · "
                 f"seed {self.seed} (every cell)  \ngeneration {self.generation_s:.2f} s for "
-                f"{len(self.rows) * len(self.strengths)} images")
+                f"{len(self.rows) * len(self.strengths)} images"
+                + (f"  \n{_md(self.merge, 600)}" if self.merge else ""))
 
     def as_dict(self) -> dict:
         return {
@@ -131,6 +134,7 @@ class GridResult:
             "mode": self.mode,
             "seed": self.seed,
             "generation_s": round(self.generation_s, 3),
+            **({"merge": self.merge} if self.merge else {}),
         }
 
 
@@ -196,6 +200,7 @@ class GenerateResult:
     seed: int
     switch_ms: float
     generation_s: float
+    merge: str = ""  # a quantized base in merged mode: the requantization report, or why it stayed live
 
     def summary(self) -> str:
         used = ", ".join(f"{_md(n)} @ {s:g}" for n, s in self.adapters) or "none (base model)"
@@ -203,6 +208,7 @@ class GenerateResult:
             f"**Adapters used:** {used} · mode **{self.mode}** · seed {self.seed}  \n"
             f"switch {self.switch_ms:.1f} ms · generation {self.generation_s:.2f} s"
             + (" (both images)" if len(self.images) > 1 else "")
+            + (f"  \n{_md(self.merge, 600)}" if self.merge else "")
         )
 
     def as_dict(self) -> dict:
@@ -213,12 +219,16 @@ class GenerateResult:
             "switch_ms": round(self.switch_ms, 3),
             "generation_s": round(self.generation_s, 3),
             "captions": self.captions,
+            **({"merge": self.merge} if self.merge else {}),
         }
 
 
 # -- pipeline and adapter files --------------------------------------------------------------------
-def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype: str = "float32"):
-    """``DiffusionPipeline.from_pretrained`` once; default: the model embedded in diffadapt."""
+def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype: str = "float32",
+                  quantize: Optional[str] = None):
+    """``DiffusionPipeline.from_pretrained`` once; default: the model embedded in diffadapt.
+    ``quantize`` ("nf4", "fp4", "int8"): the denoiser's Linear layers quantized with bitsandbytes
+    after loading (``diffadapt.quantized.quantize_pipeline``)."""
     from diffusers import DiffusionPipeline
 
     from diffadapt.defaults import default_model_path
@@ -226,7 +236,12 @@ def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype: str =
     source = model or default_model_path()
     pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=getattr(torch, dtype))
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if quantize:
+        from diffadapt import quantized
+
+        quantized.quantize_pipeline(pipe, quantize)
+    return pipe
 
 
 def is_adapter_folder(path: Path) -> bool:
@@ -411,6 +426,8 @@ class DemoApp:
         params = inspect.signature(pipe.__call__).parameters
         self.accepts = set(params)
         self.denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        self.quantized = self.denoiser is not None and any(quantized.is_quantized(m) for m in self.denoiser.modules())
+        self.merge_note = ""  # the last merge into quantized layers, as one line
         scale = getattr(pipe, "vae_scale_factor", 8)
         sample = getattr(getattr(self.denoiser, "config", None), "sample_size", None) or getattr(pipe, "default_sample_size", 64)
         sample = sample[0] if isinstance(sample, (list, tuple)) else sample
@@ -583,7 +600,10 @@ class DemoApp:
             da.unmerge_adapters(self.pipe)  # a no-op when nothing is merged
         da.set_adapters(self.pipe, [n for n, _ in adapters], [s for _, s in adapters])  # merged: a merge-switch
         if merged:
-            da.merge_adapters(self.pipe)  # a no-op when the merge-switch already merged them
+            if self.quantized:  # requantized (report), or refused and kept live (why): shown with the result
+                self.merge_note = quantized.merge_or_keep_live(self.pipe)
+            else:
+                da.merge_adapters(self.pipe)  # a no-op when the merge-switch already merged them
 
     def _render(self, req: GenerateRequest, seed: int, progress, done: int, total: int):
         kwargs = dict(prompt=req.prompt, num_inference_steps=int(req.steps), generator=torch.Generator("cpu").manual_seed(seed))
@@ -645,7 +665,9 @@ class DemoApp:
             adapters = self.check(req, session)  # again: the session's uploads cannot vanish now
             keys = {a.name: a.key or a.name for a in self.view(session)}
             t0 = time.perf_counter()
+            self.merge_note = ""
             self._apply([(keys[n], s) for n, s in adapters], req.mode == "merged")
+            merge_note = self.merge_note
             switch_ms = (time.perf_counter() - t0) * 1e3
             t0 = time.perf_counter()
             images = [self._render(req, seed, progress, 0, total)]
@@ -655,7 +677,7 @@ class DemoApp:
             generation_s = time.perf_counter() - t0
         used = ", ".join(f"{n} @ {s:g}" for n, s in adapters) or "no adapters"
         captions = [f"with {used}"] + (["without adapters"] if req.side_by_side else [])
-        return GenerateResult(images, captions, adapters, req.mode, seed, switch_ms, generation_s)
+        return GenerateResult(images, captions, adapters, req.mode, seed, switch_ms, generation_s, merge_note)
 
     def grid(self, req: GenerateRequest, strengths, progress: Optional[Callable[[int, int], None]] = None,
              session: Optional[str] = None) -> GridResult:
@@ -679,15 +701,18 @@ class DemoApp:
             self.check(req, session)  # again, under the lock: the session's uploads cannot vanish now
             keys = {a.name: a.key or a.name for a in self.view(session)}
             t0 = time.perf_counter()
-            images = []
+            images, notes = [], []
             for r, name in enumerate(rows):
                 images.append([])
                 for c, strength in enumerate(strengths):
+                    self.merge_note = ""
                     self._apply([(keys[name], strength)], req.mode == "merged")
+                    if self.merge_note:
+                        notes.append(f"{name} @ {strength:g}: {self.merge_note}")
                     images[-1].append(self._render(req, seed, progress, (r * len(strengths) + c) * steps, cells * steps))
             generation_s = time.perf_counter() - t0
         image, origin, size = compose_grid(images, rows, strengths)
-        return GridResult(image, images, rows, strengths, req.mode, seed, origin, size, generation_s)
+        return GridResult(image, images, rows, strengths, req.mode, seed, origin, size, generation_s, "; ".join(notes))
 
     # -- what the prompt box is prefilled with -------------------------------------------------------
     def prefill(self, checked: Sequence[bool], session: Optional[str] = None) -> str:
@@ -767,8 +792,9 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 1024:.1f} KB"
 
 
-def create_app(model=None, adapters: Sequence[str] = (), device="cpu", dtype="float32", **kwargs) -> DemoApp:
-    app = DemoApp(load_pipeline(model, device, dtype), **kwargs)
+def create_app(model=None, adapters: Sequence[str] = (), device="cpu", dtype="float32", quantize=None,
+               **kwargs) -> DemoApp:
+    app = DemoApp(load_pipeline(model, device, dtype, quantize), **kwargs)
     for path in find_adapters(adapters):
         app.add_adapter(path)
     return app
@@ -980,6 +1006,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--port", type=_number(int, 0, "a port number"), default=7860)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--quantize", choices=["nf4", "fp4", "int8"], default=None,
+                        help="quantize the denoiser's Linear layers with bitsandbytes after loading; adapters switch "
+                        "live on them, merged mode requantizes (the report is shown) or stays live when refused")
     parser.add_argument("--max-upload-mb", type=_number(float, 0.001, "a number of MB"), default=512.0)
     parser.add_argument("--max-adapters", type=_number(int, 1, "a whole number"), default=8,
                         help="adapter slots of a page: the shared adapters plus that visitor's uploads")
@@ -997,11 +1026,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"app.py: error: argument --port: must be a port number from 0 to 65535, got {args.port}", file=sys.stderr)
         return 2
     try:
-        app = create_app(args.model, args.adapters, args.device, args.dtype,
+        app = create_app(args.model, args.adapters, args.device, args.dtype, quantize=args.quantize,
                          max_upload_mb=args.max_upload_mb, max_adapters=args.max_adapters,
                          max_uploads=args.max_uploads, session_ttl_s=args.session_minutes * 60,
                          max_grid_cells=args.max_grid_cells)
-    except (AdapterError, OSError, ValueError) as exc:
+    except (AdapterError, OSError, ValueError, ImportError) as exc:
         print(f"app.py: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     print(f"loaded {type(app.pipe).__name__}; shared adapters: {', '.join(app.names) or 'none'}")

@@ -136,6 +136,17 @@ def cmd_generate(args) -> None:
             raise CliError(f"no adapter at {path}")
         files.peek(path)
     pipe = _load_pipeline(args.model, args.device, args.dtype)
+    if args.quantize:
+        from diffadapt import quantized
+
+        import warnings
+
+        # LLM.int8 casts float32 activations to float16 by design: one notice per layer per step otherwise
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+        try:
+            quantized.quantize_pipeline(pipe, args.quantize)
+        except ImportError as exc:
+            raise CliError(f"--quantize {args.quantize}: {exc}") from None
     names = [f"adapter{i}" for i in range(len(adapters))]
     strengths = [strength for _, strength in adapters]
     for name, (path, _) in zip(names, adapters):
@@ -143,9 +154,15 @@ def cmd_generate(args) -> None:
     t0 = time.perf_counter()
     if names:
         da.set_adapters(pipe, names, strengths)
-        if args.merge:
+        if args.merge and args.quantize:  # requantized with a report, or refused and kept live
+            from diffadapt import quantized
+
+            merge_line = quantized.merge_or_keep_live(pipe)
+        elif args.merge:
             da.merge_adapters(pipe)
     switch_ms = (time.perf_counter() - t0) * 1e3
+    if names and args.merge and args.quantize and merge_line:
+        print(f"--merge: {merge_line}")
     kwargs = dict(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -242,7 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", help="pipeline folder or hub id (default: the embedded model)")
     gen.add_argument("--adapter", action="append", type=_parse_adapter, metavar="PATH[:STRENGTH]",
                      help="repeatable: a diffadapt file/folder, a PEFT folder or a LyCORIS/kohya/ComfyUI OFT/BOFT file")
-    gen.add_argument("--merge", action="store_true", help="merge the adapters into the weights first")
+    gen.add_argument("--merge", action="store_true",
+                     help="merge the adapters into the weights first (with --quantize: requantized, the error printed; "
+                     "refused merges keep the adapters live, with one line saying why)")
+    gen.add_argument("--quantize", choices=["nf4", "fp4", "int8"], default=None,
+                     help="quantize the denoiser's Linear layers with bitsandbytes after loading (needs diffadapt[quantized])")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative_prompt", default=None)
     gen.add_argument("--seed", type=_integer(0, 2**64 - 1, "a whole number"), default=0)

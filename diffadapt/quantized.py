@@ -405,3 +405,48 @@ def pin_training_kernels(model: nn.Module) -> list:
     an in-place operation"). In train mode the layer computes with the dequantized weight (float
     exact) whatever autograd does; bitsandbytes layers have no dropout, so nothing else changes."""
     return [m.register_forward_pre_hook(_training_kernel_hook) for m in model.modules() if is_quantized(m)]
+
+
+def quantize_pipeline(pipe: Any, quant_type: str, components: tuple = ("unet", "transformer")) -> dict[str, int]:
+    """Quantize the Linear layers of ``pipe``'s denoiser (``components`` that it has) in place, on
+    their device (:func:`quantize_model`); returns component -> quantized layers. For pipelines
+    loaded in float (diffusers' ``BitsAndBytesConfig`` needs a GPU to load): adapters then load and
+    switch live on the quantized layers as on float ones."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"Quantizing to {quant_type} needs bitsandbytes: pip install 'diffadapt[quantized]'.")
+    done = {}
+    for name in components:
+        model = getattr(pipe, name, None)
+        if isinstance(model, nn.Module):
+            done[name] = len(quantize_model(model, quant_type))
+            model.requires_grad_(False)
+    if not done:
+        raise ValueError(f"{type(pipe).__name__} has none of the components {list(components)} to quantize.")
+    return done
+
+
+def merge_or_keep_live(obj: Any, names=None) -> str:
+    """``merge_adapters(obj, names)`` for a model or a pipeline with quantized layers, as one line
+    to show: the requantization report when it merges (worst layer, how many), or, when a merge
+    is refused (:class:`QuantizedMergeError`), every component unmerged and the adapters kept live
+    (exact on the quantized layers) with the reason. Float-only models merge as usual ("")."""
+    from diffadapt.pipeline import adapted, merge_adapters, unmerge_adapters
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", QuantizedMergeWarning)  # summarised in the returned line
+        try:
+            merge_adapters(obj, names)
+        except QuantizedMergeError as exc:
+            unmerge_adapters(obj)
+            reason = str(exc).split(", so the merged model")[0].removeprefix("Refusing to merge ")
+            return f"merge refused, adapters kept live on the quantized layers (exact): merging {reason}"
+    models = adapted(obj) if not isinstance(obj, nn.Module) else {"": obj}
+    reports = [r for m in models.values() for r in merge_report(m).values()]
+    if not reports:
+        return ""
+    worst = max(reports, key=lambda r: r.relative_error)
+    return (f"merged into {len(reports)} quantized layers (requantized): worst relative weight error "
+            f"{worst.relative_error:.2e} at {worst.layer!r} ({worst.error_to_change:.2g}x the adapters' change); "
+            "unmerging restores the quantized weights bit for bit")
