@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import html
 import os
+import random
 import re
 import shutil
 import socket
@@ -592,6 +593,98 @@ def test_hostile_metadata_is_shown_as_text(server, client, files):
     toast = " ".join(str(w.message) for w in toasts)
     assert "<img" not in toast and "&lt;img src=x onerror=alert(1)&gt;" in toast
     assert "hostile-name" not in app.sessions
+
+
+N_UPLOAD_FUZZ = 36
+RAW_PYTHON_ERROR = re.compile(r"\b(KeyError|AttributeError|TypeError|IndexError|RecursionError|OverflowError|"
+                              r"JSONDecodeError|UnicodeDecodeError|MemoryError|ZeroDivisionError)\b")
+
+
+def test_fuzz_malformed_uploads_through_the_page_are_refused_cleanly(server, files, monkeypatch):
+    """Malformed .safetensors uploads (tests/test_hostile.py's generators: mutated diffadapt
+    headers, NaN/inf/integer/complex/reshaped/renamed tensors, cut or corrupted bytes; from a
+    diffadapt FourierFT file, a shared HRA file and a LyCORIS file) through the page's upload
+    handler: each refusal is one status line and one toast, naming the file, from a
+    CheckpointError/AdapterConfigError (never a raw Python error), within seconds; the pipeline's
+    tensors, the loaded and active adapters, every session's slots and the file stay unchanged."""
+    import warnings
+
+    from diffadapt.checkpoint import CheckpointError
+    from diffadapt.methods import AdapterConfigError
+    from tests.test_hostile import digest, make_upload_case
+
+    app = server.app
+    (upload,) = [f.fn for f in server.demo.fns.values() if f.api_name == "upload_adapter"]
+    real_add, causes = app.add_upload, []
+
+    def recording(*args, **kwargs):  # what the AdapterError the page shows came from
+        try:
+            return real_add(*args, **kwargs)
+        except demo_app.AdapterError as exc:
+            causes.append(exc.__context__)
+            raise
+
+    monkeypatch.setattr(app, "add_upload", recording)
+    sources = [files.good, files.adapters / "hra_style.safetensors", files.lycoris]
+    rng, cache = random.Random(1405), {}
+    parts = ("unet", "text_encoder", "vae")
+
+    def tensors_now():
+        return {(c, k): (id(v), v._version) for c in parts for k, v in getattr(app.pipe, c).state_dict(keep_vars=True).items()}
+
+    with app.lock:
+        da.unmerge_adapters(app.pipe)  # a refused upload must then change no tensor at all
+        base = {c: {k: v.clone() for k, v in getattr(app.pipe, c).state_dict().items()} for c in parts}
+        written = tensors_now()
+    loaded_before, active_before = da.list_adapters(app.pipe), da.active_adapters(app.pipe)
+    views = {s: [a.key for a in app.view(s)] for s in [None, *app.sessions]}
+    slots = {s: app.slots_left(s) for s in views}
+    import resource
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    refused, accepted, t_start = 0, 0, time.perf_counter()
+    for i in range(N_UPLOAD_FUZZ):
+        path = make_upload_case(sources[i % len(sources)], files.root / "fuzz" / f"case{i}", rng, cache)
+        before, session = digest(path), f"fuzz-{i}"
+        causes.clear()
+        t = time.perf_counter()
+        with warnings.catch_warnings(record=True) as toasts:
+            warnings.simplefilter("always")
+            status = upload(SimpleNamespace(session_hash=session), str(path))[0]
+        seconds = time.perf_counter() - t
+        assert seconds < 15, (i, seconds, status)
+        if status.startswith("Loaded"):  # a harmless change (e.g. a NaN in an unused key is not one)
+            accepted += 1
+            assert app.end_session(session) == 1
+            with app.lock:  # loading made it the active one; generate() re-applies every choice anyway
+                da.set_adapters(app.pipe, [n for n, _ in active_before], [w for _, w in active_before])
+        else:
+            refused += 1
+            assert status.startswith("**Upload refused:**") and "\n" not in status and len(status) < 6000, (i, status)
+            messages = [str(w.message) for w in toasts if issubclass(w.category, UserWarning)]
+            assert len(messages) == 1, (i, messages)
+            toast = messages[0]
+            assert "\n" not in toast and len(toast) < 1000 and "Traceback" not in toast, (i, toast)
+            assert path.name in toast and str(path.parent) not in toast, (i, toast)  # no server-side path
+            assert "is not a readable adapter" in toast or "does not fit this pipeline" in toast, (i, toast)
+            assert not RAW_PYTHON_ERROR.search(toast), (i, toast)
+            assert len(causes) == 1 and isinstance(causes[0], (CheckpointError, AdapterConfigError)), (i, causes, toast)
+            assert session not in app.sessions
+        assert digest(path) == before, i
+        assert da.list_adapters(app.pipe).keys() == loaded_before.keys() and da.active_adapters(app.pipe) == active_before
+        assert {s: [a.key for a in app.view(s)] for s in views} == views and set(app.sessions) <= set(views) - {None}
+        assert {s: app.slots_left(s) for s in views} == slots, i
+        now = tensors_now()
+        assert now == written or status.startswith("Loaded"), (i, status)  # no tensor replaced or written in place
+        written = now
+        if i % 12 == 11:
+            for c in parts:
+                for k, v in getattr(app.pipe, c).state_dict().items():
+                    assert torch.equal(v, base[c][k]), (i, c, k)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
+    assert refused >= N_UPLOAD_FUZZ * 3 // 4, (refused, accepted)
+    assert grown < 500, f"the process grew by {grown:.0f} MB"
+    print(f"\nupload fuzz: {refused} refused, {accepted} accepted in {time.perf_counter() - t_start:.1f} s")
 
 
 def test_browser_escapes_hostile_metadata_and_frees_the_tab_on_close(server, files, monkeypatch):
