@@ -343,7 +343,7 @@ def test_init_exact_where_peft_rounds():
     base = nn.Linear(320, 320)
     x = torch.randn(16, 320)
     pm = peft_model(Wrap(base), ["lin"])
-    cfg, (spec, params, buffers) = FRoDConfig(), contract.init(FRoD, FRoDConfig(), base, name="lin")
+    cfg, (_, params, buffers) = FRoDConfig(), contract.init(FRoD, FRoDConfig(), base, name="lin")
     with torch.no_grad():
         y_peft, y = pm(x), contract.forward(FRoD, cfg, base, params, buffers, x)
     assert torch.equal(y, torch.nn.functional.linear(x, base.weight) + base.bias)
