@@ -165,10 +165,18 @@ def test_load_switch_merge_and_generate(family, saved_models, tmp_path, capsys):
     assert out.is_file() and Image.open(out).mode == "RGB"
     assert f"{path.name}@0.8" in captured.out
 
+    # info --model: the adapter fits this folder's pipeline, each component named with its class
+    assert cli.main(["info", str(path), "--model", str(folder)]) == 0
+    info = capsys.readouterr().out
+    assert f"fits {cls} ({folder}): yes" in info
+    for component in plan_a:
+        assert f"[{component}] {plan_a[component][0]} on {type(getattr(pipe, component)).__name__}:" in info
 
-@pytest.mark.parametrize("family", ["flux2", "sana"])
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_app_generates_with_a_saved_adapter(family, saved_models, tmp_path):
-    """The demo app on the folder: Flux.2 takes no negative prompt, Sana bins resolutions."""
+    """The demo app on the folder (Flux.2 takes no negative prompt, Sana bins resolutions,
+    HiDream renders at its own area): base, live and merged images."""
     import sys
     from pathlib import Path
 
@@ -188,7 +196,9 @@ def test_app_generates_with_a_saved_adapter(family, saved_models, tmp_path):
         return app.generate(req).images[0]
 
     base, live, merged = render([]), render([(name, 1.0)]), render([(name, 1.0)], "merged")
-    assert base.size == live.size == (side, side)
+    assert base.size == live.size == merged.size
+    if family != "hidream":  # HiDream: 256 px whatever the request
+        assert base.size == (side, side)
     assert base.tobytes() != live.tobytes()
     import numpy as np
 
@@ -214,3 +224,15 @@ def test_peft_folder_of_a_text_encoder(saved_models, tmp_path):
     torch.testing.assert_close(latents(fresh), expected, rtol=1e-6, atol=1e-7)
     with pytest.raises(da.CheckpointError, match="Qwen3Model|does not fit|no layer|not"):
         da.load_adapter(from_folder(saved_models("zimage")), tmp_path / "peft", "t")  # default: the denoiser
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tiny_pipeline_is_reproducible_and_reads_the_prompt(family):
+    """The builders: deterministic, the offline tokenizers feed the prompt through, the VAE decodes."""
+    pipe = tp.NEW_BUILDERS[family](0)
+    a = latents(pipe)
+    assert torch.isfinite(a).all() and torch.equal(a, latents(tp.NEW_BUILDERS[family](0)))
+    assert not torch.equal(a, tp.generate(pipe, size=32, prompt="a blue square")), "the prompt must matter"
+    assert not torch.equal(a, tp.generate(pipe, size=32, seed=1))
+    (image,) = tp.generate(pipe, size=64, output_type="pil")
+    assert image.mode == "RGB" and min(image.size) >= 64
