@@ -595,6 +595,63 @@ def test_hostile_metadata_is_shown_as_text(server, client, files):
     assert "hostile-name" not in app.sessions
 
 
+def test_regex_bomb_and_gigabyte_uploads_are_refused_in_seconds(server, files, tmp_path):
+    """Issue 14, items 1 and 2 in the app: a 90 KB upload whose overrides key backtracks for ever
+    on the UNet's module names, one with such a modules_to_save entry, and one asking for
+    r=3,000,000 (~10 GB of slots) are each refused in seconds, naming the field or the shapes,
+    without the process growing, with the lock free again and the app serving. A hang would hold
+    the GIL (no thread could time it out): faulthandler's watchdog then ends the run loudly."""
+    import faulthandler
+    import json
+    import resource
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def hostile(source, name, change):
+        with safe_open(str(source), "pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        header = json.loads(meta["diffadapt"])
+        change(header["components"]["unet"]["config"])
+        path = tmp_path / name
+        save_file(tensors, str(path), metadata={**meta, "diffadapt": json.dumps(header)})
+        return path
+
+    hra = files.adapters / "hra_style.safetensors"
+    cases = {
+        hostile(files.good, "bomb90k.safetensors", lambda c: c.__setitem__(
+            "overrides", {r"(\w+\.?)+" + "z" * 90_000: {"n_frequency": 8}})): ["overrides key pattern", "at most 1000"],
+        hostile(files.good, "bomb.safetensors", lambda c: c.__setitem__("modules_to_save", [r"(\w+\.?)+z"])):
+            ["modules_to_save pattern", "nested quantifier"],
+        hostile(hra, "huge.safetensors", lambda c: c.__setitem__("r", 3_000_000)): ["does not fit", "vs layer (", "3000000)"],
+    }
+    assert all(p.stat().st_size < 200_000 for p in cases)
+    app = server.app
+    (upload,) = [f.fn for f in server.demo.fns.values() if f.api_name == "upload_adapter"]
+    loaded = da.list_adapters(app.pipe)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    faulthandler.dump_traceback_later(120, exit=True)
+    try:
+        for path, words in cases.items():
+            t = time.perf_counter()
+            with pytest.warns(UserWarning) as toasts:
+                status = upload(SimpleNamespace(session_hash="bomber"), str(path))[0]
+            assert time.perf_counter() - t < 10, (path.name, time.perf_counter() - t)
+            toast = " ".join(str(w.message) for w in toasts)
+            assert status.startswith("**Upload refused:**") and "\n" not in status and "\n" not in toast, status
+            assert path.name in toast and len(toast) < 1000, toast
+            for word in words:
+                assert word in toast, (word, toast)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss
+    assert grown < 300, f"peak RSS grew by {grown:.0f} MB"
+    assert app.lock.acquire(timeout=1)
+    app.lock.release()
+    assert "bomber" not in app.sessions and da.list_adapters(app.pipe).keys() == loaded.keys()
+    assert app.generate(request([("hra_style", 1.0)])).images
+
+
 N_UPLOAD_FUZZ = 36
 RAW_PYTHON_ERROR = re.compile(r"\b(KeyError|AttributeError|TypeError|IndexError|RecursionError|OverflowError|"
                               r"JSONDecodeError|UnicodeDecodeError|MemoryError|ZeroDivisionError)\b")
