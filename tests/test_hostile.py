@@ -300,6 +300,47 @@ def test_convert_to_peft_writes_component_folders_with_a_manifest(sd_saved, tmp_
     assert "component names are identifiers" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bad", ["../escape", "/tmp/diffadapt_escape_abs", "sub/../../escape"])
+def test_convert_of_a_file_naming_components_outside_writes_nothing(sd_saved, tmp_path, capsys, bad):
+    """``diffadapt convert`` used to join a file's component names onto the output folder (rc 0,
+    files outside it): now exit code 2, one line, and nothing written anywhere."""
+    meta, tensors = read_st(sd_saved.root / "pipe.safetensors")
+    header = json.loads(meta["diffadapt"])
+    header["components"][bad] = header["components"].pop("unet")
+    hostile = tmp_path / "src" / "h.safetensors"
+    hostile.parent.mkdir()
+    save_file({(bad + k[4:] if k.startswith("unet.") else k): v for k, v in tensors.items()}, str(hostile),
+              metadata={**meta, "diffadapt": json.dumps(header)})
+    work = tmp_path / "work"
+    work.mkdir()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for to in ("peft", "diffadapt"):
+        dst = work / ("out" if to == "peft" else "out.safetensors")
+        assert cli.main(["convert", str(hostile), str(dst), "--to", to]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "component names are identifiers" in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert not Path("/tmp/diffadapt_escape_abs").exists()
+
+
+def test_add_adapter_with_explicit_targets_on_a_compiled_model(tmp_path):
+    """Item 6 with explicit targets (the preset case is in test_plan.py): the adapter lands on the
+    wrapped module's names (never ``_orig_mod.``), the verbs see it, and its file loads into the plain model."""
+    torch._dynamo.reset()
+    model = tiny_unet()
+    compiled = torch.compile(model, backend="eager")
+    names = da.add_adapter(compiled, da.HRAConfig(r=2, target_modules=["to_q", "to_v"]), "a")
+    assert names and not any("_orig_mod" in n for n in names)
+    assert "a" in da.list_adapters(compiled) and da.active_adapters(compiled) == [("a", 1.0)]
+    da.set_adapter_strength(compiled, "a", 0.5)
+    assert da.active_adapters(model) == [("a", 0.5)]
+    folder = da.save_adapter(compiled, tmp_path / "a", "a")
+    plain = tiny_unet()
+    da.load_adapter(plain, folder, "a")
+    assert sorted(da.adapter_parameters(plain, "a")) == sorted(da.adapter_parameters(model, "a"))
+    torch._dynamo.reset()
+
+
 # -- 4. malformed headers ------------------------------------------------------------------------
 def _header_cases(meta: dict) -> dict:
     header = json.loads(meta["diffadapt"])
