@@ -176,13 +176,14 @@ class AdapterConfig:
             raise AdapterConfigError(
                 f"{name}: overrides must map patterns to {{field: value}} dicts, got {patterns.shorten(self.overrides)}."
             )
-        fields = {f.name for f in dataclasses.fields(self)} - set(TARGETING_FIELDS) - {"overrides"}
+        fields = self.per_layer_fields()
         for key, values in self.overrides.items():
             bad = sorted(set(values) - fields)
             if bad:
+                why = self.per_layer_reason or f"they are not per-layer fields of {name}"
                 raise AdapterConfigError(
-                    f"{name}: override {patterns.shorten(key)} sets {patterns.shorten(bad)}, which are not per-layer "
-                    f"fields of {name}; choose from {sorted(fields)}."
+                    f"{name}: override {patterns.shorten(key)} sets {patterns.shorten(bad)}; {why}, so only "
+                    f"{sorted(fields)} may vary per layer."
                 )
         checks = [("overrides key", k) for k in self.overrides]
         checks += [("modules_to_save", p) for p in self.modules_to_save or []]
@@ -203,6 +204,14 @@ class AdapterConfig:
                 dataclasses.replace(self, overrides={}, **values)
             except AdapterConfigError as exc:
                 raise AdapterConfigError(f"{name}: override {patterns.shorten(key)}: {exc}") from None
+
+    per_layer_reason: ClassVar[str] = ""  # why a method limits what overrides may set (for the error)
+
+    @classmethod
+    def per_layer_fields(cls) -> set[str]:
+        """The fields ``overrides`` may set: every field but the targeting ones (a method sharing
+        state across layers narrows it)."""
+        return {f.name for f in dataclasses.fields(cls)} - set(TARGETING_FIELDS)
 
     def check_layer(self, layer: LayerSpec) -> None:
         """Raise AdapterConfigError naming ``layer`` if this config cannot adapt it."""

@@ -217,6 +217,11 @@ class FRoDConfig(AdapterConfig):
 
     method: ClassVar[str] = "frod"
     peft_type: ClassVar[str] = "FROD"
+    per_layer_reason: ClassVar[str] = "FRoD shares V and the S pattern across a group of layers"
+
+    @classmethod
+    def per_layer_fields(cls) -> set[str]:
+        return set(_PER_LAYER_FIELDS)
 
     sparse_rate: float = 0.01
     regularization_alpha: float = 1e-3
@@ -261,13 +266,6 @@ class FRoDConfig(AdapterConfig):
                 "from the weights with PEFT's recipe on load, and a 'fast' (batched, per role and shape) "
                 "basis is not that one. Keep save_projection=True, or use projection_mode='peft'."
             )
-        for pattern, values in self.overrides.items():
-            bad = sorted(set(values) - _PER_LAYER_FIELDS)
-            if bad:
-                raise AdapterConfigError(
-                    f"{name}: override {pattern!r} sets {bad}; FRoD shares V and the S pattern across a group of "
-                    f"layers, so only {sorted(_PER_LAYER_FIELDS)} may vary per layer."
-                )
 
     def check_layer(self, layer: LayerSpec) -> None:
         if layer.kind not in ("linear", "conv1d"):

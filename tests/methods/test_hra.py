@@ -286,9 +286,10 @@ def test_config_errors():
         HRAConfig(r=4, apply_GS=True)
     with pytest.raises(AdapterConfigError, match="bias='all'"):
         HRAConfig(bias="all")
-    cfg = HRAConfig(r=4, overrides={"to_q": {"r": 5}})
-    with pytest.raises(AdapterConfigError, match="r=5"):
-        cfg.for_layer("blocks.0.to_q")
+    with pytest.raises(AdapterConfigError, match=r"override 'to_q': .*r=5"):  # refused when made, not per layer
+        HRAConfig(r=4, overrides={"to_q": {"r": 5}})
+    cfg = HRAConfig(r=4, overrides={"to_q": {"r": 6}})
+    assert cfg.for_layer("blocks.0.to_q").r == 6
     with pytest.raises(AdapterConfigError, match="no per-layer settings"):
         cfg.to_peft_dict()
 
