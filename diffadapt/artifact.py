@@ -30,10 +30,42 @@ class PipelineAdapter:
 
 
 def components(obj: Any) -> dict[str, nn.Module]:
-    """``{name: module}`` for a pipeline's modules, or ``{"": model}`` for a bare model."""
+    """``{name: module}`` for a pipeline's modules, or ``{"": model}`` for a bare model.
+
+    Structural: every ``torch.nn.Module`` the pipeline registers, whatever its name or class
+    (``unet``/``transformer``, ``text_encoder`` ... ``text_encoder_4``, ``controlnet``, ``vae``;
+    CLIP, T5, Qwen2.5-VL, Qwen3, Gemma 2, Mistral 3, Llama encoders alike). A module registered
+    under two names is one component, under its first name."""
     if isinstance(obj, nn.Module):
         return {"": getattr(obj, "_orig_mod", obj)}  # torch.compile'd modules: act on the original
     comps = getattr(obj, "components", None)
     if not isinstance(comps, dict):
         raise TypeError(f"Expected a diffusers pipeline or a torch model, got {type(obj).__name__}.")
-    return {name: getattr(m, "_orig_mod", m) for name, m in comps.items() if isinstance(m, nn.Module)}
+    found: dict[str, nn.Module] = {}
+    for name, m in comps.items():
+        m = getattr(m, "_orig_mod", m)
+        if isinstance(m, nn.Module) and all(m is not seen for seen in found.values()):
+            found[name] = m
+    return found
+
+
+def _is_autoencoder(module: nn.Module) -> bool:
+    return callable(getattr(module, "encode", None)) and callable(getattr(module, "decode", None))
+
+
+def denoiser(mods: dict[str, nn.Module]) -> Optional[str]:
+    """The component name of a pipeline's denoiser: ``unet`` or ``transformer``, else the one
+    diffusers model that is neither an autoencoder nor a ControlNet (``prior``, ...); None when
+    that is not one module."""
+    named = next((n for n in DENOISERS if n in mods), None)
+    if named is not None:
+        return named
+    try:
+        from diffusers import ModelMixin
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return None
+    found = [
+        n for n, m in mods.items()
+        if isinstance(m, ModelMixin) and not _is_autoencoder(m) and "controlnet" not in n
+    ]
+    return found[0] if len(found) == 1 else None

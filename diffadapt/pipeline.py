@@ -2,8 +2,11 @@
 generation-time verbs (load, set_adapters, merge, ...) for a pipeline or a single model.
 
 Every verb here takes either a model (UNet, transformer, text encoder) or a pipeline; for a
-pipeline it acts on each component that has adapters (``unet``/``transformer``,
-``text_encoder``, ``text_encoder_2``, ``controlnet``, ...), found through ``pipe.components``.
+pipeline it acts on each component that has adapters, found structurally in ``pipe.components``
+(every ``nn.Module``, whatever its name: ``unet``/``transformer``, ``text_encoder`` ...
+``text_encoder_4``, ``controlnet``; CLIP, T5, Qwen2.5-VL, Qwen3, Gemma 2, Mistral 3 or Llama
+text encoders alike). Tested on SD1.5/SDXL/SD3/SD3.5/Flux/Flux.2/PixArt/Qwen-Image/Z-Image/
+Sana/Lumina 2/Chroma/HiDream pipelines.
 
 Pipeline adapter artifact, two interchangeable forms:
 
@@ -32,7 +35,7 @@ from torch import nn
 from diffadapt import checkpoint, model as mdl
 from diffadapt._version import __version__
 from diffadapt.checkpoint import CheckpointError
-from diffadapt.artifact import DENOISERS, PipelineAdapter, components  # noqa: F401  (re-exported)
+from diffadapt.artifact import DENOISERS, PipelineAdapter, components, denoiser  # noqa: F401  (re-exported)
 from diffadapt.formats import lycoris, lycoris_export
 from diffadapt.methods import get_method
 from diffadapt.patterns import shorten
@@ -260,7 +263,8 @@ def load_adapter(
     """Load an adapter (a path, or an already read PipelineAdapter) into a model or pipeline and
     make it the active one.
 
-    A plain PEFT folder goes into ``component`` (default: the pipeline's unet/transformer).
+    A plain PEFT folder goes into ``component`` (default: the pipeline's denoiser, see
+    :func:`diffadapt.artifact.denoiser`).
     Everything is checked before anything changes: a file for another architecture, missing
     components, or tensors that do not fit raise CheckpointError and leave the pipeline as it was.
     """
@@ -272,7 +276,7 @@ def load_adapter(
         raise CheckpointError(f"{path} holds no adapter components; there is nothing to load.")
     mods = components(obj)
     if "" in saved.components and "" not in mods:  # PEFT folder into a pipeline
-        target = component or next((n for n in DENOISERS if n in mods), None)
+        target = component or denoiser(mods)
         if target is None:
             raise CheckpointError(f"Say which component {path} is for (component=...); {sorted(mods)}.")
         saved.components[target] = saved.components.pop("")
