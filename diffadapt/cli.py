@@ -219,9 +219,12 @@ def cmd_convert(args) -> None:
     # the base pipeline resolves LyCORIS names and gives the weights .diff / LoRA exports need
     pipe = _load_pipeline(args.model, "cpu", "float32") if args.model else None
     adapter = read_pipeline_adapter(args.src, args.component, target=pipe)
-    if "" in adapter.components:  # a PEFT folder: say which component it is
-        adapter.components[args.component or "unet"] = adapter.components.pop("")
-        adapter.classes[args.component or "unet"] = adapter.classes.pop("")
+    if "" in adapter.components:  # a PEFT folder: say which component it is (default: the denoiser)
+        from diffadapt.artifact import components, denoiser
+
+        name = args.component or (pipe is not None and denoiser(components(pipe))) or "unet"
+        adapter.components[name] = adapter.components.pop("")
+        adapter.classes[name] = adapter.classes.pop("")
     to = args.to or ("diffadapt" if Path(args.dst).suffix == ".safetensors" or len(adapter.components) > 1 else "peft")
     dst = Path(args.dst)
     if to in COMMUNITY:  # one format (LyCORIS keys); --to picks the forms that reader applies
@@ -290,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--to", choices=["peft", "diffadapt", *COMMUNITY], default=None,
                       help="lycoris: forms every oft_blocks reader loads; comfyui / a1111 / forge / kohya: the forms "
                       "that program applies exactly (the file's header says which readers load it)")
-    conv.add_argument("--component", default=None, help="component of a PEFT folder (default unet) or of lycoris_ keys")
+    conv.add_argument("--component", default=None,
+                      help="component of a PEFT folder (default: the --model pipeline's denoiser, else unet) or of lycoris_ keys")
     conv.add_argument("--model", default=None, help="base pipeline: needed to read LyCORIS files and for .diff/LoRA exports")
     conv.add_argument("--rotations", choices=["auto", "blocks", "diff"], default="auto",
                       help="lycoris/comfyui: OFT/BOFT as oft_blocks where exact (auto), only so (blocks), or as .diff")
