@@ -451,7 +451,7 @@ def split_keys(
     return layers, extra
 
 
-def _value_problem(key: str, value: torch.Tensor, want: Optional[torch.dtype] = None) -> Optional[str]:
+def value_problem(key: str, value: torch.Tensor, want: Optional[torch.dtype] = None) -> Optional[str]:
     """Why ``value`` cannot be loaded (a non-float, or a NaN / inf that would give black images)."""
     if want is not None and not want.is_floating_point:
         return None if value.dtype == want else f"{_key(key)} is {value.dtype}, the module's is {want}"
@@ -469,7 +469,7 @@ def value_problems(
     """Layer tensors must be finite floats; other tensors (FRoD's bases, indices) no complex/bool
     values and finite floats."""
     problems = [p for name, values in layers.items() for k, v in values.items()
-                for p in [_value_problem(f"{PREFIX}{name}.{method.peft_keys[k]}", v)] if p]
+                for p in [value_problem(f"{PREFIX}{name}.{method.peft_keys[k]}", v)] if p]
     for key, value in extra.items():
         if value.dtype.is_complex or value.dtype == torch.bool:
             problems.append(f"{_key(key)} is {value.dtype}")
@@ -509,7 +509,7 @@ def _split_saved_modules(
         ]
         problems += [
             p for k, v in values.items() if k in expected
-            for p in [_value_problem(f"{PREFIX}{name}.{k}", v, expected[k].dtype)] if p
+            for p in [value_problem(f"{PREFIX}{name}.{k}", v, expected[k].dtype)] if p
         ]
     return saved, rest, problems
 

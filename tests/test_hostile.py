@@ -452,13 +452,9 @@ def _diagonal_nan(t):
 @pytest.mark.parametrize("change, message", [
     pytest.param(lambda t: t.clone().fill_(float("nan")), "NaN/inf", id="nan"),
     pytest.param(lambda t: torch.full_like(t, float("inf")), "NaN/inf", id="inf"),
-    pytest.param(_diagonal_nan, "NaN/inf", id="nan-on-the-diagonal", marks=pytest.mark.xfail(
-        strict=True, reason="issue 14 item 8: formats/lycoris.read_lycoris converts oft_blocks with .to(float32) and "
-                            "never checks them; A - A^T drops a diagonal NaN (LyCORIS itself would render NaN)")),
-    pytest.param(lambda t: (t * 100).to(torch.int32), "torch.int32", id="int32", marks=pytest.mark.xfail(
-        strict=True, reason="issue 14 item 8: read_lycoris casts integer oft_blocks to float32 silently")),
-    pytest.param(lambda t: t.abs().mul(100).to(torch.uint8), "torch.uint8", id="uint8", marks=pytest.mark.xfail(
-        strict=True, reason="issue 14 item 8: read_lycoris casts integer oft_blocks to float32 silently")),
+    pytest.param(_diagonal_nan, "NaN/inf", id="nan-on-the-diagonal"),
+    pytest.param(lambda t: (t * 100).to(torch.int32), "torch.int32", id="int32"),
+    pytest.param(lambda t: t.abs().mul(100).to(torch.uint8), "torch.uint8", id="uint8"),
 ])
 def test_lycoris_files_with_non_finite_or_non_float_blocks_are_refused(lycoris_saved, tmp_path, change, message):
     """Item 8 for LyCORIS/kohya/ComfyUI files (also what the app's upload and `diffadapt

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from diffadapt.artifact import PipelineAdapter, components
-from diffadapt.checkpoint import PREFIX, CheckpointError, read_safetensors
+from diffadapt.checkpoint import PREFIX, CheckpointError, read_safetensors, value_problem
 from diffadapt.host import AdapterHost, layer_spec
 from diffadapt.methods import AdapterConfig
 from diffadapt.methods.base import LayerSpec
@@ -169,6 +169,9 @@ def _group(tensors: dict[str, Tensor], source: object) -> dict[str, dict[str, Te
     for key, value in tensors.items():
         module, suffix = _split_key(key)
         if suffix in OFT_KEYS:
+            problem = value_problem(key, value)  # before any float cast: int blocks, a NaN that A - A^T hides
+            if problem:
+                raise CheckpointError(f"{source}: {problem}; refusing the file (nothing was changed).")
             groups.setdefault(module, {})[suffix] = value
         elif has_blocks and suffix in ZERO_OK:
             if bool(value.detach().ne(0).any()):
