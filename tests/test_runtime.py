@@ -387,7 +387,7 @@ def test_overrides_are_checked_when_the_config_is_made():
     import diffadapt as da
     from diffadapt.methods import AdapterConfigError
 
-    with pytest.raises(AdapterConfigError, match=r"override 'to_q' sets \['oft_blok_size'\]; they are not per-layer fields.*may vary per layer"):
+    with pytest.raises(AdapterConfigError, match=r"override 'to_q' sets \['oft_blok_size'\]; they are not per-layer fields.*allowed per layer: \['bias', 'block_share'"):
         da.OFTConfig(overrides={"to_q": {"oft_blok_size": 8}})
     with pytest.raises(AdapterConfigError, match=r"sets \['target_modules'\]"):
         da.HRAConfig(overrides={"to_q": {"target_modules": ["x"]}})

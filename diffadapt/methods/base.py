@@ -182,8 +182,8 @@ class AdapterConfig:
             if bad:
                 why = self.per_layer_reason or f"they are not per-layer fields of {name}"
                 raise AdapterConfigError(
-                    f"{name}: override {patterns.shorten(key)} sets {patterns.shorten(bad)}; {why}, so only "
-                    f"{sorted(fields)} may vary per layer."
+                    f"{name}: override {patterns.shorten(key)} sets {patterns.shorten(bad)}; {why} (allowed per "
+                    f"layer: {sorted(fields)})."
                 )
         checks = [("overrides key", k) for k in self.overrides]
         checks += [("modules_to_save", p) for p in self.modules_to_save or []]
