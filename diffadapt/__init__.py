@@ -13,11 +13,17 @@ from __future__ import annotations
 
 from diffadapt._version import __version__
 
-from diffadapt.checkpoint import CheckpointError, read_adapter  # noqa: E402
-from diffadapt.defaults import default_model_path  # noqa: E402
-from diffadapt.methods import METHOD_NAMES, AdapterConfig, AdapterConfigError, get_method  # noqa: E402
-from diffadapt.model import add_adapter, adapter_parameters, count_parameters  # noqa: E402
-from diffadapt.pipeline import (  # noqa: E402  (every verb takes a model or a pipeline)
+from diffadapt.artifact import PipelineAdapter
+from diffadapt.checkpoint import CheckpointError, read_adapter
+from diffadapt.defaults import default_model_path
+from diffadapt.methods import METHOD_NAMES, AdapterConfig, AdapterConfigError, get_method
+from diffadapt.methods.boft import BOFTConfig
+from diffadapt.methods.fourierft import FourierFTConfig
+from diffadapt.methods.frod import FRoDConfig
+from diffadapt.methods.hra import HRAConfig
+from diffadapt.methods.oft import OFTConfig
+from diffadapt.model import add_adapter, adapter_parameters, count_parameters
+from diffadapt.pipeline import (  # (every verb takes a model or a pipeline)
     active_adapters,
     delete_adapter,
     disable_adapters,
@@ -35,32 +41,22 @@ from diffadapt.pipeline import (  # noqa: E402  (every verb takes a model or a p
     unload,
     unmerge_adapters,
 )
-from diffadapt.targets import PRESETS  # noqa: E402
-from diffadapt.formats.lycoris_export import save_lycoris  # noqa: E402
-
-_CONFIGS = {
-    "FourierFTConfig": "fourierft",
-    "BOFTConfig": "boft",
-    "OFTConfig": "oft",
-    "HRAConfig": "hra",
-    "FRoDConfig": "frod",
-}
-
-
-def __getattr__(name: str):
-    if name in _CONFIGS:
-        return get_method(_CONFIGS[name]).config_class
-    raise AttributeError(f"module 'diffadapt' has no attribute {name!r}")
-
+from diffadapt.targets import PRESETS
+from diffadapt.formats.lycoris_export import save_lycoris
 
 __all__ = [
     "__version__",
-    *_CONFIGS,
+    "FourierFTConfig",
+    "BOFTConfig",
+    "OFTConfig",
+    "HRAConfig",
+    "FRoDConfig",
     "AdapterConfig",
     "AdapterConfigError",
     "CheckpointError",
     "METHOD_NAMES",
     "PRESETS",
+    "PipelineAdapter",
     "active_adapters",
     "add_adapter",
     "adapter_parameters",
