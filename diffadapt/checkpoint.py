@@ -368,7 +368,8 @@ def read_adapter(
             # PEFT's OFT / BOFT / FRoD accept this and ignore the layer filter (its HRA / FourierFT refuse it)
             warnings.warn(
                 f"{config_file}: layers_to_transform / layers_pattern with a string target_modules; PEFT ignores "
-                "the layer filter there, so diffadapt does too."
+                "the layer filter there, so diffadapt does too.",
+                stacklevel=2,
             )
             data = {**data, "layers_to_transform": None, "layers_pattern": None}
         return method.config_class.from_peft_dict(data), tensors

@@ -7,6 +7,7 @@ diffusers' LoRA verbs. What diffadapt knows about a model lives in ``model._diff
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Optional, Sequence, Union
 
@@ -18,6 +19,8 @@ from diffadapt.methods import AdapterConfig, AdapterConfigError, get_method
 from diffadapt.methods.base import pattern_matches
 from diffadapt.plan import AdapterPlan
 from diffadapt.targets import preset_pattern, select_targets
+
+logger = logging.getLogger(__name__)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -201,6 +204,7 @@ def add_adapter(
     saved = select_saved_modules(model, config)
     slots = build_slots(model, config, names)
     install_slots(model, adapter_name, config, slots, {n: None for n in saved})
+    logger.info("added adapter %r (%s) to %d layers of %s", adapter_name, config.method, len(names), type(model).__name__)
     return names
 
 

@@ -23,6 +23,7 @@ module names are resolved against the pipeline they are loaded into.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import uuid
@@ -42,6 +43,8 @@ from diffadapt.patterns import shorten
 
 META_NAME = "diffadapt_adapter.json"
 FORMAT = "diffadapt.pipeline-adapter"
+
+logger = logging.getLogger(__name__)
 
 
 def adapted(obj: Any) -> dict[str, nn.Module]:
@@ -307,6 +310,7 @@ def load_adapter(
     }
     for n, (config, slots, saved_modules) in prepared.items():
         mdl.install_slots(mods[n], adapter_name, config, slots, saved_modules)
+    logger.info("loaded adapter %r into %s", adapter_name, ", ".join(n or type(obj).__name__ for n in prepared))
     # components without this adapter keep running their own active adapters
     return saved
 

@@ -287,7 +287,8 @@ def _component_from_lycoris(
     if kohya_oft and any(layer.alpha == 0 for layer in layers):
         warnings.warn(
             f"{source}: kohya OFT file with alpha=0; kohya's own loader clamps the rotation to nothing there, "
-            "diffadapt reads 0 as 'no constraint' (LyCORIS' meaning)."
+            "diffadapt reads 0 as 'no constraint' (LyCORIS' meaning).",
+            stacklevel=2,
         )
     boft = any(layer.blocks.dim() == 4 or layer.rescale is not None for layer in layers)
     rows, cols = None, None
