@@ -4,15 +4,20 @@ for bit; wrong files are refused before anything changes; hot-swap does not reco
 
 from __future__ import annotations
 
+import builtins
+import io
 import subprocess
 import sys
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 
 import diffadapt as da
 from diffadapt import cli
 from tests import tiny_pipelines as tp
+from tests.tiny_models import randomise  # other tests import it from here too
 
 # family -> (builder, {component: (method, config kwargs, preset)}, save as single file?)
 FAMILIES = {
@@ -27,14 +32,6 @@ FAMILIES = {
                                                "controlnet": ("hra", dict(r=2), "attention")}, True),
     "sdxl_controlnet": (tp.build_sdxl_controlnet, {"unet": ("boft", dict(boft_block_size=4), "attention")}, False),
 }
-
-
-def randomise(module, adapter_name, seed=0, scale=0.2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, p in da.adapter_parameters(module, adapter_name).items():
-            noise = torch.randn(p.shape, generator=g, dtype=p.dtype) * scale
-            p.mul_(1 + noise) if key.endswith(("boft_s", "frod_lambda_l")) else p.add_(noise)
 
 
 def add(pipe, plan, name, seed=0):
@@ -130,14 +127,31 @@ def test_switch_sequences_leave_base_bit_identical(sd_two_adapters):
 
 
 def test_switching_reads_no_files_and_builds_no_buffers(sd_two_adapters, monkeypatch):
+    """Switching, blending, merging and unmerging open no file (Python's open, safetensors' and
+    torch's readers, wherever they are bound) and keep every component's buffers: the very same
+    tensors under the same names, none added, none rebuilt."""
     pipe, _, _ = sd_two_adapters
-    buffers = {id(b) for b in pipe.unet.buffers()}
-    monkeypatch.setattr(da.checkpoint, "read_safetensors", lambda *a, **k: pytest.fail("read a file"))
-    for names in (["A"], ["B"], ["A", "B"]):
-        da.set_adapters(pipe, names)
+    modules = {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    before = {n: dict(m.named_buffers()) for n, m in modules.items()}
+    assert set(da.list_adapters(pipe)["A"]) == {"unet", "text_encoder"}  # two adapted components
+
+    def read(*args, **kwargs):
+        pytest.fail(f"switching read a file: {args[:1]}")
+
+    for owner in (builtins, io, safetensors, safetensors.torch, da.checkpoint):
+        for name in ("open", "safe_open", "load_file", "read_safetensors"):
+            if hasattr(owner, name):
+                monkeypatch.setattr(owner, name, read)
+    monkeypatch.setattr(torch, "load", read)
+    for names, strengths in ((["A"], [1.0]), (["B"], [1.0]), (["A", "B"], [0.5, 1.0]), (["B", "A"], [1.0, 0.3])):
+        da.set_adapters(pipe, names, strengths)
         da.merge_adapters(pipe)
         da.unmerge_adapters(pipe)
-    assert {id(b) for b in pipe.unet.buffers()} == buffers
+    monkeypatch.undo()
+    for n, m in modules.items():
+        now = dict(m.named_buffers())
+        assert now.keys() == before[n].keys(), n
+        assert all(now[k] is before[n][k] for k in now), n
 
 
 def test_file_for_another_architecture_is_refused_before_any_change(tmp_path):

@@ -44,8 +44,18 @@ def test_subject_is_held_out_and_drawn_in_poses():
     assert len(set(_pixels(imgs))) == 4  # different poses
     assert all(world.color_fraction(im, "purple") > 0.02 for im in imgs)
     assert "sks" in world.INSTANCE_PROMPT and "hexagon" in world.CLASS_PROMPT
-    for im, cap in world.class_images(5, seed=0):
+    classes = world.class_images(5, seed=0)
+    assert _pixels(im for im, _ in classes) == _pixels(im for im, _ in world.class_images(5, seed=0))
+    assert len(set(_pixels(im for im, _ in classes))) == 5  # five different scenes
+    assert world.class_images(1, seed=0, size=32)[0][0].size == (32, 32)
+    for im, cap in classes:
         assert "hexagon" in cap and not ("purple" in cap.split(" on ")[0] and "striped" in cap)
+        assert im.size == (64, 64) and im.mode == "RGB"
+        obj, bg = cap.split(" on ")
+        (color,) = [w for w in obj.split() if w in world.COLORS]
+        (background,) = [w for w in bg.split() if w in world.COLORS]
+        assert world.color_fraction(im, color) > 0.02, cap  # the image shows what its caption says
+        assert world.color_fraction(im, background) > 0.5, cap
 
 
 def test_captions_state_the_scene():

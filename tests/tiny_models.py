@@ -1,15 +1,28 @@
-"""Tiny diffusers / transformers models built from config dicts (no hub, random weights)."""
+"""Tiny diffusers / transformers models built from config dicts (no hub, random weights), and
+``randomise`` to give adapters on them non-trivial values.
+
+One builder per model class. Each seeds the global torch RNG with ``seed`` and builds the class
+from its default geometry here, updated with ``**config`` (any constructor argument); the
+pipelines of tests/tiny_pipelines.py use the same builders with their own geometry.
+"""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+import diffadapt as da
 
 
-def tiny_unet(seed: int = 0, widths=(32, 64)):
+def _build(cls, seed: int, defaults: dict, config: dict):
+    torch.manual_seed(seed)
+    return cls(**{**defaults, **config}).eval()
+
+
+def tiny_unet(seed: int = 0, widths=(32, 64), **config):
     from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
+    return _build(UNet2DConditionModel, seed, dict(
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -20,7 +33,7 @@ def tiny_unet(seed: int = 0, widths=(32, 64)):
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=8,
-    ).eval()
+    ), config)
 
 
 def unet_inputs(seed: int = 1, batch: int = 2):
@@ -32,11 +45,10 @@ def unet_inputs(seed: int = 1, batch: int = 2):
     )
 
 
-def tiny_sd3(seed: int = 0):
+def tiny_sd3(seed: int = 0, **config):
     from diffusers import SD3Transformer2DModel
 
-    torch.manual_seed(seed)
-    return SD3Transformer2DModel(
+    return _build(SD3Transformer2DModel, seed, dict(
         sample_size=8,
         patch_size=2,
         in_channels=4,
@@ -48,7 +60,7 @@ def tiny_sd3(seed: int = 0):
         pooled_projection_dim=16,
         out_channels=4,
         pos_embed_max_size=16,
-    ).eval()
+    ), config)
 
 
 def sd3_inputs(seed: int = 1, batch: int = 2):
@@ -61,11 +73,10 @@ def sd3_inputs(seed: int = 1, batch: int = 2):
     )
 
 
-def tiny_flux(seed: int = 0):
+def tiny_flux(seed: int = 0, **config):
     from diffusers import FluxTransformer2DModel
 
-    torch.manual_seed(seed)
-    return FluxTransformer2DModel(
+    return _build(FluxTransformer2DModel, seed, dict(
         patch_size=1,
         in_channels=16,
         num_layers=1,
@@ -75,14 +86,13 @@ def tiny_flux(seed: int = 0):
         joint_attention_dim=32,
         pooled_projection_dim=16,
         axes_dims_rope=(2, 2, 4),
-    ).eval()
+    ), config)
 
 
-def tiny_pixart(seed: int = 0):
+def tiny_pixart(seed: int = 0, **config):
     from diffusers import PixArtTransformer2DModel
 
-    torch.manual_seed(seed)
-    return PixArtTransformer2DModel(
+    return _build(PixArtTransformer2DModel, seed, dict(
         sample_size=8,
         num_layers=2,
         attention_head_dim=8,
@@ -95,14 +105,14 @@ def tiny_pixart(seed: int = 0):
         norm_type="ada_norm_single",
         num_embeds_ada_norm=1000,
         use_additional_conditions=False,
-    ).eval()
+    ), config)
 
 
-def tiny_clip(seed: int = 0, with_projection: bool = False):
+def tiny_clip(seed: int = 0, with_projection: bool = False, **config):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return _build(lambda **c: cls(CLIPTextConfig(**c)), seed, dict(
         vocab_size=1000,
         hidden_size=32,
         intermediate_size=37,
@@ -113,9 +123,7 @@ def tiny_clip(seed: int = 0, with_projection: bool = False):
         bos_token_id=0,
         eos_token_id=2,
         pad_token_id=1,
-    )
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return cls(config).eval()
+    ), config)
 
 
 def clip_inputs(seed: int = 1, batch: int = 2):
@@ -128,27 +136,19 @@ def _steps(batch: int) -> torch.Tensor:
     return torch.tensor([0.1, 0.7][:batch])
 
 
-def tiny_sd35(seed: int = 0):
+def tiny_sd35(seed: int = 0, **config):
     """SD3.5-style: block 0 has the dual (second, self-only) attention ``attn2``, qk RMS norms."""
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(seed)
-    return SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-        joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
-        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
-    ).eval()
+    return tiny_sd3(seed, **{"dual_attention_layers": (0,), "qk_norm": "rms_norm", **config})
 
 
-def tiny_flux2(seed: int = 0):
+def tiny_flux2(seed: int = 0, **config):
     from diffusers import Flux2Transformer2DModel
 
-    torch.manual_seed(seed)
-    return Flux2Transformer2DModel(
+    return _build(Flux2Transformer2DModel, seed, dict(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=32, timestep_guidance_channels=16, mlp_ratio=2.0, axes_dims_rope=(2, 2, 2, 2),
         guidance_embeds=True,
-    ).eval()
+    ), config)
 
 
 def flux2_inputs(seed: int = 1, batch: int = 2):
@@ -166,14 +166,13 @@ def flux2_inputs(seed: int = 1, batch: int = 2):
     )
 
 
-def tiny_qwenimage(seed: int = 0):
+def tiny_qwenimage(seed: int = 0, **config):
     from diffusers import QwenImageTransformer2DModel
 
-    torch.manual_seed(seed)
-    return QwenImageTransformer2DModel(
+    return _build(QwenImageTransformer2DModel, seed, dict(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=32, axes_dims_rope=(2, 2, 4),
-    ).eval()
+    ), config)
 
 
 def qwenimage_inputs(seed: int = 1, batch: int = 2):
@@ -188,14 +187,13 @@ def qwenimage_inputs(seed: int = 1, batch: int = 2):
     )
 
 
-def tiny_zimage(seed: int = 0):
+def tiny_zimage(seed: int = 0, **config):
     from diffusers import ZImageTransformer2DModel
 
-    torch.manual_seed(seed)
-    return ZImageTransformer2DModel(
+    return _build(ZImageTransformer2DModel, seed, dict(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=48, n_layers=2, n_refiner_layers=1, n_heads=2,
         n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 8, 8], axes_lens=[64, 32, 32],
-    ).eval()
+    ), config)
 
 
 def zimage_inputs(seed: int = 1, batch: int = 2):
@@ -208,15 +206,14 @@ def zimage_inputs(seed: int = 1, batch: int = 2):
     )
 
 
-def tiny_sana(seed: int = 0):
+def tiny_sana(seed: int = 0, **config):
     from diffusers import SanaTransformer2DModel
 
-    torch.manual_seed(seed)
-    return SanaTransformer2DModel(
+    return _build(SanaTransformer2DModel, seed, dict(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
         num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32,
         sample_size=4, patch_size=1,
-    ).eval()
+    ), config)
 
 
 def sana_inputs(seed: int = 1, batch: int = 2):
@@ -228,15 +225,14 @@ def sana_inputs(seed: int = 1, batch: int = 2):
     )
 
 
-def tiny_chroma(seed: int = 0):
+def tiny_chroma(seed: int = 0, **config):
     from diffusers import ChromaTransformer2DModel
 
-    torch.manual_seed(seed)
-    return ChromaTransformer2DModel(
+    return _build(ChromaTransformer2DModel, seed, dict(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=32, axes_dims_rope=(2, 2, 4), approximator_num_channels=8, approximator_hidden_dim=16,
         approximator_layers=1,
-    ).eval()
+    ), config)
 
 
 def chroma_inputs(seed: int = 1, batch: int = 2):
@@ -252,16 +248,15 @@ def chroma_inputs(seed: int = 1, batch: int = 2):
     )
 
 
-def tiny_hidream(seed: int = 0):
+def tiny_hidream(seed: int = 0, **config):
     """One double- and one single-stream block, each with a 2-expert MoE feed-forward."""
     from diffusers import HiDreamImageTransformer2DModel
 
-    torch.manual_seed(seed)
-    return HiDreamImageTransformer2DModel(
+    return _build(HiDreamImageTransformer2DModel, seed, dict(
         patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
         num_attention_heads=2, caption_channels=[16, 8], text_emb_dim=16, num_routed_experts=2,
         num_activated_experts=1, axes_dims_rope=(2, 2, 4), max_resolution=(8, 8), llama_layers=[0, 1],
-    ).eval()
+    ), config)
 
 
 def hidream_inputs(seed: int = 1, batch: int = 2):
@@ -276,15 +271,14 @@ def hidream_inputs(seed: int = 1, batch: int = 2):
     )
 
 
-def tiny_lumina2(seed: int = 0):
+def tiny_lumina2(seed: int = 0, **config):
     from diffusers import Lumina2Transformer2DModel
 
-    torch.manual_seed(seed)
-    return Lumina2Transformer2DModel(
+    return _build(Lumina2Transformer2DModel, seed, dict(
         sample_size=4, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_refiner_layers=1,
         num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(64, 32, 32),
         cap_feat_dim=16,
-    ).eval()
+    ), config)
 
 
 def lumina2_inputs(seed: int = 1, batch: int = 2):
@@ -300,49 +294,62 @@ def lumina2_inputs(seed: int = 1, batch: int = 2):
 TEXT_VOCAB = 100
 
 
-def tiny_t5(seed: int = 0, gated: bool = True):
+def tiny_t5(seed: int = 0, gated: bool = True, **config):
     from transformers import T5Config, T5EncoderModel
 
-    torch.manual_seed(seed)
-    config = T5Config(
+    return _build(lambda **c: T5EncoderModel(T5Config(**c)), seed, dict(
         vocab_size=TEXT_VOCAB, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, feed_forward_proj="gated-gelu" if gated else "relu",
         decoder_start_token_id=0,
-    )
-    return T5EncoderModel(config).eval()
+    ), config)
 
 
-def tiny_qwen25vl(seed: int = 0):
-    """Qwen2.5-VL (Qwen-Image's text encoder): a 2-layer language model and a 1-block vision tower."""
+def tiny_qwen25vl(seed: int = 0, **text_config):
+    """Qwen2.5-VL (Qwen-Image's text encoder): a 2-layer language model and a 1-block vision tower;
+    ``text_config`` updates the language model's config."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    torch.manual_seed(seed)
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=TEXT_VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
-        ),
-        vision_config=dict(
-            depth=1, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=16, patch_size=2,
-            spatial_merge_size=1, temporal_patch_size=1, window_size=4, fullatt_block_indexes=[0],
-        ),
+    text = dict(
+        vocab_size=TEXT_VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
     )
-    return Qwen2_5_VLForConditionalGeneration(config).eval()
+    text.update(text_config)
+    vision = dict(
+        depth=1, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=text["hidden_size"], patch_size=2,
+        spatial_merge_size=1, temporal_patch_size=1, window_size=4, fullatt_block_indexes=[0],
+    )
+    return _build(lambda **c: Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**c)), seed,
+                  dict(text_config=text, vision_config=vision), {})
 
 
-def tiny_gemma2(seed: int = 0):
+def tiny_gemma2(seed: int = 0, **config):
     """Gemma 2 (Sana's and Lumina 2's text encoder)."""
     from transformers import Gemma2Config, Gemma2Model
 
-    torch.manual_seed(seed)
-    config = Gemma2Config(
+    return _build(lambda **c: Gemma2Model(Gemma2Config(**c)), seed, dict(
         vocab_size=TEXT_VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
-    )
-    return Gemma2Model(config).eval()
+    ), config)
 
 
 def text_inputs(seed: int = 1, batch: int = 2):
     g = torch.Generator().manual_seed(seed)
     return dict(input_ids=torch.randint(3, TEXT_VOCAB, (batch, 5), generator=g))
+
+
+# -- adapters with non-trivial values ---------------------------------------------------------------
+SCALE_LIKE = ("boft_s", "frod_lambda_l")  # parameters that scale something: multiplied, not shifted
+
+
+def randomise(obj, adapter_name: str, seed: int = 0, scale: float = 0.2) -> None:
+    """Give adapter ``adapter_name`` of a model, or of every adapted component of a pipeline (in
+    component order, one generator), reproducible non-trivial values: noise of std ``scale`` added
+    to each parameter, or a factor ``1 + noise`` for the scale-like ones (``SCALE_LIKE``)."""
+    g = torch.Generator().manual_seed(seed)
+    modules = [obj] if isinstance(obj, nn.Module) else da.pipeline.adapted(obj).values()
+    with torch.no_grad():
+        for module in modules:
+            for key, p in da.adapter_parameters(module, adapter_name).items():
+                noise = torch.randn(p.shape, generator=g, dtype=p.dtype) * scale
+                p.mul_(1 + noise) if key.endswith(SCALE_LIKE) else p.add_(noise)

@@ -10,8 +10,9 @@ Common geometry (all families):
 * VAE: 4 blocks, ``vae_scale_factor`` 8 (like the real models); ``DEFAULT_SIZE`` = 64 px gives
   8x8 latents.  32 px (4x4 latents) also works for every family.
 * Denoisers have ``sample_size`` 8, so the pipelines' own default height/width is 64 px too.
-* CLIP tokenizers: byte-level BPE, no merges, ``model_max_length`` 77 (DESIGN.md §6 recipe).
-  Token ids: 256 bytes, 256 bytes+``</w>``, ``<|startoftext|>`` = 512, ``<|endoftext|>`` = 513.
+* Models: the builders of tests/tiny_models.py, with the geometry these pipelines need.
+* CLIP tokenizers: byte-level BPE, no merges, ``model_max_length`` 77 (diffadapt.tokenizer with
+  no words; docs/design.md, "Working offline"). Token ids: 256 bytes, 256 bytes+``</w>``, ``<|startoftext|>`` = 512, ``<|endoftext|>`` = 513.
 * T5 tokenizers: a small Unigram vocabulary (lower/upper-case letters, digits, punctuation and a
   few whole words), ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2, built with ``tokenizers`` and
   loaded through ``T5TokenizerFast.from_pretrained(<tmp dir>)``.  T5 pipelines must be called with
@@ -32,6 +33,9 @@ import tempfile
 
 import torch
 
+from diffadapt.tokenizer import _byte_symbols, build_tokenizer
+from tests import tiny_models as tm
+
 DEFAULT_SIZE = 64  # pixels; VAE scale factor 8 -> 8x8 latents
 T5_MAX_LEN = 16  # max_sequence_length passed to every T5-using pipeline
 CLIP_MAX_LEN = 77
@@ -46,41 +50,10 @@ _SAMPLE_SIZE = DEFAULT_SIZE // _VAE_SCALE_FACTOR  # latent side length the denoi
 # --------------------------------------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2 / CLIP byte -> printable-unicode table, in byte order."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs))
-    return [chr(table[b]) for b in range(256)]
-
-
 def tiny_clip_tokenizer(model_max_length: int = CLIP_MAX_LEN):
     """Byte-level CLIPTokenizer with no merges (every byte is one token), 514 ids."""
-    from transformers import CLIPTokenizer
-
-    symbols = _bytes_to_unicode()
-    vocab = {s: i for i, s in enumerate(symbols)}
-    vocab.update({s + "</w>": 256 + i for i, s in enumerate(symbols)})
-    vocab["<|startoftext|>"] = 512
-    vocab["<|endoftext|>"] = 513
-    tmp = tempfile.mkdtemp(prefix="tiny_clip_tok_")
-    try:
-        with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump(vocab, f, ensure_ascii=False)
-        with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n")
-        with open(os.path.join(tmp, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump({"model_max_length": model_max_length}, f)
-        tok = CLIPTokenizer.from_pretrained(tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return tok
+    with tempfile.TemporaryDirectory(prefix="tiny_clip_tok_") as tmp:
+        return build_tokenizer(tmp, words=(), model_max_length=model_max_length)
 
 
 CLIP_VOCAB_SIZE = 514
@@ -161,46 +134,21 @@ def tiny_clip_text_encoder(
     seed: int = 0, hidden: int = 32, projection_dim: int = 32, with_projection: bool = False,
     max_positions: int = CLIP_MAX_LEN,
 ):
-    """CLIPTextModel / CLIPTextModelWithProjection matching ``tiny_clip_tokenizer`` (eos id 513)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=max(hidden // 8, 1),
-        max_position_embeddings=max_positions,
-        projection_dim=projection_dim,
-        bos_token_id=CLIP_BOS_ID,
-        eos_token_id=CLIP_EOS_ID,  # pooled output = first <|endoftext|> position
-        pad_token_id=CLIP_EOS_ID,
+    """``tm.tiny_clip`` matching ``tiny_clip_tokenizer`` (eos id 513: the pooled output is taken at
+    the first <|endoftext|>)."""
+    return tm.tiny_clip(
+        seed, with_projection, vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_attention_heads=max(hidden // 8, 1), max_position_embeddings=max_positions, projection_dim=projection_dim,
+        bos_token_id=CLIP_BOS_ID, eos_token_id=CLIP_EOS_ID, pad_token_id=CLIP_EOS_ID,
     )
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return cls(config).eval()
 
 
 def tiny_t5_encoder(seed: int = 0, d_model: int = 32):
-    from transformers import T5Config, T5EncoderModel
-
-    torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=T5_VOCAB_SIZE,
-        d_model=d_model,
-        d_kv=8,
-        d_ff=2 * d_model,
-        num_layers=1,
-        num_decoder_layers=0,
-        num_heads=max(d_model // 8, 1),
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
+    """``tm.tiny_t5`` matching ``tiny_t5_tokenizer``: one layer."""
+    return tm.tiny_t5(
+        seed, vocab_size=T5_VOCAB_SIZE, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_decoder_layers=0,
+        num_heads=max(d_model // 8, 1), relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1,
     )
-    return T5EncoderModel(config).eval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,21 +186,10 @@ def tiny_vae(seed: int = 0, latent_channels: int = 4, flow: bool = False):
 
 def tiny_sd_unet(seed: int = 0):
     """SD1.x-like UNet: conv ``proj_in``/``proj_out`` (use_linear_projection=False), cross-attn 32."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=_SAMPLE_SIZE,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    return tm.tiny_unet(
+        seed, sample_size=_SAMPLE_SIZE, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
+    )
 
 
 # SDXL geometry: te1 CLIPTextModel hidden 32, te2 CLIPTextModelWithProjection hidden 32 / proj 32.
@@ -262,15 +199,9 @@ _SDXL_TE2_PROJ = 32
 
 def tiny_sdxl_unet(seed: int = 0):
     """SDXL-like UNet: linear proj_in/out, ``text_time`` added conditioning."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
+    return tm.tiny_unet(
+        seed,
         sample_size=_SAMPLE_SIZE,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
@@ -281,67 +212,25 @@ def tiny_sdxl_unet(seed: int = 0):
         addition_time_embed_dim=_SDXL_TIME_DIM,
         # 6 time ids (original size, crop coords, target size) + te2 pooled projection
         projection_class_embeddings_input_dim=6 * _SDXL_TIME_DIM + _SDXL_TE2_PROJ,
-        norm_num_groups=8,
-    ).eval()
+    )
+
+
+# 16-channel latents (SD3 / Flux VAEs); joint dim 32 = T5 d_model; pooled 32 = two CLIP projections of 16
+_SD3_GEOMETRY = dict(sample_size=_SAMPLE_SIZE, in_channels=16, out_channels=16, pooled_projection_dim=32)
 
 
 def tiny_sd3_transformer(seed: int = 0):
-    """SD3Transformer2DModel for 16-channel latents; joint dim 32, pooled dim 32 (2 x 16)."""
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(seed)
-    return SD3Transformer2DModel(
-        sample_size=_SAMPLE_SIZE,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=2,  # the last block is context_pre_only (no to_add_out / ff_context)
-        attention_head_dim=8,
-        num_attention_heads=4,
-        joint_attention_dim=32,  # T5 d_model; >= 2 x CLIP hidden (16 + 16)
-        caption_projection_dim=32,
-        pooled_projection_dim=32,  # te1 projection (16) + te2 projection (16)
-        pos_embed_max_size=16,
-    ).eval()
+    """``tm.tiny_sd3`` for 16-channel latents; the last block is context_pre_only (no to_add_out / ff_context)."""
+    return tm.tiny_sd3(seed, **_SD3_GEOMETRY)
 
 
 def tiny_flux_transformer(seed: int = 0, guidance_embeds: bool = True):
-    """FluxTransformer2DModel for 16-channel latents packed 2x2 (in_channels 64)."""
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,  # T5 d_model
-        pooled_projection_dim=32,  # CLIP hidden (pooler_output)
-        guidance_embeds=guidance_embeds,
+    """``tm.tiny_flux`` for 16-channel latents packed 2x2 (in_channels 64); joint dim = T5 d_model,
+    pooled dim = CLIP hidden (pooler_output)."""
+    return tm.tiny_flux(
+        seed, in_channels=64, attention_head_dim=16, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
-    ).eval()
-
-
-def tiny_pixart_transformer(seed: int = 0):
-    from diffusers import PixArtTransformer2DModel
-
-    torch.manual_seed(seed)
-    return PixArtTransformer2DModel(
-        sample_size=_SAMPLE_SIZE,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        in_channels=4,
-        out_channels=8,  # learned sigma: the pipeline keeps the first 4 channels
-        patch_size=2,
-        cross_attention_dim=16,
-        caption_channels=32,  # T5 d_model
-        norm_type="ada_norm_single",
-        num_embeds_ada_norm=1000,
-        use_additional_conditions=False,
-    ).eval()
+    )
 
 
 def tiny_controlnet(unet, seed: int = 0):
@@ -476,12 +365,9 @@ def build_sdxl(seed: int = 0):
     return _quiet(StableDiffusionXLPipeline(**_sdxl_components(seed), add_watermarker=False))
 
 
-def build_sd3(seed: int = 0, with_t5: bool = True):
-    """StableDiffusion3Pipeline; ``with_t5=False`` leaves text_encoder_3/tokenizer_3 as None."""
-    from diffusers import StableDiffusion3Pipeline
-
-    return _quiet(StableDiffusion3Pipeline(
-        transformer=tiny_sd3_transformer(seed),
+def _sd3_components(seed: int, transformer, with_t5: bool = True) -> dict:
+    return dict(
+        transformer=transformer,
         vae=tiny_vae(seed + 1, latent_channels=16, flow=True),
         scheduler=_flow_match(),
         text_encoder=tiny_clip_text_encoder(seed + 2, hidden=16, projection_dim=16, with_projection=True),
@@ -490,7 +376,14 @@ def build_sd3(seed: int = 0, with_t5: bool = True):
         tokenizer_2=tiny_clip_tokenizer(),
         text_encoder_3=tiny_t5_encoder(seed + 4) if with_t5 else None,
         tokenizer_3=tiny_t5_tokenizer() if with_t5 else None,
-    ))
+    )
+
+
+def build_sd3(seed: int = 0, with_t5: bool = True):
+    """StableDiffusion3Pipeline; ``with_t5=False`` leaves text_encoder_3/tokenizer_3 as None."""
+    from diffusers import StableDiffusion3Pipeline
+
+    return _quiet(StableDiffusion3Pipeline(**_sd3_components(seed, tiny_sd3_transformer(seed), with_t5)))
 
 
 def build_flux(seed: int = 0, guidance_embeds: bool = True):
@@ -510,7 +403,7 @@ def build_flux(seed: int = 0, guidance_embeds: bool = True):
 
 def _pixart_components(seed: int) -> dict:
     return dict(
-        transformer=tiny_pixart_transformer(seed),
+        transformer=tm.tiny_pixart(seed, sample_size=_SAMPLE_SIZE),  # out 8: learned sigma
         vae=tiny_vae(seed + 1),
         text_encoder=tiny_t5_encoder(seed + 2),
         tokenizer=tiny_t5_tokenizer(),
@@ -575,7 +468,7 @@ BUILDERS = {
 # Their text encoders are language models (Mistral 3, Qwen2.5-VL, Qwen3, Gemma 2, Llama, T5);
 # their tokenizers are one byte-level BPE with no merges (``tiny_byte_tokenizer``: every byte one
 # token, plus a few special tokens and a chat template), wrapped in the class each pipeline uses.
-# The denoisers follow the geometry of tests/tiny_models.py, with the channels the VAEs need.
+# The denoisers are tests/tiny_models.py's, with the channels the VAEs need.
 
 LM_VOCAB = 272  # >= len(tiny_byte_tokenizer()): 5 special tokens, 256 bytes, "▁"
 BYTE_SPECIALS = ("<pad>", "</s>", "<s>", "<unk>", "<|endoftext|>")
@@ -598,7 +491,7 @@ def tiny_byte_tokenizer(cls_name: str = "Qwen2Tokenizer", bos: bool = False, mod
     from tokenizers.models import BPE
 
     vocab = {s: i for i, s in enumerate(BYTE_SPECIALS)}
-    for s in _bytes_to_unicode():
+    for s in _byte_symbols():
         vocab[s] = len(vocab)
     vocab.setdefault("\u2581", len(vocab))
     tk = Tokenizer(BPE(vocab=vocab, merges=[]))
@@ -652,35 +545,12 @@ def tiny_mistral3_encoder(seed: int = 0, hidden: int = 16, layers: int = 30):
     return Mistral3ForConditionalGeneration(config).eval()
 
 
-def tiny_qwen25vl_encoder(seed: int = 0, hidden: int = 16):
-    """Qwen2_5_VLForConditionalGeneration (Qwen-Image's text encoder), 2 layers, 1 vision block."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    torch.manual_seed(seed)
-    config = Qwen2_5_VLConfig(
-        text_config=dict(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, **_lm_text_config(hidden)),
-        vision_config=dict(
-            depth=1, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=hidden, patch_size=2,
-            spatial_merge_size=1, temporal_patch_size=1, window_size=4, fullatt_block_indexes=[0],
-        ),
-    )
-    return Qwen2_5_VLForConditionalGeneration(config).eval()
-
-
 def tiny_qwen3_encoder(seed: int = 0, hidden: int = 16):
     """Qwen3Model (Z-Image's text encoder)."""
     from transformers import Qwen3Config, Qwen3Model
 
     torch.manual_seed(seed)
     return Qwen3Model(Qwen3Config(**_lm_text_config(hidden))).eval()
-
-
-def tiny_gemma2_encoder(seed: int = 0, hidden: int = 16):
-    """Gemma2Model (Sana's and Lumina 2's text encoder)."""
-    from transformers import Gemma2Config, Gemma2Model
-
-    torch.manual_seed(seed)
-    return Gemma2Model(Gemma2Config(**_lm_text_config(hidden))).eval()
 
 
 def tiny_llama_encoder(seed: int = 0, hidden: int = 8):
@@ -735,25 +605,9 @@ def tiny_dc_vae(seed: int = 0, latent_channels: int = 4):
 def build_sd35(seed: int = 0):
     """StableDiffusion3Pipeline with an SD3.5-style transformer: dual attention (``attn2``) in
     block 0 and RMS q/k norms; CLIP x2 + T5 as in build_sd3."""
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import StableDiffusion3Pipeline
 
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=_SAMPLE_SIZE, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
-        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
-    ).eval()
-    return _quiet(StableDiffusion3Pipeline(
-        transformer=transformer,
-        vae=tiny_vae(seed + 1, latent_channels=16, flow=True),
-        scheduler=_flow_match(),
-        text_encoder=tiny_clip_text_encoder(seed + 2, hidden=16, projection_dim=16, with_projection=True),
-        tokenizer=tiny_clip_tokenizer(),
-        text_encoder_2=tiny_clip_text_encoder(seed + 3, hidden=16, projection_dim=16, with_projection=True),
-        tokenizer_2=tiny_clip_tokenizer(),
-        text_encoder_3=tiny_t5_encoder(seed + 4),
-        tokenizer_3=tiny_t5_tokenizer(),
-    ))
+    return _quiet(StableDiffusion3Pipeline(**_sd3_components(seed, tm.tiny_sd35(seed, **_SD3_GEOMETRY))))
 
 
 def build_flux2(seed: int = 0):
@@ -761,14 +615,9 @@ def build_flux2(seed: int = 0):
     the prompt embedding stacks layers 10/20/30, 48 wide), AutoencoderKLFlux2. The tokenizer is
     the byte tokenizer with a chat template (the real one is a Pixtral processor, which needs
     torchvision; the pipeline only calls ``apply_chat_template`` on it)."""
-    from diffusers import Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers import Flux2Pipeline
 
-    torch.manual_seed(seed)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=48, timestep_guidance_channels=16, mlp_ratio=2.0, axes_dims_rope=(2, 2, 2, 2),
-        guidance_embeds=True,
-    ).eval()
+    transformer = tm.tiny_flux2(seed, joint_attention_dim=48)
     return _quiet(Flux2Pipeline(
         scheduler=_flow_match(dynamic=True),
         vae=tiny_flux2_vae(seed + 1),
@@ -780,17 +629,13 @@ def build_flux2(seed: int = 0):
 
 def build_qwenimage(seed: int = 0):
     """QwenImagePipeline: QwenImageTransformer2DModel, Qwen2.5-VL, AutoencoderKLQwenImage (scale 4)."""
-    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+    from diffusers import QwenImagePipeline
 
-    torch.manual_seed(seed)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, axes_dims_rope=(2, 2, 4),
-    ).eval()
+    transformer = tm.tiny_qwenimage(seed, joint_attention_dim=16)
     return _quiet(QwenImagePipeline(
         scheduler=_flow_match(dynamic=True),
         vae=tiny_qwenimage_vae(seed + 1),
-        text_encoder=tiny_qwen25vl_encoder(seed + 2),
+        text_encoder=tm.tiny_qwen25vl(seed + 2, **_lm_text_config(16)),
         tokenizer=tiny_byte_tokenizer("Qwen2Tokenizer"),
         transformer=transformer,
     ))
@@ -798,13 +643,9 @@ def build_qwenimage(seed: int = 0):
 
 def build_zimage(seed: int = 0):
     """ZImagePipeline: ZImageTransformer2DModel, Qwen3, a 16-channel flow AutoencoderKL."""
-    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import ZImagePipeline
 
-    torch.manual_seed(seed)
-    transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=48, n_layers=2, n_refiner_layers=1, n_heads=2,
-        n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 8, 8], axes_lens=[512, 32, 32],
-    ).eval()
+    transformer = tm.tiny_zimage(seed, in_channels=16, axes_lens=[512, 32, 32])
     return _quiet(ZImagePipeline(
         scheduler=_flow_match(),
         vae=tiny_vae(seed + 1, latent_channels=16, flow=True),
@@ -817,17 +658,12 @@ def build_zimage(seed: int = 0):
 def build_sana(seed: int = 0):
     """SanaPipeline: SanaTransformer2DModel (``sample_size`` 16: resolution binning maps to the
     512 px bins), Gemma 2, AutoencoderDC (scale factor 32)."""
-    from diffusers import SanaPipeline, SanaTransformer2DModel
+    from diffusers import SanaPipeline
 
-    torch.manual_seed(seed)
-    transformer = SanaTransformer2DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
-        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
-        sample_size=16, patch_size=1,
-    ).eval()
+    transformer = tm.tiny_sana(seed, caption_channels=16, sample_size=16)
     return _quiet(SanaPipeline(
         tokenizer=tiny_byte_tokenizer("GemmaTokenizer", bos=True),
-        text_encoder=tiny_gemma2_encoder(seed + 2),
+        text_encoder=tm.tiny_gemma2(seed + 2, **_lm_text_config(16)),
         vae=tiny_dc_vae(seed + 1),
         transformer=transformer,
         scheduler=_flow_match(),
@@ -836,33 +672,23 @@ def build_sana(seed: int = 0):
 
 def build_lumina2(seed: int = 0):
     """Lumina2Pipeline: Lumina2Transformer2DModel, Gemma 2, a 4-block AutoencoderKL."""
-    from diffusers import Lumina2Pipeline, Lumina2Transformer2DModel
+    from diffusers import Lumina2Pipeline
 
-    torch.manual_seed(seed)
-    transformer = Lumina2Transformer2DModel(
-        sample_size=_SAMPLE_SIZE, patch_size=2, in_channels=16, hidden_size=32, num_layers=2, num_refiner_layers=1,
-        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(512, 32, 32),
-        cap_feat_dim=16,
-    ).eval()
+    transformer = tm.tiny_lumina2(seed, sample_size=_SAMPLE_SIZE, in_channels=16, axes_lens=(512, 32, 32))
     return _quiet(Lumina2Pipeline(
         transformer=transformer,
         scheduler=_flow_match(),
         vae=tiny_vae(seed + 1, latent_channels=16, flow=True),
-        text_encoder=tiny_gemma2_encoder(seed + 2),
+        text_encoder=tm.tiny_gemma2(seed + 2, **_lm_text_config(16)),
         tokenizer=tiny_byte_tokenizer("GemmaTokenizer", bos=True),
     ))
 
 
 def build_chroma(seed: int = 0):
     """ChromaPipeline: ChromaTransformer2DModel (16-channel latents packed 2x2), T5."""
-    from diffusers import ChromaPipeline, ChromaTransformer2DModel
+    from diffusers import ChromaPipeline
 
-    torch.manual_seed(seed)
-    transformer = ChromaTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, axes_dims_rope=(4, 6, 6), approximator_num_channels=8, approximator_hidden_dim=16,
-        approximator_layers=1,
-    ).eval()
+    transformer = tm.tiny_chroma(seed, in_channels=64, attention_head_dim=16, axes_dims_rope=(4, 6, 6))
     return _quiet(ChromaPipeline(
         scheduler=_flow_match(dynamic=True),
         vae=tiny_vae(seed + 1, latent_channels=16, flow=True),
@@ -891,14 +717,12 @@ def build_hidream(seed: int = 0):
 
     HiDream renders every request at its own area, 128 x 128 latents whatever height/width say,
     so the tiny one patchifies 8 x 8 (256 tokens) and has a 2-block VAE (256 px images)."""
-    from diffusers import HiDreamImagePipeline, HiDreamImageTransformer2DModel
+    from diffusers import HiDreamImagePipeline
 
-    torch.manual_seed(seed)
-    transformer = HiDreamImageTransformer2DModel(
-        patch_size=8, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
-        num_attention_heads=2, caption_channels=[32, 8], text_emb_dim=32, num_routed_experts=2,
-        num_activated_experts=1, axes_dims_rope=(2, 2, 4), max_resolution=(16, 16), llama_layers=[0, 1],
-    ).eval()
+    transformer = tm.tiny_hidream(
+        seed, patch_size=8, in_channels=16, out_channels=16, caption_channels=[32, 8], text_emb_dim=32,
+        max_resolution=(16, 16),
+    )
     return _quiet(HiDreamImagePipeline(
         scheduler=_flow_match(),
         vae=_small_flow_vae(seed + 1),
