@@ -1,4 +1,4 @@
-"""An offline CLIPTokenizer whose words are the world's words (see DESIGN.md §6).
+"""An offline CLIPTokenizer whose words are the world's words (see docs/design.md, "Working offline").
 
 The files follow CLIP's byte-level BPE format: ``vocab.json`` holds the 256 byte symbols, the
 same with ``</w>``, one symbol per learned merge and the two special tokens; ``merges.txt``

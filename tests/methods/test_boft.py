@@ -248,7 +248,7 @@ def test_strength_keeps_rotation_orthogonal(a):
 
 
 def test_butterfly_matches_dense_definition():
-    """R = M_{m-1}...M_0 with M_i = P_i blockdiag(Q_i) P_i^T and DESIGN §4's permutation, built densely."""
+    """R = M_{m-1}...M_0 with M_i = P_i blockdiag(Q_i) P_i^T and the permutation of docs/design.md (BOFT), built densely."""
     torch.manual_seed(6)
     m, n, b = 3, 8, 2
     d = n * b

@@ -61,7 +61,7 @@ def load_from_peft(model, params, path="layer"):
 
 
 def reference_delta(spec: LayerSpec, coef: torch.Tensor, seed: int, scaling: float) -> torch.Tensor:
-    """dW from DESIGN's closed form: scaling/(d_out d_in) * sum_m c_m cos(2 pi (j_m p/d_out + k_m q/d_in))."""
+    """dW from the closed form (docs/design.md, FourierFT): scaling/(d_out d_in) * sum_m c_m cos(2 pi (j_m p/d_out + k_m q/d_in))."""
     d_out, d_in = spec.out_features, spec.fan_in
     idx = torch.randperm(d_out * d_in, generator=torch.Generator().manual_seed(seed))[: coef.numel()]
     j, k = (idx // d_in).double(), (idx % d_in).double()
@@ -126,7 +126,7 @@ def test_conv2d_own_definition():
 
 @pytest.mark.parametrize("d_out,d_in", [(10, 12), (9, 7), (1, 6), (6, 1), (2, 2)])
 def test_both_paths_equal_closed_form_float64(d_out, d_in):
-    """The dense (irfft2) and FFT-on-activations paths vs DESIGN's cosine sum, odd/even/1-wide."""
+    """The dense (irfft2) and FFT-on-activations paths vs the cosine sum of docs/design.md, odd/even/1-wide."""
     torch.manual_seed(0)
     spec = LayerSpec("l", "linear", d_out, d_in)
     cfg = FourierFTConfig(n_frequency=min(9, d_out * d_in), scaling=3.0, random_loc_seed=11)
