@@ -139,6 +139,11 @@ def add_training_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
     g.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--fsdp", action="store_true",
+                   help="With several processes: shard the frozen base of the trained models across them (torch "
+                   "FSDP2 fully_shard, one unit per transformer/resnet block) instead of a full copy per process; "
+                   "the adapter stays replicated and its gradients are averaged as under DDP. For bases that do "
+                   "not fit one device; DDP (the default) is faster. `accelerate launch --use_fsdp` sets it.")
     g.add_argument("--learning_rate", type=float, default=None,
                    help="Default depends on --method (see DEFAULT_LR in train_scripts/common.py).")
     g.add_argument("--scale_lr", action="store_true",
@@ -357,6 +362,9 @@ def check_common_args(args) -> None:
         raise UsageError("--use_8bit_adam needs bitsandbytes (pip install bitsandbytes); it is not installed.")
     if getattr(args, "quantize_text_encoder", False) and not args.quantize_base:
         raise UsageError("--quantize_text_encoder needs --quantize_base (nf4, fp4 or int8): the format to quantize in.")
+    if getattr(args, "fsdp", False) and getattr(args, "quantize_base", None):
+        raise UsageError(f"--fsdp with --quantize_base {args.quantize_base} is not supported yet (FSDP cannot shard "
+                         "the quantized storage): use one of them.")
     if getattr(args, "quantize_base", None) and importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError(f"--quantize_base {args.quantize_base} needs bitsandbytes (pip install 'diffadapt[quantized]'); "
                          "it is not installed.")

@@ -78,6 +78,14 @@ def make_accelerator(args, find_unused_parameters: bool = False):
     accel = getattr(torch, "accelerator", None)
     has_accelerator = accel.is_available() if accel is not None else torch.cuda.is_available()
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # `accelerate launch --use_fsdp`: the scripts shard themselves (see shard_models; accelerate's
+        # plugin would shard the adapters too, and has no CPU path); accelerate sets up plain data parallelism
+        args.fsdp = True
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
+        if getattr(args, "quantize_base", None):
+            raise UsageError(f"accelerate launch --use_fsdp with --quantize_base {args.quantize_base} is not supported "
+                             "yet (FSDP cannot shard the quantized storage): use one of them.")
     accelerator = Accelerator(
         cpu=cpu,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -273,10 +281,13 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def register_checkpointing(accelerator, models: dict) -> None:
+def register_checkpointing(accelerator, models: dict, unprepared: bool = False) -> None:
     """Make ``accelerator.save_state``/``load_state`` store only what trains: one safetensors
     file per model role (``<role>.trainable.safetensors``) instead of the whole frozen model.
-    Optimizer, lr scheduler, step and RNG states are saved by accelerate as usual."""
+    Optimizer, lr scheduler, step and RNG states are saved by accelerate as usual.
+    ``unprepared`` (--fsdp): the models were not given to ``accelerator.prepare``; every role is
+    saved and loaded (its trained tensors are replicated: the main process writes them, every
+    process reads them)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -285,6 +296,9 @@ def register_checkpointing(accelerator, models: dict) -> None:
         return next((r for r, m in models.items() if m is inner), None)
 
     def save_hook(saved_models, weights, output_dir):
+        if unprepared and accelerator.is_main_process:
+            for role, model in models.items():
+                save_file(trainable_state(model), os.path.join(output_dir, f"{role}.trainable.safetensors"))
         for i in reversed(range(len(saved_models))):
             role = role_of(saved_models[i])
             if role is None:
@@ -295,31 +309,37 @@ def register_checkpointing(accelerator, models: dict) -> None:
                 weights.pop(i)
 
     def load_hook(loaded_models, input_dir):
+        if unprepared:
+            for role in models:
+                load_role(role, input_dir)
         for i in reversed(range(len(loaded_models))):
             role = role_of(loaded_models[i])
             if role is None:
                 continue
-            path = os.path.join(input_dir, f"{role}.trainable.safetensors")
-            if not os.path.isfile(path):
-                raise UsageError(f"{input_dir} has no {role}.trainable.safetensors: not a checkpoint of this training.")
-            try:
-                tensors = load_file(path)
-            except Exception as err:  # noqa: BLE001 - safetensors raises several types for a damaged file
-                raise UsageError(f"{path} is not a readable safetensors file ({one_line(err)}).") from None
-            params = {n: p for n, p in models[role].named_parameters() if p.requires_grad}
-            if set(tensors) != set(params):
-                raise UsageError(
-                    f"{path} holds other tensors than this run trains ({len(tensors)} vs {len(params)}); "
-                    "resume with the same method, hyper-parameters and targets."
-                )
-            for n, p in params.items():
-                if tuple(tensors[n].shape) != tuple(p.shape):
-                    raise UsageError(f"{path}: {n} has shape {tuple(tensors[n].shape)} there and {tuple(p.shape)} in "
-                                     "this run; resume with the same method, hyper-parameters and targets.")
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(tensors[n])
+            load_role(role, input_dir)
             loaded_models.pop(i)
+
+    def load_role(role, input_dir):
+        path = os.path.join(input_dir, f"{role}.trainable.safetensors")
+        if not os.path.isfile(path):
+            raise UsageError(f"{input_dir} has no {role}.trainable.safetensors: not a checkpoint of this training.")
+        try:
+            tensors = load_file(path)
+        except Exception as err:  # noqa: BLE001 - safetensors raises several types for a damaged file
+            raise UsageError(f"{path} is not a readable safetensors file ({one_line(err)}).") from None
+        params = {n: p for n, p in models[role].named_parameters() if p.requires_grad}
+        if set(tensors) != set(params):
+            raise UsageError(
+                f"{path} holds other tensors than this run trains ({len(tensors)} vs {len(params)}); "
+                "resume with the same method, hyper-parameters and targets."
+            )
+        for n, p in params.items():
+            if tuple(tensors[n].shape) != tuple(p.shape):
+                raise UsageError(f"{path}: {n} has shape {tuple(tensors[n].shape)} there and {tuple(p.shape)} in "
+                                 "this run; resume with the same method, hyper-parameters and targets.")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors[n])
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -594,22 +614,100 @@ def write_rank_digest(accelerator, args, models: dict, saved: bool) -> None:
     out = Path(args.output_dir, "debug")
     out.mkdir(parents=True, exist_ok=True)
     info = {"rank": accelerator.process_index, "world_size": accelerator.num_processes,
-            "sha256": digest.hexdigest(), "sum": total, "numel": count, "saved_artifact": saved}
+            "sha256": digest.hexdigest(), "sum": total, "numel": count, "saved_artifact": saved,
+            "base": base_layout(models)}
     Path(out, f"rank{accelerator.process_index}.json").write_text(json.dumps(info, indent=2))
+
+
+def fsdp_active(accelerator, args) -> bool:
+    return bool(getattr(args, "fsdp", False)) and accelerator.num_processes > 1
+
+
+def shard_models(accelerator, models: dict) -> None:
+    """--fsdp: torch FSDP2 ``fully_shard`` on each trained model, bottom-up: one unit per block
+    class in the model's ``_no_split_modules`` (diffusers / transformers name their transformer
+    and resnet blocks there), then the model itself. The frozen base weights are sharded across
+    the processes and gathered block by block in forward and backward.
+
+    The trained parameters (adapters, a trained ControlNet) are left out (``ignored_params``): they
+    stay plain, replicated tensors and ``average_gradients`` all-reduces their gradients as DDP
+    does. Sharded, they break diffadapt's adapter plan: its forward pre-hook on the model prepares
+    every layer's factors at once (batched across layers) before any block's FSDP hook has
+    gathered that block's parameters, so the factors are DTensor shards and the layer's forward
+    mixes them with plain tensors ("aten.mul.Tensor got mixed torch.Tensor and DTensor", e.g.
+    FourierFT's delta_weight)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    for model in models.values():
+        trained = {p for p in model.parameters() if p.requires_grad}
+        if len(trained) == len(list(model.parameters())):  # trained in full (a ControlNet): nothing frozen
+            continue
+        blocks = set(getattr(model, "_no_split_modules", None) or ())
+        units = [m for m in model.modules() if type(m).__name__ in blocks and m is not model]
+        for module in reversed(units):  # children before their parents
+            if not isinstance(module, FSDPModule) and any(not p.requires_grad for p in module.parameters()):
+                fully_shard(module, mesh=mesh, ignored_params=trained)
+        fully_shard(model, mesh=mesh, ignored_params=trained)
+        if accelerator.native_amp:  # autocast as accelerate gives a prepared model
+            from accelerate.utils import convert_outputs_to_fp32
+            from accelerate.utils.modeling import get_mixed_precision_context_manager
+
+            context = get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler)
+            model.forward = convert_outputs_to_fp32(context(model.forward))
+    torch.distributed.barrier()
+
+
+def average_gradients(params) -> None:
+    """--fsdp: the replicated trained parameters' gradients averaged over the processes, as DDP
+    does (divided by the world size, then summed; one flat all-reduce)."""
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads]).div_(dist.get_world_size())
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def base_layout(models: dict) -> dict:
+    """Debug/tests: per role, the frozen parameters' global element count, the elements this
+    process holds and how many are FSDP shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for role, model in models.items():
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in frozen]
+        out[role] = {"numel": sum(p.numel() for p in frozen), "local_numel": sum(t.numel() for t in local),
+                     "sharded": sum(isinstance(p, DTensor) for p in frozen), "params": len(frozen)}
+    return out
 
 
 def prepare(accelerator, args, models: dict, groups: list, dataloader):
     """optimizer + lr schedule + ``accelerator.prepare``; returns (wrapped models by role,
-    optimizer, dataloader, lr scheduler, updates per epoch). ``groups``: optimizer param groups."""
+    optimizer, dataloader, lr scheduler, updates per epoch). ``groups``: optimizer param groups.
+    With --fsdp the models are sharded here (``shard_models``) and not given to accelerate (it
+    would wrap them in DDP)."""
+    fsdp = fsdp_active(accelerator, args)
+    if fsdp:
+        shard_models(accelerator, models)  # the trained parameters are the same objects afterwards
     optimizer = make_optimizer(args, groups)
     training_plan(args, math.ceil(len(dataloader) / accelerator.num_processes))  # before sharding
     lr_scheduler = make_lr_scheduler(args, optimizer, accelerator)
-    roles = list(models)
+    roles = [] if fsdp else list(models)
     prepared = accelerator.prepare(*[models[r] for r in roles], optimizer, dataloader, lr_scheduler)
-    wrapped = dict(zip(roles, prepared[: len(roles)]))
+    wrapped = dict(models) if fsdp else dict(zip(roles, prepared[: len(roles)]))
     optimizer, dataloader, lr_scheduler = prepared[len(roles):]
     steps_per_epoch = training_plan(args, len(dataloader))  # after sharding
-    register_checkpointing(accelerator, models)
+    register_checkpointing(accelerator, models, unprepared=fsdp)
     return wrapped, optimizer, dataloader, lr_scheduler, steps_per_epoch
 
 
@@ -626,6 +724,7 @@ def train(accelerator, args, *, models, wrapped, optimizer, lr_scheduler, datalo
     global_step, first_epoch, skip = resume(accelerator, args, steps_per_epoch, models)
     log = JsonlLog(accelerator, args.output_dir, global_step)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    fsdp = fsdp_active(accelerator, args)
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
     micro, start = 0, time.perf_counter()
@@ -642,6 +741,8 @@ def train(accelerator, args, *, models, wrapped, optimizer, lr_scheduler, datalo
                 seed_global_rngs(args.seed_value, global_step, micro, accelerator.process_index)
                 loss = loss_fn(batch, step_generator(accelerator, args.seed_value, global_step, micro))
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and fsdp:
+                    average_gradients(params)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
