@@ -32,7 +32,7 @@ from diffadapt.methods.boft import BOFT, BOFTConfig
 from diffadapt.methods.oft import OFT, OFTConfig
 from tests import contract
 from tests import tiny_pipelines as tp
-from tests.tiny_models import unet_inputs
+from tests.tiny_models import randomise, unet_inputs
 
 lycoris_kohya = pytest.importorskip("lycoris.kohya")
 from lycoris.kohya import LycorisNetworkKohya, create_network, create_network_from_weights  # noqa: E402
@@ -63,7 +63,7 @@ def close(ours, theirs, tol=1e-5):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Single-threaded (DESIGN.md section 6): two OpenMP threads on the two shared, busy cores
+    """Single-threaded (docs/design.md, "Working offline"): two OpenMP threads on the two shared, busy cores
     stall for seconds per tiny op here; restored afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -124,15 +124,6 @@ def lycoris_sd_file(pipe, path, algo, preset, seed=0, **kwargs):
     outputs = sd_outputs(unet, te)
     net.save_weights(str(path), torch.float32, {})
     return outputs
-
-
-def randomise(obj, name, seed=0, scale=0.2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in da.pipeline.adapted(obj).values():
-            for key, p in da.adapter_parameters(module, name).items():
-                noise = torch.randn(p.shape, generator=g, dtype=p.dtype) * scale
-                p.mul_(1 + noise / 2) if key.endswith("boft_s") else p.add_(noise)
 
 
 def add(pipe, config, name, seed=0):
@@ -442,7 +433,10 @@ def test_diff_exports_equal_merged_weights(sd, tmp_path, config):
     diffs = load_file(str(path))
     assert set(report["written_as"]) == {"diff"} and all(k.startswith("lora_unet_") for k in diffs)
     low = save_lycoris(unet, tmp_path / "low.safetensors", "d", lora_rank=2)
-    assert 0 < low["max_relative_error"] < 1 or config.method == "hra"
+    if config.method == "hra":  # dW = W Q - W = -(W V) Y^T has rank r = 2: a rank-2 LoRA holds it exactly
+        assert low["max_relative_error"] < 1e-5, low["max_relative_error"]
+    else:  # full-rank (BOFT, FRoD) or rank-40 (FourierFT) updates: a rank-2 LoRA only approximates them
+        assert 0 < low["max_relative_error"] < 1
     da.merge_adapters(unet)
     table = names.module_table(unet)
     for key, diff in diffs.items():
