@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import functools
 import html
 import os
 import random
@@ -45,19 +46,14 @@ from PIL import Image  # noqa: E402
 
 import app as demo_app  # noqa: E402  (app.py at the repository root)
 import diffadapt as da  # noqa: E402
-from tests import tiny_pipelines as tp  # noqa: E402
+from tests import tiny_models as tm, tiny_pipelines as tp  # noqa: E402
 
 STEPS, SIZE, GUIDANCE = 2, 32, 1.0  # guidance 1: no CFG batch, half the work on 2 busy cores
 PROMPT = "a photo of sks hexagon"
 CHROMIUM = "/usr/bin/chromium"
 
 
-def randomise(module, name, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, p in da.adapter_parameters(module, name).items():
-            noise = torch.randn(p.shape, generator=g) * 0.3
-            p.mul_(1 + noise) if key.endswith("boft_s") else p.add_(noise)
+randomise = functools.partial(tm.randomise, scale=0.3)
 
 
 def model_adapter(model, component, config, path, seed=0):

@@ -8,6 +8,7 @@ LyCORIS/kohya/ComfyUI files alike, read once against the model that is loaded.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import subprocess
 import sys
@@ -16,21 +17,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 import diffadapt as da
 from diffadapt import cli, files
-from tests import tiny_pipelines as tp
+from tests import tiny_models as tm, tiny_pipelines as tp
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def randomise(module, name, seed=0, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, p in da.adapter_parameters(module, name).items():
-            noise = torch.randn(p.shape, generator=g) * scale
-            p.mul_(1 + noise) if key.endswith("boft_s") else p.add_(noise)
+randomise = functools.partial(tm.randomise, scale=0.3)
 
 
 @pytest.fixture(scope="module")

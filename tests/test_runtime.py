@@ -3,6 +3,8 @@ on one layer, strength, merge/unmerge exactness, delete/unload, checkpoints that
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -19,15 +21,7 @@ SMALL = {
 }
 
 
-def randomise(model, adapter_name, seed=0, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, p in da.adapter_parameters(model, adapter_name).items():
-            noise = torch.randn(p.shape, generator=g, dtype=p.dtype) * scale
-            if key.endswith(("boft_s", "frod_lambda_l")):
-                p.mul_(1 + noise)
-            else:
-                p.add_(noise)
+randomise = functools.partial(tm.randomise, scale=0.1)
 
 
 def state(model):
