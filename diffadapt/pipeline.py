@@ -160,16 +160,22 @@ def write_pipeline_folder(adapter: PipelineAdapter, path: Union[str, os.PathLike
     )
 
 
+def _listed(header: dict, where: Path) -> tuple[dict, dict]:
+    """``(components, metadata)`` of a manifest / file header, checked (format, types, not empty)."""
+    if header.get("format", FORMAT) != FORMAT:
+        raise CheckpointError(f"{where}: format {shorten(header.get('format'), 40)} is not {FORMAT}.")
+    listed = checkpoint.expect(header.get("components"), dict, where, "components")
+    metadata = checkpoint.expect(header.get("metadata", {}), dict, where, "metadata")
+    if not listed:
+        raise CheckpointError(f"{where} lists no components; there is no adapter to load.")
+    return listed, metadata
+
+
 def _read_folder(path: Path) -> PipelineAdapter:
     meta = path / META_NAME
     checkpoint.check_inside(path, meta, "manifest")
     header = checkpoint.expect(checkpoint.read_json(meta), dict, meta, "the manifest")
-    if header.get("format", FORMAT) != FORMAT:
-        raise CheckpointError(f"{meta}: format {shorten(header.get('format'), 40)} is not {FORMAT}.")
-    listed = checkpoint.expect(header.get("components"), dict, meta, "components")
-    metadata = checkpoint.expect(header.get("metadata", {}), dict, meta, "metadata")
-    if not listed:
-        raise CheckpointError(f"{meta} lists no components; there is no adapter to load.")
+    listed, metadata = _listed(header, meta)
     for n, cls in listed.items():
         check_component(n, meta)
         checkpoint.expect(cls, (str, type(None)), meta, f"components[{n!r}]")
@@ -202,12 +208,7 @@ def _read_folder(path: Path) -> PipelineAdapter:
 
 def _read_file(path: Path, raw: object, tensors: dict[str, torch.Tensor]) -> PipelineAdapter:
     header = checkpoint.expect(checkpoint.parse_json(raw, path, "diffadapt header"), dict, path, "the diffadapt header")
-    if header.get("format", FORMAT) != FORMAT:
-        raise CheckpointError(f"{path}: format {shorten(header.get('format'), 40)} is not {FORMAT}.")
-    listed = checkpoint.expect(header.get("components"), dict, path, "components")
-    metadata = checkpoint.expect(header.get("metadata", {}), dict, path, "metadata")
-    if not listed:
-        raise CheckpointError(f"{path} lists no components; there is no adapter to load.")
+    listed, metadata = _listed(header, path)
     parts, classes = {}, {}
     for n, info in listed.items():
         check_component(n, path)
