@@ -22,7 +22,7 @@ from diffadapt.methods.fourierft import FourierFTConfig
 from diffadapt.methods.frod import FRoDConfig
 from diffadapt.methods.hra import HRAConfig
 from diffadapt.methods.oft import OFTConfig
-from diffadapt.model import add_adapter, adapter_parameters, count_parameters
+from diffadapt.model import add_adapter, adapter_parameters, count_parameters, has_adapters
 from diffadapt.pipeline import (  # (every verb takes a model or a pipeline)
     active_adapters,
     delete_adapter,
@@ -61,6 +61,7 @@ __all__ = [
     "add_adapter",
     "adapter_parameters",
     "count_parameters",
+    "has_adapters",
     "default_model_path",
     "delete_adapter",
     "disable_adapters",

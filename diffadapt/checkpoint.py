@@ -29,7 +29,7 @@ from diffadapt._version import __version__
 from diffadapt.host import SUPPORTED_LAYERS, AdapterHost, AdapterSlot, SavedModuleHost
 from diffadapt.methods import AdapterConfig, AdapterConfigError, Method, get_method, method_for_peft_type
 from diffadapt.model import (
-    _check_name,
+    check_adapter_name,
     _module,
     adapter_state,
     build_slots,
@@ -623,7 +623,7 @@ def load_adapter(
 
     A file that does not fit raises CheckpointError and leaves the model as it was.
     """
-    _check_name(model, adapter_name)
+    check_adapter_name(model, adapter_name)
     config, tensors = read_adapter(path)
     config, slots, saved_modules = prepare_adapter(model, config, tensors, path)
     install_slots(model, adapter_name, config, slots, saved_modules)

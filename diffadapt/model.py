@@ -29,6 +29,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def has_adapters(model: nn.Module) -> bool:
+    """Whether ``model`` (or the module a ``torch.compile`` wrapper holds) carries diffadapt adapters."""
+    return "_diffadapt" in unwrap(model).__dict__
+
+
+def adapter_config(model: nn.Module, adapter_name: str) -> Optional[AdapterConfig]:
+    """The config of ``adapter_name`` on ``model``, or None if the model has no such adapter."""
+    state = unwrap(model).__dict__.get("_diffadapt")
+    return state.configs.get(adapter_name) if state is not None else None
+
+
 def adapter_state(model: nn.Module) -> AdapterPlan:
     model = unwrap(model)
     state = model.__dict__.get("_diffadapt")
@@ -81,8 +92,9 @@ def _module(model: nn.Module, name: str) -> nn.Module:
     return module.base_layer if isinstance(module, AdapterHost) else module
 
 
-def _check_name(model: nn.Module, adapter_name: str) -> None:
-    state = model.__dict__.get("_diffadapt")
+def check_adapter_name(model: nn.Module, adapter_name: str) -> None:
+    """A valid name, not yet used on ``model`` (else ValueError saying what to do)."""
+    state = unwrap(model).__dict__.get("_diffadapt")
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"Adapter names are non-empty strings without '.', got {adapter_name!r}.")
     if state is not None and adapter_name in state.configs:
@@ -198,7 +210,7 @@ def add_adapter(
     adapted through the module it wraps (names without ``_orig_mod.``, files that load anywhere).
     """
     model = unwrap(model)
-    _check_name(model, adapter_name)
+    check_adapter_name(model, adapter_name)
     config = resolve_targets(model, config, preset)
     names = select_targets(model, config, SUPPORTED_LAYERS)
     saved = select_saved_modules(model, config)

@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 
 def adapted(obj: Any) -> dict[str, nn.Module]:
-    found = {n: m for n, m in components(obj).items() if "_diffadapt" in m.__dict__}
+    found = {n: m for n, m in components(obj).items() if mdl.has_adapters(m)}
     if not found:
         raise ValueError(f"This {type(obj).__name__} has no diffadapt adapters; load or add one first.")
     return found
@@ -305,7 +305,7 @@ def load_adapter(
             raise CheckpointError(
                 f"{path} was made for a {cls} as {where}; this pipeline's is a {type(mods[n]).__name__}."
             )
-        mdl._check_name(mods[n], adapter_name)
+        mdl.check_adapter_name(mods[n], adapter_name)
     prepared = {
         n: checkpoint.prepare_adapter(mods[n], config, tensors, path) for n, (config, tensors) in saved.components.items()
     }
@@ -329,10 +329,9 @@ def hotswap_adapter(obj: Any, path: Union[str, os.PathLike], adapter_name: str =
     plans = []
     for n, (config, tensors) in saved.components.items():
         model = mods.get(n)
-        state = model.__dict__.get("_diffadapt") if model is not None else None
-        if state is None or adapter_name not in state.configs:
+        old = mdl.adapter_config(model, adapter_name) if model is not None else None
+        if old is None:
             raise CheckpointError(f"Component {n or 'model'!r} has no loaded adapter {adapter_name!r} to swap.")
-        old = state.configs[adapter_name]
         if old.modules_to_save:
             raise CheckpointError(f"{adapter_name!r} has modules_to_save; hot-swap covers adapter weights only.")
         with checkpoint.refusing(path):
@@ -459,7 +458,7 @@ def delete_adapter(obj: Any, adapter_name: str) -> None:
 def unload(obj: Any) -> Any:
     """Remove every adapter from the model / every component: original modules, bit-exact."""
     for m in components(obj).values():
-        if "_diffadapt" in m.__dict__:
+        if mdl.has_adapters(m):
             mdl.unload(m)
     return obj
 
@@ -477,7 +476,7 @@ def export_lycoris(adapter: PipelineAdapter, path: Union[str, os.PathLike], pipe
     LoRA); without, only output-side OFT/BOFT can be written. Returns the export report."""
     if pipe is None:
         return lycoris_export.write_lycoris_file(adapter, path, **kwargs)
-    before = {n: mdl.active_adapters(m) for n, m in components(pipe).items() if "_diffadapt" in m.__dict__}
+    before = {n: mdl.active_adapters(m) for n, m in components(pipe).items() if mdl.has_adapters(m)}
     name = "diffadapt_lycoris_export"
     load_adapter(pipe, adapter, name)
     try:
@@ -486,5 +485,5 @@ def export_lycoris(adapter: PipelineAdapter, path: Union[str, os.PathLike], pipe
         delete_adapter(pipe, name)
         for n, active in before.items():  # loading made the export adapter the only active one
             model = components(pipe)[n]
-            if active and "_diffadapt" in model.__dict__:
+            if active and mdl.has_adapters(model):
                 mdl.set_adapters(model, [a for a, _ in active], [s for _, s in active])

@@ -220,7 +220,7 @@ def save_controlnet_weights(controlnet, folder) -> None:
 
     import diffadapt as da
 
-    if "_diffadapt" in controlnet.__dict__:
+    if da.has_adapters(controlnet):
         da.unload(controlnet)
     controlnet.to(torch.float32).save_pretrained(folder, safe_serialization=True)
 
@@ -314,7 +314,7 @@ def main(argv=None):
         factor = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
         args.learning_rate *= factor
         args.controlnet_lr = args.controlnet_lr and args.controlnet_lr * factor
-    adapter_ids = {id(p) for m in models.values() if "_diffadapt" in m.__dict__
+    adapter_ids = {id(p) for m in models.values() if da.has_adapters(m)
                    for p in da.adapter_parameters(m, common.ADAPTER_NAME).values()}
     trained = [p for m in models.values() for p in m.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trained if id(p) in adapter_ids], "lr": args.learning_rate},

@@ -337,8 +337,7 @@ def _layer_tensors(
 def _live_sources(obj: Any, adapter_name: str) -> list[_Source]:
     out = []
     for component, model in components(obj).items():
-        state = model.__dict__.get("_diffadapt")
-        if state is None or adapter_name not in state.configs:
+        if mdl.adapter_config(model, adapter_name) is None:
             continue
         for path, host in mdl.hosts(model):
             if adapter_name not in host.adapters:
