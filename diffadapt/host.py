@@ -276,9 +276,8 @@ class AdapterHost(nn.Module):
         if not preps:  # no live adapter: the base layer runs untouched (bit-exact)
             return self.base_layer(x, *args, **kwargs)
         base = self.base_layer
-        if self.quantized:
-            return self._forward_quantized(x, preps, *args, **kwargs)
         keep = (not torch.is_grad_enabled() and not self.training and self.plan.keep_eval_weights
+                and not self.quantized  # a quantized layer is called as a module, never dequantized per step
                 and not torch.compiler.is_compiling())  # a compiled graph keeps no Python-side state
         if keep:  # generating: the kept W_eff, one plain layer call
             w = self._folded_weight(preps, x.dtype)
@@ -300,7 +299,7 @@ class AdapterHost(nn.Module):
             if method.multiplicative:
                 z = method.rotate_input(z, prep)
                 steps.append((method, prep, None))
-            elif (i > last_rotation and method.delta_fields and method.may_fold(prep)
+            elif (i > last_rotation and not self.quantized and method.delta_fields and method.may_fold(prep)
                   and method.fold_into_weight(z, prep)):
                 folds.append((method, prep))
             else:
@@ -318,29 +317,14 @@ class AdapterHost(nn.Module):
             y = y + base.bias
         return y
 
-    def _forward_quantized(self, x: Tensor, preps: list, *args, **kwargs) -> Tensor:
-        """The forward above with the quantized layer called as a module (never dequantized): rotate
-        the input, ``base(z)``, then the output maps and additive deltas (no folding). The bias is
-        taken out around output maps (it is never transformed)."""
-        base = self.base_layer
-        z, steps = x, []
-        for method, prep in preps:
-            if method.multiplicative:
-                z = method.rotate_input(z, prep)
-                steps.append((method, prep, None))
-            else:
-                steps.append((method, prep, method.delta_output(z, prep)))
-        y = base(z, *args, **kwargs)
-        unbias = base.bias is not None and any(delta is None and _maps_output(m, p) for m, p, delta in steps)
-        if unbias:
-            y = y - base.bias.to(y.dtype)
-        for method, prep, delta in reversed(steps):
-            y = method.transform_output(y, prep) if delta is None else y + delta.to(y.dtype)
-        return y + base.bias.to(y.dtype) if unbias else y
-
     def _base_product(self, z: Tensor, folds: list) -> Tensor:
         """``z W_eff^T`` for the additive adapters ``folds`` folded into the base weight (under
-        autograd with ``dW`` rebuilt in backward where the method has a cheap adjoint)."""
+        autograd with ``dW`` rebuilt in backward where the method has a cheap adjoint). A quantized
+        layer is called as the module itself (its own kernel, nothing folded), its bias taken out
+        again: the bias is added last, after the output maps, as for every layer."""
+        if self.quantized:
+            y = self.base_layer(z)
+            return y if self.base_layer.bias is None else y - self.base_layer.bias.to(y.dtype)
         w = weight_2d(self.base_layer)
         if not folds:
             return F.linear(z, w.to(z.dtype))
@@ -373,12 +357,6 @@ class AdapterHost(nn.Module):
         live = ", ".join(f"{n}@{self.plan.strength(n):g}" for n in self.plan.live() if n in self.adapters) or "-"
         merged = ", ".join(n for n in self.plan.merged if n in self.adapters) or "-"
         return f"adapters={list(self.adapters)}, live=[{live}], merged=[{merged}]"
-
-
-def _maps_output(method: type[Method], prep) -> bool:
-    """The step changes the output (an output scale or an own ``transform_output``)."""
-    own = getattr(method.transform_output, "__func__", None) is not getattr(Method.transform_output, "__func__", None)
-    return own or method.output_scale(prep) is not None
 
 
 class SavedModuleHost(nn.Module):
