@@ -41,7 +41,6 @@ from diffadapt.pipeline import (  # (every verb takes a model or a pipeline)
     unload,
     unmerge_adapters,
 )
-from diffadapt.targets import PRESETS
 from diffadapt.formats.lycoris_export import save_lycoris
 
 __all__ = [
@@ -55,7 +54,6 @@ __all__ = [
     "AdapterConfigError",
     "CheckpointError",
     "METHOD_NAMES",
-    "PRESETS",
     "PipelineAdapter",
     "active_adapters",
     "add_adapter",

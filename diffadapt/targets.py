@@ -18,42 +18,6 @@ from torch import nn
 from diffadapt import patterns
 from diffadapt.methods.base import AdapterConfigError, layer_index_pattern
 
-_QKVO = r"(to_q|to_k|to_v|to_out\.0)"
-_JOINT = r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-_FF = r"ff\.net\.(0\.proj|2)"
-_CLIP = r"(text_model\.)?encoder\.layers\.\d+\."
-
-# The hand-written presets of diffadapt <= 0.x, per model class (anchored regexes, full match).
-# preset_pattern no longer reads them: it derives the same layers from the model's structure
-# (tests/test_families.py checks that on these classes), and more where they fell short (SD3.5's
-# dual-attention attn2). Kept for code that reads da.PRESETS.
-PRESETS: dict[str, dict[str, str]] = {
-    "UNet2DConditionModel": {
-        "attention": rf".*transformer_blocks\.\d+\.attn[12]\.{_QKVO}",
-        "attention+ff": rf".*transformer_blocks\.\d+\.(attn[12]\.{_QKVO}|{_FF})",
-    },
-    "SD3Transformer2DModel": {
-        "attention": rf"transformer_blocks\.\d+\.attn\.{_JOINT}",
-        "attention+ff": rf"transformer_blocks\.\d+\.(attn\.{_JOINT}|ff(_context)?\.net\.(0\.proj|2))",
-    },
-    "FluxTransformer2DModel": {
-        "attention": rf"(transformer_blocks\.\d+\.attn\.{_JOINT}|single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v))",
-        "attention+ff": (
-            rf"(transformer_blocks\.\d+\.(attn\.{_JOINT}|ff(_context)?\.net\.(0\.proj|2))"
-            r"|single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))"
-        ),
-    },
-    "PixArtTransformer2DModel": {
-        "attention": rf"transformer_blocks\.\d+\.attn[12]\.{_QKVO}",
-        "attention+ff": rf"transformer_blocks\.\d+\.(attn[12]\.{_QKVO}|{_FF})",
-    },
-    "CLIPTextModel": {
-        "attention": rf"{_CLIP}self_attn\.(q_proj|k_proj|v_proj|out_proj)",
-        "attention+ff": rf"{_CLIP}(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))",
-    },
-}
-PRESETS["CLIPTextModelWithProjection"] = PRESETS["CLIPTextModel"]
-PRESETS["ControlNetModel"] = PRESETS["UNet2DConditionModel"]  # the UNet encoder half
 PRESET_ALIASES = {"attn": "attention", "attn-ff": "attention+ff", "attn+ff": "attention+ff", "all": "attention+ff"}
 
 

@@ -27,7 +27,7 @@ from diffadapt import cli
 from diffadapt.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
 from diffadapt.methods import AdapterConfigError
 from diffadapt.pipeline import META_NAME
-from diffadapt.targets import PRESETS
+from tests.test_families import LEGACY as PRESETS  # the hand-written presets of diffadapt <= 0.x
 from tests import tiny_pipelines as tp
 from tests.tiny_models import tiny_unet
 

@@ -231,7 +231,7 @@ def add_adapter_args(parser: argparse.ArgumentParser) -> None:
                    '\'{"init_weights": true, "overrides": {"attn2.to_k": {"boft_block_size": 8}}}\'. '
                    "Explicit flags win over it.")
     g.add_argument("--target_preset", choices=["attention", "attention+ff"], default=None,
-                   help="Layers to adapt per architecture (default attention); see diffadapt.PRESETS.")
+                   help="Layers to adapt per architecture (default attention); derived from the model's attention / feed-forward modules.")
     g.add_argument("--target_modules", default=None,
                    help="Instead of a preset: comma-separated module-name suffixes (to_q,to_v), "
                    "one regex (full match), or all-linear.")
@@ -290,22 +290,11 @@ def adapter_config(args, target_modules=None):
         raise UsageError(f"--adapter_config overrides: {' '.join(str(err).split())}") from None
 
 
-# architectures without their own preset whose module names follow another's
-PRESET_TWINS = {"ControlNetModel": "UNet2DConditionModel", "SD3ControlNetModel": "SD3Transformer2DModel"}
-
-
 def inject(model, config, preset: str | None, role: str) -> list[str]:
-    """``diffadapt.add_adapter`` with the preset resolved; names the component in errors.
-
-    Workaround: diffadapt has no presets for ControlNet models; their attention layers carry
-    the UNet's / SD3 transformer's module names, so those presets are used for them."""
+    """``diffadapt.add_adapter`` with the preset resolved; names the component in errors."""
     import diffadapt as da
     from diffadapt import AdapterConfigError
 
-    twin = PRESET_TWINS.get(type(model).__name__)
-    if config.target_modules is None and twin is not None:
-        config = type(config).from_dict({**config.to_dict(), "target_modules": da.PRESETS[twin][preset or "attention"]})
-        preset = None
     preset = None if config.target_modules else preset
     try:
         check_sizes(model, config, preset, role)

@@ -245,7 +245,7 @@ def card_config(config, preset) -> dict:
     """The config as the model card shows it (the preset named when targets came from one)."""
     out = config.to_dict()
     if out.get("target_modules") is None:
-        out["target_modules"] = f"preset {preset or 'attention'!r} (diffadapt.PRESETS)"
+        out["target_modules"] = f"preset {preset or 'attention'!r} (derived from the model's structure)"
     return out
 
 
