@@ -291,25 +291,23 @@ def check_pattern(pattern: object, field: str, full: bool = True) -> None:
     compile_pattern(pattern, field, full)
 
 
-def fullmatch(pattern: str, name: str, field: str = "pattern") -> bool:
-    """``re.fullmatch(pattern, name)`` with the pattern bounded; False if it is not a regex."""
-    compiled = compile_pattern(pattern, field, True)
-    if compiled is None:
-        return False
-    if len(name) > REFERENCE_NAME_CHARS:
-        why = _long_name_ok(pattern, True, len(name))
+def _bounded(pattern: str, name: str, field: str, full: bool) -> Optional[re.Pattern]:
+    """The compiled, checked ``pattern`` for matching ``name`` (None if it is not a regex)."""
+    compiled = compile_pattern(pattern, field, full)
+    if compiled is not None and len(name) > REFERENCE_NAME_CHARS:
+        why = _long_name_ok(pattern, full, len(name))
         if why is not None:
             raise _refuse(field, pattern, why)
-    return compiled.fullmatch(name) is not None
+    return compiled
+
+
+def fullmatch(pattern: str, name: str, field: str = "pattern") -> bool:
+    """``re.fullmatch(pattern, name)`` with the pattern bounded; False if it is not a regex."""
+    compiled = _bounded(pattern, name, field, True)
+    return compiled is not None and compiled.fullmatch(name) is not None
 
 
 def match(pattern: str, name: str, field: str = "pattern") -> Optional[re.Match]:
     """``re.match(pattern, name)`` (anchored at the start only) with the pattern bounded."""
-    compiled = compile_pattern(pattern, field, False)
-    if compiled is None:
-        return None
-    if len(name) > REFERENCE_NAME_CHARS:
-        why = _long_name_ok(pattern, False, len(name))
-        if why is not None:
-            raise _refuse(field, pattern, why)
-    return compiled.match(name)
+    compiled = _bounded(pattern, name, field, False)
+    return None if compiled is None else compiled.match(name)
