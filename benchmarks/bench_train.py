@@ -4,7 +4,9 @@ Every variant gets its own deep copy of one frozen base model (random weights fr
 the same inputs. Measured per variant:
 
 * ms/step: forward + MSE loss + backward + AdamW step (median over timed steps);
-  the *floor* is the frozen model, forward + backward to the input only (no optimizer).
+  the *floor* is the frozen model, forward + backward to the input only (no optimizer); the *dense
+  floor* (when FourierFT or FRoD runs) adds the target weights' gradients, the least any method
+  whose update is a dense d_out x d_in dW pays (no optimizer either).
   On the CPU the times are process CPU time (a busy neighbour does not inflate them; wall time
   is reported beside), on CUDA wall time with the device synchronised. Ratios are paired by
   timing round (median over rounds of the per-round ratio);
@@ -74,6 +76,8 @@ class Variant:
 def make_variants(methods: list[str], impl: str, extras: bool) -> list[Variant]:
     out = [Variant("floor", "floor (frozen, backward to input)", "-", "floor"),
            Variant("peft:lora", "PEFT LoRA r16", "peft", "lora")]
+    if extras and set(methods) & DENSE_UPDATE:
+        out.insert(1, Variant("dense", "dense floor (target weights' gradient, no update)", "-", "dense"))
     for m in methods:
         label = C.METHOD_LABELS[m]
         if impl in ("both", "da"):
@@ -91,6 +95,17 @@ def make_variants(methods: list[str], impl: str, extras: bool) -> list[Variant]:
     return out
 
 
+# methods whose update is a dense d_out x d_in dW: their backward needs the weight gradient g^T x (a third
+# GEMM per layer); the "dense" variant is that floor (forward + backward with the target weights' gradients)
+DENSE_UPDATE = {"fourierft", "frod"}
+
+
+def dense_targets(model, targets: list[str]) -> list[torch.nn.Parameter]:
+    """The weights of the Linear layers PEFT's ``target_modules`` suffix rule picks."""
+    return [m.weight for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)]
+
+
 class Runner:
     """One variant: its model copy, adapter, optimizer, and the operations to time."""
 
@@ -101,10 +116,14 @@ class Runner:
         self.model = C.fresh_copy(master, args.device, args.grad_ckpt)
         self.peft_model = None
         self.opt = None
+        self.dense: list[torch.nn.Parameter] = []
         torch.manual_seed(1234)
         t0 = time.perf_counter()
         if variant.method == "floor":
             pass
+        elif variant.method == "dense":
+            self.dense = [w.requires_grad_(True) for w in dense_targets(self.model, spec.targets)]
+            self.stats.layers = len(self.dense)
         elif variant.impl == "diffadapt":
             import diffadapt as da
 
@@ -138,13 +157,19 @@ class Runner:
             self.model = torch.compile(self.model, fullgraph=args.compile == "fullgraph")
         params = [p for p in self.raw.parameters() if p.requires_grad]
         self.stats.trainable = sum(p.numel() for p in params)
-        if variant.method != "floor":
+        if variant.method not in ("floor", "dense"):
             if not params:
                 raise RuntimeError("no trainable parameters after injection")
             self.opt = torch.optim.AdamW(params, lr=1e-4)
 
     # -- operations ------------------------------------------------------------------------------------
     def step(self) -> None:
+        if self.dense:  # dense floor: the target weights' gradients, no optimizer
+            for w in self.dense:
+                w.grad = None
+            out = self.model(**self.inputs, return_dict=False)[0]
+            F.mse_loss(out.float(), self.target.float()).backward()
+            return
         if self.opt is None:  # floor: frozen model, gradient to the input only
             inputs = dict(self.inputs)
             x = inputs[self.spec.input_key].detach().requires_grad_(True)
@@ -497,6 +522,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="also write the markdown report here")
     p.add_argument("--json", default=None, help="write raw numbers (every timing) here")
     p.add_argument("--verbose", action="store_true", help="tracebacks of crashing variants")
+    p.add_argument("--keep-denormals", action="store_true",
+                   help="do not flush denormal floats to zero on the CPU (slows saturated attention ~8x)")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
@@ -519,6 +546,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    # PEFT's random FourierFT spectrum (x scaling 150) saturates the attention softmax of a random model;
+    # on x86 CPUs the resulting denormal floats make SDPA's backward ~8x slower (112 vs 14 ms/step on the
+    # small gauge) -- a CPU artefact of the weights' values, not a cost of any method (GPUs pay no such penalty).
+    torch.set_flush_denormal(not args.keep_denormals)
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:
@@ -556,7 +587,8 @@ def main(argv=None) -> int:
         "settings": (f"{args.dtype}, batch {args.batch}, grad ckpt {'on' if args.grad_ckpt else 'off'}, "
                      f"targets {','.join(spec.targets)}; {args.schedule} schedule: warmup {args.warmup}, "
                      f"{args.rounds} rounds × {args.steps} steps (infer {args.infer_steps}, merge "
-                     f"{args.merge_reps} per round); AdamW lr 1e-4"
+                     f"{args.merge_reps} per round); AdamW lr 1e-4; denormals "
+                     + ("kept" if args.keep_denormals else "flushed to zero")
                      + (f"; torch.compile (inductor, {args.compile}) of every whole model" if args.compile else "")),
         "methods": "; ".join(f"{C.METHOD_LABELS[m]} = {C.METHOD_SETTINGS[m]}" for m in args.methods)
         + "; PEFT LoRA r=16, lora_alpha=16; other fields at each library's default, PEFT configs built with "
