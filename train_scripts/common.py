@@ -3,15 +3,19 @@
 * refusing bad input: ``UsageError``, ``fail`` (one line on stderr, exit code 2, no traceback)
   and ``guarded`` (turns UsageError / AdapterConfigError / CheckpointError into that line);
 * argument groups: the diffusers training flags both scripts use, and the adapter flags
-  (``--method``, each method's hyper-parameters, ``--adapter_config``, targets);
+  (``--method``, each method's hyper-parameters, ``--adapter_config``, targets), built from the
+  method registry (``diffadapt.methods``: the methods, their config fields' flag metadata and
+  their training defaults), so a method registered with ``diffadapt.methods.register`` gets its
+  flags here without an edit;
 * adapter configs from those flags, and injection (presets, ControlNetModel workaround);
 * model folders: reading ``model_index.json`` to tell the family.
 
 The rest of the shared code: ``training_loop.py`` (accelerate, checkpoints, resume, the loop)
 and ``sd_parts.py`` (prompt encoding, noise and loss, images, grids, the model card).
 
-Heavy libraries (torch, diffusers, transformers, diffadapt) are imported inside functions so
-that argument errors come back at once, before they load.
+The registry (``diffadapt.methods``; it loads torch, about 2 s) is imported with this module:
+every adapter flag comes from it. diffusers and the models are imported inside functions, after
+the arguments are checked.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import os
 import re
 import sys
 from pathlib import Path
+
+from diffadapt.methods import AdapterConfigError, config_flags, get_method, method_names
 
 ADAPTER_NAME = "default"
 
@@ -145,7 +151,7 @@ def add_training_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
                    "the adapter stays replicated and its gradients are averaged as under DDP. For bases that do "
                    "not fit one device; DDP (the default) is faster. `accelerate launch --use_fsdp` sets it.")
     g.add_argument("--learning_rate", type=float, default=None,
-                   help="Default depends on --method (see DEFAULT_LR in train_scripts/common.py).")
+                   help="Default depends on --method (its Method.learning_rate in diffadapt/methods/).")
     g.add_argument("--scale_lr", action="store_true",
                    help="Multiply the lr by gradient accumulation steps x batch size x processes.")
     g.add_argument("--lr_scheduler", default="constant",
@@ -181,47 +187,23 @@ def add_training_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
                    help="Write <output_dir>/debug/rank<i>.json with a hash of the trained tensors on each process.")
 
 
-# flag -> (method, config field, type, help). None means "not given": the config default applies.
-METHOD_FLAGS = {
-    "n_frequency": ("fourierft", "n_frequency", int, "FourierFT: spectral coefficients per layer (1000)."),
-    "fourierft_scaling": ("fourierft", "scaling", float, "FourierFT: scaling alpha (150)."),
-    "random_loc_seed": ("fourierft", "random_loc_seed", int, "FourierFT: seed of the frequency positions (777)."),
-    "boft_block_size": ("boft", "boft_block_size", int, "BOFT: block size b (4)."),
-    "boft_block_num": ("boft", "boft_block_num", int, "BOFT: number of blocks (0: use the block size)."),
-    "boft_n_butterfly_factor": ("boft", "boft_n_butterfly_factor", int, "BOFT: butterfly factors m (1)."),
-    "boft_dropout": ("boft", "boft_dropout", float, "BOFT: multiplicative dropout (0)."),
-    "oft_block_size": ("oft", "oft_block_size", int, "OFT: block size (32)."),
-    "oft_r": ("oft", "r", int, "OFT: number of blocks (0: use the block size)."),
-    "oft_coft": ("oft", "coft", bool, "OFT: constrained OFT."),
-    "oft_eps": ("oft", "eps", float, "OFT: COFT radius."),
-    "oft_block_share": ("oft", "block_share", bool, "OFT: share one block."),
-    "use_cayley_neumann": ("oft", "use_cayley_neumann", bool, "OFT: Cayley-Neumann series instead of exact."),
-    "hra_r": ("hra", "r", int, "HRA: Householder reflections r (8; even for an identity init)."),
-    "hra_apply_GS": ("hra", "apply_GS", bool, "HRA: Gram-Schmidt orthogonalisation."),
-    "sparse_rate": ("frod", "sparse_rate", float, "FRoD: share of off-diagonal couplings (0.01)."),
-    "regularization_alpha": ("frod", "regularization_alpha", float, "FRoD: basis regularisation (1e-3)."),
-    "projection_prng_key": ("frod", "projection_prng_key", int, "FRoD: seed of the sparse pattern (0)."),
-    "frod_dropout": ("frod", "frod_dropout", float, "FRoD: dropout (0)."),
-    "frod_projection_mode": ("frod", "projection_mode", str,
-                             "FRoD: 'fast' (batched bases, saved in the file; default) or 'peft' (PEFT's own "
-                             "bases, so that PEFT reproduces the saved adapter)."),
-}
-METHODS = ("fourierft", "boft", "oft", "hra", "frod")
-# Starting points, not tuned results: FourierFT trains raw spectral coefficients (large steps),
-# the rotation methods train small skew / Householder parameters, FRoD a spectrum.
-DEFAULT_LR = {"fourierft": 1e-2, "boft": 1e-4, "oft": 1e-4, "hra": 1e-4, "frod": 1e-3}
-# Config fields these scripts set differently from the method's (PEFT's) default; --adapter_config
-# and the flags override them. FourierFT: start from a zero spectrum, i.e. the base model, as every
-# other method does — PEFT's default random spectrum (times scaling 150) changes the model before
-# the first step, on a small model beyond recognition.
-SCRIPT_DEFAULTS = {"fourierft": {"init_weights": True}}
+def method_flags() -> dict:
+    """flag -> (method, config field, type, help) of every registered method's config fields that
+    declare a flag (``diffadapt.methods.config_flags``). A flag left out (None) means "not given":
+    the config's default applies."""
+    return {f.flag: (name, f.field, f.type, f.help) for name in method_names() for f in config_flags(get_method(name))}
+
+
+# the methods registered when the scripts start (what --method offers is read when a parser is built)
+METHOD_FLAGS = method_flags()
+METHODS = method_names()
 
 
 def add_adapter_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("adapter (diffadapt)")
-    g.add_argument("--method", default=None, choices=METHODS,
+    g.add_argument("--method", default=None, choices=method_names(),
                    help="Adapter method (required, except that train_dreambooth.py on the embedded model defaults to one).")
-    for flag, (method, _, kind, help_text) in METHOD_FLAGS.items():
+    for flag, (method, _, kind, help_text) in method_flags().items():
         if kind is bool:
             g.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -238,9 +220,9 @@ def add_adapter_args(parser: argparse.ArgumentParser) -> None:
 
 
 def adapter_fields(args) -> dict:
-    """Config fields: SCRIPT_DEFAULTS, then --adapter_config, then the method flags; refuses
-    other methods' flags."""
-    fields = dict(SCRIPT_DEFAULTS.get(args.method, {}))
+    """Config fields: the method's ``training_defaults``, then --adapter_config, then the method
+    flags; refuses other methods' flags."""
+    fields = dict(get_method(args.method).training_defaults)
     if args.adapter_config:
         text = args.adapter_config
         if not text.lstrip().startswith("{") and os.path.isfile(text):
@@ -253,8 +235,8 @@ def adapter_fields(args) -> dict:
             raise UsageError("--adapter_config must be a JSON object of config fields.")
         given.pop("method", None)
         fields.update(given)
-    for flag, (method, field_name, _, _) in METHOD_FLAGS.items():
-        value = getattr(args, flag)
+    for flag, (method, field_name, _, _) in method_flags().items():
+        value = getattr(args, flag, None)
         if value is None:
             continue
         if method != args.method:
@@ -274,8 +256,6 @@ def parse_targets(text):
 
 def adapter_config(args, target_modules=None):
     """The method's config built (and field-validated) from the flags."""
-    from diffadapt import AdapterConfigError, get_method
-
     fields = adapter_fields(args)
     if target_modules is not None:
         fields["target_modules"] = target_modules
@@ -346,7 +326,7 @@ def check_common_args(args) -> None:
     """Cheap checks before anything heavy is imported or loaded (the config's own validation
     comes next, in main, with diffadapt imported; layer checks when the model is loaded)."""
     if args.method is None:
-        raise UsageError(f"--method is required: one of {', '.join(METHODS)}.")
+        raise UsageError(f"--method is required: one of {', '.join(method_names())}.")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError("--use_8bit_adam needs bitsandbytes (pip install bitsandbytes); it is not installed.")
     if getattr(args, "quantize_text_encoder", False) and not args.quantize_base:
@@ -373,7 +353,7 @@ def check_common_args(args) -> None:
     if args.report_to == "tensorboard" and not tensorboard_available():
         raise UsageError("--report_to tensorboard needs tensorboard (pip install tensorboard); it is not installed.")
     if args.learning_rate is None:
-        args.learning_rate = DEFAULT_LR[args.method]
+        args.learning_rate = get_method(args.method).learning_rate
     adapter_fields(args)  # flags of another method, bad --adapter_config JSON
     check_output_dir(args.output_dir)
 

@@ -100,7 +100,7 @@ def parse_args(argv=None):
     if args.pretrained_model_name_or_path is None:  # the embedded model: its own defaults
         args.method = args.method or EMBEDDED_METHOD
         if args.learning_rate is None:
-            args.learning_rate = EMBEDDED_LR[args.method]
+            args.learning_rate = common.get_method(args.method).embedded_learning_rate
     common.check_common_args(args)
     use_embedded_defaults(args)
     if args.instance_data_dir is None:
@@ -124,18 +124,15 @@ def parse_args(argv=None):
 # table in benchmarks/RESULTS.md (fidelity vs drift on the embedded model, 2 CPU cores).
 EMBEDDED_METHOD = "fourierft"
 EMBEDDED_STEPS = 800
-# Learning rates for the embedded model, from a sweep at 800 steps (benchmarks/RESULTS.md, "Quality"):
-# its layers are 32-128 wide, so the rotation methods and FRoD need 10x DEFAULT_LR's real-model
-# starting points to learn the subject in minutes; FourierFT (scaling 150 over a 64x64 spectrum)
-# needs 10x less, at 1e-2 it drifts everywhere.
-EMBEDDED_LR = {"fourierft": 1e-3, "boft": 2e-3, "oft": 1e-3, "hra": 1e-3, "frod": 1e-2}
+# Learning rates for the embedded model: each method's embedded_learning_rate (diffadapt/methods/,
+# from a sweep at 800 steps, benchmarks/RESULTS.md "Quality"; FourierFT at 1e-2 drifts everywhere).
 
 
 def use_embedded_defaults(args) -> None:
     """The embedded default model and its bundled subject: the only glue to diffadapt.world.
 
     No --pretrained_model_name_or_path: use the embedded model (and, unless given, --method
-    EMBEDDED_METHOD and --learning_rate EMBEDDED_LR: see parse_args). If additionally no
+    EMBEDDED_METHOD and --learning_rate its embedded_learning_rate: see parse_args). If additionally no
     --instance_data_dir: write the bundled subject images into <output_dir>/instance_images,
     default the prompts to the world's instance / class prompts (the comparison prompts to
     those and two unrelated ones: the before/after grid stands in for periodic validation),

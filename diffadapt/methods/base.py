@@ -263,6 +263,18 @@ class Method:
     # (measured against PEFT 0.21: HRA and BOFT do, OFT does not); set_adapters(order="peft") uses it
     peft_reverses_order: ClassVar[bool] = False
 
+    # -- training defaults (the training scripts' --learning_rate and config starting points) --------
+    # Starting points, not tuned results. On a real model (SD-size layers): FourierFT trains raw spectral
+    # coefficients (large steps), the rotation methods small skew / Householder parameters, FRoD a spectrum.
+    learning_rate: ClassVar[float] = 1e-4
+    # On the embedded model (layers 32-128 wide), from a sweep at 800 steps (benchmarks/RESULTS.md,
+    # "Quality"): the rotation methods and FRoD need about 10x the real-model value to learn the
+    # subject in minutes, FourierFT (scaling 150 over a 64x64 spectrum) 10x less.
+    embedded_learning_rate: ClassVar[float] = 1e-3
+    # config fields the scripts set differently from the config's (PEFT's) default; the scripts'
+    # --adapter_config and flags override them
+    training_defaults: ClassVar[dict[str, Any]] = {}
+
     # -- injection time -------------------------------------------------------------------
     @classmethod
     def init_shared(

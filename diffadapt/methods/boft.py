@@ -66,7 +66,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Optional, Union
 
 import torch
@@ -267,10 +267,16 @@ class BOFTConfig(AdapterConfig):
     method: ClassVar[str] = "boft"
     peft_type: ClassVar[str] = "BOFT"
 
-    boft_block_size: int = 4
-    boft_block_num: int = 0
-    boft_n_butterfly_factor: int = 1
-    boft_dropout: float = 0.0
+    boft_block_size: int = field(default=4, metadata={"flag": "--boft_block_size", "help": "block size b (4)."})
+    boft_block_num: int = field(
+        default=0, metadata={"flag": "--boft_block_num", "help": "number of blocks (0: use the block size)."}
+    )
+    boft_n_butterfly_factor: int = field(
+        default=1, metadata={"flag": "--boft_n_butterfly_factor", "help": "butterfly factors m (1)."}
+    )
+    boft_dropout: float = field(
+        default=0.0, metadata={"flag": "--boft_dropout", "help": "multiplicative dropout (0)."}
+    )
     rotation_side: str = "input"
     constraint: float = 0.0
 
@@ -360,6 +366,8 @@ class BOFT(Method):
     name: ClassVar[str] = "boft"
     config_class: ClassVar[type[AdapterConfig]] = BOFTConfig
     multiplicative: ClassVar[bool] = True
+    learning_rate: ClassVar[float] = 1e-4  # the training scripts' starting points (see Method)
+    embedded_learning_rate: ClassVar[float] = 2e-3
     peft_reverses_order: ClassVar[bool] = True
     peft_keys: ClassVar[dict[str, str]] = {"boft_R": "boft_R", "boft_s": "boft_s"}
 

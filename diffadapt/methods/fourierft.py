@@ -73,9 +73,13 @@ class FourierFTConfig(AdapterConfig):
     method: ClassVar[str] = "fourierft"
     peft_type: ClassVar[str] = "FOURIERFT"
 
-    n_frequency: int = 1000
-    scaling: float = 150.0
-    random_loc_seed: int = 777
+    n_frequency: int = field(
+        default=1000, metadata={"flag": "--n_frequency", "help": "spectral coefficients per layer (1000)."}
+    )
+    scaling: float = field(default=150.0, metadata={"flag": "--fourierft_scaling", "help": "scaling alpha (150)."})
+    random_loc_seed: int = field(
+        default=777, metadata={"flag": "--random_loc_seed", "help": "seed of the frequency positions (777)."}
+    )
     n_frequency_pattern: dict[str, int] = field(default_factory=dict)
     init_weights: bool = False  # PEFT default: spectrum ~ N(0, 1); True: zeros (identity)
     fast_path: str = "auto"  # "auto" | "dense" | "fft"
@@ -220,6 +224,12 @@ class FourierFT(Method):
     name: ClassVar[str] = "fourierft"
     config_class: ClassVar[type[AdapterConfig]] = FourierFTConfig
     multiplicative: ClassVar[bool] = False
+    learning_rate: ClassVar[float] = 1e-2  # the training scripts' starting points (see Method)
+    embedded_learning_rate: ClassVar[float] = 1e-3
+    # the scripts start from a zero spectrum, i.e. the base model, as every other method does: PEFT's
+    # default random spectrum (times scaling 150) changes the model before the first step, on a small
+    # model beyond recognition
+    training_defaults: ClassVar[dict[str, Any]] = {"init_weights": True}
     peft_keys: ClassVar[dict[str, str]] = {"fourierft_spectrum": "fourierft_spectrum"}
 
     @staticmethod

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -223,14 +223,24 @@ class FRoDConfig(AdapterConfig):
     def per_layer_fields(cls) -> set[str]:
         return set(_PER_LAYER_FIELDS)
 
-    sparse_rate: float = 0.01
-    regularization_alpha: float = 1e-3
-    projection_prng_key: int = 0
+    sparse_rate: float = field(
+        default=0.01, metadata={"flag": "--sparse_rate", "help": "share of off-diagonal couplings (0.01)."}
+    )
+    regularization_alpha: float = field(
+        default=1e-3, metadata={"flag": "--regularization_alpha", "help": "basis regularisation (1e-3)."}
+    )
+    projection_prng_key: int = field(
+        default=0, metadata={"flag": "--projection_prng_key", "help": "seed of the sparse pattern (0)."}
+    )
     save_projection: bool = True
-    frod_dropout: float = 0.0
+    frod_dropout: float = field(default=0.0, metadata={"flag": "--frod_dropout", "help": "dropout (0)."})
     progressbar: bool = True
     runtime_offload_base_weight: bool = False
-    projection_mode: str = "fast"
+    projection_mode: str = field(
+        default="fast",
+        metadata={"flag": "--frod_projection_mode", "help": "'fast' (batched bases, saved in the file; default) or 'peft' (PEFT's "
+                  "own bases, so that PEFT reproduces the saved adapter)."},
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -359,6 +369,8 @@ class FRoD(Method):
     name: ClassVar[str] = "frod"
     config_class: ClassVar[type[AdapterConfig]] = FRoDConfig
     multiplicative: ClassVar[bool] = False
+    learning_rate: ClassVar[float] = 1e-3  # the training scripts' starting points (see Method)
+    embedded_learning_rate: ClassVar[float] = 1e-2
     peft_keys: ClassVar[dict[str, str]] = {
         "frod_lambda_l": "frod_lambda_l", "frod_lambda_s_values": "frod_lambda_s_values",
     }

@@ -56,7 +56,7 @@ only square kernels.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Union
 
 import torch
@@ -74,8 +74,12 @@ class HRAConfig(AdapterConfig):
     method: ClassVar[str] = "hra"
     peft_type: ClassVar[str] = "HRA"
 
-    r: int = 8
-    apply_GS: bool = False
+    r: int = field(
+        default=8, metadata={"flag": "--hra_r", "help": "Householder reflections r (8; even for an identity init)."}
+    )
+    apply_GS: bool = field(
+        default=False, metadata={"flag": "--hra_apply_GS", "help": "Gram-Schmidt orthogonalisation."}
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -173,6 +177,8 @@ class HRA(Method):
     name: ClassVar[str] = "hra"
     config_class: ClassVar[type[AdapterConfig]] = HRAConfig
     multiplicative: ClassVar[bool] = True
+    learning_rate: ClassVar[float] = 1e-4  # the training scripts' starting points (see Method)
+    embedded_learning_rate: ClassVar[float] = 1e-3
     peft_reverses_order: ClassVar[bool] = True
     peft_keys: ClassVar[dict[str, str]] = {"hra_u": "hra_u"}
 

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 import torch
@@ -104,13 +104,15 @@ class OFTConfig(AdapterConfig):
     method: ClassVar[str] = "oft"
     peft_type: ClassVar[str] = "OFT"
 
-    r: int = 0
-    oft_block_size: int = 32
+    r: int = field(default=0, metadata={"flag": "--oft_r", "help": "number of blocks (0: use the block size)."})
+    oft_block_size: int = field(default=32, metadata={"flag": "--oft_block_size", "help": "block size (32)."})
     module_dropout: float = 0.0
-    coft: bool = False
-    eps: float = 6e-5
-    block_share: bool = False
-    use_cayley_neumann: bool = False
+    coft: bool = field(default=False, metadata={"flag": "--oft_coft", "help": "constrained OFT."})
+    eps: float = field(default=6e-5, metadata={"flag": "--oft_eps", "help": "COFT radius."})
+    block_share: bool = field(default=False, metadata={"flag": "--oft_block_share", "help": "share one block."})
+    use_cayley_neumann: bool = field(
+        default=False, metadata={"flag": "--use_cayley_neumann", "help": "Cayley-Neumann series instead of exact."}
+    )
     num_cayley_neumann_terms: int = 5
     rotation_side: str = "input"
     constraint: float = 0.0
@@ -220,6 +222,8 @@ class OFT(BOFT):
     name: ClassVar[str] = "oft"
     config_class: ClassVar[type[AdapterConfig]] = OFTConfig
     multiplicative: ClassVar[bool] = True
+    learning_rate: ClassVar[float] = 1e-4  # the training scripts' starting points (see Method)
+    embedded_learning_rate: ClassVar[float] = 1e-3
     peft_reverses_order: ClassVar[bool] = False
     peft_keys: ClassVar[dict[str, str]] = {"oft_R": "oft_R.weight"}
 
