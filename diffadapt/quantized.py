@@ -1,4 +1,5 @@
-"""Adapters on quantized base layers (bitsandbytes 4-bit NF4/FP4 and LLM.int8 Linear layers).
+"""Adapters on quantized base layers (bitsandbytes 4-bit NF4/FP4 and LLM.int8 Linear layers; torchao
+and optimum-quanto weight-only quantized Linear layers through :mod:`diffadapt.quantized_tensors`).
 
 Everything diffadapt knows about quantized layers is here; :mod:`diffadapt.host` asks this module
 and otherwise keeps its float code paths.
@@ -35,11 +36,15 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from diffadapt import quantized_tensors as QT
 from diffadapt.methods.base import AdapterConfigError
 
 BNB_4BIT = "bnb-4bit"
 BNB_INT8 = "bnb-int8"
+TORCHAO, QUANTO = QT.TORCHAO, QT.QUANTO  # quantized tensor-subclass weights (diffadapt.quantized_tensors)
 UNSUPPORTED = "unsupported"
+SUPPORTED = (BNB_4BIT, BNB_INT8, TORCHAO, QUANTO)
+_TENSOR_KINDS = (TORCHAO, QUANTO)
 
 # top-level packages whose modules are quantized layers (detected by name: nothing is imported)
 _QUANT_PACKAGES = {
@@ -91,6 +96,9 @@ def _state(module: nn.Module) -> tuple[str, str]:
         if _int8_scale(module) is None:
             return UNSUPPORTED, "its int8 weight has no scale (SCB)"
         return BNB_INT8, ""
+    tensor_kind = QT.state(module)
+    if tensor_kind is not None:
+        return tensor_kind[0] or UNSUPPORTED, tensor_kind[1]
     if _root(type(module)) in _QUANT_PACKAGES:
         return UNSUPPORTED, f"a {_root(type(module))} layer"
     if isinstance(weight, Tensor):
@@ -103,14 +111,14 @@ def _state(module: nn.Module) -> tuple[str, str]:
 
 
 def kind(module: nn.Module) -> str:
-    """``"bnb-4bit"``, ``"bnb-int8"``, ``"unsupported"`` (a quantized layer diffadapt cannot adapt)
-    or ``""`` (not quantized)."""
+    """``"bnb-4bit"``, ``"bnb-int8"``, ``"torchao"``, ``"quanto"``, ``"unsupported"`` (a quantized
+    layer diffadapt cannot adapt) or ``""`` (not quantized)."""
     return _state(module)[0]
 
 
 def is_quantized(module: nn.Module) -> bool:
     """A supported quantized layer (adapters host it as a black box)."""
-    return _state(module)[0] in (BNB_4BIT, BNB_INT8)
+    return _state(module)[0] in SUPPORTED
 
 
 def callable_as_black_box(module: nn.Module) -> bool:
@@ -120,7 +128,8 @@ def callable_as_black_box(module: nn.Module) -> bool:
 
 def can_requantize(module: nn.Module) -> bool:
     """A merged weight can be written back in the layer's own format (:func:`quantize_like`)."""
-    return is_quantized(module)
+    k = kind(module)
+    return k in (BNB_4BIT, BNB_INT8) or (k in _TENSOR_KINDS and QT.can_requantize(module, k))
 
 
 def describe(module: nn.Module) -> str:
@@ -133,6 +142,8 @@ def describe(module: nn.Module) -> str:
         return f"{name} ({qs.quant_type}{', double-quantized' if nested else ''})"
     if k == BNB_INT8:
         return f"{name} (int8, threshold {getattr(module.state, 'threshold', 0.0):g})"
+    if k in _TENSOR_KINDS:
+        return QT.describe(module, k)
     return name
 
 
@@ -143,8 +154,8 @@ def check_supported(name: str, module: nn.Module) -> None:
     if k == UNSUPPORTED:
         raise UnsupportedQuantizedLayerError(
             f"Module {name!r} is a quantized {type(module).__module__}.{type(module).__name__} ({reason}); diffadapt "
-            "hosts adapters on float layers and on bitsandbytes Linear4bit (nf4/fp4) and Linear8bitLt (int8 weights) "
-            "layers. Load this layer without quantization (or with bitsandbytes), or leave it out of target_modules."
+            "hosts adapters on float layers, bitsandbytes Linear4bit (nf4/fp4) and Linear8bitLt (int8 weights) layers "
+            "and weight-only torchao / optimum-quanto (frozen QLinear) layers. Load this layer without quantization (or with bitsandbytes), or leave it out of target_modules."
         )
 
 
@@ -169,7 +180,7 @@ def _int8_scale(module: nn.Module) -> Optional[Tensor]:
 @dataclass
 class Storage:
     """A quantized layer's weight storage: the packed tensor and what decodes it (4-bit: the
-    QuantState; int8: the per-row scale)."""
+    QuantState; int8: the per-row scale; torchao / quanto: the quantized weight tensor itself, no meta)."""
 
     kind: str
     data: Tensor
@@ -183,6 +194,8 @@ def storage(module: nn.Module) -> Storage:
         return Storage(k, module.weight.data, module.weight.quant_state)
     if k == BNB_INT8:
         return Storage(k, module.weight.data, _int8_scale(module))
+    if k in _TENSOR_KINDS:
+        return Storage(k, module.weight.detach(), None)
     raise TypeError(f"{type(module).__name__} is not a supported quantized layer")
 
 
@@ -190,11 +203,15 @@ def snapshot(module: nn.Module) -> Storage:
     """A copy of the layer's storage that nothing else holds (bitsandbytes mutates quant states in
     place, e.g. when it repacks a 4-bit weight for its CPU kernel): :func:`write` puts it back bit for bit."""
     s = storage(module)
+    if s.kind in _TENSOR_KINDS:  # a quantized weight tensor is replaced on write, never changed in place
+        return s
     return Storage(s.kind, s.data.detach().clone(), copy.deepcopy(s.meta) if s.kind == BNB_4BIT else s.meta.clone())
 
 
 def dequantize(s: Storage) -> Tensor:
     """The float weight a storage decodes to, ``(out_features, in_features)``, on its device."""
+    if s.kind in _TENSOR_KINDS:
+        return QT.dequantize(s.data)
     if s.kind == BNB_INT8:
         return s.data.float() * (s.meta.float().unsqueeze(1) / 127.0)
     bnbf = _bnb()
@@ -218,6 +235,8 @@ def dequantized_weight(module: nn.Module) -> Tensor:
 def quantize_like(module: nn.Module, w2d: Tensor, like: Optional[Storage] = None) -> Storage:
     """``w2d`` quantized in the format of ``like`` (default: the layer's storage), not written."""
     like = like or storage(module)
+    if like.kind in _TENSOR_KINDS:
+        return Storage(like.kind, QT.quantize_like(module, like.data, like.kind, w2d), None)
     bnbf = _bnb()
     if like.kind == BNB_INT8:
         cb, scb, _ = bnbf.int8_vectorwise_quant(w2d.to(torch.float16).contiguous())
@@ -236,6 +255,9 @@ def quantize_like(module: nn.Module, w2d: Tensor, like: Optional[Storage] = None
 
 def write(module: nn.Module, s: Storage) -> None:
     """Make ``s`` the layer's storage (its tensors are taken, not copied)."""
+    if s.kind in _TENSOR_KINDS:
+        QT.write(module, s.data)
+        return
     weight = module.weight
     if s.kind == BNB_4BIT:
         weight.data = s.data
@@ -255,16 +277,21 @@ def write(module: nn.Module, s: Storage) -> None:
 @dataclass
 class MergeReport:
     """One layer's requantization: relative weight error ``||Q(W_eff) - W_eff|| / ||W_eff||`` and its
-    ratio to the adapter's own change ``||W_eff - W||`` (inf when the adapter changes nothing)."""
+    ratio to the adapter's own change ``||W_eff - W||`` (inf when the adapter changes nothing);
+    ``cannot_requantize``: the layer's format has no requantizer (the merge is refused, errors nan)."""
 
     layer: str
     layer_type: str
     relative_error: float
     error_to_change: float
+    cannot_requantize: bool = False
 
 
 def plan_merge(name: str, module: nn.Module, original: Storage, w_eff: Tensor) -> tuple[Storage, MergeReport]:
-    """``w_eff`` (float32, from the dequantized ``original``) requantized, with its report; nothing written."""
+    """``w_eff`` (float32, from the dequantized ``original``) requantized, with its report; nothing written
+    (a format without a requantizer: no storage, a report that refuses the merge)."""
+    if not can_requantize(module):
+        return None, MergeReport(name, describe(module), math.nan, math.nan, cannot_requantize=True)
     new = quantize_like(module, w_eff, original)
     w0 = dequantize(original).to(w_eff.dtype)
     wq = dequantize(new).to(w_eff.dtype)
@@ -292,7 +319,16 @@ def set_merge_limit(model: nn.Module, limit: float) -> None:
 
 def refusal(reports: list[MergeReport], limit: float, names: list[str]) -> Optional[str]:
     """The one-line reason to refuse merging ``names`` (None: merge). Layers whose adapter changes
-    nothing (ratio inf from requantization noise alone) never refuse."""
+    nothing (ratio inf from requantization noise alone) never refuse; a layer whose format cannot
+    be requantized always does."""
+    cant = [r for r in reports if r.cannot_requantize]
+    if cant:
+        return (
+            f"Refusing to merge {names} into quantized layers: {cant[0].layer!r} ({cant[0].layer_type}) cannot be "
+            f"requantized in its format ({len(cant)} of {len(reports)} quantized layers), so the merged model cannot be "
+            "written. Keep the adapters live (exact on the quantized layers), or merge into a float copy of the model "
+            "(load it without quantization, or quantize it in a format diffadapt requantizes)."
+        )
     bad = [r for r in reports if r.error_to_change > limit and math.isfinite(r.error_to_change)]
     if not bad:
         return None

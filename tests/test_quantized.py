@@ -11,7 +11,6 @@ there the adapters are checked against the layer's own function (see test_infere
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -21,6 +20,15 @@ from torch import nn
 import diffadapt as da
 from diffadapt import quantized as Q
 from tests import tiny_models as tm
+from tests.quant_helpers import (
+    TOL,
+    add_both,
+    check_forward_backward,
+    mlp,
+    mlp_input,
+    randomise_both,
+    with_reference,
+)
 from tests.test_runtime import SMALL, randomise, rel
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed (pip install 'diffadapt[quantized]')")
@@ -31,75 +39,26 @@ QTYPES = {
     "fp4-dq": dict(quant_type="fp4", double_quant=True),
     "int8": dict(quant_type="int8"),
 }
-TOL = 1e-5
+
+
+def _quantize_layers(qtype):
+    def run(model, names):
+        for name in names:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    Q.quantize_linear(model.get_submodule(name), **QTYPES[qtype]))
+    return run
 
 
 def quantize(model: nn.Module, names, qtype: str) -> tuple[nn.Module, nn.Module]:
     """``model`` with the Linear layers ``names`` quantized, and its float32 reference: a copy whose
     layers compute with the dequantized weights."""
-    quant, ref = model, copy.deepcopy(model)
-    for name in names:
-        parent, _, child = name.rpartition(".")
-        layer = quant.get_submodule(name)
-        q = Q.quantize_linear(layer, **QTYPES[qtype])
-        setattr(quant.get_submodule(parent) if parent else quant, child, q)
-        setattr(ref.get_submodule(parent) if parent else ref, child, Q.float_copy(q))
-    return quant, ref
-
-
-def randomise_both(a, b, name, seed=0, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    pa, pb = da.adapter_parameters(a, name), da.adapter_parameters(b, name)
-    assert list(pa) == list(pb)
-    with torch.no_grad():
-        for key, p in pa.items():
-            assert torch.equal(p, pb[key]), key  # same init on the quantized layer and on its float reference
-            noise = torch.randn(p.shape, generator=g, dtype=p.dtype) * scale
-            for t in (p, pb[key]):
-                t.mul_(1 + noise) if key.endswith(("boft_s", "frod_lambda_l")) else t.add_(noise)
-
-
-def add_both(quant, ref, method, name="a", scale=0.1, **kw):
-    for m in (quant, ref):
-        torch.manual_seed(7)
-        da.add_adapter(m, SMALL[method](**kw), name)
-    randomise_both(quant, ref, name, scale=scale)
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 32))
+    return with_reference(model, names, _quantize_layers(qtype))
 
 
 def small(qtype, train=True):
     quant, ref = quantize(mlp(), ["0", "2"], qtype)
     return quant.train(train), ref.train(train)
-
-
-def check_forward_backward(quant, ref, make_input, outputs):
-    """Outputs, input gradients and adapter-parameter gradients equal within TOL (relative)."""
-    xq, xr = make_input(), make_input()
-    for x in (xq, xr):
-        for t in x.values():
-            if t.is_floating_point():
-                t.requires_grad_(True)
-    yq, yr = outputs(quant(**xq)), outputs(ref(**xr))
-    assert rel(yq, yr) < TOL
-    (yq.square().sum()).backward()
-    (yr.square().sum()).backward()
-    for k in xq:
-        if xq[k].is_floating_point():
-            assert rel(xq[k].grad, xr[k].grad) < TOL, k
-    pq = {k: p for k, p in quant.named_parameters() if p.requires_grad}
-    pr = {k: p for k, p in ref.named_parameters() if p.requires_grad}
-    assert set(pq) == set(pr) and pq
-    worst = max(rel(pq[k].grad, pr[k].grad) for k in pq)
-    assert worst < TOL, worst
-    return rel(yq, yr), worst
-
-
-def _mlp_input():
-    return {"input": torch.randn(4, 5, 64, generator=torch.Generator().manual_seed(3))}
 
 
 # -- 1. live adapters on quantized layers ---------------------------------------------------------
@@ -109,7 +68,7 @@ def test_live_adapter_equals_float_reference(method, qtype):
     quant, ref = small(qtype)
     add_both(quant, ref, method, target_modules=["0", "2"])
     assert all(isinstance(h.base_layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for _, h in da.model.hosts(quant))
-    check_forward_backward(quant, ref, _mlp_input, lambda y: y)
+    check_forward_backward(quant, ref, mlp_input, lambda y: y)
 
 
 def test_two_adapters_rotation_and_delta_with_bias_on_quantized():
@@ -119,7 +78,7 @@ def test_two_adapters_rotation_and_delta_with_bias_on_quantized():
     add_both(quant, ref, "fourierft", "f", target_modules=["0", "2"])
     for m in (quant, ref):
         da.set_adapters(m, ["b", "f"], [0.7, 1.0])
-    check_forward_backward(quant, ref, _mlp_input, lambda y: y)
+    check_forward_backward(quant, ref, mlp_input, lambda y: y)
 
 
 UNET_TARGETS = r".*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
@@ -190,7 +149,7 @@ def test_no_dequantization_per_step(monkeypatch):
     calls = []
     real = Q.dequantize
     monkeypatch.setattr(Q, "dequantize", lambda s: calls.append(1) or real(s))
-    x = _mlp_input()["input"]
+    x = mlp_input()["input"]
     quant(x).sum().backward()
     quant.eval()
     with torch.no_grad():
@@ -205,7 +164,7 @@ def test_inference_runs_the_layers_own_kernel(qtype):
     exactly the adapter applied around the layer's own function."""
     quant, ref = small(qtype, train=False)
     add_both(quant, ref, "boft", target_modules=["0"])
-    x = _mlp_input()["input"]
+    x = mlp_input()["input"]
     with torch.no_grad():
         yq, yr = quant(x), ref(x)
         assert rel(yq, yr) < 3e-2
@@ -240,7 +199,7 @@ def test_merge_requantizes_reports_and_unmerge_restores_bits(method, qtype):
     quant, ref = small(qtype, train=True)  # train mode: bitsandbytes' exact dequantize+matmul kernels
     add_both(quant, ref, method, target_modules=["0", "2"])
     before = {n: _storage_state(quant.get_submodule(n).base_layer) for n in ("0", "2")}
-    x = _mlp_input()["input"]
+    x = mlp_input()["input"]
     with torch.no_grad():
         live = quant(x)
     exact = {n: ref.get_submodule(n).effective_weight().detach() for n in ("0", "2")}  # float32 W_eff
@@ -301,7 +260,7 @@ def test_merge_that_rounding_would_erase_is_refused_before_anything_changes():
         for p in da.adapter_parameters(quant, "tiny").values():
             p.fill_(1e-6)  # a change far below a 4-bit code step
     before = {n: _storage_state(quant.get_submodule(n).base_layer) for n in ("0", "2")}
-    x = _mlp_input()["input"]
+    x = mlp_input()["input"]
     with torch.no_grad():
         live = quant(x)
     with pytest.raises(Q.QuantizedMergeError, match=r"Refusing to merge \['tiny'\].*'(0|2)' \(bitsandbytes Linear4bit "
@@ -360,7 +319,7 @@ def test_merge_after_bitsandbytes_cpu_repack_restores_that_storage():
     torch.manual_seed(7)
     da.add_adapter(quant, SMALL["hra"](target_modules=["0", "2"]), "a")
     randomise(quant, "a")
-    x = _mlp_input()["input"]
+    x = mlp_input()["input"]
     with torch.no_grad():
         live = quant(x)
     before = {n: _storage_state(quant.get_submodule(n).base_layer) for n in ("0", "2")}
@@ -453,4 +412,4 @@ def test_saved_files_match_a_float_base(method, tmp_path):
     da.load_adapter(float_model, tmp_path / "quant", "q")
     da.load_adapter(deq, tmp_path / "quant", "a")
     randomise_both(quant, deq, "a")
-    check_forward_backward(quant.train(), deq.train(), _mlp_input, lambda y: y)
+    check_forward_backward(quant.train(), deq.train(), mlp_input, lambda y: y)
