@@ -1045,5 +1045,10 @@ def test_controlnet_every_method(method, runs, sd, assets):
             "final.png", "step_000004.png", "step_000008.png"]
     if method == "frod":
         assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+        # each trained model as an adapter folder; the ControlNet's new layers beside it
         assert {p.name for p in (out / "checkpoint-4").iterdir()} >= {
-            "unet.trainable.safetensors", "controlnet.trainable.safetensors", "optimizer.bin"}
+            "unet", "controlnet", "controlnet.trained_weights.safetensors", "optimizer.bin"}
+        assert not (out / "checkpoint-4" / "unet.trained_weights.safetensors").exists()
+        for role in ("unet", "controlnet"):
+            assert sorted(p.name for p in (out / "checkpoint-4" / role).iterdir()) == [
+                "adapter_config.json", "adapter_model.safetensors"]

@@ -43,6 +43,15 @@ import os
 import sys
 from pathlib import Path
 
+import diffusers
+import torch
+from diffusers import ControlNetModel, DDPMScheduler
+from diffusers.training_utils import cast_training_params, free_memory
+from PIL import Image
+
+import diffadapt as da
+from diffadapt import training
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import atomic_io  # noqa: E402
 import common  # noqa: E402
@@ -174,8 +183,6 @@ class ControlDataset:
 
 
 def collate(examples):
-    import torch
-
     return {
         "pixel_values": torch.stack([e["pixels"] for e in examples]),
         "conditioning_pixel_values": torch.stack([e["cond"] for e in examples]),
@@ -193,8 +200,6 @@ def has_controlnet(model: str) -> bool:
 
 def load_controlnet(args, base_pipe):
     """(ControlNetModel, where it came from; None when made here from the UNet)."""
-    from diffusers import ControlNetModel
-
     source = args.controlnet_model_name_or_path
     if source is not None:
         sub = "controlnet" if Path(source, "model_index.json").is_file() else None
@@ -208,18 +213,12 @@ def load_controlnet(args, base_pipe):
 
 
 def control_pipeline(family, base_pipe, controlnet):
-    import diffusers
-
     return getattr(diffusers, CONTROL_PIPELINE[family]).from_pipe(base_pipe, controlnet=controlnet)
 
 
 def save_controlnet_weights(controlnet, folder) -> None:
     """The ControlNet's own weights (adapters removed with diffadapt.unload, in place: call this
     last), as a ControlNetModel.from_pretrained folder in fp32."""
-    import torch
-
-    import diffadapt as da
-
     if da.has_adapters(controlnet):
         da.unload(controlnet)
     controlnet.to(torch.float32).save_pretrained(folder, safe_serialization=True)
@@ -227,16 +226,12 @@ def save_controlnet_weights(controlnet, folder) -> None:
 
 def validate(args, accelerator, pipe, tag: str, step: int) -> str:
     """One grid row per (prompt, conditioning image): the conditioning image, then the samples."""
-    import torch
-
-    from PIL import Image
-
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(accelerator.device).manual_seed(args.seed_value)
     tiles = []
     for prompt, image_path in args.validation_pairs:
         cond = sd_parts.load_rgb(image_path).resize((args.resolution, args.resolution), Image.BILINEAR)
-        with torch.no_grad(), training_loop.autocast(accelerator):
+        with torch.no_grad(), training.autocast(accelerator):
             samples = [pipe(prompt=prompt, image=cond, num_inference_steps=args.num_inference_steps,
                             height=args.resolution, width=args.resolution, generator=generator).images[0]
                        for _ in range(args.num_validation_images)]
@@ -256,12 +251,6 @@ def main(argv=None):
         raise UsageError("A ControlNet made from the UNet starts with zero output convolutions and would stay a "
                          "no-op with --controlnet_trainable none; train its new layers (new_layers) or pass "
                          "--controlnet_model_name_or_path.")
-
-    import torch
-    from diffusers import DDPMScheduler
-    from diffusers.training_utils import cast_training_params, free_memory
-
-    import diffadapt as da
 
     accelerator = training_loop.make_accelerator(args)
     # -- models, then adapters (refusals come here, before any data is read)
@@ -292,7 +281,7 @@ def main(argv=None):
     trainable = {role: da.count_parameters(m)[0] for role, m in models.items()}
     accelerator.print(f"{args.method} adapters on {','.join(args.adapt)}; trainable parameters: {trainable}")
 
-    dtype = training_loop.weight_dtype(accelerator)
+    dtype = training.weight_dtype(accelerator)
     pipe.vae.to(accelerator.device).requires_grad_(False)
     encoders = [getattr(pipe, n) for n in TEXT_STACK[family]]
     tokenizers = [getattr(pipe, n.replace("text_encoder", "tokenizer")) for n in TEXT_STACK[family]]
@@ -307,7 +296,7 @@ def main(argv=None):
 
     # -- data, optimizer, accelerate
     dataset = ControlDataset(args, args.seed_value)
-    sampler = training_loop.EpochSampler(len(dataset), args.seed_value)
+    sampler = training.EpochSampler(len(dataset), args.seed_value)
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
                                              collate_fn=collate, num_workers=args.dataloader_num_workers)
     if args.scale_lr:
@@ -377,8 +366,6 @@ def main(argv=None):
         atomic_io.publish_artifact(args.output_dir, write)
         if validating:
             free_memory()
-            from diffusers import ControlNetModel
-
             fresh_base = training_loop.load_pipeline(args, family)
             if save_weights:
                 fresh_cn = ControlNetModel.from_pretrained(Path(args.output_dir, CONTROLNET_FOLDER))

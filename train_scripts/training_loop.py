@@ -1,28 +1,48 @@
-"""The training loop both scripts run, with its accelerate glue: the Accelerator, dtypes, the
-optimizer and schedule, checkpoints (only trainable tensors), resume (``latest``),
-deterministic data order and noise per step, rank digests (tests), train_log.jsonl; and
-loading the base pipeline at the start of a run.
+"""The training loop both scripts run, with its accelerate glue: the Accelerator, the optimizer
+and schedule from the flags, checkpoints (``diffadapt.training``: each trained model as an
+adapter), resume (``latest``, checked against this run), rank digests (tests), train_log.jsonl;
+and loading the base pipeline at the start of a run. What does not depend on the scripts' flags
+(seeds, data order, optimizer and schedule construction, checkpoint folders and their manifest)
+is in ``diffadapt.training``.
+
+``logger`` is the scripts' one logger; ``make_accelerator`` configures logging (once).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
-import re
-import shutil
-import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import diffusers
+import huggingface_hub
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list, set_seed
+from diffusers import DiffusionPipeline
+from tqdm.auto import tqdm
 
 import atomic_io
 from common import ADAPTER_NAME, METHOD_FLAGS, METHODS, UsageError, tensorboard_available
+from diffadapt import quantized, training
+from diffadapt.model import adapter_config
+from diffadapt.training import (  # noqa: F401 - the scripts use them from here too
+    EpochSampler,
+    autocast,
+    checkpoint_problem,
+    read_manifest,
+    step_generator,
+    trainable_state,
+    weight_dtype,
+)
 
-if TYPE_CHECKING:  # annotations only: torch is imported where it is used (fast --help)
-    import torch
+logger = logging.getLogger("train_scripts")
 
 
 def verbose(args) -> bool:
@@ -45,8 +65,6 @@ def quiet_library_logs(args) -> None:
     pieces the run does not use (transformers' torchvision fallback for image processors the
     pipeline never calls; bitsandbytes' optional CPU 4-bit kernel, kept with --quantize_base).
     Warnings about the model itself stay (see ``start_run``)."""
-    import logging
-
     if verbose(args):
         return
     logging.getLogger("transformers.utils.import_utils").addFilter(
@@ -57,12 +75,8 @@ def quiet_library_logs(args) -> None:
 
 
 def make_accelerator(args, find_unused_parameters: bool = False):
-    import logging
-
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
-
+    """The Accelerator for the flags; logging configured here, the one place (format and level:
+    INFO with --verbose, else WARNING)."""
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
                         datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO if verbose(args) else logging.WARNING)
 
@@ -99,26 +113,11 @@ def make_accelerator(args, find_unused_parameters: bool = False):
     return accelerator
 
 
-def autocast(accelerator):
-    """Autocast for inference with mixed-precision weights (fp32 VAE and adapters), else nothing."""
-    import contextlib
-
-    import torch
-
-    if accelerator.mixed_precision == "no":
-        return contextlib.nullcontext()
-    return torch.autocast(accelerator.device.type)
-
-
 def to_device(model, device, dtype) -> None:
     """Move a model, casting it only for mixed precision (the trained tensors are cast back to
     fp32 with diffusers.training_utils.cast_training_params afterwards). A quantized base's
     bitsandbytes layers are moved, never cast (their storage is the quantized weight; they compute
     in the dtype of their input); every other tensor is moved and cast as for a float model."""
-    import torch
-
-    from diffadapt import quantized
-
     kept = [m for m in model.modules() if quantized.is_quantized(m)]
     if not kept:
         model.to(device) if dtype == torch.float32 else model.to(device, dtype=dtype)
@@ -149,8 +148,6 @@ def quantize_base(args, accelerator, pipe, denoisers, text_encoders, pin: bool =
     images between training steps; see ``diffadapt.quantized.pin_training_kernels``)."""
     if not getattr(args, "quantize_base", None):
         return
-    from diffadapt import quantized
-
     roles = list(denoisers) + (list(text_encoders) if args.quantize_text_encoder else [])
     compute = weight_dtype(accelerator)
     done = []
@@ -178,171 +175,25 @@ def shared_seed(args, accelerator) -> int:
     saved = saved if isinstance(saved, int) and not isinstance(saved, bool) else None
     if args.seed is not None:
         if saved is not None and saved != args.seed and accelerator.is_main_process:
-            _stderr(f"warning: --seed {args.seed} differs from the seed of {path} ({saved}); data order, noise "
+            logger.warning(f"warning: --seed {args.seed} differs from the seed of {path} ({saved}); data order, noise "
                     "and dropout do not continue that run's.")
         return args.seed
     if saved is not None:
         accelerator.print(f"No --seed given: resuming with the seed of {path} ({saved}).")
         return saved
-    from accelerate.utils import broadcast_object_list
-
     return broadcast_object_list([random.SystemRandom().randrange(2**31)])[0]
 
 
-def weight_dtype(accelerator) -> torch.dtype:
-    import torch
-
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-
-def step_generator(accelerator, seed: int, global_step: int, micro: int) -> torch.Generator:
-    """Noise, timesteps and VAE samples of one micro-batch: a function of (seed, step, micro-batch,
-    rank) only, so a resumed run draws exactly what an uninterrupted one draws."""
-    import torch
-
-    index = (global_step * 1024 + micro) * accelerator.num_processes + accelerator.process_index
-    return torch.Generator(accelerator.device).manual_seed((seed * 1_000_003 + index) % (2**63))
-
-
-def seed_global_rngs(seed: int, global_step: int, micro: int, rank: int) -> None:
-    """Seed the global generators (python ``random``, numpy, torch on the CPU and every
-    accelerator device) for one micro-batch, from (seed, step, micro-batch, rank) only.
-
-    Adapter dropout (BOFT ``boft_dropout``, OFT ``module_dropout``, FRoD ``frod_dropout``) and
-    anything else that draws inside the forward uses these global generators. Their state at a
-    checkpoint is not what a resumed run has at the same step: between ``load_state`` and the
-    next step other code draws from them (a new DataLoader iterator takes a seed from torch's
-    CPU generator, accelerate synchronises generators per iteration, ...). Seeding them per
-    micro-batch makes a resumed run draw exactly what the uninterrupted one draws, whatever ran
-    in between. The stream differs from ``step_generator``'s (noise and timesteps)."""
-    import numpy as np
-    import torch
-
-    digest = hashlib.sha256(f"diffadapt global rng {seed} {global_step} {micro} {rank}".encode()).digest()
-    value = int.from_bytes(digest[:8], "little") >> 1  # 63 bits
-    random.seed(value)
-    np.random.seed(value % 2**32)
-    torch.manual_seed(value)  # CPU and all CUDA (and other accelerator) devices
-
-
-class EpochSampler:
-    """A shuffled order that depends on (seed, epoch) only. ``use_epoch`` is called by the
-    training loop (deliberately not ``set_epoch``, which accelerate would call with its own count)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def use_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        import torch
-
-        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-
 def make_optimizer(args, param_groups):
-    import torch
-
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(
-        param_groups,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
+    return training.make_optimizer(param_groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                                   use_8bit_adam=args.use_8bit_adam)
 
 
 def make_lr_scheduler(args, optimizer, accelerator):
-    from diffusers.optimization import get_scheduler
-
-    return get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-        num_cycles=args.lr_num_cycles,
-        power=args.lr_power,
-    )
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """Every trainable tensor of ``model`` (adapter parameters, and e.g. a trained ControlNet)."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def register_checkpointing(accelerator, models: dict, unprepared: bool = False) -> None:
-    """Make ``accelerator.save_state``/``load_state`` store only what trains: one safetensors
-    file per model role (``<role>.trainable.safetensors``) instead of the whole frozen model.
-    Optimizer, lr scheduler, step and RNG states are saved by accelerate as usual.
-    ``unprepared`` (--fsdp): the models were not given to ``accelerator.prepare``; every role is
-    saved and loaded (its trained tensors are replicated: the main process writes them, every
-    process reads them)."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    def role_of(model):
-        inner = accelerator.unwrap_model(model)
-        return next((r for r, m in models.items() if m is inner), None)
-
-    def save_hook(saved_models, weights, output_dir):
-        if unprepared and accelerator.is_main_process:
-            for role, model in models.items():
-                save_file(trainable_state(model), os.path.join(output_dir, f"{role}.trainable.safetensors"))
-        for i in reversed(range(len(saved_models))):
-            role = role_of(saved_models[i])
-            if role is None:
-                continue
-            if accelerator.is_main_process:
-                save_file(trainable_state(models[role]), os.path.join(output_dir, f"{role}.trainable.safetensors"))
-            if i < len(weights):
-                weights.pop(i)
-
-    def load_hook(loaded_models, input_dir):
-        if unprepared:
-            for role in models:
-                load_role(role, input_dir)
-        for i in reversed(range(len(loaded_models))):
-            role = role_of(loaded_models[i])
-            if role is None:
-                continue
-            load_role(role, input_dir)
-            loaded_models.pop(i)
-
-    def load_role(role, input_dir):
-        path = os.path.join(input_dir, f"{role}.trainable.safetensors")
-        if not os.path.isfile(path):
-            raise UsageError(f"{input_dir} has no {role}.trainable.safetensors: not a checkpoint of this training.")
-        try:
-            tensors = load_file(path)
-        except Exception as err:  # noqa: BLE001 - safetensors raises several types for a damaged file
-            raise UsageError(f"{path} is not a readable safetensors file ({one_line(err)}).") from None
-        params = {n: p for n, p in models[role].named_parameters() if p.requires_grad}
-        if set(tensors) != set(params):
-            raise UsageError(
-                f"{path} holds other tensors than this run trains ({len(tensors)} vs {len(params)}); "
-                "resume with the same method, hyper-parameters and targets."
-            )
-        for n, p in params.items():
-            if tuple(tensors[n].shape) != tuple(p.shape):
-                raise UsageError(f"{path}: {n} has shape {tuple(tensors[n].shape)} there and {tuple(p.shape)} in "
-                                 "this run; resume with the same method, hyper-parameters and targets.")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(tensors[n])
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    return training.make_lr_scheduler(args.lr_scheduler, optimizer, args.lr_warmup_steps, args.max_train_steps,
+                                      num_cycles=args.lr_num_cycles, power=args.lr_power,
+                                      num_processes=accelerator.num_processes)
 
 
 def one_line(err: BaseException) -> str:
@@ -353,12 +204,6 @@ def one_line(err: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------
 # checkpoints: written into checkpoint-<step>.tmp, renamed when complete, described by a manifest
 # ----------------------------------------------------------------------------------------------
-
-MANIFEST = "diffadapt_checkpoint.json"  # written last: its presence means the folder is complete
-MANIFEST_FORMAT = "diffadapt.training-checkpoint"
-CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
-LEFTOVER_RE = re.compile(r"checkpoint-\d+\.(tmp|old)")
-
 
 def _jsonable(value):
     if isinstance(value, (set, frozenset)):
@@ -371,14 +216,9 @@ def _jsonable(value):
 def run_signature(args, models: dict) -> dict:
     """What a checkpoint must share with the run that resumes it: the method, the trained roles,
     each role's adapter config and every trained tensor's name and shape."""
-    from diffadapt.model import adapter_state
-
     adapters, trainable = {}, {}
     for role, model in models.items():
-        try:
-            config = adapter_state(model).configs.get(ADAPTER_NAME)
-        except ValueError:  # no adapter on this model (e.g. a ControlNet trained in full)
-            config = None
+        config = adapter_config(model, ADAPTER_NAME)  # None: no adapter (e.g. a ControlNet trained in full)
         if config is not None:
             adapters[role] = config.to_dict()
         trainable[role] = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
@@ -386,58 +226,13 @@ def run_signature(args, models: dict) -> dict:
     return json.loads(json.dumps(signature, sort_keys=True, default=_jsonable))  # as it reads back
 
 
-def _step(name: str) -> int | None:
-    match = CHECKPOINT_RE.fullmatch(name)
-    return int(match.group(1)) if match else None
-
-
-def _checkpoints(output_dir) -> list[str]:
-    """``checkpoint-<step>`` folder names in ``output_dir``, oldest first (complete or not)."""
-    if not os.path.isdir(output_dir):
-        return []
-    names = [d for d in os.listdir(output_dir) if _step(d) is not None and os.path.isdir(os.path.join(output_dir, d))]
-    return sorted(names, key=_step)
-
-
-def read_manifest(path) -> dict | None:
-    try:
-        data = json.loads(Path(path, MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT else None
-
-
-def checkpoint_problem(path) -> str | None:
-    """None if the checkpoint folder is complete, else why not (one clause)."""
-    if not Path(path, MANIFEST).is_file():
-        return (f"it has no {MANIFEST} (a save that did not finish, or a checkpoint of an older version of the "
-                "script)")
-    manifest = read_manifest(path)
-    if manifest is None or not isinstance(manifest.get("files"), dict):
-        return f"its {MANIFEST} is unreadable"
-    for rel, size in sorted(manifest["files"].items()):
-        file = Path(path, rel)
-        if not file.is_file():
-            return f"{rel} is missing"
-        if file.stat().st_size != size:
-            return f"{rel} has {file.stat().st_size} bytes, {size} were written (truncated or damaged)"
-    return None
-
-
-def _files(folder) -> dict[str, int]:
-    out = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            p = os.path.join(root, name)
-            out[os.path.relpath(p, folder).replace(os.sep, "/")] = os.path.getsize(p)
-    return out
-
-
 def save_checkpoint(accelerator, args, global_step: int, models: dict) -> str:
     """``accelerator.save_state`` into ``output_dir/checkpoint-<step>``, atomically: all processes
     write into ``checkpoint-<step>.tmp`` (accelerate writes models/optimizer on the main process and
     each process's RNG state), the main process adds the manifest, flushes and renames it; only
-    then are checkpoints beyond ``--checkpoints_total_limit`` removed (complete ones, oldest first)."""
+    then are checkpoints beyond ``--checkpoints_total_limit`` removed (complete ones, oldest first).
+    The trained models are written as adapters by the hooks of ``prepare``
+    (``diffadapt.training.register_checkpoint_hooks``)."""
     path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     tmp = path + ".tmp"
     if accelerator.is_main_process:
@@ -446,45 +241,24 @@ def save_checkpoint(accelerator, args, global_step: int, models: dict) -> str:
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        manifest = {"format": MANIFEST_FORMAT, "version": 1, "step": global_step, "seed": args.seed_value,
-                    "world_size": accelerator.num_processes, **run_signature(args, models), "files": _files(tmp)}
-        Path(tmp, MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        manifest = {"format": training.MANIFEST_FORMAT, "version": 2, "step": global_step, "seed": args.seed_value,
+                    "world_size": accelerator.num_processes, **run_signature(args, models),
+                    "files": training.folder_files(tmp)}
+        Path(tmp, training.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         atomic_io.fsync_tree(tmp)
         atomic_io.replace_dir(tmp, path)
-        prune_checkpoints(args, keep=path)
+        training.prune_checkpoints(args.output_dir, keep=path, total_limit=args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     return path
 
 
-def prune_checkpoints(args, keep: str) -> None:
-    """Leftovers of killed saves (``checkpoint-<step>.tmp`` / ``.old``) go; with
-    ``--checkpoints_total_limit n`` the n newest complete checkpoints stay (``keep``, the one
-    just written, among them), older complete ones go. Incomplete ``checkpoint-<step>`` folders
-    are left alone: they do not count, and an older script's checkpoint may be one."""
-    out = args.output_dir
-    for name in os.listdir(out):
-        if LEFTOVER_RE.fullmatch(name) and os.path.join(out, name) != keep:
-            atomic_io.remove(os.path.join(out, name))
-    if args.checkpoints_total_limit is None:
-        return
-    complete = [d for d in _checkpoints(out) if checkpoint_problem(os.path.join(out, d)) is None]
-    kept = set(complete[-args.checkpoints_total_limit:]) | {os.path.basename(keep)}
-    for name in complete:
-        if name not in kept:
-            shutil.rmtree(os.path.join(out, name))
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def resolve_resume(args, warn=_stderr) -> str | None:
+def resolve_resume(args, warn=logger.warning) -> str | None:
     """The checkpoint folder --resume_from_checkpoint names (None: start fresh). ``latest`` is the
     newest complete checkpoint in --output_dir; incomplete ones are skipped with a ``warn`` line."""
     if not args.resume_from_checkpoint:
         return None
     if args.resume_from_checkpoint == "latest":
-        for name in reversed(_checkpoints(args.output_dir)):
+        for name in reversed(training.list_checkpoints(args.output_dir)):
             path = os.path.join(args.output_dir, name)
             problem = checkpoint_problem(path)
             if problem is None:
@@ -494,11 +268,11 @@ def resolve_resume(args, warn=_stderr) -> str | None:
     path = args.resume_from_checkpoint
     if not os.path.isdir(path):
         path = os.path.join(args.output_dir, os.path.basename(os.path.normpath(path)))
-    if not os.path.isdir(path) or _step(os.path.basename(os.path.normpath(path))) is None:
+    if not os.path.isdir(path) or training.checkpoint_step(os.path.basename(os.path.normpath(path))) is None:
         raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no checkpoint-<step> folder there.")
     problem = checkpoint_problem(path)
     if problem is not None:
-        if Path(path, MANIFEST).exists():
+        if Path(path, training.MANIFEST).exists():
             named = "" if path == args.resume_from_checkpoint else f" ({path})"
             raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}{named} cannot be resumed: "
                              f"{problem}.")
@@ -511,7 +285,7 @@ def find_resume(args) -> str | None:
     checkpoint is refused at once); the first process prints the warnings."""
     if not hasattr(args, "resume_path"):
         first = os.environ.get("RANK", "0") == "0"
-        args.resume_path = resolve_resume(args, _stderr if first else (lambda _: None))
+        args.resume_path = resolve_resume(args, logger.warning if first else (lambda _: None))
     return args.resume_path
 
 
@@ -586,7 +360,7 @@ def resume(accelerator, args, steps_per_epoch: int, models: dict) -> tuple[int, 
         raise
     except Exception as err:  # noqa: BLE001 - a damaged optimizer / scheduler / RNG file of any kind
         raise UsageError(f"{where} cannot be loaded: {one_line(err)}") from None
-    global_step = _step(os.path.basename(os.path.normpath(path)))
+    global_step = training.checkpoint_step(os.path.basename(os.path.normpath(path)))
     first_epoch = global_step // steps_per_epoch
     skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
     return global_step, first_epoch, skip
@@ -636,8 +410,7 @@ def shard_models(accelerator, models: dict) -> None:
     gathered that block's parameters, so the factors are DTensor shards and the layer's forward
     mixes them with plain tensors ("aten.mul.Tensor got mixed torch.Tensor and DTensor", e.g.
     FourierFT's delta_weight)."""
-    import torch
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import init_device_mesh  # --fsdp only
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
@@ -652,7 +425,7 @@ def shard_models(accelerator, models: dict) -> None:
                 fully_shard(module, mesh=mesh, ignored_params=trained)
         fully_shard(model, mesh=mesh, ignored_params=trained)
         if accelerator.native_amp:  # autocast as accelerate gives a prepared model
-            from accelerate.utils import convert_outputs_to_fp32
+            from accelerate.utils import convert_outputs_to_fp32  # --fsdp with mixed precision only
             from accelerate.utils.modeling import get_mixed_precision_context_manager
 
             context = get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler)
@@ -660,27 +433,10 @@ def shard_models(accelerator, models: dict) -> None:
     torch.distributed.barrier()
 
 
-def average_gradients(params) -> None:
-    """--fsdp: the replicated trained parameters' gradients averaged over the processes, as DDP
-    does (divided by the world size, then summed; one flat all-reduce)."""
-    import torch
-    import torch.distributed as dist
-
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads]).div_(dist.get_world_size())
-    dist.all_reduce(flat)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 def base_layout(models: dict) -> dict:
     """Debug/tests: per role, the frozen parameters' global element count, the elements this
     process holds and how many are FSDP shards (DTensors)."""
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # torch.distributed: not on every build
 
     out = {}
     for role, model in models.items():
@@ -707,7 +463,8 @@ def prepare(accelerator, args, models: dict, groups: list, dataloader):
     wrapped = dict(models) if fsdp else dict(zip(roles, prepared[: len(roles)]))
     optimizer, dataloader, lr_scheduler = prepared[len(roles):]
     steps_per_epoch = training_plan(args, len(dataloader))  # after sharding
-    register_checkpointing(accelerator, models, unprepared=fsdp)
+    training.register_checkpoint_hooks(accelerator, models, ADAPTER_NAME, args.pretrained_model_name_or_path,
+                                       unprepared=fsdp)
     return wrapped, optimizer, dataloader, lr_scheduler, steps_per_epoch
 
 
@@ -719,8 +476,6 @@ def train(accelerator, args, *, models, wrapped, optimizer, lr_scheduler, datalo
 
     ``loss_fn(batch, generator)`` returns the loss of one micro-batch; ``epoch_users`` get
     ``use_epoch``/``epoch`` set (sampler, dataset) so data order and augmentation follow the epoch."""
-    from tqdm.auto import tqdm
-
     global_step, first_epoch, skip = resume(accelerator, args, steps_per_epoch, models)
     log = JsonlLog(accelerator, args.output_dir, global_step)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -738,11 +493,11 @@ def train(accelerator, args, *, models, wrapped, optimizer, lr_scheduler, datalo
         batches = accelerator.skip_first_batches(dataloader, skip) if epoch == first_epoch and skip else dataloader
         for batch in batches:
             with accelerator.accumulate(*wrapped.values()):
-                seed_global_rngs(args.seed_value, global_step, micro, accelerator.process_index)
+                training.seed_global_rngs(args.seed_value, global_step, micro, accelerator.process_index)
                 loss = loss_fn(batch, step_generator(accelerator, args.seed_value, global_step, micro))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and fsdp:
-                    average_gradients(params)
+                    training.average_gradients(params)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
@@ -804,16 +559,10 @@ class JsonlLog:
 
 def start_run(args, accelerator, family: str):
     """Per-process logging, the shared seed, the output folder; then the base pipeline."""
-    import diffusers
-    import transformers
-    from accelerate.utils import set_seed
-
     if accelerator.is_local_main_process and verbose(args):
         transformers.utils.logging.set_verbosity_warning()
         diffusers.utils.logging.set_verbosity_info()
     elif accelerator.is_local_main_process:  # warnings (e.g. weights missing from a checkpoint) only, no loading bars
-        import huggingface_hub
-
         transformers.utils.logging.set_verbosity_warning()
         diffusers.utils.logging.set_verbosity_warning()
         transformers.utils.logging.disable_progress_bar()
@@ -831,8 +580,6 @@ def start_run(args, accelerator, family: str):
 
 def load_pipeline(args, family: str):
     """The base pipeline from --pretrained_model_name_or_path (no safety checker for SD 1.x/2.x)."""
-    from diffusers import DiffusionPipeline
-
     load = dict(revision=args.revision, variant=args.variant)
     if family == "sd":
         load.update(safety_checker=None, requires_safety_checker=False)
