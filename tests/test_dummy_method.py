@@ -23,7 +23,7 @@ from tests.test_method_contract import (
     check_save_load,
     check_strength_zero_is_base,
 )
-from tests.test_train_scripts import dreambooth_module  # noqa: F401 - the script imported as a module
+from tests.test_train_scripts import dreambooth_module as _script  # noqa: F401 - fixture: the script as a module
 
 
 @pytest.fixture
