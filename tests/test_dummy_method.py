@@ -23,7 +23,7 @@ from tests.test_method_contract import (
     check_save_load,
     check_strength_zero_is_base,
 )
-from tests.test_train_scripts import dreambooth_module as _script  # noqa: F401 - fixture: the script as a module
+from tests.test_train_scripts import dreambooth_module  # noqa: F401 - fixture: the script as a module
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_register_refuses_what_is_taken(registered):
         methods.register(Clash)
 
 
-def test_training_script_flags(registered, dreambooth_module, tmp_path, capsys):
+def test_training_script_flags(registered, dreambooth_module, tmp_path, capsys):  # noqa: F811 - the fixture
     data = tmp_path / "instance"
     data.mkdir()
     Image.new("RGB", (8, 8)).save(data / "a.png")
