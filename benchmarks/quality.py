@@ -57,7 +57,7 @@ import diffadapt as da  # noqa: E402
 from diffadapt import world  # noqa: E402
 
 DREAMBOOTH = ROOT / "train_scripts" / "train_dreambooth.py"
-METHODS = ("fourierft", "boft", "oft", "hra", "frod")
+METHODS = da.METHOD_NAMES  # every built-in method (the registry)
 HEADS = {"shape": world.SHAPES, "color": tuple(world.COLORS), "texture": world.TEXTURES,
          "background": tuple(world.COLORS), "size": tuple(world.SIZES)}
 PROBE_VERSION = 2  # bump when the probe or its training changes (cached probes are keyed by it)

@@ -48,6 +48,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffadapt.methods import METHOD_NAMES
 from tests import tiny_pipelines as tp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_
 LOSS_RATIO = 0.98
 STEPS = 8
 PROMPT = "a photo of sks blob"
-METHODS = ("fourierft", "boft", "oft", "hra", "frod")
+METHODS = METHOD_NAMES  # every built-in method (the registry); the tables below have one entry each
 # hyper-parameters that fit the tiny UNet (attention widths 32 and 64) and a learning rate
 # that moves the probe loss within STEPS updates
 HYPER = {
