@@ -26,6 +26,7 @@ from peft import get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 import diffadapt as da
+from diffadapt.formats import peft as peft_format
 
 MODELS = {
     "tiny": dict(
@@ -116,10 +117,10 @@ def bench_method(base, method, kwargs, sync, repeat, with_peft=True):
 
     if not with_peft:
         return row
-    peft_cls = PEFT_TYPE_TO_CONFIG_MAPPING[cfg.peft_type]
+    peft_cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_format.peft_type(cfg.method)]
     try:
-        theirs = get_peft_model(copy.deepcopy(base), peft_cls(**cfg.to_peft_dict()), adapter_name="A")
-        theirs.add_adapter("B", peft_cls(**cfg.to_peft_dict()))
+        theirs = get_peft_model(copy.deepcopy(base), peft_cls(**peft_format.to_peft_dict(cfg)), adapter_name="A")
+        theirs.add_adapter("B", peft_cls(**peft_format.to_peft_dict(cfg)))
     except Exception as exc:  # PEFT's FRoD crashes on UNets (mixed widths in one category)
         row.update({"PEFT toggle ms": f"crash ({type(exc).__name__})", "PEFT merge-switch ms": "-", "PEFT merge+unmerge ms": "-"})
         return row

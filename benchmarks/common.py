@@ -252,8 +252,10 @@ def peft_config_for(method: str, targets: list[str], **extra):
     function; ``extra`` changes fields on diffadapt's side first."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
+    from diffadapt.formats import peft as peft_format
+
     ours = diffadapt_config(method, targets, **extra)  # FRoD: progressbar=False carries over
-    return PEFT_TYPE_TO_CONFIG_MAPPING[ours.peft_type](**ours.to_peft_dict())
+    return PEFT_TYPE_TO_CONFIG_MAPPING[peft_format.peft_type(ours.method)](**peft_format.to_peft_dict(ours))
 
 
 def peft_lora_config(targets: list[str], r: int = 16):

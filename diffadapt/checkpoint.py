@@ -27,7 +27,8 @@ from torch import nn
 
 from diffadapt._version import __version__
 from diffadapt.host import SUPPORTED_LAYERS, AdapterHost, AdapterSlot, SavedModuleHost
-from diffadapt.methods import AdapterConfig, AdapterConfigError, Method, get_method, method_for_peft_type
+from diffadapt.formats import peft
+from diffadapt.methods import AdapterConfig, AdapterConfigError, Method, get_method
 from diffadapt.model import (
     check_adapter_name,
     _module,
@@ -141,9 +142,9 @@ def config_from_dict(data: Any, source: object, field: str = "config") -> Adapte
 
 # -- save ---------------------------------------------------------------------------------------
 def peft_config_dict(config: AdapterConfig, base_model: Optional[str] = None) -> dict:
-    out = config.to_peft_dict()
+    out = peft.to_peft_dict(config)
     out.update(
-        peft_type=config.peft_type,
+        peft_type=peft.peft_type(config.method),
         task_type=None,
         base_model_name_or_path=base_model,
         revision=None,
@@ -155,7 +156,7 @@ def peft_config_dict(config: AdapterConfig, base_model: Optional[str] = None) ->
 def peft_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's key names (CPU, contiguous)."""
     config = adapter_state(model).configs[adapter_name]
-    method = get_method(config.method)
+    fmt = peft.format_of(config.method)
     out, specs, buffers = {}, [], []
     for name, host in hosts(model):
         slot = host.adapters[adapter_name] if adapter_name in host.adapters else None
@@ -164,8 +165,8 @@ def peft_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
         specs.append(host.spec)
         buffers.append(slot.buffers_dict())
         for key, value in slot.params().items():
-            out[f"{PREFIX}{name}.{method.peft_keys[key]}"] = value.detach().cpu().contiguous()
-    extra = method.peft_extra_state(config, specs, buffers)
+            out[f"{PREFIX}{name}.{fmt.keys[key]}"] = value.detach().cpu().contiguous()
+    extra = fmt.extra_state(config, specs, buffers)
     out.update({k: v.detach().cpu().contiguous() for k, v in extra.items()})
     for name, host in saved_module_hosts(model):  # modules_to_save: PEFT drops "modules_to_save.<name>."
         if adapter_name in host.copies:
@@ -348,9 +349,9 @@ def read_adapter(
         config = config_from_dict(parse_json(metadata["diffadapt_config"], weights, "diffadapt_config"), weights,
                                   "diffadapt_config")
         if path.is_dir() and config_file.is_file():  # the folder's two parts must describe one adapter
-            peft = read_json(config_file)
-            peft_type = peft.get("peft_type") if isinstance(peft, dict) else None
-            if peft_type != config.peft_type:
+            written = read_json(config_file)
+            peft_type = written.get("peft_type") if isinstance(written, dict) else None
+            if peft_type != peft.peft_type(config.method):
                 raise CheckpointError(
                     f"{folder}: {CONFIG_NAME} says peft_type={shorten(peft_type, 40)} but {WEIGHTS_NAME} holds a "
                     f"{config.method} adapter; the folder's parts come from different writes. Save the adapter again."
@@ -363,7 +364,7 @@ def read_adapter(
         raise CheckpointError(f"{config_file} has no 'peft_type'; it is not a PEFT adapter config.")
     expect(data["peft_type"], str, config_file, "peft_type")
     with refusing(config_file):
-        method = method_for_peft_type(data["peft_type"])
+        method = peft.method_for_peft_type(data["peft_type"])
         if isinstance(data.get("target_modules"), str) and (data.get("layers_to_transform") or data.get("layers_pattern")):
             # PEFT's OFT / BOFT / FRoD accept this and ignore the layer filter (its HRA / FourierFT refuse it)
             warnings.warn(
@@ -372,7 +373,7 @@ def read_adapter(
                 stacklevel=2,
             )
             data = {**data, "layers_to_transform": None, "layers_pattern": None}
-        return method.config_class.from_peft_dict(data), tensors
+        return peft.from_peft_dict(method.name, data), tensors
 
 
 def _module_paths(model: nn.Module) -> set[str]:
@@ -416,8 +417,7 @@ def split_keys(
     model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Tensor]
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """``{module path: {param: tensor}}`` for layer tensors, plus the method's other tensors."""
-    method = get_method(config.method)
-    suffixes = {v: k for k, v in method.peft_keys.items()}
+    suffixes = {v: k for k, v in peft.keys(config.method).items()}
     known = _module_paths(model)
     layers: dict[str, dict[str, torch.Tensor]] = {}
     extra, unknown, wrong = {}, [], []
@@ -465,12 +465,13 @@ def value_problem(key: str, value: torch.Tensor, want: Optional[torch.dtype] = N
 
 
 def value_problems(
-    method: type[Method], layers: dict[str, dict[str, torch.Tensor]], extra: dict[str, torch.Tensor]
+    method: str, layers: dict[str, dict[str, torch.Tensor]], extra: dict[str, torch.Tensor]
 ) -> list[str]:
     """Layer tensors must be finite floats; other tensors (FRoD's bases, indices) no complex/bool
     values and finite floats."""
+    keys = peft.keys(method)
     problems = [p for name, values in layers.items() for k, v in values.items()
-                for p in [value_problem(f"{PREFIX}{name}.{method.peft_keys[k]}", v)] if p]
+                for p in [value_problem(f"{PREFIX}{name}.{keys[k]}", v)] if p]
     for key, value in extra.items():
         if value.dtype.is_complex or value.dtype == torch.bool:
             problems.append(f"{_key(key)} is {value.dtype}")
@@ -530,20 +531,20 @@ def _problems_raise(problems: list[str], model: nn.Module, source: object) -> No
         )
 
 
-def _compare(name: str, method: type[Method], shapes: dict[str, tuple], values: dict[str, torch.Tensor]) -> list[str]:
+def _compare(name: str, keys: dict[str, str], shapes: dict[str, tuple], values: dict[str, torch.Tensor]) -> list[str]:
     problems = []
     for key, shape in shapes.items():
         if key not in values:
-            problems.append(f"missing {PREFIX}{name}.{method.peft_keys[key]} {shape}")
+            problems.append(f"missing {PREFIX}{name}.{keys[key]} {shape}")
         elif tuple(values[key].shape) != shape:
-            problems.append(f"{PREFIX}{name}.{method.peft_keys[key]}: file {tuple(values[key].shape)} vs layer {shape}")
+            problems.append(f"{PREFIX}{name}.{keys[key]}: file {tuple(values[key].shape)} vs layer {shape}")
     problems += [f"unexpected {name}.{k}" for k in values if k not in shapes]
     return problems
 
 
-def _shared_free(method: type[Method]) -> bool:
-    return (method.init_shared.__func__ is Method.init_shared.__func__
-            and method.shared_from_saved.__func__ is Method.shared_from_saved.__func__)
+def _from_saved(method: type[Method], config: AdapterConfig, saved: dict[str, torch.Tensor]) -> Callable:
+    """``build_slots``' shared state from a file's non-layer tensors (:func:`peft.shared_from_saved`)."""
+    return lambda specs, weights: peft.shared_from_saved(method, config, specs, weights, saved)
 
 
 def expected_shapes(
@@ -559,7 +560,7 @@ def expected_shapes(
     reps: dict[object, str] = {}
     for n in names:
         key: object = n
-        if _shared_free(method):
+        if not peft.has_shared_state(method):
             module = _module(model, n)
             weight = getattr(module, "weight", None)
             key = (type(module).__name__, tuple(weight.shape) if weight is not None else None, repr(config.for_layer(n)))
@@ -567,9 +568,8 @@ def expected_shapes(
         reps.setdefault(key, n)
     try:
         with private_rng(model):
-            slots = build_slots(
-                model, config, list(reps.values()), saved_shared={k: v.to("meta") for k, v in extra.items()}, device="meta"
-            )
+            meta = {k: v.to("meta") for k, v in extra.items()}
+            slots = build_slots(model, config, list(reps.values()), shared=_from_saved(method, config, meta), device="meta")
     except AdapterConfigError:
         raise
     except (RuntimeError, NotImplementedError) as exc:
@@ -596,18 +596,18 @@ def prepare_adapter(
         config = normalise_config(model, config)
         saved_modules, tensors, problems = _split_saved_modules(model, config, tensors)
         layers, extra = split_keys(model, config, tensors)
-        method = get_method(config.method)
-        problems += value_problems(method, layers, extra)
+        method, fmt = get_method(config.method), peft.format_of(config.method)
+        problems += value_problems(config.method, layers, extra)
         _problems_raise(problems, model, source)
         first = next(iter(layers.values()))
-        config = method.config_for_saved(config, {k: tuple(v.shape) for k, v in first.items()})
+        config = fmt.config_for_saved(config, {k: tuple(v.shape) for k, v in first.items()})
         shapes = expected_shapes(model, config, list(layers), extra)
         if shapes is not None:
-            _problems_raise([p for n in layers for p in _compare(n, method, shapes[n], layers[n])], model, source)
+            _problems_raise([p for n in layers for p in _compare(n, fmt.keys, shapes[n], layers[n])], model, source)
         with private_rng(model):
-            slots = build_slots(model, config, list(layers), saved_shared=extra)
+            slots = build_slots(model, config, list(layers), shared=_from_saved(method, config, extra))
         problems = [p for name, slot in slots.items()
-                    for p in _compare(name, method, {k: tuple(v.shape) for k, v in slot.params().items()}, layers[name])]
+                    for p in _compare(name, fmt.keys, {k: tuple(v.shape) for k, v in slot.params().items()}, layers[name])]
         _problems_raise(problems, model, source)
         with torch.no_grad():
             for name, slot in slots.items():

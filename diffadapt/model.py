@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from diffadapt.host import SUPPORTED_LAYERS, AdapterHost, AdapterSlot, SavedModuleHost, SharedState, layer_spec, weight_2d
-from diffadapt.methods import AdapterConfig, AdapterConfigError, get_method
+from diffadapt.methods import AdapterConfig, AdapterConfigError, LayerSpec, get_method
 from diffadapt.methods.base import pattern_matches
 from diffadapt.plan import AdapterPlan
 from diffadapt.targets import preset_pattern, select_targets
@@ -117,13 +117,14 @@ def build_slots(
     model: nn.Module,
     config: AdapterConfig,
     names: Sequence[str],
-    saved_shared: Optional[dict[str, torch.Tensor]] = None,
+    shared: Optional[Callable[[list[LayerSpec], list[torch.Tensor]], list[dict[str, torch.Tensor]]]] = None,
     device: Optional[Union[str, torch.device]] = None,
 ) -> dict[str, AdapterSlot]:
     """Create (without installing) one AdapterSlot per module name. Raises before any change.
 
     ``device="meta"`` builds shape-only slots from the weights' shapes (nothing is allocated).
-    ``saved_shared`` are non-layer tensors from a checkpoint (e.g. FRoD's saved bases). Layers are
+    ``shared(specs, weights)`` gives the method's shared state instead of ``init_shared`` (e.g.
+    FRoD's bases read from a file). Layers are
     handed to the method in the model's module order, whatever order ``names`` has (PEFT's FRoD
     bases depend on it)."""
     method = get_method(config.method)
@@ -136,13 +137,10 @@ def build_slots(
     for cfg, spec in zip(configs, specs):
         cfg.check_layer(spec)
     weights = [weight_2d(m).detach() if device is None else weight_2d(m).detach().to(device) for m in modules]
-    if saved_shared is None:
-        shared = method.init_shared(config, specs, weights)
-    else:
-        shared = method.shared_from_saved(config, specs, weights, saved_shared)
+    states = method.init_shared(config, specs, weights) if shared is None else shared(specs, weights)
     shared_modules: dict[int, SharedState] = {}
     slots = {}
-    for name, cfg, spec, weight, common in zip(names, configs, specs, weights, shared):
+    for name, cfg, spec, weight, common in zip(names, configs, specs, weights, states):
         params, buffers = method.init_layer(cfg, spec, weight, common)
         if weight.dtype in _LOW_PRECISION:  # train adapters in fp32, like PEFT's autocast_adapter_dtype
             params = {k: v.float() for k, v in params.items()}

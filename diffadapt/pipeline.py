@@ -38,7 +38,6 @@ from diffadapt._version import __version__
 from diffadapt.checkpoint import CheckpointError
 from diffadapt.artifact import DENOISERS, PipelineAdapter, components, denoiser  # noqa: F401  (re-exported)
 from diffadapt.formats import lycoris, lycoris_export
-from diffadapt.methods import get_method
 from diffadapt.patterns import shorten
 
 META_NAME = "diffadapt_adapter.json"
@@ -344,7 +343,7 @@ def hotswap_adapter(obj: Any, path: Union[str, os.PathLike], adapter_name: str =
                     "Load it as another adapter instead."
                 )
             layers, extra = checkpoint.split_keys(model, config, tensors)
-            problems = checkpoint.value_problems(get_method(config.method), layers, extra)
+            problems = checkpoint.value_problems(config.method, layers, extra)
             if problems:
                 raise CheckpointError(f"{path} cannot be hot-swapped into {adapter_name!r}: " + "; ".join(problems[:5]))
             params = mdl.adapter_parameters(model, adapter_name)

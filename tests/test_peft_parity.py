@@ -9,6 +9,7 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 import diffadapt as da
+from diffadapt.formats import peft as peft_format
 from tests import tiny_models as tm
 
 # method -> (diffadapt config kwargs, extra targets only PEFT supports for this method too)
@@ -76,7 +77,7 @@ def test_peft_file_loads_into_diffadapt_with_same_outputs(tmp_path, model_key, m
     build, targets = _builder_and_targets(model_key, method)
     inputs = inputs_fn()
     ours_cfg = _config(method, targets)
-    peft_cfg = PEFT_TYPE_TO_CONFIG_MAPPING[ours_cfg.peft_type](**ours_cfg.to_peft_dict())
+    peft_cfg = PEFT_TYPE_TO_CONFIG_MAPPING[peft_format.peft_type(ours_cfg.method)](**peft_format.to_peft_dict(ours_cfg))
     peft_model = get_peft_model(build(), peft_cfg)
     _randomise_peft(peft_model)
     with torch.no_grad():
@@ -108,11 +109,11 @@ def test_fresh_adapter_matches_peft_initialisation(model_key, method, dense_butt
     cfg = _config(method, targets)
     model = build()
     da.add_adapter(model, cfg, "a")
-    peft_model = get_peft_model(build(), PEFT_TYPE_TO_CONFIG_MAPPING[cfg.peft_type](**cfg.to_peft_dict()))
+    peft_model = get_peft_model(build(), PEFT_TYPE_TO_CONFIG_MAPPING[peft_format.peft_type(cfg.method)](**peft_format.to_peft_dict(cfg)))
     _randomise_peft(peft_model)
     # copy PEFT's trainable values into ours through the file key names
     reference = get_peft_model_state_dict(peft_model)
-    keys = da.get_method(method).peft_keys
+    keys = peft_format.keys(method)
     with torch.no_grad():
         for path_key, p in da.model.adapter_parameters(model, "a").items():
             path, _, key = path_key.rpartition(".")
@@ -126,7 +127,7 @@ def test_fresh_adapter_matches_peft_initialisation(model_key, method, dense_butt
 def test_modules_to_save_cross_over_with_peft(tmp_path):
     inputs = tm.unet_inputs()
     cfg = da.HRAConfig(r=4, target_modules=["to_q"], modules_to_save=["conv_in"])
-    peft_model = get_peft_model(tm.tiny_unet(), PEFT_TYPE_TO_CONFIG_MAPPING["HRA"](**cfg.to_peft_dict()))
+    peft_model = get_peft_model(tm.tiny_unet(), PEFT_TYPE_TO_CONFIG_MAPPING["HRA"](**peft_format.to_peft_dict(cfg)))
     _randomise_peft(peft_model)
     with torch.no_grad():
         peft_model.base_model.model.conv_in.modules_to_save["default"].weight.mul_(1.3)
@@ -150,9 +151,9 @@ def test_several_peft_adapters_activated_as_peft_does(tmp_path, method, dense_bu
     build, inputs_fn, targets, _ = MODELS["clip"]
     inputs = inputs_fn()
     cfg = _config(method, targets)
-    peft_cls = PEFT_TYPE_TO_CONFIG_MAPPING[cfg.peft_type]
-    pm = get_peft_model(build(), peft_cls(**cfg.to_peft_dict()), adapter_name="x1")
-    pm.add_adapter("x2", peft_cls(**cfg.to_peft_dict()))
+    peft_cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_format.peft_type(cfg.method)]
+    pm = get_peft_model(build(), peft_cls(**peft_format.to_peft_dict(cfg)), adapter_name="x1")
+    pm.add_adapter("x2", peft_cls(**peft_format.to_peft_dict(cfg)))
     for i, name in enumerate(("x1", "x2")):
         pm.base_model.set_adapter(name)
         _randomise_peft(pm, seed=10 + i)

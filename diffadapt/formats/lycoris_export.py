@@ -51,7 +51,7 @@ from diffadapt.methods import AdapterConfig, get_method
 from diffadapt.methods.boft import BOFT
 from diffadapt.methods.hra import HRA
 from diffadapt.methods.oft import OFT
-from diffadapt.formats import names
+from diffadapt.formats import names, peft
 from diffadapt.formats.lycoris import half_chunk_order
 
 EXPORT_FORMAT = "diffadapt.lycoris-export"
@@ -357,7 +357,7 @@ def _file_sources(adapter) -> list[_Source]:
     out = []
     for component, (config, tensors) in adapter.components.items():
         method = get_method(config.method)
-        suffixes = {v: k for k, v in method.peft_keys.items()}
+        suffixes = {v: k for k, v in peft.keys(method.name).items()}
         layers: dict[str, dict[str, Tensor]] = {}
         for key, value in tensors.items():
             body = key.removeprefix(PREFIX)

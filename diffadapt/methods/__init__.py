@@ -55,18 +55,6 @@ def get_method(name: str) -> type[Method]:
     return entry
 
 
-def method_for_peft_type(peft_type: str) -> type[Method]:
-    for name in _REGISTRY:
-        method = get_method(name)
-        if method.config_class.peft_type == peft_type:
-            return method
-    raise AdapterConfigError(
-        f"PEFT type {peft_type!r} is not a diffadapt method; supported: "
-        + ", ".join(get_method(n).config_class.peft_type for n in _REGISTRY)
-    )
-
-
-
 class ConfigFlag(NamedTuple):
     """A config field's command-line flag, from its dataclass metadata."""
 
@@ -142,7 +130,6 @@ __all__ = [
     "METHOD_NAMES",
     "config_flags",
     "get_method",
-    "method_for_peft_type",
     "method_names",
     "register",
 ]

@@ -112,7 +112,6 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = ""
-    peft_type: ClassVar[str] = ""
 
     target_modules: Optional[Union[list[str], str]] = None
     exclude_modules: Optional[Union[list[str], str]] = None
@@ -241,15 +240,6 @@ class AdapterConfig:
             raise AdapterConfigError(f"{cls.__name__}: unknown config fields {unknown}.")
         return cls(**{k: v for k, v in data.items() if k in names})
 
-    def to_peft_dict(self) -> dict[str, Any]:
-        """Fields of PEFT's config class for this method (without peft_type & co)."""
-        raise NotImplementedError
-
-    @classmethod
-    def from_peft_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
-        """Build from an ``adapter_config.json`` written by PEFT (extra keys ignored)."""
-        raise NotImplementedError
-
 
 class Method:
     """Stateless math of one method. Every function is a classmethod/staticmethod."""
@@ -257,8 +247,6 @@ class Method:
     name: ClassVar[str]
     config_class: ClassVar[type[AdapterConfig]]
     multiplicative: ClassVar[bool]
-    # adapter parameter name (ours) -> PEFT state-dict suffix; what PEFT files store
-    peft_keys: ClassVar[dict[str, str]] = {}
     # PEFT composes several active adapters of this method in the opposite order to diffadapt's
     # (measured against PEFT 0.21: HRA and BOFT do, OFT does not); set_adapters(order="peft") uses it
     peft_reverses_order: ClassVar[bool] = False
@@ -298,35 +286,6 @@ class Method:
         are never saved.
         """
         raise NotImplementedError
-
-    @classmethod
-    def shared_from_saved(
-        cls,
-        config: AdapterConfig,
-        layers: list[LayerSpec],
-        weights: list[Tensor],
-        saved: dict[str, Tensor],
-    ) -> list[dict[str, Tensor]]:
-        """Like ``init_shared`` but from tensors a checkpoint stored (PEFT key names, e.g.
-        ``base_model.frod_V.<category>``). Methods without shared state accept none."""
-        if saved:
-            raise AdapterConfigError(
-                f"Unexpected tensors for a {cls.name} adapter: {', '.join(sorted(saved)[:5])}."
-            )
-        return cls.init_shared(config, layers, weights)
-
-    @classmethod
-    def config_for_saved(cls, config: AdapterConfig, shapes: dict[str, tuple[int, ...]]) -> AdapterConfig:
-        """The config a checkpoint's tensors were really trained with (``shapes``: our param
-        name -> shape of one layer's saved tensor). Default: the config as written."""
-        return config
-
-    @classmethod
-    def peft_extra_state(
-        cls, config: AdapterConfig, layers: list[LayerSpec], buffers: list[dict[str, Tensor]]
-    ) -> dict[str, Tensor]:
-        """Tensors PEFT's file holds besides per-layer parameters (FRoD's projections)."""
-        return {}
 
     # -- every step -----------------------------------------------------------------------
     @classmethod

@@ -72,11 +72,10 @@ from typing import Any, ClassVar, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from diffadapt.methods.base import TARGETING_FIELDS, AdapterConfig, AdapterConfigError, LayerSpec, Method
+from diffadapt.methods.base import AdapterConfig, AdapterConfigError, LayerSpec, Method
 
 LAYER_KINDS = ("linear", "conv1d", "conv2d")
 ROTATION_SIDES = ("input", "output")
-_BOFT_FIELDS = ("boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "boft_dropout")
 
 
 # -- shared config helpers (OFT uses them too) ----------------------------------------------------
@@ -116,39 +115,6 @@ def check_rotation(owner: str, side: Any, constraint: Any) -> None:
 def rotated_dim(layer: LayerSpec, side: str) -> tuple[str, int]:
     """Name and size of the dimension a rotation acts on: fan_in (input side) or out_features."""
     return ("fan_in", layer.fan_in) if side == "input" else ("out_features", layer.out_features)
-
-
-def peft_dict(config: AdapterConfig, fields: tuple[str, ...]) -> dict[str, Any]:
-    """``fields`` + PEFT's common fields of ``config``, for PEFT's config class."""
-    name = type(config).__name__
-    if getattr(config, "rotation_side", "input") != "input" or getattr(config, "constraint", 0):
-        raise AdapterConfigError(
-            f"{name}: rotation_side={config.rotation_side!r}, constraint={config.constraint!r} cannot be written "
-            "in PEFT format: PEFT's OFT/BOFT rotate the layer input (W R^T) and have no LyCORIS norm constraint, "
-            "so PEFT would compute another function. Save it as one diffadapt .safetensors file, or export it for "
-            "LyCORIS / ComfyUI (`diffadapt convert SRC DST --to lycoris`)."
-        )
-    if config.overrides:
-        raise AdapterConfigError(
-            f"{type(config).__name__}: PEFT's config has no per-layer settings, so overrides="
-            f"{config.overrides!r} cannot be written in PEFT format. Save in diffadapt format or drop them."
-        )
-    common = ("init_weights", "bias", "fan_in_fan_out") + tuple(f for f in TARGETING_FIELDS if f != "overrides")
-    out = {k: getattr(config, k) for k in fields + common}
-    for k in ("target_modules", "exclude_modules"):
-        if isinstance(out[k], (set, tuple)):
-            out[k] = sorted(out[k])
-    return out
-
-
-def from_peft(cls: type[AdapterConfig], data: dict[str, Any], fields: tuple[str, ...], **defaults: Any):
-    """Build ``cls`` from an ``adapter_config.json`` dict; PEFT bookkeeping keys are ignored."""
-    names = {f.name for f in dataclasses.fields(cls)} - {"overrides"}
-    kw = {**defaults, **{k: v for k, v in data.items() if k in names}}
-    for k in ("target_modules", "exclude_modules"):
-        if isinstance(kw.get(k), (set, tuple)):
-            kw[k] = sorted(kw[k])
-    return cls(**kw)
 
 
 # -- shared math -------------------------------------------------------------------------------
@@ -265,7 +231,6 @@ class BOFTConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "boft"
-    peft_type: ClassVar[str] = "BOFT"
 
     boft_block_size: int = field(default=4, metadata={"flag": "--boft_block_size", "help": "block size b (4)."})
     boft_block_num: int = field(
@@ -334,13 +299,6 @@ class BOFTConfig(AdapterConfig):
         )
         return dataclasses.replace(self, boft_n_butterfly_factor=n_factors)
 
-    def to_peft_dict(self) -> dict[str, Any]:
-        return peft_dict(self, _BOFT_FIELDS)
-
-    @classmethod
-    def from_peft_dict(cls, data: dict[str, Any]) -> "BOFTConfig":
-        return from_peft(cls, data, _BOFT_FIELDS)
-
 
 class RotationFactors(NamedTuple):
     """Per-step factors of one layer: ``blocks`` ``(m, N, b, b)`` (the factors' blocks, compute
@@ -369,11 +327,6 @@ class BOFT(Method):
     learning_rate: ClassVar[float] = 1e-4  # the training scripts' starting points (see Method)
     embedded_learning_rate: ClassVar[float] = 2e-3
     peft_reverses_order: ClassVar[bool] = True
-    peft_keys: ClassVar[dict[str, str]] = {"boft_R": "boft_R", "boft_s": "boft_s"}
-
-    @classmethod
-    def config_for_saved(cls, config: BOFTConfig, shapes: dict[str, tuple[int, ...]]) -> BOFTConfig:
-        return config.for_saved_factors(shapes["boft_R"][0]) if "boft_R" in shapes else config
 
     @classmethod
     def init_layer(

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -46,11 +45,6 @@ from torch import Tensor
 from diffadapt import patterns
 from diffadapt.methods.base import AdapterConfig, AdapterConfigError, LayerSpec, Method
 
-# keys PEFT writes into adapter_config.json that carry no FourierFT meaning for us
-_PEFT_BOOKKEEPING = {
-    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
-    "peft_version", "auto_mapping",
-}
 _PATHS = ("auto", "dense", "fft")
 _FIELD = "n_frequency_pattern key"
 
@@ -71,7 +65,6 @@ class FourierFTConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "fourierft"
-    peft_type: ClassVar[str] = "FOURIERFT"
 
     n_frequency: int = field(
         default=1000, metadata={"flag": "--n_frequency", "help": "spectral coefficients per layer (1000)."}
@@ -130,38 +123,6 @@ class FourierFTConfig(AdapterConfig):
             n = self.n_frequency_pattern.get(hit, self.n_frequency)
             cfg = dataclasses.replace(self, n_frequency=n, n_frequency_pattern={})
         return AdapterConfig.for_layer(cfg, name)
-
-    def to_peft_dict(self) -> dict[str, Any]:
-        pattern: dict[str, int] = {}
-        for pat, values in reversed(list(self.overrides.items())):  # ours: last match wins; PEFT: first
-            if set(values) != {"n_frequency"}:
-                raise AdapterConfigError(
-                    f"FourierFTConfig: override {pat!r} sets {sorted(values)}; a PEFT file can only vary "
-                    "n_frequency per layer (n_frequency_pattern). Drop the other keys to export."
-                )
-            # PEFT tests re.match(rf".*\.{key}$", name): literal dotted suffix, or full match of `pat`
-            key = pat if re.fullmatch(r"\w+", pat) else f"{re.escape(pat)}$|(?:{pat})"
-            pattern.setdefault(key, values["n_frequency"])
-        for key, n in self.n_frequency_pattern.items():
-            pattern.setdefault(key, n)
-        names = ("n_frequency", "scaling", "random_loc_seed", "fan_in_fan_out", "target_modules", "exclude_modules",
-                 "bias", "modules_to_save", "layers_to_transform", "layers_pattern", "init_weights")
-        out = {k: getattr(self, k) for k in names}
-        out["n_frequency_pattern"] = pattern
-        return out
-
-    @classmethod
-    def from_peft_dict(cls, data: dict[str, Any]) -> "FourierFTConfig":
-        ours = {f.name for f in dataclasses.fields(cls)} - {"overrides", "fast_path"}
-        # unknown keys holding a neutral value (None, False, {}, []) are harmless; others are refused
-        skip = ours | _PEFT_BOOKKEEPING
-        unknown = sorted(k for k, v in data.items() if k not in skip and v not in (None, False, {}, []))
-        if unknown:
-            raise AdapterConfigError(f"FourierFTConfig: PEFT config has fields diffadapt does not know: {unknown}.")
-        kwargs = {k: v for k, v in data.items() if k in ours}
-        if kwargs.get("n_frequency_pattern") is None:
-            kwargs.pop("n_frequency_pattern", None)
-        return cls(**kwargs)
 
 
 class FourierPrep(NamedTuple):
@@ -230,7 +191,6 @@ class FourierFT(Method):
     # default random spectrum (times scaling 150) changes the model before the first step, on a small
     # model beyond recognition
     training_defaults: ClassVar[dict[str, Any]] = {"init_weights": True}
-    peft_keys: ClassVar[dict[str, str]] = {"fourierft_spectrum": "fourierft_spectrum"}
 
     @staticmethod
     def positions(n: int, d_out: int, d_in: int, seed: int) -> tuple[Tensor, Tensor]:

@@ -46,7 +46,8 @@ flips, and arbitrary bases of (near-)degenerate eigenspaces, e.g. every single-l
 ``T = I/(1+alpha)``), so a batched V differs from PEFT's. ``projection_mode="peft"`` is PEFT's own
 sharing and op sequence: one basis per PEFT category (not per role and shape), from one weight per
 block index, float32 on the CPU -- V bit-equal to PEFT's (same torch/CPU build); it refuses models
-PEFT cannot build (a category mixing input widths, e.g. SD UNets). ``from_peft_dict`` selects it.
+PEFT cannot build (a category mixing input widths, e.g. SD UNets); a PEFT file's config selects it
+(its file side: :mod:`diffadapt.formats.peft.frod`).
 PEFT computes U from *its own* V when it creates a layer and never from a loaded one, so only
 ``"peft"``-mode files give diffadapt's outputs in PEFT (saving a ``"fast"`` one warns). Trained S
 values only mean something with the very V they were trained on: ``"fast"`` needs
@@ -57,9 +58,8 @@ Only nn.Linear and transformers Conv1D are supported (PEFT's scope).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple, Optional, Sequence, Union
+from typing import Any, ClassVar, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -68,14 +68,6 @@ from tqdm.auto import tqdm
 
 from diffadapt.methods.base import AdapterConfig, AdapterConfigError, LayerSpec, Method
 
-_PEFT_BOOKKEEPING = {
-    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping",
-}
-_PEFT_FIELDS = (
-    "target_modules", "layers_to_transform", "layers_pattern", "modules_to_save", "init_weights", "fan_in_fan_out",
-    "bias", "projection_prng_key", "save_projection", "frod_dropout", "sparse_rate", "regularization_alpha",
-    "progressbar", "runtime_offload_base_weight",
-)
 _PER_LAYER_FIELDS = {"frod_dropout", "init_weights"}  # the rest is shared by a whole group
 _MAX_BATCH_ELEMS = 1 << 27  # elements of the (G, N, d_in, d_in) Gram stack decomposed at once
 
@@ -216,7 +208,6 @@ class FRoDConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "frod"
-    peft_type: ClassVar[str] = "FROD"
     per_layer_reason: ClassVar[str] = "FRoD shares V and the S pattern across a group of layers"
 
     @classmethod
@@ -285,33 +276,6 @@ class FRoDConfig(AdapterConfig):
                 "are 1x1 Conv2d)."
             )
 
-    def to_peft_dict(self) -> dict[str, Any]:
-        if self.overrides or self.exclude_modules:
-            raise AdapterConfigError(
-                f"FRoDConfig: PEFT's FrodConfig has no per-layer settings and no exclude_modules, so "
-                f"overrides={self.overrides!r} / exclude_modules={self.exclude_modules!r} cannot be written in PEFT "
-                "format. List the targets explicitly and drop the overrides, or save in diffadapt format."
-            )
-        out = {k: getattr(self, k) for k in _PEFT_FIELDS}
-        if isinstance(out["target_modules"], (set, tuple)):
-            out["target_modules"] = sorted(out["target_modules"])
-        return out
-
-    @classmethod
-    def from_peft_dict(cls, data: dict[str, Any]) -> "FRoDConfig":
-        """Bookkeeping keys are ignored; ``runtime_offload_base_weight=True`` (a PEFT memory
-        option with no effect on the math) is read as False; ``projection_mode="peft"`` so that a
-        file without saved projections regenerates PEFT's V."""
-        unknown = sorted(k for k in data if k not in _PEFT_FIELDS and k not in _PEFT_BOOKKEEPING)
-        if unknown:
-            raise AdapterConfigError(f"FRoDConfig: PEFT config has fields diffadapt does not know: {unknown}.")
-        kw = {k: data[k] for k in _PEFT_FIELDS if k in data}
-        kw["runtime_offload_base_weight"] = False
-        kw["projection_mode"] = "peft"
-        if isinstance(kw.get("target_modules"), (set, tuple)):
-            kw["target_modules"] = sorted(kw["target_modules"])
-        return cls(**kw)
-
 
 class FRoDPrep(NamedTuple):
     V: Tensor  # (d_in, d_in) shared basis
@@ -371,9 +335,6 @@ class FRoD(Method):
     multiplicative: ClassVar[bool] = False
     learning_rate: ClassVar[float] = 1e-3  # the training scripts' starting points (see Method)
     embedded_learning_rate: ClassVar[float] = 1e-2
-    peft_keys: ClassVar[dict[str, str]] = {
-        "frod_lambda_l": "frod_lambda_l", "frod_lambda_s_values": "frod_lambda_s_values",
-    }
 
     @staticmethod
     def group_key(layer: LayerSpec) -> str:
@@ -476,107 +437,13 @@ class FRoD(Method):
         return _solve_members([shared[c] for c in cats], layers, weights)
 
     @classmethod
-    def shared_from_projections(
-        cls,
-        config: FRoDConfig,
-        layers: list[LayerSpec],
-        weights: list[Tensor],
-        saved: dict[str, dict[str, Tensor]],
-        keys: Optional[Sequence[str]] = None,
+    def shared_from_bases(
+        cls, config: FRoDConfig, layers: list[LayerSpec], weights: list[Tensor], bases: list[dict[str, Tensor]]
     ) -> list[dict[str, Tensor]]:
-        """Like :meth:`init_shared` with V / pattern loaded instead of computed. ``saved`` maps a
-        key to ``{"V": (d_in, d_in), "indices": (2, nnz)}`` (other entries, e.g. "size", are
-        ignored); ``keys[j]`` is layer j's key (default :meth:`group_key`; pass
-        ``[peft_category(l.name) for l in layers]`` for a PEFT file)."""
-        keys = [cls.group_key(layer) for layer in layers] if keys is None else list(keys)
-        built: dict[str, dict[str, Tensor]] = {}
-        out = []
-        for layer, w, k in zip(layers, weights, keys):
-            config.check_layer(layer)
-            if k not in saved:
-                raise AdapterConfigError(
-                    f"FRoD: no saved projection {k!r} for {layer.describe()} (saved: {sorted(saved)}). Re-save the "
-                    "adapter with save_projection=True, or set save_projection=False to recompute V."
-                )
-            if k not in built:
-                idx = torch.as_tensor(saved[k]["indices"]).to(device=w.device, dtype=torch.long)
-                built[k] = _GroupBasis({"V": torch.as_tensor(saved[k]["V"]).to(device=w.device, dtype=w.dtype), "indices": idx})
-            V, idx = built[k]["V"], built[k]["indices"]
-            d = layer.fan_in
-            idx_ok = idx.dim() == 2 and idx.shape[0] == 2 and (idx.numel() == 0 or 0 <= idx.min() <= idx.max() < d)
-            if V.shape != (d, d) or not idx_ok:
-                raise AdapterConfigError(
-                    f"FRoD: saved projection {k!r} (V {tuple(V.shape)}, indices {tuple(idx.shape)}) does not fit "
-                    f"{layer.describe()}: expected V ({d}, {d}) and indices (2, nnz) in [0, {d}). Check that the "
-                    "file belongs to this model."
-                )
-            out.append(built[k])
-        return _solve_members(out, layers, weights)
-
-    @staticmethod
-    def _peft_keys_fit(layers: list[LayerSpec], same_basis) -> bool:
-        """PEFT's category names can key the projections if each category holds one basis."""
-        first: dict[str, int] = {}
-        for j, layer in enumerate(layers):
-            k = first.setdefault(peft_category(layer.name), j)
-            if not same_basis(k, j):
-                return False
-        return True
-
-    @classmethod
-    def peft_extra_state(
-        cls, config: FRoDConfig, layers: list[LayerSpec], buffers: list[dict[str, Tensor]]
-    ) -> dict[str, Tensor]:
-        """``base_model.frod_V.<key>``, ``.frod_s_indices.<key>``, ``.frod_s_size.<key>`` (PEFT's
-        names) unless ``save_projection`` is False."""
-        if not config.save_projection:
-            return {}
-        if config.projection_mode == "fast":
-            warnings.warn(
-                "FRoD adapter saved with projection_mode='fast' (diffadapt's batched bases per role and shape): "
-                "diffadapt loads it exactly, but PEFT computes U from a basis of its own and gives other outputs. "
-                "For a file PEFT reproduces, create the adapter with FRoDConfig(projection_mode='peft') "
-                "(train_dreambooth.py: --frod_projection_mode peft).",
-                UserWarning,
-                stacklevel=2,
-            )
-        if cls._peft_keys_fit(layers, lambda i, j: buffers[i]["V"] is buffers[j]["V"]):
-            keys = [peft_category(layer.name) for layer in layers]
-        else:  # PEFT would mix shapes or groups in one category: diffadapt's own group keys
-            keys = [cls.group_key(layer) for layer in layers]
-        out = {}
-        for key, buf in zip(keys, buffers):
-            d = buf["V"].shape[0]
-            out[f"base_model.frod_V.{key}"] = buf["V"]
-            out[f"base_model.frod_s_indices.{key}"] = buf["indices"]
-            out[f"base_model.frod_s_size.{key}"] = torch.tensor([d, d], dtype=torch.long)
-        return out
-
-    @classmethod
-    def shared_from_saved(
-        cls, config: FRoDConfig, layers: list[LayerSpec], weights: list[Tensor], saved: dict[str, Tensor]
-    ) -> list[dict[str, Tensor]]:
-        """Bases from a checkpoint's ``base_model.frod_*`` tensors; recomputed when the file was
-        written with ``save_projection=False``."""
-        projections: dict[str, dict[str, Tensor]] = {}
-        for name, value in saved.items():
-            for prefix, field in (("base_model.frod_V.", "V"), ("base_model.frod_s_indices.", "indices")):
-                if name.startswith(prefix):
-                    projections.setdefault(name[len(prefix):], {})[field] = value
-                    break
-            else:
-                if not name.startswith("base_model.frod_s_size."):
-                    raise AdapterConfigError(f"FRoD: unexpected tensor {name!r} {tuple(value.shape)} in the file.")
-        if not projections:
-            if config.save_projection:
-                raise AdapterConfigError(
-                    "FRoD: the file holds no projections (base_model.frod_V.*) but its config says "
-                    "save_projection=True; it is incomplete. Re-save it with save_projection=True."
-                )
-            return cls.init_shared(config, layers, weights)
-        peft_keys = [peft_category(layer.name) for layer in layers]
-        keys = peft_keys if all(k in projections for k in peft_keys) else None  # None: group keys
-        return cls.shared_from_projections(config, layers, weights, projections, keys=keys)
+        """Like :meth:`init_shared` with each layer's ``{"V", "indices"}`` given (one dict object for
+        the layers of a group, on their device) instead of computed."""
+        groups: dict[int, _GroupBasis] = {}
+        return _solve_members([groups.setdefault(id(b), _GroupBasis(b)) for b in bases], layers, weights)
 
     @classmethod
     def init_layer(cls, config, layer, weight, shared):

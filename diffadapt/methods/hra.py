@@ -57,22 +57,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple, Union
+from typing import ClassVar, NamedTuple, Union
 
 import torch
 from torch import Tensor
 
-from diffadapt.methods.base import TARGETING_FIELDS, AdapterConfig, AdapterConfigError, LayerSpec, Method
-
-_PEFT_FIELDS = ("r", "apply_GS", "init_weights", "bias") + tuple(f for f in TARGETING_FIELDS if f != "overrides")
-
+from diffadapt.methods.base import AdapterConfig, AdapterConfigError, LayerSpec, Method
 
 @dataclass
 class HRAConfig(AdapterConfig):
     """PEFT's ``HRAConfig``: ``r`` Householder vectors per layer, optional Gram-Schmidt."""
 
     method: ClassVar[str] = "hra"
-    peft_type: ClassVar[str] = "HRA"
 
     r: int = field(
         default=8, metadata={"flag": "--hra_r", "help": "Householder reflections r (8; even for an identity init)."}
@@ -113,35 +109,6 @@ class HRAConfig(AdapterConfig):
                 "(overrides) or exclude it."
             )
 
-    def to_peft_dict(self) -> dict[str, Any]:
-        if self.overrides:
-            raise AdapterConfigError(
-                f"HRAConfig: PEFT's HRAConfig has no per-layer settings, so overrides={self.overrides!r} "
-                "cannot be written in PEFT format. Save in diffadapt format or drop the overrides."
-            )
-        out = {k: getattr(self, k) for k in _PEFT_FIELDS}
-        for k in ("target_modules", "exclude_modules"):
-            if isinstance(out[k], (set, tuple)):
-                out[k] = sorted(out[k])
-        return out
-
-    @classmethod
-    def from_peft_dict(cls, data: dict[str, Any]) -> "HRAConfig":
-        """Extra keys (peft_type, task_type, revision, ...) are ignored.
-
-        PEFT accepts ``init_weights=True`` with odd ``r`` or ``apply_GS`` but then does *not*
-        start at the identity; the loaded config says ``init_weights=False``, which is what
-        PEFT actually did (the trained values are loaded over the init anyway).
-        """
-        kw = {k: data[k] for k in _PEFT_FIELDS if k in data}
-        for k in ("target_modules", "exclude_modules"):
-            if isinstance(kw.get(k), (set, tuple)):
-                kw[k] = sorted(kw[k])
-        r, gs = kw.get("r", cls.r), kw.get("apply_GS", cls.apply_GS)
-        if kw.get("init_weights", True) and (gs or (isinstance(r, int) and r % 2)):
-            kw["init_weights"] = False
-        return cls(**kw)
-
 
 class HRAFactors(NamedTuple):
     """``Q_a = I - v y^T``: ``y`` unit (GS: orthonormal) vectors, ``v = y (a T)``; (fan_in, r), fp32/64."""
@@ -180,7 +147,6 @@ class HRA(Method):
     learning_rate: ClassVar[float] = 1e-4  # the training scripts' starting points (see Method)
     embedded_learning_rate: ClassVar[float] = 1e-3
     peft_reverses_order: ClassVar[bool] = True
-    peft_keys: ClassVar[dict[str, str]] = {"hra_u": "hra_u"}
 
     @classmethod
     def init_layer(

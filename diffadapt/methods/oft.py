@@ -42,7 +42,7 @@ Strength ``a``: the skew matrix is scaled, ``Q_a = Cayley(a S)`` (or Neumann(``a
 Defaults: diffadapt's ``use_cayley_neumann`` default is **False** (exact, orthogonal Cayley; one
 batched inverse per shape group and step, no host sync), PEFT's is True. Every saved
 ``adapter_config.json`` carries the field explicitly, so PEFT computes the same function;
-:meth:`OFTConfig.from_peft_dict` fills a missing field with PEFT's default (True), which is what
+reading a PEFT config (:mod:`diffadapt.formats.peft.oft`) fills a missing field with PEFT's default (True), which is what
 PEFT computes for such files.
 
 Layer fit follows PEFT: a block size (or ``r``) that does not divide fan_in is replaced by the
@@ -73,15 +73,8 @@ from diffadapt.methods.boft import (
     check_rotation,
     compute_dtype,
     drop_blocks,
-    from_peft,
     limit_norm,
-    peft_dict,
     rotated_dim,
-)
-
-_OFT_FIELDS = (
-    "r", "oft_block_size", "module_dropout", "coft", "eps", "block_share",
-    "use_cayley_neumann", "num_cayley_neumann_terms",
 )
 
 
@@ -102,7 +95,6 @@ class OFTConfig(AdapterConfig):
     PEFT, so such configs refuse PEFT export)."""
 
     method: ClassVar[str] = "oft"
-    peft_type: ClassVar[str] = "OFT"
 
     r: int = field(default=0, metadata={"flag": "--oft_r", "help": "number of blocks (0: use the block size)."})
     oft_block_size: int = field(default=32, metadata={"flag": "--oft_block_size", "help": "block size (32)."})
@@ -157,30 +149,6 @@ class OFTConfig(AdapterConfig):
     def check_layer(self, layer: LayerSpec) -> None:
         self.layout(layer)
 
-    def to_peft_dict(self) -> dict[str, Any]:
-        return peft_dict(self, _OFT_FIELDS)
-
-    @classmethod
-    def from_peft_dict(cls, data: dict[str, Any]) -> "OFTConfig":
-        """A missing ``use_cayley_neumann`` means PEFT's default, True. Files without
-        ``oft_block_size`` are PEFT < 0.14 OFT, a different parameterization (PEFT refuses them too)."""
-        if "oft_block_size" not in data:
-            raise AdapterConfigError(
-                "OFTConfig: this adapter_config.json has no oft_block_size, so it was written by PEFT < 0.14, "
-                "whose OFT weights are incompatible with the current format. Retrain the adapter with "
-                "PEFT >= 0.14 or diffadapt."
-            )
-        version = str(data.get("peft_version") or "0.0.0").partition("@")[0].split(".")
-        numeric = tuple(int(v) if v.isdigit() else 0 for v in version[:2])
-        if data.get("use_cayley_neumann", True) and numeric < (0, 18):
-            warnings.warn(
-                "OFT file from PEFT < 0.18 (or without peft_version) that uses the Cayley-Neumann series "
-                "(explicitly or by PEFT's default): PEFT 0.18 changed that series, and older OFT used exact "
-                "Cayley. The current series is computed, as PEFT does; if the adapter was trained with exact "
-                "Cayley, set use_cayley_neumann=False."
-            )
-        return from_peft(cls, data, _OFT_FIELDS, use_cayley_neumann=True)
-
 
 def neumann(skew: Tensor, terms: int) -> Tensor:
     """PEFT's Cayley-Neumann blocks ``I + 2(S + ... + S^k) + S^{k+1}``, ``k = max(n-2, 2)`` (n > 2)."""
@@ -225,7 +193,6 @@ class OFT(BOFT):
     learning_rate: ClassVar[float] = 1e-4  # the training scripts' starting points (see Method)
     embedded_learning_rate: ClassVar[float] = 1e-3
     peft_reverses_order: ClassVar[bool] = False
-    peft_keys: ClassVar[dict[str, str]] = {"oft_R": "oft_R.weight"}
 
     @classmethod
     def init_layer(

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from diffadapt.formats import peft as peft_format
 from diffadapt.methods.base import AdapterConfigError, LayerSpec
 from diffadapt.methods.boft import BOFT, BOFTConfig, butterfly_rotate
 from tests import contract
@@ -41,7 +42,7 @@ def peft_twin(method, peft_config, our_config, layer: nn.Module, randomize):
     _, params, buffers = contract.init(method, our_config, ours)
     sd = get_peft_model_state_dict(pm)
     with torch.no_grad():
-        for name, suffix in method.peft_keys.items():
+        for name, suffix in peft_format.keys(method.name).items():
             value = sd[f"base_model.model.layer.{suffix}"]
             assert value.shape == params[name].shape, (name, value.shape, params[name].shape)
             params[name].copy_(value)
@@ -145,7 +146,7 @@ def test_peft_cpu_fallback_file(monkeypatch):
     saved = get_peft_model_state_dict(pm)["base_model.model.layer.boft_R"]
     assert saved.shape == (1, 4, 4, 4)
     with pytest.warns(UserWarning, match="holds 1 factor"):
-        cfg = BOFTConfig.from_peft_dict(pm.peft_config["default"].to_dict()).for_saved_factors(saved.shape[0])
+        cfg = peft_format.from_peft_dict("boft", pm.peft_config["default"].to_dict()).for_saved_factors(saved.shape[0])
     assert cfg.boft_n_butterfly_factor == 1
     _, params, buffers = contract.init(BOFT, cfg, ours)
     with torch.no_grad():
@@ -318,13 +319,13 @@ def test_layer_errors(kw, spec, match):
 def test_peft_config_round_trip():
     cfg = BOFTConfig(target_modules=["to_q", "to_v"], boft_block_size=0, boft_block_num=8,
                      boft_n_butterfly_factor=2, boft_dropout=0.1)
-    d = cfg.to_peft_dict()
+    d = peft_format.to_peft_dict(cfg)
     assert "peft_type" not in d and d["boft_block_num"] == 8 and d["boft_n_butterfly_factor"] == 2
     peft_cfg = PeftBOFTConfig(**d)  # PEFT accepts every field we write
-    back = BOFTConfig.from_peft_dict(peft_cfg.to_dict())  # and we ignore its bookkeeping keys
+    back = peft_format.from_peft_dict("boft", peft_cfg.to_dict())  # and we ignore its bookkeeping keys
     assert back == cfg
     with pytest.raises(AdapterConfigError, match="no per-layer settings"):
-        BOFTConfig(overrides={"to_q": {"boft_block_size": 8}}).to_peft_dict()
+        peft_format.to_peft_dict(BOFTConfig(overrides={"to_q": {"boft_block_size": 8}}))
 
 
 # -- 6. torch.compile ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from diffadapt.formats import peft as peft_format
 from diffadapt.methods import get_method
 from diffadapt.methods.base import AdapterConfigError, LayerSpec
 from diffadapt.methods.fourierft import (
@@ -53,10 +54,10 @@ def peft_model(layer, **kw):
 
 
 def load_from_peft(model, params, path="layer"):
-    """Copy PEFT's saved tensors into ours through FourierFT.peft_keys."""
+    """Copy PEFT's saved tensors into ours through peft_format.keys("fourierft")."""
     state = get_peft_model_state_dict(model)
     with torch.no_grad():
-        for ours, suffix in FourierFT.peft_keys.items():
+        for ours, suffix in peft_format.keys("fourierft").items():
             params[ours].copy_(state[f"base_model.model.{path}.{suffix}"])
 
 
@@ -271,7 +272,7 @@ def test_overrides_export_to_peft_pattern():
         n_frequency_pattern={"c": 5},
         overrides={"b": {"n_frequency": 7}, r"blk\.[01]\.a": {"n_frequency": 9}, r"blk\.0\.a": {"n_frequency": 4}},
     )
-    exported = {k: v for k, v in cfg.to_peft_dict().items() if k != "target_modules"}
+    exported = {k: v for k, v in peft_format.to_peft_dict(cfg).items() if k != "target_modules"}
     peft_cfg = PeftFourierFTConfig(target_modules=["a", "b", "c"], **exported)
     inner = Wrap(a=nn.Linear(8, 8), b=nn.Linear(8, 8), c=nn.Linear(8, 8))
     blk = nn.Module()
@@ -282,7 +283,7 @@ def test_overrides_export_to_peft_pattern():
     for name, module in model.base_model.model.named_modules():
         if hasattr(module, "fourierft_n_frequency"):
             assert module.fourierft_n_frequency["default"] == cfg.for_layer(name).n_frequency, name
-    back = FourierFTConfig.from_peft_dict(cfg.to_peft_dict())
+    back = peft_format.from_peft_dict("fourierft", peft_format.to_peft_dict(cfg))
     for name in ("a", "b", "c", "blk.0.a", "blk.1.a", "x.blk.0.a"):
         assert back.for_layer(name).n_frequency == cfg.for_layer(name).n_frequency, name
 
@@ -293,23 +294,23 @@ def test_peft_file_roundtrip(tmp_path):
     model = peft_model(layer, n_frequency=25, scaling=33.0, random_loc_seed=9)
     model.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
-    cfg = FourierFTConfig.from_peft_dict(data)
+    cfg = peft_format.from_peft_dict("fourierft", data)
     assert (cfg.n_frequency, cfg.scaling, cfg.random_loc_seed, cfg.init_weights) == (25, 33.0, 9, False)
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert sorted(tensors) == ["base_model.model.layer.fourierft_spectrum"]
     base = model.base_model.model.layer.base_layer
     _, params, buffers = contract.init(FourierFT, cfg, base, name="layer")
     with torch.no_grad():
-        for ours, suffix in FourierFT.peft_keys.items():
+        for ours, suffix in peft_format.keys("fourierft").items():
             params[ours].copy_(tensors[f"base_model.model.layer.{suffix}"])
         x = torch.randn(3, 12)
         y = contract.forward(FourierFT, cfg, base, params, buffers, x)
         torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-6)
     # our export is a valid PEFT config and reads back unchanged
-    out = cfg.to_peft_dict()
+    out = peft_format.to_peft_dict(cfg)
     assert "peft_type" not in out and "fast_path" not in out and "overrides" not in out
     PeftFourierFTConfig(**out)
-    assert FourierFTConfig.from_peft_dict(out).to_dict() == cfg.to_dict()
+    assert peft_format.from_peft_dict("fourierft", out).to_dict() == cfg.to_dict()
     assert FourierFTConfig.from_dict(cfg.to_dict()) == cfg
 
 
@@ -355,9 +356,9 @@ def test_layer_errors():
 
 def test_serialisation_errors():
     with pytest.raises(AdapterConfigError, match=r"override 'to_q' sets \['n_frequency', 'scaling'\].*only vary"):
-        FourierFTConfig(overrides={"to_q": {"scaling": 3.0, "n_frequency": 4}}).to_peft_dict()
+        peft_format.to_peft_dict(FourierFTConfig(overrides={"to_q": {"scaling": 3.0, "n_frequency": 4}}))
     with pytest.raises(AdapterConfigError, match=r"fields diffadapt does not know: \['rank'\]"):
-        FourierFTConfig.from_peft_dict({"peft_type": "FOURIERFT", "task_type": None, "rank": 4, "new_flag": None})
+        peft_format.from_peft_dict("fourierft", {"peft_type": "FOURIERFT", "task_type": None, "rank": 4, "new_flag": None})
     with pytest.raises(AdapterConfigError, match=r"unknown config fields \['r'\]"):
         FourierFTConfig.from_dict({"r": 4})
 

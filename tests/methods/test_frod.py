@@ -11,6 +11,8 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.pytorch_utils import Conv1D
 
+from diffadapt.formats import peft as peft_format
+from diffadapt.formats.peft import frod as peft_frod
 from diffadapt.methods import AdapterConfigError, LayerSpec, get_method
 from diffadapt.methods.frod import FRoD, FRoDConfig, peft_category, sparse_nnz, uses_weight_path
 from tests import contract
@@ -85,7 +87,7 @@ def randomize_peft(pm, seed=1):
 
 def ours_like_peft(model, pm, names, cfg):
     """Our adapter on a copy of ``model``: shared from our own init (asserted equal to PEFT's saved
-    V / pattern), parameters copied from PEFT's state dict through ``FRoD.peft_keys``."""
+    V / pattern), parameters copied from PEFT's state dict through ``peft_format.keys("frod")``."""
     mods = dict(model.named_modules())
     specs = [contract.layer_spec(n, mods[n]) for n in names]
     weights = [contract.weight_2d(mods[n]).detach() for n in names]
@@ -98,7 +100,7 @@ def ours_like_peft(model, pm, names, cfg):
         assert torch.equal(sh["indices"], sd[f"base_model.frod_s_indices.{cat}"]), name
         assert sd[f"base_model.frod_s_size.{cat}"].tolist() == [spec.fan_in] * 2
         params, buffers = FRoD.init_layer(cfg, spec, w, sh)
-        for ours_key, suffix in FRoD.peft_keys.items():
+        for ours_key, suffix in peft_format.keys("frod").items():
             params[ours_key] = sd[f"base_model.model.{name}.{suffix}"].clone()
         parent, _, child = name.rpartition(".")
         module = ours.get_submodule(parent) if parent else ours
@@ -294,14 +296,14 @@ def test_shared_from_saved_and_zero_layer():
     shared = FRoD.init_shared(cfg, specs, weights)
     V, idx = shared[0]["V"].clone(), shared[0]["indices"].clone()
     saved = {"proj": {"V": V, "indices": idx, "size": torch.tensor([6, 6])}}  # PEFT's frod_s_size is ignored
-    loaded = FRoD.shared_from_projections(cfg, specs, weights, saved, keys=[peft_category(n) for n in names])
+    loaded = peft_frod.shared_from_projections(cfg, specs, weights, saved, keys=[peft_category(n) for n in names])
     assert loaded[0] is loaded[1] and torch.equal(loaded[0]["V"], shared[0]["V"])
     for spec, w, sh in zip(specs, weights, loaded):
         params, buffers = FRoD.init_layer(cfg, spec, w, sh)
         assert torch.isfinite(buffers["U"]).all()
         x = torch.randn(2, 6)
         assert torch.equal(FRoD.delta_output(x, FRoD.prepare(cfg, params, buffers, 1.0)), torch.zeros(2, 10))
-    own = FRoD.shared_from_projections(cfg, specs, weights, {FRoD.group_key(specs[0]): saved["proj"]})
+    own = peft_frod.shared_from_projections(cfg, specs, weights, {FRoD.group_key(specs[0]): saved["proj"]})
     assert own[0] is own[1]
 
 
@@ -402,9 +404,9 @@ def test_categories_pattern_and_config_roundtrip():
     assert (r != c).all() and len(set(zip(r.tolist(), c.tolist()))) == r.numel() == int(24 * 24 * 0.01)
     assert get_method("frod") is FRoD
     ours = FRoDConfig(target_modules=["to_q"], sparse_rate=0.02, projection_prng_key=3)
-    peft_cfg = FrodConfig(**ours.to_peft_dict())
+    peft_cfg = FrodConfig(**peft_format.to_peft_dict(ours))
     assert peft_cfg.sparse_rate == 0.02 and peft_cfg.projection_prng_key == 3
-    back = FRoDConfig.from_peft_dict({**peft_cfg.to_dict(), "runtime_offload_base_weight": True})
+    back = peft_format.from_peft_dict("frod", {**peft_cfg.to_dict(), "runtime_offload_base_weight": True})
     assert back.sparse_rate == 0.02 and back.projection_mode == "peft" and not back.runtime_offload_base_weight
     assert back.target_modules == ["to_q"]
 
@@ -436,19 +438,19 @@ def test_layer_and_io_errors():
         FRoD.init_shared(cfg, [conv], [torch.randn(8, 8)])
     for bad in (FRoDConfig(overrides={"to_q": {"frod_dropout": 0.1}}), FRoDConfig(exclude_modules=["to_k"])):
         with pytest.raises(AdapterConfigError, match="PEFT's FrodConfig has no per-layer settings"):
-            bad.to_peft_dict()
+            peft_format.to_peft_dict(bad)
     with pytest.raises(AdapterConfigError, match=r"fields diffadapt does not know: \['r'\]"):
-        FRoDConfig.from_peft_dict({"r": 8, "peft_type": "FROD"})
+        peft_format.from_peft_dict("frod", {"r": 8, "peft_type": "FROD"})
     spec = LayerSpec("blocks.0.proj", "linear", 10, 6)
     w = torch.randn(10, 6)
     with pytest.raises(AdapterConfigError, match=r"no saved projection 'proj' for 'blocks.0.proj'"):
-        FRoD.shared_from_projections(cfg, [spec], [w], {"other": {}}, keys=["proj"])
+        peft_frod.shared_from_projections(cfg, [spec], [w], {"other": {}}, keys=["proj"])
     bad = {"proj": {"V": torch.eye(5), "indices": torch.zeros(2, 1, dtype=torch.long)}}
     with pytest.raises(AdapterConfigError, match=r"V \(5, 5\).*does not fit 'blocks.0.proj'.*expected V \(6, 6\)"):
-        FRoD.shared_from_projections(cfg, [spec], [w], bad, keys=["proj"])
+        peft_frod.shared_from_projections(cfg, [spec], [w], bad, keys=["proj"])
     bad = {"proj": {"V": torch.eye(6), "indices": torch.tensor([[0], [6]])}}
     with pytest.raises(AdapterConfigError, match="indices"):
-        FRoD.shared_from_projections(cfg, [spec], [w], bad, keys=["proj"])
+        peft_frod.shared_from_projections(cfg, [spec], [w], bad, keys=["proj"])
     # a layer whose slice of the stacked QR is exactly zero: Q_2^T Q_2 + 0 I is singular
     specs = [LayerSpec(f"blocks.{b}.proj", "linear", 4, 3) for b in range(2)]
     weights = [torch.randn(4, 3), torch.zeros(4, 3)]

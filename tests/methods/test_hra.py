@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from diffadapt.formats import peft as peft_format
 from diffadapt.methods.base import AdapterConfigError, LayerSpec
 from diffadapt.methods.hra import HRA, HRAConfig, wy_factors
 from tests import contract
@@ -51,7 +52,7 @@ def peft_and_ours(layer: nn.Module, r: int, gs: bool):
     spec, params, buffers = contract.init(HRA, cfg, ours)
     sd = get_peft_model_state_dict(pm)
     with torch.no_grad():
-        for name, suffix in HRA.peft_keys.items():
+        for name, suffix in peft_format.keys("hra").items():
             value = sd[f"base_model.model.layer.{suffix}"]
             assert value.shape == params[name].shape
             params[name].copy_(value)
@@ -291,7 +292,7 @@ def test_config_errors():
     cfg = HRAConfig(r=4, overrides={"to_q": {"r": 6}})
     assert cfg.for_layer("blocks.0.to_q").r == 6
     with pytest.raises(AdapterConfigError, match="no per-layer settings"):
-        cfg.to_peft_dict()
+        peft_format.to_peft_dict(cfg)
 
 
 def test_layer_errors():
@@ -308,7 +309,7 @@ def test_layer_errors():
 
 def test_peft_config_round_trip():
     cfg = HRAConfig(r=4, target_modules=["to_q", "to_v"], exclude_modules="x.*")
-    d = cfg.to_peft_dict()
+    d = peft_format.to_peft_dict(cfg)
     assert d == {
         "r": 4, "apply_GS": False, "init_weights": True, "bias": "none", "target_modules": ["to_q", "to_v"],
         "exclude_modules": "x.*", "layers_to_transform": None, "layers_pattern": None, "modules_to_save": None,
@@ -316,13 +317,13 @@ def test_peft_config_round_trip():
     pc = PeftHRAConfig(**d)
     saved = pc.to_dict()
     assert saved["peft_type"] == "HRA" and "task_type" in saved
-    back = HRAConfig.from_peft_dict(saved)
+    back = peft_format.from_peft_dict("hra", saved)
     assert back == cfg
     # PEFT allows init_weights=True with odd r / apply_GS (and then starts elsewhere): load as False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        odd = HRAConfig.from_peft_dict(PeftHRAConfig(r=5, target_modules=["to_q"]).to_dict())
-        gs = HRAConfig.from_peft_dict(PeftHRAConfig(r=4, apply_GS=True, target_modules=["to_q"]).to_dict())
+        odd = peft_format.from_peft_dict("hra", PeftHRAConfig(r=5, target_modules=["to_q"]).to_dict())
+        gs = peft_format.from_peft_dict("hra", PeftHRAConfig(r=4, apply_GS=True, target_modules=["to_q"]).to_dict())
     assert (odd.r, odd.init_weights) == (5, False)
     assert (gs.apply_GS, gs.init_weights) == (True, False)
 

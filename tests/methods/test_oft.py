@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffadapt.formats import peft as peft_format
 from diffadapt.methods.base import AdapterConfigError, LayerSpec
 from diffadapt.methods.boft import cayley
 from diffadapt.methods.oft import OFT, OFTConfig, neumann, nearest_divisor
@@ -97,11 +98,11 @@ def test_conv1d_matches_peft_linear():
 def test_default_config_saved_for_peft_computes_the_same():
     """Our default is exact Cayley; the PEFT config we write says so, and PEFT then agrees with us."""
     cfg = OFTConfig(oft_block_size=4, target_modules=["layer"])
-    assert cfg.use_cayley_neumann is False and cfg.to_peft_dict()["use_cayley_neumann"] is False
+    assert cfg.use_cayley_neumann is False and peft_format.to_peft_dict(cfg)["use_cayley_neumann"] is False
     assert PeftOFTConfig().use_cayley_neumann is True  # ... while PEFT's own default differs
     torch.manual_seed(2)
     layer = nn.Linear(16, 6)
-    pm, ours, params, buffers = peft_twin(OFT, PeftOFTConfig(**cfg.to_peft_dict()), cfg, layer, _randomize(0.3))
+    pm, ours, params, buffers = peft_twin(OFT, PeftOFTConfig(**peft_format.to_peft_dict(cfg)), cfg, layer, _randomize(0.3))
     x = torch.randn(3, 16)
     with torch.no_grad():
         torch.testing.assert_close(contract.forward(OFT, cfg, ours, params, buffers, x), pm(x), rtol=1e-5, atol=1e-6)
@@ -270,19 +271,19 @@ def test_layer_kind_error_and_peft_adjustment():
 
 def test_peft_config_round_trip():
     cfg = OFTConfig(target_modules=["to_q"], oft_block_size=16, coft=True, eps=1e-4, block_share=True)
-    d = cfg.to_peft_dict()
+    d = peft_format.to_peft_dict(cfg)
     assert "peft_type" not in d and d["use_cayley_neumann"] is False and d["oft_block_size"] == 16
-    assert OFTConfig.from_peft_dict(PeftOFTConfig(**d).to_dict()) == cfg
+    assert peft_format.from_peft_dict("oft", PeftOFTConfig(**d).to_dict()) == cfg
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        missing = OFTConfig.from_peft_dict({"oft_block_size": 8, "r": 0, "peft_version": "0.21.2", "peft_type": "OFT"})
+        missing = peft_format.from_peft_dict("oft", {"oft_block_size": 8, "r": 0, "peft_version": "0.21.2", "peft_type": "OFT"})
     assert missing.use_cayley_neumann is True  # what PEFT computes for a file without the field
     with pytest.warns(UserWarning, match="PEFT 0.18 changed that series"):
-        OFTConfig.from_peft_dict({"oft_block_size": 8, "r": 0, "use_cayley_neumann": True, "peft_version": "0.17.1"})
+        peft_format.from_peft_dict("oft", {"oft_block_size": 8, "r": 0, "use_cayley_neumann": True, "peft_version": "0.17.1"})
     with pytest.raises(AdapterConfigError, match="no oft_block_size.*PEFT < 0.14"):
-        OFTConfig.from_peft_dict({"r": 8, "peft_type": "OFT"})
+        peft_format.from_peft_dict("oft", {"r": 8, "peft_type": "OFT"})
     with pytest.raises(AdapterConfigError, match="no per-layer settings"):
-        OFTConfig(overrides={"to_q": {"oft_block_size": 8}}).to_peft_dict()
+        peft_format.to_peft_dict(OFTConfig(overrides={"to_q": {"oft_block_size": 8}}))
 
 
 def test_peft_file_round_trip_through_state_dict():
@@ -292,7 +293,7 @@ def test_peft_file_round_trip_through_state_dict():
     pm = get_peft_model(Holder(nn.Linear(16, 6)), PeftOFTConfig(target_modules=["layer"], init_weights=False, **kw))
     sd = get_peft_model_state_dict(pm)
     _, params, buffers = contract.init(OFT, OFTConfig(**kw), nn.Linear(16, 6))
-    assert set(sd) == {f"base_model.model.layer.{OFT.peft_keys['oft_R']}"}
+    assert set(sd) == {f"base_model.model.layer.{peft_format.keys('oft')['oft_R']}"}
     assert sd["base_model.model.layer.oft_R.weight"].shape == params["oft_R"].shape == (1, 6)
 
 
