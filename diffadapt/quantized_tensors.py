@@ -18,7 +18,6 @@ refused before anything changes (the adapter stays live, or merge into a float c
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Optional
 
 from torch import Tensor, nn
 
@@ -34,7 +33,7 @@ def _is_quanto_layer(module: nn.Module) -> bool:
     return any(_root(c) == "optimum" and c.__name__ == "QModuleMixin" for c in type(module).__mro__)
 
 
-def state(module: nn.Module) -> Optional[tuple[str, str]]:
+def state(module: nn.Module) -> tuple[str, str] | None:
     """``(kind, reason)`` for a torchao / quanto layer (kind ``""`` with a reason: refused), None
     for any other layer."""
     weight = getattr(module, "weight", None)
