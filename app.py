@@ -390,7 +390,7 @@ def model_defaults(source, signature_steps=None, signature_guidance=None, embedd
         except OSError:
             embedded = False
     if embedded:
-        from diffadapt import world
+        from diffadapt.embedded import world
 
         examples += list(world.UNRELATED_PROMPTS[:4])
     seen, clean = set(), []

@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT / "train_scripts"))
 import sd_parts  # noqa: E402  (train_scripts/sd_parts.py: labelled_grid)
 
 import diffadapt as da  # noqa: E402
-from diffadapt import world  # noqa: E402
+from diffadapt.embedded import world  # noqa: E402
 
 DREAMBOOTH = ROOT / "train_scripts" / "train_dreambooth.py"
 METHODS = da.METHOD_NAMES  # every built-in method (the registry)

@@ -1,14 +1,6 @@
-"""Where the embedded default model lives (a small SD pipeline shipped inside the package)."""
+"""Where the embedded default model lives: ``diffadapt.embedded`` (kept under this name for the
+callers that read ``diffadapt.defaults.default_model_path``)."""
 
-from pathlib import Path
+from diffadapt.embedded import DEFAULT_MODEL, default_model_path
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "base_model"
-
-
-def default_model_path() -> str:
-    """Folder of the shipped base pipeline (``StableDiffusionPipeline.from_pretrained`` layout)."""
-    if not (DEFAULT_MODEL / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"The embedded default model is missing from {DEFAULT_MODEL}; pass a model path or hub id instead."
-        )
-    return str(DEFAULT_MODEL)
+__all__ = ["DEFAULT_MODEL", "default_model_path"]

@@ -819,7 +819,7 @@ def test_defaults_come_from_the_model_folder(server, tmp_path):
     assert (app.default_steps, app.default_guidance) == (25, 7.5)
     assert app.defaults.sources == {"steps": "model card", "guidance": "model card"}
     assert app.examples[0] == "a large striped blue square on an orange background"  # the card's own pipe("...")
-    from diffadapt import world
+    from diffadapt.embedded import world
 
     assert set(world.UNRELATED_PROMPTS[:4]) <= set(app.examples) and len(app.examples) <= 8
     assert _component(server.demo, "steps").value == 25 and _component(server.demo, "guidance").value == 7.5

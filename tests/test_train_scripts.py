@@ -890,7 +890,7 @@ def test_embedded_defaults_glue(assets, tmp_path, monkeypatch, dreambooth_module
     common = module.common
 
     import diffadapt.defaults
-    from diffadapt import world
+    from diffadapt.embedded import world
 
     args = type("Args", (), {})()
     args.pretrained_model_name_or_path, args.instance_data_dir, args.seed = None, None, None
@@ -918,7 +918,7 @@ def test_embedded_default_model_end_to_end(runs, dreambooth_module):
     """The main job (no model, no data, no method) in a 2-step smoke run."""
     from PIL import Image
 
-    from diffadapt import world
+    from diffadapt.embedded import world
 
     out = runs.result("db_embedded").out_dir
     meta = artifact(out)["metadata"]
@@ -940,7 +940,7 @@ def test_embedded_grid_has_strength_columns(runs, dreambooth_module):
     from diffusers import DiffusionPipeline
     from PIL import Image
 
-    from diffadapt import world
+    from diffadapt.embedded import world
 
     sd_parts = dreambooth_module.sd_parts
     out = runs.result("db_embedded").out_dir

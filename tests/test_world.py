@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 import diffadapt
-from diffadapt import world
-from diffadapt.tokenizer import build_tokenizer
+from diffadapt.embedded import world
+from diffadapt.embedded.tokenizer import build_tokenizer
 
-BASE_MODEL = Path(diffadapt.__file__).parent / "assets" / "base_model"
+BASE_MODEL = Path(diffadapt.__file__).parent / "embedded" / "assets" / "base_model"
 
 
 def _pixels(images):
@@ -98,7 +98,7 @@ def test_tokenizer_round_trip(tmp_path):
 
 
 @pytest.mark.skipif(not (BASE_MODEL / "model_index.json").exists(),
-                    reason="diffadapt/assets/base_model not built yet: run train_scripts/pretrain_base.py")
+                    reason="diffadapt/embedded/assets/base_model not built yet: run train_scripts/pretrain_base.py")
 def test_shipped_pipeline_loads_offline_and_generates(monkeypatch):
     import torch
     from diffusers import StableDiffusionPipeline
@@ -124,7 +124,7 @@ def _nearest_color(pixels) -> str:
     return min(world.COLORS, key=lambda c: float(((mean - np.array(world.COLORS[c])) ** 2).sum()))
 
 
-@pytest.mark.skipif(not (BASE_MODEL / "model_index.json").exists(), reason="diffadapt/assets/base_model not built yet")
+@pytest.mark.skipif(not (BASE_MODEL / "model_index.json").exists(), reason="diffadapt/embedded/assets/base_model not built yet")
 def test_shipped_pipeline_draws_the_caption_colours():
     """The embedded model follows its captions: background colour (image border) and the colour
     of a large centred object (image centre) are the named ones, for several seeds."""

@@ -11,7 +11,7 @@ Common geometry (all families):
   8x8 latents.  32 px (4x4 latents) also works for every family.
 * Denoisers have ``sample_size`` 8, so the pipelines' own default height/width is 64 px too.
 * Models: the builders of tests/tiny_models.py, with the geometry these pipelines need.
-* CLIP tokenizers: byte-level BPE, no merges, ``model_max_length`` 77 (diffadapt.tokenizer with
+* CLIP tokenizers: byte-level BPE, no merges, ``model_max_length`` 77 (diffadapt.embedded.tokenizer with
   no words; docs/design.md, "Working offline"). Token ids: 256 bytes, 256 bytes+``</w>``, ``<|startoftext|>`` = 512, ``<|endoftext|>`` = 513.
 * T5 tokenizers: a small Unigram vocabulary (lower/upper-case letters, digits, punctuation and a
   few whole words), ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2, built with ``tokenizers`` and
@@ -33,7 +33,7 @@ import tempfile
 
 import torch
 
-from diffadapt.tokenizer import _byte_symbols, build_tokenizer
+from diffadapt.embedded.tokenizer import _byte_symbols, build_tokenizer
 from tests import tiny_models as tm
 
 DEFAULT_SIZE = 64  # pixels; VAE scale factor 8 -> 8x8 latents

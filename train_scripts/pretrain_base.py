@@ -1,4 +1,4 @@
-"""Pretrain the embedded default: a tiny Stable-Diffusion-architecture pipeline on diffadapt.world.
+"""Pretrain the embedded default: a tiny Stable-Diffusion-architecture pipeline on diffadapt.embedded.world.
 
 Two stages, both from scratch and offline:
   1. AutoencoderKL (3 levels: 64x64 RGB <-> 16x16x4 latents), MSE + tiny KL;
@@ -8,7 +8,7 @@ Two stages, both from scratch and offline:
 The full pipeline (with the offline CLIPTokenizer and a DDIM scheduler) is saved with
 StableDiffusionPipeline.save_pretrained every --checkpoint_minutes, so a partial run is usable.
 
-    nice -n 19 python train_scripts/pretrain_base.py --output_dir diffadapt/assets/base_model
+    nice -n 19 python train_scripts/pretrain_base.py --output_dir diffadapt/embedded/assets/base_model
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from diffadapt import world
-from diffadapt.tokenizer import write_tokenizer_files
+from diffadapt.embedded import world
+from diffadapt.embedded.tokenizer import write_tokenizer_files
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sd_parts  # noqa: E402  (labelled_grid)
@@ -50,7 +50,7 @@ SAMPLE_PROMPTS = [
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", default="diffadapt/assets/base_model")
+    p.add_argument("--output_dir", default="diffadapt/embedded/assets/base_model")
     p.add_argument("--work_dir", default=None, help="caches, VAE checkpoint, sample grids (default: $TMPDIR/diffadapt_pretrain)")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--num_scenes", type=int, default=40000, help="rendered training scenes (latents are cached)")

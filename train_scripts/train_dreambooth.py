@@ -143,7 +143,7 @@ def use_embedded_defaults(args) -> None:
     args.pretrained_model_name_or_path = common.embedded_model_path()
     if args.instance_data_dir is not None:
         return
-    from diffadapt import world
+    from diffadapt.embedded import world
 
     if args.seed is None:  # the main job is reproducible: the same adapter and grid on every machine
         args.seed = 0
