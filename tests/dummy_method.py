@@ -6,9 +6,8 @@
 with an identity input rotation, so the runtime's multiplicative paths (fused scale, merge)
 carry it. tests/test_dummy_method.py registers it with ``diffadapt.methods.register``.
 
-The PEFT-folder hooks at the end (``peft_type``, ``peft_keys``, ``to_peft_dict`` /
-``from_peft_dict``) are what a model's ``save_adapter`` / ``load_adapter`` read of a method
-today; PEFT itself has no such method.
+``FORMAT`` is its PEFT-folder declaration (what a model's ``save_adapter`` / ``load_adapter``
+read, :mod:`diffadapt.formats.peft`); PEFT itself has no such method.
 """
 
 from __future__ import annotations
@@ -21,13 +20,13 @@ from typing import Any, ClassVar, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
+from diffadapt.formats.peft import PeftFormat
 from diffadapt.methods import AdapterConfig, AdapterConfigError, LayerSpec, Method
 
 
 @dataclass
 class DummyScaleConfig(AdapterConfig):
     method: ClassVar[str] = "dummyscale"
-    peft_type: ClassVar[str] = "DUMMYSCALE"
 
     init_scale: float = field(default=0.0, metadata={"flag": "--dummy_init_scale", "help": "starting g (0: the base)."})
     note: str = "untouched"  # no metadata: no flag (--adapter_config sets it)
@@ -42,14 +41,6 @@ class DummyScaleConfig(AdapterConfig):
         if layer.kind not in ("linear", "conv1d", "conv2d"):
             raise AdapterConfigError(f"DummyScale cannot adapt {layer.describe()}.")
 
-    def to_peft_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.to_dict().items() if k != "method"}
-
-    @classmethod
-    def from_peft_dict(cls, data: dict[str, Any]) -> "DummyScaleConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
 
 class ScalePrep(NamedTuple):
     scale: Tensor  # (out_features,) 1 + a g
@@ -62,7 +53,6 @@ class DummyScale(Method):
     learning_rate: ClassVar[float] = 3e-3
     embedded_learning_rate: ClassVar[float] = 5e-3
     training_defaults: ClassVar[dict[str, Any]] = {"note": "from the scripts"}
-    peft_keys: ClassVar[dict[str, str]] = {"dummy_g": "dummy_g"}
 
     @classmethod
     def init_layer(cls, config, layer, weight, shared):
@@ -85,6 +75,19 @@ class DummyScale(Method):
     @staticmethod
     def apply_to_weight(weight: Tensor, prep: ScalePrep) -> Tensor:
         return weight * prep.scale.to(weight.dtype)[:, None]
+
+
+def _from_peft(data: dict[str, Any]) -> DummyScaleConfig:
+    names = {f.name for f in dataclasses.fields(DummyScaleConfig)}
+    return DummyScaleConfig(**{k: v for k, v in data.items() if k in names})
+
+
+FORMAT = PeftFormat(
+    peft_type="DUMMYSCALE",
+    keys={"dummy_g": "dummy_g"},
+    to_dict=lambda config: {k: v for k, v in config.to_dict().items() if k != "method"},
+    from_dict=_from_peft,
+)
 
 
 def make_config(**kw) -> DummyScaleConfig:

@@ -1,5 +1,6 @@
 """A method defined in one test-local file (tests/dummy_method.py) and added with one public call,
-``diffadapt.methods.register``, works through inject, merge / unmerge, save / load (the shared
+``diffadapt.methods.register`` (plus its PEFT-folder declaration, ``diffadapt.formats.peft.register``),
+works through inject, merge / unmerge, save / load (the shared
 contract checks of tests/test_method_contract.py) and the training scripts' flags -- no other
 file names it. (The ``diffadapt`` CLI has no per-method flags: it reads methods from files.)"""
 
@@ -13,6 +14,7 @@ from torch import nn
 
 import diffadapt as da
 from diffadapt import methods
+from diffadapt.formats import peft as peft_formats
 from diffadapt.methods import AdapterConfigError
 from tests import dummy_method
 from tests.dummy_method import DummyScale, DummyScaleConfig
@@ -28,8 +30,10 @@ from tests.test_train_scripts import dreambooth_module  # noqa: F401 - fixture: 
 
 @pytest.fixture
 def registered(monkeypatch):
-    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))  # undone after the test
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))  # both undone after the test
+    monkeypatch.setattr(peft_formats, "_REGISTERED", dict(peft_formats._REGISTERED))
     assert methods.register(DummyScale) is DummyScale
+    peft_formats.register("dummyscale", dummy_method.FORMAT)
 
 
 def test_one_call_makes_it_a_method(registered):
