@@ -27,9 +27,14 @@ import math
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
+import diffadapt as da
+from diffadapt.host import SUPPORTED_LAYERS, layer_spec
 from diffadapt.methods import AdapterConfigError, config_flags, get_method, method_names
+from diffadapt.model import resolve_targets
+from diffadapt.targets import select_targets
 
 ADAPTER_NAME = "default"
 
@@ -272,9 +277,6 @@ def adapter_config(args, target_modules=None):
 
 def inject(model, config, preset: str | None, role: str) -> list[str]:
     """``diffadapt.add_adapter`` with the preset resolved; names the component in errors."""
-    import diffadapt as da
-    from diffadapt import AdapterConfigError
-
     preset = None if config.target_modules else preset
     try:
         check_sizes(model, config, preset, role)
@@ -295,10 +297,6 @@ def check_sizes(model, config, preset, role: str) -> None:
     ``--boft_n_butterfly_factor 100000`` that number has 30,000 digits)."""
     if config.method not in ("hra", "boft"):
         return
-    from diffadapt.host import SUPPORTED_LAYERS, layer_spec
-    from diffadapt.model import resolve_targets
-    from diffadapt.targets import select_targets
-
     resolved = resolve_targets(model, config, preset)
     specs = [layer_spec(n, model.get_submodule(n)) for n in select_targets(model, resolved, SUPPORTED_LAYERS)]
     for spec in specs:
@@ -402,8 +400,6 @@ def check_numbers(args) -> None:
 def check_output_dir(path) -> None:
     """--output_dir must be a folder this process can create and write (checked before anything
     is loaded; a failure here would otherwise come at the first checkpoint or the final save)."""
-    import tempfile
-
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
@@ -440,7 +436,7 @@ def pipeline_class_name(model: str, revision=None) -> str:
         return json.loads(index.read_text()).get("_class_name", "?")
     if os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise UsageError(f"--pretrained_model_name_or_path {model}: no such folder.")
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline  # hub ids only; diffusers loads after the argument checks
 
     try:
         return DiffusionPipeline.load_config(model, revision=revision).get("_class_name", "?")
@@ -449,7 +445,7 @@ def pipeline_class_name(model: str, revision=None) -> str:
 
 
 def embedded_model_path() -> str:
-    from diffadapt.defaults import default_model_path
+    from diffadapt.defaults import default_model_path  # looked up per call (tests replace it)
 
     try:
         return default_model_path()

@@ -25,7 +25,6 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list, set_seed
-from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 import atomic_io
@@ -580,6 +579,8 @@ def start_run(args, accelerator, family: str):
 
 def load_pipeline(args, family: str):
     """The base pipeline from --pretrained_model_name_or_path (no safety checker for SD 1.x/2.x)."""
+    from diffusers import DiffusionPipeline  # here, after quiet_library_logs: this import logs bitsandbytes notices
+
     load = dict(revision=args.revision, variant=args.variant)
     if family == "sd":
         load.update(safety_checker=None, requires_safety_checker=False)
