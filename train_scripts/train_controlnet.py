@@ -216,12 +216,25 @@ def control_pipeline(family, base_pipe, controlnet):
     return getattr(diffusers, CONTROL_PIPELINE[family]).from_pipe(base_pipe, controlnet=controlnet)
 
 
-def save_controlnet_weights(controlnet, folder) -> None:
+def save_controlnet_weights(controlnet, folder, full_state=None) -> None:
     """The ControlNet's own weights (adapters removed with diffadapt.unload, in place: call this
-    last), as a ControlNetModel.from_pretrained folder in fp32."""
+    last), as a ControlNetModel.from_pretrained folder in fp32. ``full_state``: its gathered state
+    dict under --fsdp (:func:`gather_sharded`), written through a plain ControlNetModel."""
     if da.has_adapters(controlnet):
         da.unload(controlnet)
+    if full_state is not None:
+        plain = ControlNetModel.from_config(controlnet.config)
+        plain.load_state_dict({k.replace(".base_layer.", "."): v for k, v in full_state.items() if ".adapters." not in k})
+        controlnet = plain
     controlnet.to(torch.float32).save_pretrained(folder, safe_serialization=True)
+
+
+def gather_sharded(model) -> dict:
+    """--fsdp, a collective on every process: the full state dict of the FSDP-sharded ``model``
+    (adapter hosts included) on the CPU of the main process (empty on the others)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # --fsdp only
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def validate(args, accelerator, pipe, tag: str, step: int) -> str:
@@ -351,8 +364,11 @@ def main(argv=None):
     # -- artifacts, once, on the main process
     if args.debug_rank_digest:  # before saving: saving unloads the ControlNet's adapters
         training_loop.write_rank_digest(accelerator, args, models, saved=accelerator.is_main_process)
+    save_weights = controlnet_source is None or args.controlnet_trainable != "none"
+    full_state = None  # --fsdp: the sharded ControlNet gathered first (a collective), then saved by the main process
+    if save_weights and training_loop.fsdp_active(accelerator, args) and "controlnet" in models:
+        full_state = gather_sharded(controlnet)
     if accelerator.is_main_process:
-        save_weights = controlnet_source is None or args.controlnet_trainable != "none"
         metadata = {"base_model": args.pretrained_model_name_or_path, "method": args.method, "family": family,
                     "adapt": ",".join(args.adapt), "controlnet_trainable": args.controlnet_trainable,
                     "controlnet": CONTROLNET_FOLDER if save_weights else controlnet_source,
@@ -361,7 +377,7 @@ def main(argv=None):
         def write(folder):  # into a temporary folder first: a kill leaves no half-written files
             da.save_adapter(pipe, folder, common.ADAPTER_NAME, metadata=metadata)
             if save_weights:
-                save_controlnet_weights(controlnet, Path(folder, CONTROLNET_FOLDER))
+                save_controlnet_weights(controlnet, Path(folder, CONTROLNET_FOLDER), full_state)
 
         atomic_io.publish_artifact(args.output_dir, write)
         if validating:
