@@ -18,8 +18,9 @@ Neumann ``Q`` is orthogonal only up to the truncation error (``O(|S|^n)``).
 
     W_eff = W R^T,  R = blockdiag(Q_1 .. Q_r),  y = (x R) W^T + bias
 
-computed as in BOFT (one factor): a bmm of the ``(r, T, b)`` view with the blocks; conv2d of
-any kernel through ``apply_to_weight`` on ``weight.flatten(1)``.
+computed by the runtime OFT shares with BOFT (:mod:`diffadapt.methods._orthogonal`): a bmm of the
+``(r, T, b)`` view with the blocks; conv2d of any kernel through ``apply_to_weight`` on
+``weight.flatten(1)``.
 
 * ``coft`` (constrained OFT): each block's skew matrix is clamped to the Frobenius ball of
   radius ``eps / sqrt(rows of oft_R)``: ``S <- S * min(1, radius / |S|_F)``. PEFT overwrites
@@ -31,10 +32,12 @@ any kernel through ``apply_to_weight`` on ``weight.flatten(1)``.
   PEFT documents. PEFT 0.21 builds that dropout layer but never calls it (a no-op there).
 
 Output side (``rotation_side="output"``, LyCORIS' ``diag-oft`` / kohya's OFT): the same blocks
-rotate the output channels, ``W_eff = R W`` (``d = out_features``), bias untouched -- see BOFT.
+rotate the output channels, ``W_eff = R W`` (``d = out_features``), bias untouched -- see
+:mod:`diffadapt.methods._orthogonal`.
 LyCORIS' ``oft_blocks`` ``A`` (full ``b x b``) act as ``(I - Q)(I + Q)^{-1}``, ``Q = A - A^T``,
 which is exact Cayley here with ``S = Q``: ``oft_R`` holds ``Q``'s upper triangle. ``constraint``
-is LyCORIS' norm limit (see BOFT; not with ``block_share``, which LyCORIS does not have).
+is LyCORIS' norm limit (see :mod:`~diffadapt.methods._orthogonal`; not with ``block_share``, which
+LyCORIS does not have).
 
 Strength ``a``: the skew matrix is scaled, ``Q_a = Cayley(a S)`` (or Neumann(``a S``)): exactly
 ``I`` at ``a = 0`` and the trained blocks at ``a = 1``; orthogonal for every ``a`` with exact Cayley.
@@ -57,25 +60,16 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from diffadapt.methods.base import AdapterConfig, AdapterConfigError, LayerSpec
-from diffadapt.methods.boft import (
-    BOFT,
-    RotationFactors,
-    cayley,
-    check_int,
-    check_kind,
-    check_prob,
-    check_rotation,
-    compute_dtype,
-    drop_blocks,
-    limit_norm,
-    rotated_dim,
+from diffadapt.methods._orthogonal import (
+    OrthogonalMethod, cayley, check_int, check_kind, check_prob, check_rotation,
+    compute_dtype, limit_norm, rotated_dim
 )
+from diffadapt.methods.base import AdapterConfig, AdapterConfigError, LayerSpec
 
 
 def nearest_divisor(n: int, p: int) -> int:
@@ -183,16 +177,16 @@ def packed_skew(vec: Tensor, triu_index: Tensor) -> Tensor:
     return upper - upper.mT
 
 
-class OFT(BOFT):
+class OFT(OrthogonalMethod):
     """``W_eff = W R_a^T`` (or ``R_a W`` on the output side) with ``R_a = blockdiag(Cayley(a S_k))``:
-    BOFT with one factor, no scale."""
+    one block-diagonal factor, no scale."""
 
     name: ClassVar[str] = "oft"
     config_class: ClassVar[type[AdapterConfig]] = OFTConfig
-    multiplicative: ClassVar[bool] = True
     learning_rate: ClassVar[float] = 1e-4  # the training scripts' starting points (see Method)
     embedded_learning_rate: ClassVar[float] = 1e-3
     peft_reverses_order: ClassVar[bool] = False
+    dropout_field: ClassVar[str] = "module_dropout"
 
     @classmethod
     def init_layer(
@@ -218,38 +212,22 @@ class OFT(BOFT):
         return (*super().stack_key(params, buffers), buffers["triu_index"].device)
 
     @classmethod
-    def prepare_many(
-        cls,
-        config: OFTConfig,
-        params: list[dict[str, Tensor]],
-        buffers: list[dict[str, Tensor]],
-        strength: Union[float, Tensor],
-        training: bool = False,
-    ) -> list[RotationFactors]:
-        """All layers' blocks from one batched Cayley solve (or Neumann series)."""
-        skew = cls._skews(config, torch.stack([p["oft_R"] for p in params]), buffers[0]["triu_index"]) * strength
-        if config.use_cayley_neumann:
-            blocks = neumann(skew, config.num_cayley_neumann_terms)
-        else:
-            blocks = cayley(skew)
-        blocks = blocks[:, None]  # (G, 1, rows, b, b): one factor
-        if training and config.module_dropout > 0:
-            blocks = drop_blocks(blocks, config.module_dropout)
-        out = config.rotation_side == "output"
-        return [RotationFactors(b, None, out) for b in blocks.unbind(0)]
-
-    @staticmethod
-    def _skews(config: OFTConfig, vec: Tensor, triu_index: Tensor) -> Tensor:
-        """``S`` ``(G, rows, b, b)`` of G layers' ``oft_R`` at strength 1, coft / constraint applied."""
+    def skews(cls, config: OFTConfig, params: list[dict[str, Tensor]], buffers: list[dict[str, Tensor]]) -> Tensor:
+        """``S = U - U^T`` ``(G, rows, b, b)`` of G layers' ``oft_R``, coft / constraint applied."""
+        vec = torch.stack([p["oft_R"] for p in params])
         vec = vec.to(compute_dtype(vec.dtype))
         if config.coft:
             vec = coft_project(vec, config.eps)
         g, rows, _ = vec.shape
-        skew = packed_skew(vec.flatten(0, 1), triu_index)
+        skew = packed_skew(vec.flatten(0, 1), buffers[0]["triu_index"])
         skew = skew.view(g, rows, *skew.shape[1:])
         return limit_norm(skew, config.constraint, rows * skew.shape[-1])
 
     @classmethod
-    def skew(cls, config: OFTConfig, params: dict[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
-        """The skew matrices ``S`` ``(rows, b, b)`` at strength 1, coft / constraint applied."""
-        return cls._skews(config, params["oft_R"][None], buffers["triu_index"])[0]
+    def rotation_blocks(cls, config: OFTConfig, skew: Tensor) -> Tensor:
+        """All layers' blocks from one batched Cayley inverse (or the Neumann series), as one factor."""
+        if config.use_cayley_neumann:
+            blocks = neumann(skew, config.num_cayley_neumann_terms)
+        else:
+            blocks = cayley(skew)
+        return blocks[:, None]  # (G, 1, rows, b, b): one factor

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffadapt.formats import peft as peft_format
+from diffadapt.methods._orthogonal import cayley
 from diffadapt.methods.base import AdapterConfigError, LayerSpec
-from diffadapt.methods.boft import cayley
 from diffadapt.methods.oft import OFT, OFTConfig, neumann, nearest_divisor
 from tests import contract
 from tests.methods.test_boft import Holder, dense, make_input, make_layer, peft_twin

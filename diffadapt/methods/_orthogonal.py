@@ -1,0 +1,247 @@
+"""What OFT (``oft.py``) and BOFT (``boft.py``) share: Cayley blocks, one block-diagonal rotation, the
+norm constraint, block dropout, config checks, and :class:`OrthogonalMethod`, their common base.
+
+Math
+----
+``d`` is the rotated dimension (fan_in, or out_features on the output side), ``b`` the block size.
+Each method turns its trainable parameters into skew matrices ``S`` (``b x b``, ``S^T = -S``) and
+each ``S`` into an orthogonal block by Cayley's transform (PEFT's form)::
+
+    Q = (I - S)(I + S)^{-1} = 2 (I + S)^{-1} - I                       (:func:`cayley`)
+
+``x_blk @ Q`` rotates one block of ``b`` features. The method's rotation ``R`` is reached by
+:meth:`OrthogonalMethod.prepare_many` as ONE block-diagonal matrix per layer (BOFT merges its
+butterfly factors into one, ``boft.merge_factors``), so activations and weights go through one
+strided ``bmm`` of the ``(N, T, b)`` view with the blocks (:func:`block_rotate`); nothing ``d x d``
+is built. With a scale ``s`` (BOFT's; None for OFT)::
+
+    input side  (PEFT's convention):                W_eff = diag(s) W R^T,   y = s * ((x R) W^T) + bias
+    output side (LyCORIS / ComfyUI / kohya's):      W_eff = diag(s) R W,     y = s * ((x W^T) R^T) + bias
+
+the bias is never rotated; on the output side ``rotate_input`` is the identity and
+``transform_output`` rotates the activations. Conv2d of any kernel goes through
+``apply_to_weight`` on ``weight.flatten(1)`` (PEFT's flattening order).
+
+The blocks of all layers of one shape come from one batched inverse (``inv_ex``, no host sync) in
+float32 (float64 for float64 parameters, :func:`compute_dtype`), cast to the activation / weight
+dtype where used. Strength ``a`` scales ``S``: ``Q_a = Cayley(a S)`` is orthogonal for every ``a``
+and exactly ``I`` at ``a = 0``.
+
+``constraint = c > 0`` (LyCORIS' ``constraint`` network argument, saved as each module's
+``.alpha``; either side): all the layer's skew matrices are scaled together so that their joint
+Frobenius norm is at most ``c * d`` -- ``S <- S * c d / max(|S|_F + 1e-8, c d)``, LyCORIS'
+formula, differentiable, no host sync (:func:`limit_norm`). ``0`` = no constraint. The strength
+scales the constrained ``S``.
+
+Dropout (training only, PEFT's multiplicative dropout, :func:`drop_blocks`): in one factor drawn at
+random (OFT has one), ``int(p N)`` of its blocks, drawn at random, become the identity.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from diffadapt.methods.base import AdapterConfig, AdapterConfigError, LayerSpec, Method
+
+LAYER_KINDS = ("linear", "conv1d", "conv2d")
+ROTATION_SIDES = ("input", "output")
+
+
+# -- config helpers ------------------------------------------------------------------------------
+def check_int(owner: str, name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise AdapterConfigError(f"{owner}: {name} must be an integer >= {minimum}, got {name}={value!r}.")
+
+
+def check_prob(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise AdapterConfigError(f"{owner}: {name} is a probability in [0, 1), got {name}={value!r}.")
+
+
+def check_kind(method: str, layer: LayerSpec) -> None:
+    if layer.kind not in LAYER_KINDS:
+        raise AdapterConfigError(
+            f"{method} cannot adapt {layer.describe()}: layer kind {layer.kind!r} is not one of "
+            f"{', '.join(LAYER_KINDS)}. Remove it from target_modules."
+        )
+
+
+def check_rotation(owner: str, side: Any, constraint: Any) -> None:
+    """Validate ``rotation_side`` and LyCORIS' norm ``constraint`` (OFT and BOFT)."""
+    if side not in ROTATION_SIDES:
+        raise AdapterConfigError(
+            f"{owner}: rotation_side must be 'input' (PEFT's convention, W R^T) or 'output' (LyCORIS / "
+            f"ComfyUI's, R W), got rotation_side={side!r}."
+        )
+    if isinstance(constraint, bool) or not isinstance(constraint, (int, float)) or not (
+        math.isfinite(constraint) and constraint >= 0
+    ):
+        raise AdapterConfigError(
+            f"{owner}: constraint is LyCORIS' norm limit (a number >= 0, 0 = none), got constraint={constraint!r}."
+        )
+
+
+def rotated_dim(layer: LayerSpec, side: str) -> tuple[str, int]:
+    """Name and size of the dimension a rotation acts on: fan_in (input side) or out_features."""
+    return ("fan_in", layer.fan_in) if side == "input" else ("out_features", layer.out_features)
+
+
+# -- block math ----------------------------------------------------------------------------------
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half/bfloat16/float32 parameters, float64 for float64 (gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def cayley(skew: Tensor) -> Tensor:
+    """``Q = (I - S)(I + S)^{-1} = 2 (I + S)^{-1} - I`` for a batch ``(..., b, b)`` of skew ``S``.
+
+    One batched ``inv_ex`` (its backward is two batched matmuls, where a solve's backward is
+    another batched LU solve: about a third less time on CPU for OFT's 32x32 blocks); ``I + S``
+    is always invertible for skew ``S``, so the error check (a host sync) is skipped.
+    """
+    eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
+    return 2.0 * torch.linalg.inv_ex(eye + skew)[0] - eye
+
+
+def limit_norm(skew: Tensor, constraint: float, dim: int) -> Tensor:
+    """LyCORIS' constraint, per layer: scale each ``skew[g]`` (leading dim: layers) so that
+    ``|skew[g]|_F <= constraint * dim``.
+
+    ``S * r / max(|S|_F + 1e-8, r)`` with ``r = constraint * dim``: LyCORIS' ``S * r / (|S|_F + 1e-8)``
+    where that is smaller than ``S``, exactly ``S`` otherwise (``r / r == 1``); no host sync.
+    """
+    if not constraint:
+        return skew
+    radius = float(constraint) * dim
+    norm = torch.linalg.vector_norm(skew.flatten(1), dim=1) + 1e-8
+    scale = radius / torch.clamp(norm, min=radius)
+    return skew * scale.view(-1, *[1] * (skew.dim() - 1))
+
+
+def drop_blocks(blocks: Tensor, p: float) -> Tensor:
+    """PEFT's multiplicative dropout on ``(G, m, N, b, b)`` blocks of G layers: in one random
+    factor of each layer, ``int(p N)`` random blocks become the identity. Random draws stay on
+    the device (one draw for all layers)."""
+    g, m, n, b, _ = blocks.shape
+    k = int(p * n)
+    if k == 0:
+        return blocks
+    dev = blocks.device
+    chosen = torch.rand(g, n, device=dev).argsort(dim=1) < k  # exactly k True per layer, at random places
+    factor = torch.arange(m, device=dev) == torch.randint(m, (g, 1), device=dev)  # (G, m)
+    mask = (factor[:, :, None] & chosen[:, None, :])[..., None, None]
+    return torch.where(mask, torch.eye(b, dtype=blocks.dtype, device=dev), blocks)
+
+
+def block_rotate(x: Tensor, blocks: Tensor, transpose: bool = False) -> Tensor:
+    """``x @ R`` (or ``x @ R^T`` with ``transpose``) for ``R = blockdiag(blocks)``.
+
+    ``x`` is ``(..., d)``, ``blocks`` ``(N, b, b)`` with ``N b = d`` (``N = 1`` is broadcast over
+    all blocks: OFT's ``block_share``): one bmm on the strided ``(N, T, b)`` view of ``x``, one copy
+    back, in ``x``'s dtype.
+    """
+    b = blocks.shape[-1]
+    n = x.shape[-1] // b
+    right = blocks.to(x.dtype).expand(n, b, b)  # rows are right-multiplied: x_blk @ Q
+    if transpose:
+        right = right.mT
+    return torch.bmm(x.reshape(-1, n, b).transpose(0, 1), right).transpose(0, 1).reshape(x.shape)
+
+
+class RotationFactors(NamedTuple):
+    """Per-step factors of one layer: ``blocks`` ``(m, N, b, b)`` (the factors' blocks, compute
+    dtype; ``m = 1`` for OFT), ``scale`` ``(d_out,)`` or None; ``output``: the blocks rotate the
+    output channels (``rotation_side="output"``); ``merged`` ``(1, N', B, B)``: BOFT's whole
+    rotation as one block-diagonal factor (``boft.merge_factors``), what the activations and
+    weights go through."""
+
+    blocks: Tensor
+    scale: Optional[Tensor]
+    output: bool = False
+    merged: Optional[Tensor] = None
+    inv_scale: Optional[Tensor] = None  # 1 / scale (0 where scale is 0), for the runtime's fused backward
+
+    @property
+    def rotation(self) -> Tensor:
+        """The one block-diagonal factor ``(1, N, b, b)`` that :func:`block_rotate` applies."""
+        return self.blocks if self.merged is None else self.merged
+
+
+class OrthogonalMethod(Method):
+    """The rotation runtime of OFT and BOFT (module docstring). A subclass supplies its math:
+    :meth:`skews` (parameters -> skew matrices), :meth:`rotation_blocks` (skew -> blocks), where it
+    has more than blocks :meth:`factors` (blocks -> :class:`RotationFactors`: BOFT's merge and
+    scale), and names its dropout field. Its config has ``rotation_side`` and ``constraint``
+    (:func:`check_rotation`)."""
+
+    multiplicative: ClassVar[bool] = True
+    dropout_field: ClassVar[str]  # the config field holding :func:`drop_blocks`' probability
+
+    # -- the method's own math ------------------------------------------------------------------
+    @classmethod
+    def skews(cls, config: AdapterConfig, params: list[dict[str, Tensor]], buffers: list[dict[str, Tensor]]) -> Tensor:
+        """The skew matrices of G stacked layers at strength 1, constraint applied (compute dtype):
+        ``(G, ..., b, b)``, the leading dimension over layers."""
+        raise NotImplementedError
+
+    @classmethod
+    def rotation_blocks(cls, config: AdapterConfig, skew: Tensor) -> Tensor:
+        """``(G, m, N, b, b)`` orthogonal blocks of :meth:`skews` (already scaled by the strength)."""
+        raise NotImplementedError
+
+    @classmethod
+    def factors(
+        cls, config: AdapterConfig, params: list[dict[str, Tensor]], blocks: Tensor, strength: Union[float, Tensor]
+    ) -> list[RotationFactors]:
+        """One :class:`RotationFactors` per layer from the ``(G, m, N, b, b)`` blocks; default: the
+        blocks alone, no scale (OFT)."""
+        return [RotationFactors(b, None, config.rotation_side == "output") for b in blocks.unbind(0)]
+
+    # -- shared ---------------------------------------------------------------------------------
+    @classmethod
+    def prepare_many(cls, config: AdapterConfig, params: list[dict[str, Tensor]], buffers: list[dict[str, Tensor]],
+                     strength: Union[float, Tensor], training: bool = False) -> list[RotationFactors]:
+        """All layers' blocks from one batched op sequence (one Cayley inverse, or OFT's series)."""
+        blocks = cls.rotation_blocks(config, cls.skews(config, params, buffers) * strength)
+        p = getattr(config, cls.dropout_field)
+        if training and p > 0:
+            blocks = drop_blocks(blocks, p)
+        return cls.factors(config, params, blocks, strength)
+
+    @classmethod
+    def skew(cls, config: AdapterConfig, params: dict[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
+        """One layer's skew matrices at strength 1, constraint applied (compute dtype)."""
+        return cls.skews(config, [params], [buffers])[0]
+
+    @staticmethod
+    def rotate_input(x: Tensor, prep: RotationFactors) -> Tensor:
+        """``x @ R`` in ``x``'s dtype (the identity for output-side rotations)."""
+        return x if prep.output else block_rotate(x, prep.rotation[0])
+
+    @staticmethod
+    def output_scale(prep: RotationFactors) -> Optional[Tensor]:
+        return prep.scale
+
+    @staticmethod
+    def scale_only(prep: RotationFactors) -> Optional[tuple[Tensor, Tensor]]:
+        return None if prep.output or prep.inv_scale is None else (prep.scale, prep.inv_scale)
+
+    @classmethod
+    def transform_output(cls, y: Tensor, prep: RotationFactors) -> Tensor:
+        """``y @ P^T``: ``y * s`` (input side) or ``(y @ R^T) * s`` (output side), in ``y``'s dtype."""
+        if prep.output:
+            y = block_rotate(y, prep.rotation[0], transpose=True)
+        return y if prep.scale is None else y * prep.scale.to(y.dtype)
+
+    @staticmethod
+    def apply_to_weight(weight: Tensor, prep: RotationFactors) -> Tensor:
+        """``diag(s) W R^T`` (input side) or ``diag(s) R W`` (output side) in ``W``'s dtype."""
+        if prep.output:
+            w = block_rotate(weight.mT, prep.rotation[0], transpose=True).mT
+        else:
+            w = block_rotate(weight, prep.rotation[0], transpose=True)
+        return w if prep.scale is None else w * prep.scale.to(w.dtype)[:, None]
