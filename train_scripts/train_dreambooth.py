@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """DreamBooth fine-tuning with diffadapt adapters (FourierFT, BOFT, OFT, HRA, FRoD).
 
-Follows diffusers' examples/dreambooth/train_dreambooth_lora{,_sdxl,_sd3,_flux}.py: the same
-flag names (so commands carry over), accelerate from one device to many, prior preservation,
-checkpoints and resume, validation images. Families, told by model_index.json's _class_name:
-SD 1.x/2.x and SDXL (UNet; epsilon or v-prediction from the scheduler config), SD3 and Flux
-(flow matching).
+Follows diffusers' examples/dreambooth/train_dreambooth_lora{,_sdxl,_sd3,_flux,_flux2,_qwen_image,
+_sana}.py: the same flag names (so commands carry over), accelerate from one device to many, prior
+preservation, checkpoints and resume, validation images. Families, told by model_index.json's
+_class_name (train_scripts/families.py): SD 1.x/2.x and SDXL (UNet; epsilon or v-prediction from
+the scheduler config), SD3/SD3.5, Flux.1, Flux.2, Qwen-Image and Sana (flow matching); any other
+pipeline is refused at start.
 
     accelerate launch train_scripts/train_dreambooth.py \\
       --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
@@ -30,29 +31,10 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import atomic_io  # noqa: E402
 import common  # noqa: E402
+import families  # noqa: E402
 import sd_parts  # noqa: E402
 import training_loop  # noqa: E402
 from common import UsageError  # noqa: E402
-
-FAMILIES = {  # model_index.json _class_name -> family
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-}
-TRAINABLE_TEXT_ENCODERS = {  # CLIP encoders --train_text_encoder adapts (T5 stays frozen, like diffusers)
-    "sd": ("text_encoder",),
-    "sdxl": ("text_encoder", "text_encoder_2"),
-    "sd3": ("text_encoder", "text_encoder_2"),
-    "flux": ("text_encoder",),
-}
-TEXT_STACK = {  # (encoder, tokenizer) pairs each family encodes prompts with, in order
-    "sd": ("text_encoder",),
-    "sdxl": ("text_encoder", "text_encoder_2"),
-    "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"),
-    "flux": ("text_encoder", "text_encoder_2"),
-}
-
 
 # ----------------------------------------------------------------------------------------------
 # arguments
@@ -78,18 +60,24 @@ def parse_args(argv=None):
                    "strength 0 (the base model), 0.5 and 1, --num_validation_images images each from the same seeds "
                    "(embedded default: the instance prompt, the class prompt and two unrelated prompts).")
     g.add_argument("--train_text_encoder", action="store_true",
-                   help="Also adapt the CLIP text encoder(s) (SD/Flux: text_encoder; SDXL/SD3: both CLIP encoders).")
+                   help="Also adapt the CLIP text encoder(s) (SD/Flux.1: text_encoder; SDXL/SD3: both CLIP encoders; "
+                   "the language-model encoders of Flux.2, Qwen-Image and Sana stay frozen).")
     g.add_argument("--text_encoder_lr", type=float, default=None, help="Text encoder lr (default: --learning_rate).")
     g.add_argument("--text_encoder_target_modules", default=None,
                    help="Text-encoder layers (like --target_modules); default: the same preset.")
-    g = parser.add_argument_group("flow matching (SD3 / Flux)")
+    g = parser.add_argument_group("flow matching (SD3, Flux.1/2, Qwen-Image, Sana)")
     g.add_argument("--weighting_scheme", default="none",
                    choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"])
     g.add_argument("--logit_mean", type=float, default=0.0)
     g.add_argument("--logit_std", type=float, default=1.0)
     g.add_argument("--mode_scale", type=float, default=1.29)
-    g.add_argument("--guidance_scale", type=float, default=3.5, help="Flux guidance embedding value while training.")
-    g.add_argument("--max_sequence_length", type=int, default=None, help="T5 tokens (default SD3 77, Flux 512).")
+    g.add_argument("--guidance_scale", type=float, default=None,
+                   help="Guidance embedding value while training (Flux.1/2; default: the pipeline's, 3.5 / 4).")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help="Prompt tokens (default: the pipeline's; SD3 77, Flux.1/2 512, Qwen-Image 1024, Sana 300).")
+    g.add_argument("--complex_human_instruction", default=None,
+                   help='Sana: the instruction before each prompt, lines separated by newlines, or "none" '
+                   "(default: the pipeline's, as generation uses it).")
     common.add_training_args(parser, output_dir="dreambooth-diffadapt")
     common.add_adapter_args(parser)
     parser.add_argument("--verbose", action="store_true",
@@ -254,124 +242,15 @@ def generate_class_images(args, pipe, accelerator, family) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# the families: prompt encoding and the denoising loss
+# validation
 # ----------------------------------------------------------------------------------------------
 
 
 def pipeline_call_kwargs(args, family) -> dict:
-    call = {"num_inference_steps": args.num_inference_steps, "height": args.resolution, "width": args.resolution}
-    if family in ("sd3", "flux"):
-        call["max_sequence_length"] = args.max_sequence_length
-    return call
-
-
-def encode_prompts(family, args, encoders, tokenizers, prompts, device) -> dict:
-    """Conditioning for ``prompts``; ``encoders`` may be accelerate-wrapped (trained) models."""
-    import torch
-
-    if family in ("sd", "sdxl"):
-        return sd_parts.encode_clip_prompts(family, encoders, tokenizers, prompts, device)
-    if family == "sd3":
-        hidden, pooled = [], []
-        for encoder, tokenizer in zip(encoders[:2], tokenizers[:2]):
-            out = encoder(sd_parts.tokenize(tokenizer, prompts, 77).to(device), output_hidden_states=True)
-            pooled.append(out[0])
-            hidden.append(out.hidden_states[-2])
-        clip = torch.cat(hidden, dim=-1)
-        if encoders[2] is not None:
-            t5 = encoders[2](sd_parts.tokenize(tokenizers[2], prompts, args.max_sequence_length).to(device))[0]
-        else:
-            t5 = torch.zeros(len(prompts), args.max_sequence_length, args.joint_attention_dim,
-                             device=device, dtype=clip.dtype)
-        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        return {"encoder_hidden_states": torch.cat([clip, t5.to(clip.dtype)], dim=-2),
-                "pooled_projections": torch.cat(pooled, dim=-1)}
-    # flux: pooled CLIP, T5 sequence
-    pooled = encoders[0](sd_parts.tokenize(tokenizers[0], prompts, 77).to(device), output_hidden_states=False)
-    t5 = encoders[1](sd_parts.tokenize(tokenizers[1], prompts, args.max_sequence_length).to(device))[0]
-    return {"encoder_hidden_states": t5, "pooled_projections": pooled.pooler_output}
-
-
-class Denoising:
-    """Latents -> (prediction, target, loss weights) for one family; the loss of one batch part."""
-
-    def __init__(self, family, args, pipe, denoiser, dtype):
-        from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
-
-        self.family, self.args, self.denoiser, self.dtype = family, args, denoiser, dtype
-        self.vae = pipe.vae
-        self.flow = family in ("sd3", "flux")
-        if self.flow:
-            self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        else:
-            self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-            if args.prediction_type is not None:
-                self.scheduler.register_to_config(prediction_type=args.prediction_type)
-        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        inner = pipe.transformer if self.flow else pipe.unet
-        self.guidance = family == "flux" and inner.config.guidance_embeds
-
-    def latents(self, pixels, generator):
-        cfg = self.vae.config
-        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample(generator)
-        if cfg.shift_factor is not None and self.flow:
-            latents = latents - cfg.shift_factor
-        return (latents * cfg.scaling_factor).to(self.dtype)
-
-    def predict(self, latents, cond, batch, generator):
-        import torch
-
-        if not self.flow:
-            noisy, noise, t = sd_parts.unet_noise(self.scheduler, latents, generator, self.args.noise_offset)
-            extra = sd_parts.unet_added_cond(self.family, cond, batch, self.args.resolution, self.dtype)
-            pred = self.denoiser(noisy, t, cond["encoder_hidden_states"].to(self.dtype), return_dict=False, **extra)[0]
-            return pred, sd_parts.unet_target(self.scheduler, latents, noise, t), t
-        from diffusers.training_utils import compute_density_for_timestep_sampling
-
-        a, bsz = self.args, latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        u = compute_density_for_timestep_sampling(a.weighting_scheme, bsz, a.logit_mean, a.logit_std, a.mode_scale,
-                                                  device=latents.device, generator=generator)
-        n = self.scheduler.config.num_train_timesteps
-        index = (u * n).long().clamp(0, len(self.scheduler.timesteps) - 1).cpu()
-        t = self.scheduler.timesteps[index].to(latents.device)
-        sigmas = self.scheduler.sigmas[index].to(latents.device, latents.dtype).view(-1, 1, 1, 1)
-        noisy = (1.0 - sigmas) * latents + sigmas * noise
-        hidden, pooled = cond["encoder_hidden_states"].to(self.dtype), cond["pooled_projections"].to(self.dtype)
-        if self.family == "sd3":
-            pred = self.denoiser(hidden_states=noisy, timestep=t, encoder_hidden_states=hidden,
-                                 pooled_projections=pooled, return_dict=False)[0]
-        else:
-            from diffusers import FluxPipeline
-
-            _, c, h, w = latents.shape
-            guidance = torch.full((bsz,), a.guidance_scale, device=latents.device) if self.guidance else None
-            pred = self.denoiser(
-                hidden_states=FluxPipeline._pack_latents(noisy, bsz, c, h, w),
-                timestep=t / 1000,
-                guidance=guidance,
-                pooled_projections=pooled,
-                encoder_hidden_states=hidden,
-                txt_ids=torch.zeros(hidden.shape[1], 3, device=latents.device, dtype=self.dtype),
-                img_ids=FluxPipeline._prepare_latent_image_ids(bsz, h // 2, w // 2, latents.device, self.dtype),
-                return_dict=False,
-            )[0]
-            pred = FluxPipeline._unpack_latents(pred, h * self.vae_scale, w * self.vae_scale, self.vae_scale)
-        return pred, noise - latents, sigmas
-
-    def loss(self, pred, target, t_or_sigmas):
-        if not self.flow:
-            return sd_parts.unet_loss(pred, target, t_or_sigmas, self.scheduler, self.args.snr_gamma)
-        from diffusers.training_utils import compute_loss_weighting_for_sd3
-
-        weighting = compute_loss_weighting_for_sd3(self.args.weighting_scheme, t_or_sigmas)
-        per_sample = (weighting.float() * (pred.float() - target.float()) ** 2).reshape(target.shape[0], -1)
-        return per_sample.mean(dim=1).mean()
-
-
-# ----------------------------------------------------------------------------------------------
-# validation
-# ----------------------------------------------------------------------------------------------
+    """The pipeline call of validation and class images: --num_inference_steps at --resolution,
+    with the family's prompt settings (train_scripts/families.py)."""
+    return {"num_inference_steps": args.num_inference_steps, "height": args.resolution, "width": args.resolution,
+            **family.call(args)}
 
 
 def validate(args, accelerator, pipe, family, tag: str, step: int) -> str:
@@ -435,9 +314,12 @@ def before_after(args, accelerator, pipe, family) -> str:
 def main(argv=None):
     args = parse_args(argv)
     training_loop.quiet_library_logs(args)  # before diffusers is imported
-    family, class_name = common.pipeline_family(args, FAMILIES, "train_dreambooth.py", "SD 1.x/2.x, SDXL, SD3, Flux")
+    family, class_name = common.pipeline_family(args, families.FAMILIES, "train_dreambooth.py", families.SUPPORTED)
+    if args.train_text_encoder and not family.trainable_text:
+        raise UsageError(f"--train_text_encoder: {family.title}'s text encoder stays frozen in train_dreambooth.py "
+                         "(it adapts the CLIP encoders of SD 1.x/2.x, SDXL, SD3 and Flux.1).")
     if args.max_sequence_length is None:
-        args.max_sequence_length = 77 if family == "sd3" else 512
+        args.max_sequence_length = family.max_sequence_length
     config = common.adapter_config(args, common.parse_targets(args.target_modules))  # field validation
     training_loop.find_resume(args)  # a missing or damaged checkpoint: refused before anything loads
 
@@ -447,24 +329,23 @@ def main(argv=None):
 
     import diffadapt as da
 
-    accelerator = training_loop.make_accelerator(args, find_unused_parameters=family == "sd3")
+    accelerator = training_loop.make_accelerator(args, find_unused_parameters=family.unused_layers)
     logger = get_logger(__name__)
     # -- models, then adapters: a config that does not fit the layers fails here, before any data
-    pipe = training_loop.start_run(args, accelerator, family)
-    denoiser_name = "transformer" if family in ("sd3", "flux") else "unet"
+    pipe = training_loop.start_run(args, accelerator, family.name)
+    denoiser_name = family.denoiser
     denoiser = getattr(pipe, denoiser_name)
     if args.resolution is None:
         args.resolution = int(denoiser.config.get("sample_size") or 128) * pipe.vae_scale_factor
-    if family in ("sd3", "flux") and args.resolution % (2 * pipe.vae_scale_factor):
-        raise UsageError(f"--resolution {args.resolution}: {class_name} needs a multiple of "
-                         f"{2 * pipe.vae_scale_factor} (2x2 latent patches).")
-    if family == "sd3":
-        args.joint_attention_dim = denoiser.config.joint_attention_dim
+    multiple = family.patch * pipe.vae_scale_factor
+    if family.flow and args.resolution % multiple:
+        raise UsageError(f"--resolution {args.resolution}: {class_name} needs a multiple of {multiple} "
+                         f"({family.patch}x{family.patch} latent patches).")
     preset = args.target_preset
     models = {denoiser_name: denoiser}
-    training_loop.quantize_base(args, accelerator, pipe, [denoiser_name], TEXT_STACK[family])  # before the adapters
+    training_loop.quantize_base(args, accelerator, pipe, [denoiser_name], family.text_stack)  # before the adapters
     common.inject(denoiser, config, preset, denoiser_name)
-    text_roles = TRAINABLE_TEXT_ENCODERS[family] if args.train_text_encoder else ()
+    text_roles = family.trainable_text if args.train_text_encoder else ()
     te_targets = common.parse_targets(args.text_encoder_target_modules)
     for role in text_roles:
         te_config = common.adapter_config(args, te_targets)
@@ -483,7 +364,7 @@ def main(argv=None):
     # -- devices and dtypes: frozen weights in the mixed-precision dtype, trained tensors in fp32
     dtype = training_loop.weight_dtype(accelerator)
     pipe.vae.to(accelerator.device).requires_grad_(False)
-    for module in [getattr(pipe, n, None) for n in TEXT_STACK[family]] + [denoiser]:
+    for module in [getattr(pipe, n, None) for n in family.text_stack] + [denoiser]:
         if module is not None:
             training_loop.to_device(module, accelerator.device, dtype)
             if module not in models.values():
@@ -514,18 +395,19 @@ def main(argv=None):
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-diffadapt", config={k: str(v) for k, v in vars(args).items()})
 
-    encoders = [wrapped.get(n, getattr(pipe, n, None)) for n in TEXT_STACK[family]]
-    tokenizers = [getattr(pipe, n.replace("text_encoder", "tokenizer"), None) for n in TEXT_STACK[family]]
-    denoising = Denoising(family, args, pipe, wrapped[denoiser_name], dtype)
-    cache: dict[str, dict] = {}
+    encoders = [wrapped.get(n, getattr(pipe, n, None)) for n in family.text_stack]
+    tokenizers = [getattr(pipe, n.replace("text_encoder", "tokenizer"), None) for n in family.text_stack]
+    denoising = families.Denoising(family, args, pipe, wrapped[denoiser_name], dtype)
+    cache: dict[tuple[str, ...], dict] = {}  # per batch of prompts (a few: instance and class prompts, in order)
 
     def conditioning(prompts):
         if text_roles:  # trained: encode every batch, with gradients
-            return encode_prompts(family, args, encoders, tokenizers, prompts, accelerator.device)
-        for p in set(prompts) - set(cache):
+            return family.encode(pipe, encoders, tokenizers, prompts, args, accelerator.device)
+        key = tuple(prompts)
+        if key not in cache:  # the whole batch at once: padding as the pipeline pads a batch of prompts
             with torch.no_grad():
-                cache[p] = encode_prompts(family, args, encoders, tokenizers, [p], accelerator.device)
-        return {k: torch.cat([cache[p][k] for p in prompts]) for k in cache[prompts[0]]}
+                cache[key] = family.encode(pipe, encoders, tokenizers, prompts, args, accelerator.device)
+        return cache[key]
 
     def loss_fn(batch, generator):
         latents = denoising.latents(batch["pixel_values"].to(accelerator.device), generator)
@@ -554,15 +436,15 @@ def main(argv=None):
     saved = False
     if accelerator.is_main_process:
         metadata = {"base_model": args.pretrained_model_name_or_path, "instance_prompt": args.instance_prompt,
-                    "method": args.method, "family": family, "train_text_encoder": bool(text_roles),
+                    "method": args.method, "family": family.name, "train_text_encoder": bool(text_roles),
                     "resolution": args.resolution, "steps": global_step}
         atomic_io.publish_artifact(  # into a temporary folder first: a kill leaves no half-written files
             args.output_dir, lambda folder: da.save_adapter(pipe, folder, common.ADAPTER_NAME, metadata=metadata))
         saved = True
         if args.validation_prompt or args.comparison_prompts:  # from the saved files, as users will load them
             free_memory()
-            final = training_loop.load_pipeline(args, family)
-            training_loop.quantize_base(args, accelerator, final, [denoiser_name], TEXT_STACK[family], pin=False)
+            final = training_loop.load_pipeline(args, family.name)
+            training_loop.quantize_base(args, accelerator, final, [denoiser_name], family.text_stack, pin=False)
             da.load_adapter(final, args.output_dir, common.ADAPTER_NAME)
             final.to(accelerator.device)
             if args.validation_prompt:
@@ -581,7 +463,7 @@ image = pipe({args.instance_prompt!r}).images[0]
 """
         sd_parts.write_model_card(
             args, title=f"DreamBooth {args.method} - {args.instance_prompt}",
-            tags=["dreambooth", "text-to-image", family], base_model=args.pretrained_model_name_or_path,
+            tags=["dreambooth", "text-to-image", family.name], base_model=args.pretrained_model_name_or_path,
             usage=usage, config=sd_parts.card_config(config, preset), trainable=trainable,
             extra=f"Instance prompt: `{args.instance_prompt}`."
             + (f" Prior preservation with `{args.class_prompt}`." if args.with_prior_preservation else "") + "\n",
