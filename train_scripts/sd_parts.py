@@ -13,10 +13,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+
 import atomic_io
 from common import UsageError
 
-if TYPE_CHECKING:  # annotations only: torch is imported where it is used (fast --help)
+if TYPE_CHECKING:  # annotations only: torch and diffusers are imported where they are used (fast --help)
     import torch
 
 # ----------------------------------------------------------------------------------------------
@@ -115,8 +118,6 @@ def list_images(folder) -> list[Path]:
 
 
 def load_rgb(path):
-    from PIL import Image, ImageOps
-
     with Image.open(path) as img:
         return ImageOps.exif_transpose(img).convert("RGB")
 
@@ -129,8 +130,6 @@ def item_rng(seed: int, epoch: int, index: int) -> random.Random:
 def resize_crop_flip(images: list, resolution: int, center_crop: bool, random_flip: bool, rng):
     """Resize the shorter side to ``resolution``, crop a square (same crop and flip for every
     image given), returns (images, original (h, w) of the first, crop top-left)."""
-    from PIL import Image
-
     original = (images[0].height, images[0].width)
     out = []
     scale = resolution / min(original)
@@ -150,7 +149,6 @@ def resize_crop_flip(images: list, resolution: int, center_crop: bool, random_fl
 
 def to_tensor(img, normalize: bool = True) -> torch.Tensor:
     """PIL RGB -> (3, H, W) float in [-1, 1] (``normalize``) or [0, 1]."""
-    import numpy as np
     import torch
 
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
@@ -175,8 +173,6 @@ def save_image_atomic(image, path) -> None:
 
 
 def _image_format(path) -> str:
-    from PIL import Image
-
     Image.init()
     return Image.EXTENSION.get(Path(path).suffix.lower(), "PNG")
 
@@ -200,8 +196,6 @@ def labelled_grid(rows: list[tuple[str, list]], path=None, size: int | None = No
     resized to ``size`` (nearest neighbour: small images stay crisp) when given. ``columns``:
     labels of column groups, written on top: each row's images split into that many equal
     groups (e.g. one per strength), a gap between groups."""
-    from PIL import Image, ImageDraw
-
     size = size or rows[0][1][0].width
     cols = max(len(images) for _, images in rows)
     groups = len(columns) if columns else 0
@@ -229,8 +223,6 @@ def labelled_grid(rows: list[tuple[str, list]], path=None, size: int | None = No
 
 
 def log_images(accelerator, tag: str, images: list, step: int) -> None:
-    import numpy as np
-
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images(tag, np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")

@@ -25,8 +25,11 @@ validation/, train_log.jsonl and the resumable checkpoint-<step> folders.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import atomic_io  # noqa: E402
@@ -217,8 +220,6 @@ def generate_class_images(args, pipe, accelerator, family) -> None:
     missing = list(range(have, args.num_class_images))
     if not missing:
         return
-    from tqdm.auto import tqdm
-
     if training_loop.verbose(args):
         accelerator.print(f"Generating {len(missing)} class images for prior preservation.")
     mine = missing[accelerator.process_index :: accelerator.num_processes]
@@ -278,7 +279,6 @@ def before_after(args, accelerator, pipe, family) -> str:
     (the adapter's strength, set with ``diffadapt.set_adapters``; 0 is the base model), each
     --num_validation_images images from the same seeds in every column; returns its path."""
     import torch
-    from tqdm.auto import tqdm
 
     import diffadapt as da
 
@@ -477,8 +477,6 @@ image = pipe({args.instance_prompt!r}).images[0]
 
 def print_done(args, grids) -> None:
     """The lines a user needs at the end: where the output went, how to use it."""
-    import shlex
-
     grid = next((g for g in grids if Path(g).name == "before_after.png"), None)
     shown = ", before_after.png (adapter strength 0 / 0.5 / 1)" if grid else ""
     print(f"Saved the adapter, its model card README.md{shown} to {args.output_dir}", flush=True)
