@@ -57,10 +57,8 @@ TEXT_ENCODER = {f: next(c for c in plan if c != "transformer") for f, (_, _, pla
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with tp.one_torch_thread():
+        yield
 
 
 def from_folder(folder):

@@ -66,10 +66,8 @@ REFUSED = {"zimage": "ZImagePipeline", "chroma": "ChromaPipeline", "lumina2": "L
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with tp.one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

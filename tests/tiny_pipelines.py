@@ -25,6 +25,7 @@ local-folder loading path.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -889,3 +890,15 @@ def save_and_reload(pipe, tmp_dir, realign: bool = True):
     loaded = type(pipe).from_pretrained(tmp_dir, **none_components(pipe))
     loaded.set_progress_bar_config(disable=True)
     return realign_(loaded) if realign else loaded
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """One torch thread meanwhile (two OpenMP threads on the two shared, busy cores stall for
+    seconds per tiny op); the previous count restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
