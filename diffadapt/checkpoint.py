@@ -9,16 +9,13 @@ loads what PEFT writes. diffadapt's own full config also rides in the safetensor
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import os
-import re
 import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -26,73 +23,25 @@ from safetensors.torch import save_file
 from torch import nn
 
 from diffadapt._version import __version__
-from diffadapt.host import SUPPORTED_LAYERS, AdapterHost, AdapterSlot, SavedModuleHost
+from diffadapt.fitting import fit
 from diffadapt.formats import peft
-from diffadapt.methods import AdapterConfig, AdapterConfigError, Method, get_method
-from diffadapt.model import (
-    check_adapter_name,
-    _module,
-    adapter_state,
-    build_slots,
-    hosts,
-    install_slots,
-    saved_module_hosts,
-    select_saved_modules,
+from diffadapt.methods import AdapterConfig, get_method
+from diffadapt.model import adapter_state, check_adapter_name, hosts, install_slots, saved_module_hosts
+from diffadapt.record import (  # noqa: F401  (the refusals and value checks, where the format readers import them)
+    PREFIX,
+    AdapterRecord,
+    CheckpointConfigError,
+    CheckpointError,
+    refusing,
+    tensor_key,
+    value_problem,
 )
 from diffadapt.patterns import shorten
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 WRITE_ID = "diffadapt_write_id"  # safetensors metadata: which write of a pipeline folder a part belongs to
 MAX_JSON_BYTES = 16 << 20  # adapter_config.json / headers: far above any real config
-_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-_LONG_WORD = re.compile(r"\S{200,}")
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model it is loaded into, or is not readable. The
-    message is always one line."""
-
-    def __init__(self, message: object = "") -> None:
-        text = " ".join(str(message).split())
-        if len(text) > 1500:  # hostile values quoted in a message: keep their start
-            text = _LONG_WORD.sub(lambda m: m.group(0)[:120] + f"...({len(m.group(0))} chars)", text)
-        super().__init__(text)
-
-
-class CheckpointConfigError(CheckpointError, AdapterConfigError):
-    """A file whose adapter config is invalid, or does not fit this model's layers."""
-
-
-@contextlib.contextmanager
-def refusing(source: object) -> Iterator[None]:
-    """Turn whatever a malformed file makes the code below raise into one-line CheckpointError
-    naming ``source`` (the file): wrong types, missing keys, deep nesting, overflowing numbers."""
-    where = str(source)
-    try:
-        yield
-    except _OUT_OF_MEMORY:
-        raise  # a real limit of this machine, not a property of the file
-    except CheckpointError as exc:
-        msg = str(exc)
-        raise type(exc)(msg if where in msg else f"{where}: {msg}") from None
-    except AdapterConfigError as exc:
-        raise CheckpointConfigError(f"{where}: {exc}") from None
-    except RecursionError:
-        raise CheckpointError(f"{where}: nested too deeply to be an adapter file.") from None
-    except (KeyError, TypeError, AttributeError, IndexError, OverflowError, ValueError, RuntimeError) as exc:
-        kind = {KeyError: "missing field", IndexError: "missing entry"}.get(type(exc), type(exc).__name__)
-        detail = shorten(exc.args[0], 200) if isinstance(exc, KeyError) and exc.args else str(exc)[:300]
-        raise CheckpointError(f"{where} is malformed ({kind}: {detail}); it is not an adapter diffadapt can load.") from None
-
-
-def _key(key: object) -> str:
-    """A tensor key for a message: as it is if short and printable, else its truncated repr."""
-    if isinstance(key, str) and len(key) <= 200 and key.isprintable():
-        return key
-    return shorten(key, 200)
 
 
 def read_json(path: Path) -> Any:
@@ -376,244 +325,14 @@ def read_adapter(
         return peft.from_peft_dict(method.name, data), tensors
 
 
-def _module_paths(model: nn.Module) -> set[str]:
-    return {n for n, _ in model.named_modules()}
-
-
-def _alternatives(path: str) -> tuple[str, ...]:
-    return (path, path.removeprefix("text_model."), "text_model." + path)
-
-
-def normalise_path(path: str, known: set[str]) -> Optional[str]:
-    """Map a module path from a file onto this model (``text_model.`` differs across transformers)."""
-    return next((alt for alt in _alternatives(path) if alt in known), None)
-
-
-def normalise_config(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
-    """``config`` with the full module paths it names (``modules_to_save`` entries, ``overrides`` /
-    FourierFT ``n_frequency_pattern`` keys) mapped onto this model as tensor keys are
-    (:func:`normalise_path`); suffixes and regexes stay as they are."""
-    known = _module_paths(model)
-
-    def fix(key: str) -> str:
-        alt = normalise_path(key, known) if isinstance(key, str) else None
-        return key if alt is None else alt
-
-    changes: dict[str, Any] = {}
-    if config.modules_to_save:
-        fixed = [fix(k) for k in config.modules_to_save]
-        if fixed != list(config.modules_to_save):
-            changes["modules_to_save"] = fixed
-    for name in ("overrides", "n_frequency_pattern"):
-        table = getattr(config, name, None)
-        if isinstance(table, dict) and table:
-            fixed = {fix(k): v for k, v in table.items()}
-            if list(fixed) != list(table):
-                changes[name] = fixed
-    return dataclasses.replace(config, **changes) if changes else config
-
-
-def split_keys(
-    model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Tensor]
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """``{module path: {param: tensor}}`` for layer tensors, plus the method's other tensors."""
-    suffixes = {v: k for k, v in peft.keys(config.method).items()}
-    known = _module_paths(model)
-    layers: dict[str, dict[str, torch.Tensor]] = {}
-    extra, unknown, wrong = {}, [], []
-    for key, value in tensors.items():
-        body = key.removeprefix(PREFIX)
-        hit = next((s for s in suffixes if body.endswith("." + s)), None)
-        if hit is None:
-            extra[key] = value
-            continue
-        path = normalise_path(body[: -len(hit) - 1], known)
-        if path is None:
-            unknown.append(f"{_key(key)} {tuple(value.shape)}")
-            continue
-        module = model.get_submodule(path)
-        if not isinstance(module, (AdapterHost, *SUPPORTED_LAYERS)):
-            wrong.append(f"{_key(key)} (a {type(module).__name__})")
-            continue
-        layers.setdefault(path, {})[suffixes[hit]] = value
-    if unknown:
-        raise CheckpointError(
-            f"{len(unknown)} adapter tensors name modules this {type(model).__name__} does not have "
-            f"(a file for another architecture?): {', '.join(unknown[:5])}"
-        )
-    if wrong:
-        raise CheckpointError(
-            f"{len(wrong)} adapter tensors name modules that are not Linear / Conv1D / Conv2d layers: {', '.join(wrong[:5])}"
-        )
-    if not layers:
-        raise CheckpointError(
-            f"The file holds no {config.method} tensors ({', '.join(_key(k) for k in list(tensors)[:5])} ...)."
-        )
-    return layers, extra
-
-
-def value_problem(key: str, value: torch.Tensor, want: Optional[torch.dtype] = None) -> Optional[str]:
-    """Why ``value`` cannot be loaded (a non-float, or a NaN / inf that would give black images)."""
-    if want is not None and not want.is_floating_point:
-        return None if value.dtype == want else f"{_key(key)} is {value.dtype}, the module's is {want}"
-    if value.dtype not in _FLOATS:
-        return f"{_key(key)} is {value.dtype} (adapter values are float16/bfloat16/float32/float64)"
-    if value.numel() and not bool(torch.isfinite(value).all()):
-        bad = int((~torch.isfinite(value)).sum())
-        return f"{_key(key)} holds {bad} NaN/inf value(s) (a diverged training run?)"
-    return None
-
-
-def value_problems(
-    method: str, layers: dict[str, dict[str, torch.Tensor]], extra: dict[str, torch.Tensor]
-) -> list[str]:
-    """Layer tensors must be finite floats; other tensors (FRoD's bases, indices) no complex/bool
-    values and finite floats."""
-    keys = peft.keys(method)
-    problems = [p for name, values in layers.items() for k, v in values.items()
-                for p in [value_problem(f"{PREFIX}{name}.{keys[k]}", v)] if p]
-    for key, value in extra.items():
-        if value.dtype.is_complex or value.dtype == torch.bool:
-            problems.append(f"{_key(key)} is {value.dtype}")
-        elif value.dtype.is_floating_point and value.numel() and not bool(torch.isfinite(value).all()):
-            problems.append(f"{_key(key)} holds NaN/inf values")
-    return problems
-
-
-def _split_saved_modules(
-    model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Tensor]
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], list[str]]:
-    """Take the ``modules_to_save`` tensors out of ``tensors``; check them against the modules."""
-    saved = {n: {} for n in select_saved_modules(model, config)}
-    rest = {}
-    for key, value in tensors.items():
-        body = key.removeprefix(PREFIX)
-        owner = None
-        for alt in _alternatives(body) if saved else ():  # text_model. as for layer keys
-            owner = next((n for n in saved if alt.startswith(n + ".")), None)
-            if owner is not None:
-                body = alt
-                break
-        if owner is None:
-            rest[key] = value
-        else:
-            saved[owner][body[len(owner) + 1 :]] = value
-    problems = []
-    for name, values in saved.items():
-        module = model.get_submodule(name)
-        expected = (module.original_module if isinstance(module, SavedModuleHost) else module).state_dict()
-        problems += [f"missing {PREFIX}{name}.{k}" for k in expected if k not in values]
-        problems += [f"unexpected {PREFIX}{name}.{_key(k)}" for k in values if k not in expected]
-        problems += [
-            f"{PREFIX}{name}.{k}: file {tuple(v.shape)} vs module {tuple(expected[k].shape)}"
-            for k, v in values.items()
-            if k in expected and v.shape != expected[k].shape
-        ]
-        problems += [
-            p for k, v in values.items() if k in expected
-            for p in [value_problem(f"{PREFIX}{name}.{k}", v, expected[k].dtype)] if p
-        ]
-    return saved, rest, problems
-
-
-def private_rng(model: nn.Module) -> contextlib.AbstractContextManager:
-    """Loading draws initial values it then overwrites: keep the caller's global RNG (CPU and the
-    model's CUDA devices) as it was, so that ``manual_seed`` + load + generate is reproducible."""
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    return torch.random.fork_rng(devices=devices)
-
-
-def _problems_raise(problems: list[str], model: nn.Module, source: object) -> None:
-    if problems:
-        raise CheckpointError(
-            f"Adapter in {source} does not fit this {type(model).__name__}: " + "; ".join(problems[:5])
-            + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
-        )
-
-
-def _compare(name: str, keys: dict[str, str], shapes: dict[str, tuple], values: dict[str, torch.Tensor]) -> list[str]:
-    problems = []
-    for key, shape in shapes.items():
-        if key not in values:
-            problems.append(f"missing {PREFIX}{name}.{keys[key]} {shape}")
-        elif tuple(values[key].shape) != shape:
-            problems.append(f"{PREFIX}{name}.{keys[key]}: file {tuple(values[key].shape)} vs layer {shape}")
-    problems += [f"unexpected {name}.{k}" for k in values if k not in shapes]
-    return problems
-
-
-def _from_saved(method: type[Method], config: AdapterConfig, saved: dict[str, torch.Tensor]) -> Callable:
-    """``build_slots``' shared state from a file's non-layer tensors (:func:`peft.shared_from_saved`)."""
-    return lambda specs, weights: peft.shared_from_saved(method, config, specs, weights, saved)
-
-
-def expected_shapes(
-    model: nn.Module, config: AdapterConfig, names: list[str], extra: dict[str, torch.Tensor]
-) -> Optional[dict[str, dict[str, tuple]]]:
-    """The parameter shapes ``config`` gives each layer of ``names``, from slots built on the meta
-    device (nothing is allocated, whatever sizes the config asks for). Methods without shared
-    state are built once per distinct (layer geometry, per-layer config). None when the method's
-    init needs real values (FRoD solves with the base weights; its sizes come from the weights'
-    shapes and the file's tensors, not from config numbers): the real slots are checked instead."""
-    method = get_method(config.method)
-    rep_of: dict[str, object] = {}
-    reps: dict[object, str] = {}
-    for n in names:
-        key: object = n
-        if not peft.has_shared_state(method):
-            module = _module(model, n)
-            weight = getattr(module, "weight", None)
-            key = (type(module).__name__, tuple(weight.shape) if weight is not None else None, repr(config.for_layer(n)))
-        rep_of[n] = key
-        reps.setdefault(key, n)
-    try:
-        with private_rng(model):
-            meta = {k: v.to("meta") for k, v in extra.items()}
-            slots = build_slots(model, config, list(reps.values()), shared=_from_saved(method, config, meta), device="meta")
-    except AdapterConfigError:
-        raise
-    except (RuntimeError, NotImplementedError) as exc:
-        if "meta" in str(exc).lower():
-            return None
-        raise
-    shapes = {rep: {k: tuple(p.shape) for k, p in slots[rep].params().items()} for rep in reps.values()}
-    return {n: shapes[reps[rep_of[n]]] for n in names}
-
-
-def prepare_adapter(
-    model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Tensor], source: object = "the file"
-) -> tuple[AdapterConfig, dict[str, AdapterSlot], dict[str, dict[str, torch.Tensor]]]:
-    """Build the slots (and ``modules_to_save`` values) of a saved adapter for ``model`` and fill
-    them, without touching the model (nor the global RNG).
-
-    Every tensor is checked against the layer it belongs to before anything is allocated (shapes
-    from slots built on the meta device): a mismatch raises CheckpointError naming the first
-    offending keys and shapes. Non-float or non-finite values are refused, naming the key.
-    """
-    with refusing(source):
-        if not tensors:
-            raise CheckpointError(f"{source} holds no adapter tensors; there is nothing to load.")
-        config = normalise_config(model, config)
-        saved_modules, tensors, problems = _split_saved_modules(model, config, tensors)
-        layers, extra = split_keys(model, config, tensors)
-        method, fmt = get_method(config.method), peft.format_of(config.method)
-        problems += value_problems(config.method, layers, extra)
-        _problems_raise(problems, model, source)
-        first = next(iter(layers.values()))
-        config = fmt.config_for_saved(config, {k: tuple(v.shape) for k, v in first.items()})
-        shapes = expected_shapes(model, config, list(layers), extra)
-        if shapes is not None:
-            _problems_raise([p for n in layers for p in _compare(n, fmt.keys, shapes[n], layers[n])], model, source)
-        with private_rng(model):
-            slots = build_slots(model, config, list(layers), shared=_from_saved(method, config, extra))
-        problems = [p for name, slot in slots.items()
-                    for p in _compare(name, fmt.keys, {k: tuple(v.shape) for k, v in slot.params().items()}, layers[name])]
-        _problems_raise(problems, model, source)
-        with torch.no_grad():
-            for name, slot in slots.items():
-                for key, param in slot.params().items():
-                    param.copy_(layers[name][key])
-    return config, slots, saved_modules
+def peft_record(config: AdapterConfig, tensors: dict[str, torch.Tensor], source: object = "the file") -> AdapterRecord:
+    """An adapter whose tensors carry PEFT's key names (PEFT folders, diffadapt files, LyCORIS files
+    once converted), with its method's PEFT declaration (:mod:`diffadapt.formats.peft`)."""
+    method, fmt = get_method(config.method), peft.format_of(config.method)
+    return AdapterRecord(
+        config, tensors, fmt.keys, fmt.config_for_saved,
+        lambda cfg, specs, weights, saved: peft.shared_from_saved(method, cfg, specs, weights, saved), source,
+    )
 
 
 def load_adapter(
@@ -624,7 +343,6 @@ def load_adapter(
     A file that does not fit raises CheckpointError and leaves the model as it was.
     """
     check_adapter_name(model, adapter_name)
-    config, tensors = read_adapter(path)
-    config, slots, saved_modules = prepare_adapter(model, config, tensors, path)
-    install_slots(model, adapter_name, config, slots, saved_modules)
-    return config
+    fitted = fit(model, peft_record(*read_adapter(path), source=path))
+    install_slots(model, adapter_name, fitted.config, fitted.slots, fitted.saved_modules)
+    return fitted.config

@@ -37,7 +37,8 @@ from diffadapt import checkpoint, model as mdl
 from diffadapt._version import __version__
 from diffadapt.checkpoint import CheckpointError
 from diffadapt.artifact import DENOISERS, PipelineAdapter, components, denoiser  # noqa: F401  (re-exported)
-from diffadapt.formats import lycoris, lycoris_export
+from diffadapt.fitting import fit, normalise_config, split_keys, value_problems
+from diffadapt.formats import lycoris, lycoris_export, peft
 from diffadapt.patterns import shorten
 
 META_NAME = "diffadapt_adapter.json"
@@ -305,12 +306,12 @@ def load_adapter(
                 f"{path} was made for a {cls} as {where}; this pipeline's is a {type(mods[n]).__name__}."
             )
         mdl.check_adapter_name(mods[n], adapter_name)
-    prepared = {
-        n: checkpoint.prepare_adapter(mods[n], config, tensors, path) for n, (config, tensors) in saved.components.items()
+    fitted = {  # every component fitted before any is installed
+        n: fit(mods[n], checkpoint.peft_record(config, tensors, path)) for n, (config, tensors) in saved.components.items()
     }
-    for n, (config, slots, saved_modules) in prepared.items():
-        mdl.install_slots(mods[n], adapter_name, config, slots, saved_modules)
-    logger.info("loaded adapter %r into %s", adapter_name, ", ".join(n or type(obj).__name__ for n in prepared))
+    for n, f in fitted.items():
+        mdl.install_slots(mods[n], adapter_name, f.config, f.slots, f.saved_modules)
+    logger.info("loaded adapter %r into %s", adapter_name, ", ".join(n or type(obj).__name__ for n in fitted))
     # components without this adapter keep running their own active adapters
     return saved
 
@@ -334,7 +335,7 @@ def hotswap_adapter(obj: Any, path: Union[str, os.PathLike], adapter_name: str =
         if old.modules_to_save:
             raise CheckpointError(f"{adapter_name!r} has modules_to_save; hot-swap covers adapter weights only.")
         with checkpoint.refusing(path):
-            config = checkpoint.normalise_config(model, config)
+            config = normalise_config(model, config)
             mine, theirs = old.to_dict(), config.to_dict()
             differ = sorted(k for k in mine if mine[k] != theirs.get(k))
             if differ:
@@ -342,8 +343,9 @@ def hotswap_adapter(obj: Any, path: Union[str, os.PathLike], adapter_name: str =
                     f"{path} cannot be hot-swapped into {adapter_name!r}: its config differs in {differ}. "
                     "Load it as another adapter instead."
                 )
-            layers, extra = checkpoint.split_keys(model, config, tensors)
-            problems = checkpoint.value_problems(config.method, layers, extra)
+            keys = peft.keys(config.method)
+            layers, extra = split_keys(model, config, tensors, keys)
+            problems = value_problems(keys, layers, extra)
             if problems:
                 raise CheckpointError(f"{path} cannot be hot-swapped into {adapter_name!r}: " + "; ".join(problems[:5]))
             params = mdl.adapter_parameters(model, adapter_name)

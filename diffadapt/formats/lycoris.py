@@ -314,7 +314,7 @@ def _component_from_lycoris(
             q = blocks - blocks.mT  # S = Q: oft_R packs Q's strict upper triangle
             tensors[f"{key}.oft_R.weight"] = q[:, rows, cols].contiguous()
             values[layer.path] = dict(oft_block_size=b, constraint=layer.alpha)
-    # checkpoint.prepare_adapter fits the config to the *first* layer's shapes (BOFT's factor count),
+    # diffadapt.fitting.fit fits the config to the *first* layer's shapes (BOFT's factor count),
     # and safetensors files keep keys sorted: the sorted-first layer sets the defaults.
     suffix = "boft_R" if boft else "oft_R.weight"
     first = values[min(values, key=lambda p: f"{p}.{suffix}")]

@@ -117,11 +117,6 @@ def shared_from_saved(
     return method.init_shared(config, layers, weights)
 
 
-def has_shared_state(method: type[Method]) -> bool:
-    """Whether ``method`` keeps state shared by several layers (its init then needs real weights)."""
-    return method.init_shared.__func__ is not Method.init_shared.__func__ or format_of(method.name).shared_from_saved is not None
-
-
 def sorted_lists(values: dict[str, Any], names: tuple[str, ...] = ("target_modules", "exclude_modules")) -> dict[str, Any]:
     """``values`` with the sets / tuples under ``names`` as sorted lists (what JSON and PEFT hold)."""
     for k in names:
