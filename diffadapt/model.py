@@ -18,7 +18,7 @@ from diffadapt.host import SUPPORTED_LAYERS, AdapterHost, AdapterSlot, SavedModu
 from diffadapt.methods import AdapterConfig, AdapterConfigError, LayerSpec, get_method
 from diffadapt.methods.base import pattern_matches
 from diffadapt.plan import AdapterPlan
-from diffadapt.targets import preset_pattern, select_targets
+from diffadapt.targets import inside_wrapper, preset_pattern, select_targets
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def select_saved_modules(model: nn.Module, config: AdapterConfig) -> list[str]:
         return []
     names = []
     for name, module in model.named_modules():
-        if ".original_module" in f".{name}" or ".copies." in f".{name}." or ".base_layer" in f".{name}":
+        if inside_wrapper(name):
             continue
         if any(pattern_matches(p, name) for p in config.modules_to_save):
             names.append(name)

@@ -21,6 +21,17 @@ from diffadapt.methods.base import AdapterConfigError, layer_index_pattern
 PRESET_ALIASES = {"attn": "attention", "attn-ff": "attention+ff", "attn+ff": "attention+ff", "all": "attention+ff"}
 
 
+# the attributes diffadapt's wrappers (diffadapt.host) keep modules under: a host's base layer and
+# adapters, a modules_to_save wrapper's original and copies. Paths through them are not the model's own.
+WRAPPER_ATTRIBUTES = ("base_layer", "adapters", "original_module", "copies")
+
+
+def inside_wrapper(name: str) -> bool:
+    """Whether module path ``name`` runs through a diffadapt wrapper (:data:`WRAPPER_ATTRIBUTES`)."""
+    path = f".{name}."
+    return any(f".{attribute}." in path for attribute in WRAPPER_ATTRIBUTES)
+
+
 def architecture(model: nn.Module) -> str:
     return type(model).__name__
 
@@ -90,9 +101,7 @@ def select_targets(model: nn.Module, config, supported: tuple[type, ...]) -> lis
     for name, module in model.named_modules():
         if isinstance(module, AdapterHost):
             module = module.base_layer
-        elif not (isinstance(module, supported) or _quantized_layer(module)) or any(
-            part in f".{name}." for part in (".base_layer.", ".original_module.", ".copies.")
-        ):
+        elif not (isinstance(module, supported) or _quantized_layer(module)) or inside_wrapper(name):
             continue
         candidates.append(name)
         if not _matches(config.target_modules, name, module) or (head is not None and module is head):

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from diffadapt.host import SUPPORTED_LAYERS, AdapterHost
+from diffadapt.targets import inside_wrapper
 
 _RESNET = {  # diffusers ResnetBlock2D child -> ldm ResBlock child
     "norm1": "in_layers.0",
@@ -44,7 +45,6 @@ _TOP = {  # diffusers UNet2DConditionModel top-level module -> ldm path
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
 }
-_WRAPPERS = (".base_layer", ".adapters.", ".original_module", ".copies.", ".shared")
 _CLIP_TOP = ("text_projection",)  # CLIP modules outside text_model (CLIPTextModelWithProjection)
 
 
@@ -57,7 +57,7 @@ def adaptable_paths(model: nn.Module) -> list[str]:
     """Paths of the Linear / Conv1D / Conv2d layers of ``model`` (diffadapt hosts count as their layer)."""
     out = []
     for name, module in model.named_modules():
-        if not name or any(w in f".{name}." for w in _WRAPPERS):
+        if not name or inside_wrapper(name):
             continue
         if isinstance(module, (AdapterHost, *SUPPORTED_LAYERS)):
             out.append(name)
