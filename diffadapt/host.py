@@ -54,6 +54,12 @@ def weight_2d(module: nn.Module) -> Tensor:
     dequantized copy, see :mod:`diffadapt.quantized`)."""
     if quantized.is_quantized(module):
         return quantized.dequantized_weight(module)
+    return float_weight_2d(module)
+
+
+def float_weight_2d(module: nn.Module) -> Tensor:
+    """:func:`weight_2d` of a float layer (no quantization check: the forward's path, which
+    ``torch.compile`` traces, asks the host's ``quantized`` flag instead)."""
     if isinstance(module, Conv1D):
         return module.weight.T
     return module.weight.flatten(1)
@@ -285,7 +291,7 @@ class AdapterHost(nn.Module):
                 return base._conv_forward(x, w.reshape(base.weight.shape), base.bias)
             return F.linear(x, w, base.bias)
         if isinstance(base, nn.Conv2d):
-            w = self.compose(weight_2d(base), preps).to(x.dtype)
+            w = self.compose(weight_2d(base) if self.quantized else float_weight_2d(base), preps).to(x.dtype)
             return base._conv_forward(x, w.reshape(base.weight.shape), base.bias)
         # forward sweep: rotate the input, remember each adapter's per-step factors; additive
         # adapters after the last rotation may fold W + dW into the base product instead;
@@ -325,7 +331,7 @@ class AdapterHost(nn.Module):
         if self.quantized:
             y = self.base_layer(z)
             return y if self.base_layer.bias is None else y - self.base_layer.bias.to(y.dtype)
-        w = weight_2d(self.base_layer)
+        w = float_weight_2d(self.base_layer)
         if not folds:
             return F.linear(z, w.to(z.dtype))
         if torch.is_grad_enabled() and all(m.delta_weight_backward is not None for m, _ in folds):
@@ -343,7 +349,7 @@ class AdapterHost(nn.Module):
         cached = self.__dict__.get("_weight_cache")
         if cached is not None and cached[0] == key and all(a[1] is b[1] for a, b in zip(cached[1], folds)):
             return cached[2]
-        w = self.compose(weight_2d(self.base_layer), folds).to(dtype)
+        w = self.compose(float_weight_2d(self.base_layer), folds).to(dtype)  # never quantized (see forward)
         self.__dict__["_weight_cache"] = (key, list(folds), w)
         self.plan.weights_kept = True
         return w
