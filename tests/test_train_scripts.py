@@ -746,7 +746,7 @@ def test_dreambooth_two_processes(runs):
 def dreambooth_module(monkeypatch):
     """train_dreambooth.py imported as a module (sys.path and sys.modules restored afterwards)."""
     monkeypatch.setattr(sys, "path", sys.path[:])  # the script puts train_scripts/ on it
-    shared = ("common", "sd_parts", "training_loop")  # its sibling modules
+    shared = ("common", "sd_parts", "training_loop", "families")  # its sibling modules
     had = {name for name in shared if name in sys.modules}
     spec = importlib.util.spec_from_file_location("train_dreambooth_glue", DREAMBOOTH)
     module = importlib.util.module_from_spec(spec)
