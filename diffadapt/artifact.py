@@ -6,7 +6,7 @@ The lowest face-level module: ``pipeline`` and ``formats`` build on it, it impor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -16,17 +16,49 @@ from diffadapt.methods import AdapterConfig
 DENOISERS = ("unet", "transformer")
 
 
+@dataclass
+class ComponentAdapter:
+    """One component's part of a saved adapter: its config, its tensors (PEFT key names) and the
+    class of the module it was made for (None when the file does not say). Unpacks as
+    ``config, tensors``."""
+
+    config: AdapterConfig
+    tensors: dict[str, torch.Tensor]
+    model_class: Optional[str] = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.config, self.tensors))
+
+
 @dataclass(repr=False)
 class PipelineAdapter:
-    """A saved adapter for (some components of) a pipeline."""
+    """A saved adapter for (some components of) a pipeline: one :class:`ComponentAdapter` per
+    component name. A single-model file read without a component name (a PEFT folder) names none:
+    its part is ``unplaced`` until :meth:`placed` (loading places it on the pipeline's denoiser, or
+    into the bare model it is loaded into)."""
 
-    components: dict[str, tuple[AdapterConfig, dict[str, torch.Tensor]]]
+    components: dict[str, ComponentAdapter]
     metadata: dict[str, Any] = field(default_factory=dict)  # method, base_model, instance_prompt, ...
-    classes: dict[str, Optional[str]] = field(default_factory=dict)  # component -> model class name
+    unplaced: Optional[ComponentAdapter] = None
+
+    @property
+    def classes(self) -> dict[str, Optional[str]]:
+        """component -> class name of the module each part was made for (None: not said)."""
+        return {n: c.model_class for n, c in self.components.items()}
+
+    def parts(self) -> list[ComponentAdapter]:
+        """Every part, the unplaced one included."""
+        return [*self.components.values(), *([self.unplaced] if self.unplaced is not None else [])]
+
+    def placed(self, name: str) -> "PipelineAdapter":
+        """This adapter with its unplaced part as component ``name`` (itself if nothing is unplaced)."""
+        if self.unplaced is None:
+            return self
+        return PipelineAdapter({**self.components, name: self.unplaced}, dict(self.metadata))
 
     def __repr__(self) -> str:
-        parts = ", ".join(f"{n or 'model'}: {c.method}" for n, (c, _) in self.components.items())
-        return f"PipelineAdapter({parts})"
+        named = [(n, c) for n, c in self.components.items()] + [("model", self.unplaced)] * (self.unplaced is not None)
+        return "PipelineAdapter(" + ", ".join(f"{n}: {c.config.method}" for n, c in named) + ")"
 
 
 def components(obj: Any) -> dict[str, nn.Module]:

@@ -219,12 +219,10 @@ def cmd_convert(args) -> None:
     # the base pipeline resolves LyCORIS names and gives the weights .diff / LoRA exports need
     pipe = _load_pipeline(args.model, "cpu", "float32") if args.model else None
     adapter = read_pipeline_adapter(args.src, args.component, target=pipe)
-    if "" in adapter.components:  # a PEFT folder: say which component it is (default: the denoiser)
+    if adapter.unplaced is not None:  # a PEFT folder: say which component it is (default: the denoiser)
         from diffadapt.artifact import components, denoiser
 
-        name = args.component or (pipe is not None and denoiser(components(pipe))) or "unet"
-        adapter.components[name] = adapter.components.pop("")
-        adapter.classes[name] = adapter.classes.pop("")
+        adapter = adapter.placed(args.component or (pipe is not None and denoiser(components(pipe))) or "unet")
     to = args.to or ("diffadapt" if Path(args.dst).suffix == ".safetensors" or len(adapter.components) > 1 else "peft")
     dst = Path(args.dst)
     if to in COMMUNITY:  # one format (LyCORIS keys); --to picks the forms that reader applies

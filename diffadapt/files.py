@@ -27,7 +27,7 @@ from typing import Any, Optional, Union
 
 from diffadapt.checkpoint import CONFIG_NAME, CheckpointError
 from diffadapt.formats import lycoris
-from diffadapt.pipeline import META_NAME, PipelineAdapter, components, load_adapter, read_pipeline_adapter
+from diffadapt.pipeline import META_NAME, ComponentAdapter, PipelineAdapter, components, load_adapter, read_pipeline_adapter
 
 KINDS = {"diffadapt": "diffadapt pipeline adapter", "peft": "PEFT adapter", "community": "LyCORIS/kohya/ComfyUI file"}
 PathLike = Union[str, os.PathLike]
@@ -106,7 +106,7 @@ def read(path: PathLike, pipe: Any = None, component: Optional[str] = None) -> A
         raise UnreadableAdapter(str(exc)) from None
     except (KeyError, TypeError, ValueError) as exc:  # bad JSON, unknown method, a broken config
         raise UnreadableAdapter(f"{path}: {' '.join(str(exc).split()) or type(exc).__name__}") from None
-    return AdapterFile(adapter.components, adapter.metadata, adapter.classes, str(path), kind, size_of(path))
+    return AdapterFile(adapter.components, adapter.metadata, adapter.unplaced, str(path), kind, size_of(path))
 
 
 def load(pipe: Any, adapter: Union[PathLike, AdapterFile], name: str, component: Optional[str] = None) -> AdapterFile:
@@ -118,14 +118,24 @@ def load(pipe: Any, adapter: Union[PathLike, AdapterFile], name: str, component:
         adapter = read(adapter, pipe, component)
     loaded = load_adapter(pipe, adapter, name, component)
     mods = components(pipe)  # a plain PEFT adapter names no class: it is the one it went into
-    classes = {n: c or (type(mods[n]).__name__ if n in mods else None) for n, c in loaded.classes.items()}
-    return AdapterFile(loaded.components, loaded.metadata, classes, adapter.source, adapter.kind, adapter.size_bytes)
+    parts = {n: _with_class(part, mods.get(n)) for n, part in loaded.components.items()}
+    unplaced = loaded.unplaced and _with_class(loaded.unplaced, mods.get(""))
+    return AdapterFile(parts, loaded.metadata, unplaced, adapter.source, adapter.kind, adapter.size_bytes)
+
+
+def _with_class(part: ComponentAdapter, module: Any) -> ComponentAdapter:
+    """``part``, naming the class of the ``module`` it went into if the file named none."""
+    if part.model_class is not None or module is None:
+        return part
+    return ComponentAdapter(part.config, part.tensors, type(module).__name__)
 
 
 # -- describing ------------------------------------------------------------------------------------
 def describe_adapter(adapter: AdapterFile) -> dict[str, Any]:
-    """Method, components, layers, parameters, size and metadata of a read adapter."""
-    methods = sorted({config.method for config, _ in adapter.components.values()})
+    """Method, components, layers, parameters, size and metadata of a read adapter (an unplaced
+    part, a plain PEFT adapter's, is listed as ``model``)."""
+    named = {**adapter.components, **({"model": adapter.unplaced} if adapter.unplaced is not None else {})}
+    methods = sorted({part.config.method for part in named.values()})
     return {
         "path": adapter.source,
         "format": adapter.kind,
@@ -133,14 +143,14 @@ def describe_adapter(adapter: AdapterFile) -> dict[str, Any]:
         "method": str(adapter.metadata.get("method") or ",".join(methods)),
         "metadata": dict(adapter.metadata),
         "components": {
-            (n or "model"): {
-                "class": adapter.classes.get(n),
-                "method": config.method,
-                "layers": len({k.rsplit(".", 1)[0] for k in tensors if k.startswith("base_model.model.")}),
-                "parameters": sum(v.numel() for v in tensors.values()),
-                "config": config.to_dict(),
+            n: {
+                "class": part.model_class,
+                "method": part.config.method,
+                "layers": len({k.rsplit(".", 1)[0] for k in part.tensors if k.startswith("base_model.model.")}),
+                "parameters": sum(v.numel() for v in part.tensors.values()),
+                "config": part.config.to_dict(),
             }
-            for n, (config, tensors) in adapter.components.items()
+            for n, part in named.items()
         },
         "notes": [],
     }

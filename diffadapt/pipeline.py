@@ -36,7 +36,7 @@ from torch import nn
 from diffadapt import checkpoint, model as mdl
 from diffadapt._version import __version__
 from diffadapt.checkpoint import CheckpointError
-from diffadapt.artifact import DENOISERS, PipelineAdapter, components, denoiser  # noqa: F401  (re-exported)
+from diffadapt.artifact import DENOISERS, ComponentAdapter, PipelineAdapter, components, denoiser  # noqa: F401  (re-exported)
 from diffadapt.fitting import fit, normalise_config, split_keys, value_problems
 from diffadapt.formats import lycoris, lycoris_export, peft
 from diffadapt.patterns import shorten
@@ -74,14 +74,16 @@ def save_adapter(
         raise ValueError(f"No component has an adapter named {adapter_name!r}; adapters: {_all_names(obj)}.")
     configs = {n: mdl.adapter_state(m).configs[adapter_name] for n, m in parts.items()}
     adapter = PipelineAdapter(
-        components={n: (configs[n], checkpoint.peft_state_dict(m, adapter_name)) for n, m in parts.items()},
+        components={
+            n: ComponentAdapter(configs[n], checkpoint.peft_state_dict(m, adapter_name), type(m).__name__)
+            for n, m in parts.items()
+        },
         metadata={
             "method": next(iter(configs.values())).method,
             "diffadapt_version": __version__,
             "pipeline_class": type(obj).__name__,
             **(metadata or {}),
         },
-        classes={n: type(m).__name__ for n, m in parts.items()},
     )
     return write_pipeline_adapter(adapter, path)
 
@@ -103,20 +105,20 @@ def write_pipeline_adapter(adapter: PipelineAdapter, path: Union[str, os.PathLik
     """Write a pipeline adapter as one ``.safetensors`` file or as a folder of PEFT folders
     (both atomically: a temporary sibling renamed into place once complete)."""
     path = Path(path)
-    if "" in adapter.components:
-        raise ValueError("Name the component of a single-model adapter (e.g. 'unet') before writing it.")
+    if adapter.unplaced is not None:
+        raise ValueError("Name the component of a single-model adapter (e.g. 'unet', adapter.placed('unet')) before writing it.")
     if not adapter.components:
         raise ValueError("The adapter has no components; there is nothing to write.")
     for n in adapter.components:
         check_component(n, "the adapter")
     if path.suffix == ".safetensors":
-        tensors = {f"{n}.{k}": v for n, (_, part) in adapter.components.items() for k, v in part.items()}
+        tensors = {f"{n}.{k}": v for n, part in adapter.components.items() for k, v in part.tensors.items()}
         header = {
             "format": FORMAT,
             "metadata": adapter.metadata,
             "components": {
-                n: {"class": adapter.classes.get(n), "config": config.to_dict()}
-                for n, (config, _) in adapter.components.items()
+                n: {"class": part.model_class, "config": part.config.to_dict()}
+                for n, part in adapter.components.items()
             },
         }
         return checkpoint.save_file_atomic(tensors, path, metadata={"format": "pt", "diffadapt": json.dumps(header)})
@@ -141,12 +143,12 @@ def write_pipeline_folder(adapter: PipelineAdapter, path: Union[str, os.PathLike
         check_component(n, "the adapter")
     write_id = uuid.uuid4().hex
     base_model = adapter.metadata.get("base_model")
-    for config, _ in adapter.components.values():
-        checkpoint.peft_config_dict(config, base_model)  # refuses what PEFT cannot express, before writing
+    for part in adapter.components.values():
+        checkpoint.peft_config_dict(part.config, base_model)  # refuses what PEFT cannot express, before writing
 
     def write(tmp: Path) -> None:
-        for n, (config, part) in adapter.components.items():
-            checkpoint._write_peft_files(tmp / n, config, part, base_model, write_id)
+        for n, part in adapter.components.items():
+            checkpoint._write_peft_files(tmp / n, part.config, part.tensors, base_model, write_id)
         manifest = {"format": FORMAT, "metadata": adapter.metadata, "components": adapter.classes, "write_id": write_id}
         with open(tmp / META_NAME, "w") as f:
             json.dump(manifest, f, indent=2)
@@ -186,7 +188,7 @@ def _read_folder(path: Path) -> PipelineAdapter:
         checkpoint.check_inside(path, sub, f"component {n!r}")
         if not sub.is_dir():
             raise CheckpointError(f"{meta} lists component {n!r} but {path} has no {n}/ folder; the folder is incomplete.")
-        parts[n] = checkpoint.read_adapter(sub, root=path)
+        parts[n] = ComponentAdapter(*checkpoint.read_adapter(sub, root=path), listed[n])
         if write_id is not None:
             theirs = checkpoint.read_safetensors_metadata(sub / checkpoint.WEIGHTS_NAME).get(checkpoint.WRITE_ID)
             if theirs != write_id:
@@ -203,29 +205,29 @@ def _read_folder(path: Path) -> PipelineAdapter:
                         f"{path}: sub-folder {sub.name!r} holds a diffadapt component that {META_NAME} does not list "
                         "(left from another save); the folder's parts disagree. Save the adapter again."
                     )
-    return PipelineAdapter(parts, metadata, dict(listed))
+    return PipelineAdapter(parts, metadata)
 
 
 def _read_file(path: Path, raw: object, tensors: dict[str, torch.Tensor]) -> PipelineAdapter:
     header = checkpoint.expect(checkpoint.parse_json(raw, path, "diffadapt header"), dict, path, "the diffadapt header")
     listed, metadata = _listed(header, path)
-    parts, classes = {}, {}
+    parts = {}
     for n, info in listed.items():
         check_component(n, path)
         checkpoint.expect(info, dict, path, f"components[{n!r}]")
-        classes[n] = checkpoint.expect(info.get("class"), (str, type(None)), path, f"components[{n!r}].class")
+        cls = checkpoint.expect(info.get("class"), (str, type(None)), path, f"components[{n!r}].class")
         config = checkpoint.config_from_dict(info.get("config"), path, f"components[{n!r}].config")
         prefix = n + "."
         part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if not part:
             raise CheckpointError(f"{path}: component {n!r} has no tensors ({prefix}*); the file is incomplete.")
-        parts[n] = (config, part)
+        parts[n] = ComponentAdapter(config, part, cls)
     stray = [k for k in tensors if k.split(".", 1)[0] not in listed]
     if stray:
         raise CheckpointError(
             f"{path}: {len(stray)} tensors belong to no listed component ({', '.join(shorten(k) for k in stray[:3])})."
         )
-    return PipelineAdapter(parts, metadata, classes)
+    return PipelineAdapter(parts, metadata)
 
 
 def read_pipeline_adapter(
@@ -253,8 +255,10 @@ def read_pipeline_adapter(
         if lycoris.is_community_file(tensors):
             with checkpoint.refusing(path):
                 return lycoris.read_lycoris(path, target, component, tensors, header_meta)
-    config, tensors = checkpoint.read_adapter(path)  # a single PEFT adapter
-    return PipelineAdapter({component or "": (config, tensors)}, {"method": config.method}, {component or "": None})
+    part = ComponentAdapter(*checkpoint.read_adapter(path))  # a single PEFT adapter
+    if component:
+        return PipelineAdapter({component: part}, {"method": part.config.method})
+    return PipelineAdapter({}, {"method": part.config.method}, unplaced=part)
 
 
 # -- load --------------------------------------------------------------------------------------------
@@ -272,47 +276,55 @@ def load_adapter(
     Everything is checked before anything changes: a file for another architecture, missing
     components, or tensors that do not fit raise CheckpointError and leave the pipeline as it was.
     """
-    if isinstance(path, PipelineAdapter):
-        saved = PipelineAdapter(dict(path.components), dict(path.metadata), dict(path.classes))
-    else:
-        saved = read_pipeline_adapter(path, component, target=obj)
-    if not saved.components:
+    saved = path if isinstance(path, PipelineAdapter) else read_pipeline_adapter(path, component, target=obj)
+    if not saved.parts():
         raise CheckpointError(f"{path} holds no adapter components; there is nothing to load.")
     mods = components(obj)
-    if "" in saved.components and "" not in mods:  # PEFT folder into a pipeline
-        target = component or denoiser(mods)
-        if target is None:
-            raise CheckpointError(f"Say which component {path} is for (component=...); {sorted(mods)}.")
-        saved.components[target] = saved.components.pop("")
-        saved.classes[target] = saved.classes.pop("")
-    elif "" in mods and "" not in saved.components:  # pipeline file into a bare model
-        wanted = component or next((n for n, c in saved.classes.items() if c == type(obj).__name__), None)
-        if wanted not in saved.components:
-            raise CheckpointError(
-                f"{path} holds adapters for {sorted(saved.classes)} ({saved.classes}); none is a {type(obj).__name__}."
-            )
-        saved.components = {"": saved.components[wanted]}
-        saved.classes = {"": saved.classes[wanted]}
-    missing = [n for n in saved.classes if n not in mods]
-    if missing:
-        raise CheckpointError(
-            f"{path} has adapters for {', '.join(map(repr, missing))}, which this {type(obj).__name__} does "
-            f"not have (it has {sorted(mods)}); the file was made for another architecture."
-        )
-    for n, cls in saved.classes.items():
+    saved = _placed(saved, obj, mods, component, path)
+    parts = {"": saved.unplaced} if saved.unplaced is not None else saved.components  # "": a bare model
+    for n, part in parts.items():
         where = f"component {n!r}" if n else "the model"
-        if cls is not None and cls != type(mods[n]).__name__:
+        if part.model_class is not None and part.model_class != type(mods[n]).__name__:
             raise CheckpointError(
-                f"{path} was made for a {cls} as {where}; this pipeline's is a {type(mods[n]).__name__}."
+                f"{path} was made for a {part.model_class} as {where}; this pipeline's is a {type(mods[n]).__name__}."
             )
         mdl.check_adapter_name(mods[n], adapter_name)
     fitted = {  # every component fitted before any is installed
-        n: fit(mods[n], checkpoint.peft_record(config, tensors, path)) for n, (config, tensors) in saved.components.items()
+        n: fit(mods[n], checkpoint.peft_record(part.config, part.tensors, path)) for n, part in parts.items()
     }
     for n, f in fitted.items():
         mdl.install_slots(mods[n], adapter_name, f.config, f.slots, f.saved_modules)
     logger.info("loaded adapter %r into %s", adapter_name, ", ".join(n or type(obj).__name__ for n in fitted))
     # components without this adapter keep running their own active adapters
+    return saved
+
+
+def _placed(
+    saved: PipelineAdapter, obj: Any, mods: dict[str, nn.Module], component: Optional[str], path: object
+) -> PipelineAdapter:
+    """``saved`` as it goes into ``obj``: an unplaced part on ``component`` (default: the denoiser);
+    for a bare model (``mods == {"": model}``) the one part it takes, still unplaced. Refuses parts
+    for components ``obj`` does not have."""
+    if "" in mods:  # a bare model takes one part
+        if saved.unplaced is not None:
+            return saved
+        wanted = component or next((n for n, c in saved.classes.items() if c == type(obj).__name__), None)
+        if wanted not in saved.components:
+            raise CheckpointError(
+                f"{path} holds adapters for {sorted(saved.classes)} ({saved.classes}); none is a {type(obj).__name__}."
+            )
+        return PipelineAdapter({}, dict(saved.metadata), unplaced=saved.components[wanted])
+    if saved.unplaced is not None:  # a PEFT folder into a pipeline
+        target = component or denoiser(mods)
+        if target is None:
+            raise CheckpointError(f"Say which component {path} is for (component=...); {sorted(mods)}.")
+        saved = saved.placed(target)
+    missing = [n for n in saved.components if n not in mods]
+    if missing:
+        raise CheckpointError(
+            f"{path} has adapters for {', '.join(map(repr, missing))}, which this {type(obj).__name__} does "
+            f"not have (it has {sorted(mods)}); the file was made for another architecture."
+        )
     return saved
 
 
@@ -324,10 +336,12 @@ def hotswap_adapter(obj: Any, path: Union[str, os.PathLike], adapter_name: str =
     """
     saved = read_pipeline_adapter(path, target=obj)
     mods = adapted(obj)
-    if isinstance(obj, nn.Module) and "" not in saved.components:
-        saved.components = {"": next(iter(saved.components.values()))}
+    if isinstance(obj, nn.Module):  # a bare model: the unplaced part, else the first
+        parts = {"": saved.unplaced or next(iter(saved.components.values()))}
+    else:
+        parts = saved.placed(denoiser(components(obj)) or "unet").components
     plans = []
-    for n, (config, tensors) in saved.components.items():
+    for n, (config, tensors) in parts.items():
         model = mods.get(n)
         old = mdl.adapter_config(model, adapter_name) if model is not None else None
         if old is None:

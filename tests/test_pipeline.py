@@ -271,6 +271,6 @@ def test_cli_info_and_convert_roundtrip(saved_sd, tmp_path, capsys):
     assert cli.main(["convert", str(saved_sd / "adapter.safetensors"), str(tmp_path / "peft"), "--to", "peft"]) == 0
     assert (tmp_path / "peft" / "adapter_config.json").is_file()
     assert cli.main(["convert", str(tmp_path / "peft"), str(tmp_path / "back.safetensors"), "--component", "unet"]) == 0
-    a = da.read_pipeline_adapter(saved_sd / "adapter.safetensors").components["unet"][1]
-    b = da.read_pipeline_adapter(tmp_path / "back.safetensors").components["unet"][1]
+    a = da.read_pipeline_adapter(saved_sd / "adapter.safetensors").components["unet"].tensors
+    b = da.read_pipeline_adapter(tmp_path / "back.safetensors").components["unet"].tensors
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -50,7 +50,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from diffadapt.artifact import PipelineAdapter, components
+from diffadapt.artifact import ComponentAdapter, PipelineAdapter, components
 from diffadapt.checkpoint import PREFIX, CheckpointError, read_safetensors, value_problem
 from diffadapt.host import AdapterHost, layer_spec
 from diffadapt.methods import AdapterConfig
@@ -243,18 +243,19 @@ def read_lycoris(
         )
     if not per_component:
         raise CheckpointError(f"{path} holds no oft_blocks tensors.")
-    parts, classes = {}, {}
+    parts = {}
     for component, layers in per_component.items():
         model = resolver.mods[component]
         kohya_oft = component == resolver.denoiser and any(k.startswith("oft_unet_") for k in tensors)
-        parts[component] = _component_from_lycoris(model, layers, path, kohya_oft)
-        classes[component] = type(model).__name__
-    methods = sorted({config.method for config, _ in parts.values()})
+        parts[component] = ComponentAdapter(*_component_from_lycoris(model, layers, path, kohya_oft), type(model).__name__)
+    methods = sorted({part.config.method for part in parts.values()})
     metadata = {"method": methods[0] if len(methods) == 1 else ",".join(methods), "source_format": "lycoris"}
     for key in ("ss_network_module", "ss_network_args", "ss_base_model_version"):
         if header and key in header:
             metadata[key] = header[key]
-    return PipelineAdapter(parts, metadata, classes)
+    if "" in parts:  # a bare model's part: the file names no component for it
+        return PipelineAdapter({}, metadata, unplaced=parts[""])
+    return PipelineAdapter(parts, metadata)
 
 
 def _component_from_lycoris(
