@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from diffadapt.host import SUPPORTED_LAYERS, AdapterHost, AdapterSlot, SavedModuleHost, SharedState, layer_spec, weight_2d
-from diffadapt.methods import AdapterConfig, AdapterConfigError, LayerSpec, get_method
+from diffadapt.methods import AdapterConfig, AdapterConfigError, LayerSpec, Method, get_method
 from diffadapt.methods.base import pattern_matches
 from diffadapt.plan import AdapterPlan
 from diffadapt.targets import inside_wrapper, preset_pattern, select_targets
@@ -433,6 +433,35 @@ def unload(model: nn.Module) -> nn.Module:
             p.requires_grad_(state.requires_grad.get(n, p.requires_grad))
         del model.__dict__["_diffadapt"]
     return model
+
+
+class LayerAdapter(NamedTuple):
+    """One adapted layer's part of one adapter, as the faces (exporters) read it."""
+
+    path: str  # module path
+    spec: LayerSpec
+    method: type[Method]
+    config: AdapterConfig  # this layer's (overrides applied)
+    params: dict[str, torch.Tensor]  # the live parameters
+    buffers: dict[str, torch.Tensor]
+    weight_shape: tuple[int, ...]  # the module's weight, as the module stores it
+    base_weight: Callable[[], torch.Tensor]  # the layer's own weight without any adapter (kept original while merged)
+    apply: Callable[[torch.Tensor, float], torch.Tensor]  # 2-D weight -> that weight under this adapter alone at a strength
+
+
+def layer_adapters(model: nn.Module, adapter_name: str) -> list[LayerAdapter]:
+    """Every layer ``adapter_name`` adapts on ``model``, in model order (empty if none)."""
+    out = []
+    for name, host in hosts(model):
+        slot = host.adapters[adapter_name] if adapter_name in host.adapters else None
+        if slot is None:
+            continue
+        out.append(LayerAdapter(
+            name, host.spec, slot.method, slot.config, slot.params(), slot.buffers_dict(),
+            tuple(host.base_layer.weight.shape), host.base_weight,
+            lambda weight, strength, slot=slot: slot.method.apply_to_weight(weight, slot.prepare(strength, False)),
+        ))
+    return out
 
 
 def adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:

@@ -46,7 +46,6 @@ from diffadapt import model as mdl
 from diffadapt._version import __version__
 from diffadapt.artifact import PipelineAdapter, components
 from diffadapt.checkpoint import PREFIX, CheckpointError
-from diffadapt.host import AdapterHost
 from diffadapt.methods import AdapterConfig, get_method
 from diffadapt.methods.boft import BOFT
 from diffadapt.methods.hra import HRA
@@ -82,8 +81,7 @@ class _Source:
     out_features: int
     weight_shape: Optional[tuple[int, ...]]  # the module's weight shape (None: unknown without a model)
     kind: Optional[str]
-    host: Optional[AdapterHost] = None
-    adapter_name: str = ""
+    layer: Optional[mdl.LayerAdapter] = None  # the live layer (None: read from a file, no model)
 
 
 def _prefix(component: str, classes: dict[str, Optional[str]]) -> str:
@@ -214,7 +212,7 @@ def _no_layout(src: _Source, blocks: Tensor) -> str:
 
 def _base_weight(src: _Source) -> Tensor:
     """The layer's original 2-D weight (before any merge), float64."""
-    w = src.host.base_weight().detach()
+    w = src.layer.base_weight().detach()
     w = w.T if src.kind == "conv1d" else w.flatten(1)
     return w.to(torch.float64)
 
@@ -249,8 +247,7 @@ def _lora_tensors(up: Tensor, down: Tensor, src: _Source) -> dict[str, Tensor]:
 def _delta(src: _Source) -> Tensor:
     """``W_eff - W`` of this adapter alone at strength 1 (float64, 2-D)."""
     w = _base_weight(src)
-    slot = src.host.adapters[src.adapter_name]
-    return slot.method.apply_to_weight(w, slot.prepare(1.0, False)) - w
+    return src.layer.apply(w, 1.0) - w
 
 
 _FUSED_QKV = re.compile(r"(^|\.)self_attn\.(q|k|v)_proj$")
@@ -301,10 +298,10 @@ def _layer_tensors(
             try:
                 return "oft_blocks", _rotation_tensors(src, notes, layout)
             except CheckpointError:
-                if src.host is None or rotations == "blocks":
+                if src.layer is None or rotations == "blocks":
                     raise
             notes["no exact oft_blocks layout LyCORIS loads: written as .diff"] += 1
-        elif src.host is None or rotations == "blocks":
+        elif src.layer is None or rotations == "blocks":
             if consumer == "a1111" and "1.8" in unread:  # A1111 1.8+ reads 4-d blocks: write them, say so
                 notes[f"{unread}: written as oft_blocks anyway (A1111 1.8+ reads them; pass the model for .diff)"] += 1
                 return "oft_blocks", _rotation_tensors(src, notes, layout)
@@ -317,7 +314,7 @@ def _layer_tensors(
     elif rotation and rotations == "auto":
         side = "output side, Cayley-Neumann" if config.rotation_side == "output" else "input side"
         notes[f"{config.method.upper()} ({side}) has no oft_blocks form: written as .diff / LoRA"] += 1
-    if src.host is None:
+    if src.layer is None:
         raise CheckpointError(
             f"{src.component or 'model'}.{src.path}: exporting {config.method} "
             f"{'(input side) ' if rotation else ''}needs the base model's weights (.diff / LoRA); pass the model (--model)."
@@ -339,13 +336,10 @@ def _live_sources(obj: Any, adapter_name: str) -> list[_Source]:
     for component, model in components(obj).items():
         if mdl.adapter_config(model, adapter_name) is None:
             continue
-        for path, host in mdl.hosts(model):
-            if adapter_name not in host.adapters:
-                continue
-            slot = host.adapters[adapter_name]
+        for layer in mdl.layer_adapters(model, adapter_name):
             out.append(_Source(
-                component, path, slot.method, slot.config, slot.params(), slot.buffers_dict(),
-                host.spec.out_features, tuple(host.base_layer.weight.shape), host.spec.kind, host, adapter_name,
+                component, layer.path, layer.method, layer.config, layer.params, layer.buffers,
+                layer.spec.out_features, layer.weight_shape, layer.spec.kind, layer,
             ))
     if not out:
         raise ValueError(f"No component of this {type(obj).__name__} has an adapter named {adapter_name!r}.")
@@ -471,7 +465,7 @@ def lycoris_state_dict(
         sources = _live_sources(obj, adapter_name)
         mods = components(obj)
         classes = {n: type(m).__name__ for n, m in mods.items()}
-        configs = {n: mdl.adapter_state(mods[n]).configs[adapter_name] for n in dict.fromkeys(src.component for src in sources)}
+        configs = {n: mdl.adapter_config(mods[n], adapter_name) for n in dict.fromkeys(src.component for src in sources)}
     else:
         sources = _file_sources(adapter)
         mods, classes = {}, dict(adapter.classes)
