@@ -171,7 +171,9 @@ ATTENTION_CHILDREN = {  # attention class -> its projection children
     "Flux2Attention": _DIFFUSERS_ATTN,
     "Flux2ParallelSelfAttention": ["to_qkv_mlp_proj", "to_out"],  # fused attention + MLP in / out
     "HiDreamAttention": ["to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t"],
+    "WanAttention": _DIFFUSERS_ATTN,  # I2V: attn2's add_k_proj / add_v_proj read the image tokens
     "T5Attention": ["q", "k", "v", "o"],
+    "UMT5Attention": ["q", "k", "v", "o"],
     "Qwen2_5_VLAttention": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "Gemma2Attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
@@ -184,6 +186,7 @@ FF_CHILDREN = {  # feed-forward class (or block with MLP Linears) -> its layers
     "FluxSingleTransformerBlock": ["proj_mlp", "proj_out"],
     "ChromaSingleTransformerBlock": ["proj_mlp", "proj_out"],
     "T5DenseGatedActDense": ["wi_0", "wi_1", "wo"],
+    "UMT5DenseGatedActDense": ["wi_0", "wi_1", "wo"],
     "Qwen2MLP": ["gate_proj", "up_proj", "down_proj"],
     "Gemma2MLP": ["gate_proj", "up_proj", "down_proj"],
 }
@@ -197,11 +200,13 @@ FAMILIES = {
     "chroma": (tm.tiny_chroma, tm.chroma_inputs, 11, 17),
     "hidream": (tm.tiny_hidream, tm.hidream_inputs, 12, 33),
     "lumina2": (tm.tiny_lumina2, tm.lumina2_inputs, 16, 28),
+    "wan": (tm.tiny_wan, tm.wan_inputs, 16, 20),  # video; 2 blocks of attn1 + attn2 (4 each) + ffn (2)
 }
 TEXT_ENCODERS = {
     "t5": (tm.tiny_t5, tm.text_inputs, 8, 14),
     "qwen25vl": (tm.tiny_qwen25vl, tm.text_inputs, 8, 14),
     "gemma2": (tm.tiny_gemma2, tm.text_inputs, 8, 14),
+    "umt5": (tm.tiny_umt5, tm.text_inputs, 8, 14),  # Wan's
 }
 
 
@@ -232,6 +237,29 @@ def test_preset_layers_equal_an_independent_listing(family):
         regex = preset_pattern(model, preset)
         assert len(regex) <= patterns.MAX_PATTERN_CHARS
         assert [n for n, _ in model.named_modules() if patterns.fullmatch(regex, n, "t")] == got[preset]
+
+
+def test_wan_image_to_video_presets_leave_the_image_embedder_out(tmp_path):
+    """Wan I2V: the condition embedder's image embedder is a FeedForward outside the blocks (never
+    chosen); each attn2 gains add_k_proj / add_v_proj (attention projections of the image tokens)."""
+    model = tm.tiny_wan_i2v()
+    attention = listed(model, ATTENTION_CHILDREN)
+    ff = listed(model, FF_CHILDREN)
+    embedder = [n for n in ff if n.startswith("condition_embedder.")]
+    assert embedder == ["condition_embedder.image_embedder.ff.net.0.proj", "condition_embedder.image_embedder.ff.net.2"]
+    assert sum(n.endswith(("add_k_proj", "add_v_proj")) for n in attention) == 4
+    got = {p: matching(model, preset_pattern(model, p)) for p in PRESET_NAMES}
+    assert got["attention"] == attention and len(attention) == 20
+    assert got["attention+ff"] == sorted(attention + [n for n in ff if n not in embedder], key=model_order(model))
+    assert len(got["attention+ff"]) == 24
+    inputs, other = tm.wan_i2v_inputs(), tm.wan_i2v_inputs(seed=2)
+    other = {**inputs, "encoder_hidden_states_image": other["encoder_hidden_states_image"]}
+    assert not torch.equal(output(model, inputs), output(model, other))  # the image tokens count
+    roundtrip(tm.tiny_wan_i2v, tm.wan_i2v_inputs, tmp_path, PLAN)
+
+
+def model_order(model: nn.Module):
+    return {n: i for i, (n, _) in enumerate(model.named_modules())}.__getitem__
 
 
 def test_preset_of_an_adapted_model_and_aliases():

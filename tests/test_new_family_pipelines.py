@@ -1,6 +1,7 @@
 """The pipeline loader, the CLI and the demo app on the newer families' pipelines: SD3.5 (dual
 attention), Flux.2, Qwen-Image, Z-Image, Sana, Lumina 2, Chroma and HiDream, each a tiny pipeline
-saved with ``save_pretrained`` and loaded back with ``DiffusionPipeline.from_pretrained``.
+saved with ``save_pretrained`` and loaded back with ``DiffusionPipeline.from_pretrained``; the loader
+alone on the video pipeline Wan (2.1 text-to-video: a few frames of latents).
 
 Per family: adapters on the denoiser and on a (non-CLIP) text encoder; save -> load into a fresh
 pipeline gives the same latents; ``set_adapters`` switches between two adapters, each giving its
@@ -52,7 +53,12 @@ FAMILIES = {
                  "text_encoder_4": ("hra", dict(r=2), "attention+ff")},
                 {"transformer": ("oft", dict(oft_block_size=4, r=0), "attention")}, False),
 }
-TEXT_ENCODER = {f: next(c for c in plan if c != "transformer") for f, (_, _, plan, _, _) in FAMILIES.items()}
+VIDEO = {  # the loader (no CLI / app: they render images)
+    "wan": (tp.build_wan, "WanPipeline",
+            {"transformer": ("boft", dict(boft_block_size=4), "attention+ff"),
+             "text_encoder": ("hra", dict(r=2), "attention+ff")},
+            {"transformer": ("oft", dict(oft_block_size=4, r=0), "attention")}, True),
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -97,10 +103,11 @@ def saved_models(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_load_switch_merge_and_generate(family, saved_models, tmp_path, capsys):
-    _, cls, plan_a, plan_b, single_file = FAMILIES[family]
-    folder = saved_models(family)
+def check_load_switch_merge(entry, folder, tmp_path):
+    """Adapter A (denoiser + text encoder) saved, loaded into a fresh pipeline: the same latents;
+    a second adapter B; switching, blending, merge == live, unmerge / disable / unload: the base.
+    Returns ``(pipe, path of A)``."""
+    _, cls, plan_a, plan_b, single_file = entry
     pipe = from_folder(folder)
     assert type(pipe).__name__ == cls
     reference = base_weights(pipe)
@@ -109,7 +116,7 @@ def test_load_switch_merge_and_generate(family, saved_models, tmp_path, capsys):
     add(pipe, plan_a, "A", seed=1)
     live_a = latents(pipe)
     assert rel(live_a, base) > 1e-3, "adapter A must change the latents"
-    te = TEXT_ENCODER[family]
+    te = next(c for c in plan_a if c != "transformer")
     da.disable_adapters(getattr(pipe, te))  # the text encoder's adapter matters on its own
     assert rel(latents(pipe), live_a) > 1e-5, f"the {te} adapter must change the latents"
     da.enable_adapters(getattr(pipe, te))
@@ -150,6 +157,19 @@ def test_load_switch_merge_and_generate(family, saved_models, tmp_path, capsys):
     assert torch.equal(latents(pipe), base)
     da.unload(pipe)
     assert_base_restored(pipe, reference)
+    return pipe, path
+
+
+@pytest.mark.parametrize("family", list(VIDEO))
+def test_video_load_switch_merge(family, saved_models, tmp_path):
+    check_load_switch_merge(VIDEO[family], saved_models(family), tmp_path)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_load_switch_merge_and_generate(family, saved_models, tmp_path, capsys):
+    _, cls, plan_a, _, _ = FAMILIES[family]
+    folder = saved_models(family)
+    pipe, path = check_load_switch_merge(FAMILIES[family], folder, tmp_path)
 
     # the command line: the saved folder, the saved adapter, an image
     out = tmp_path / "out.png"
@@ -225,7 +245,7 @@ def test_peft_folder_of_a_text_encoder(saved_models, tmp_path):
         da.load_adapter(from_folder(saved_models("zimage")), tmp_path / "peft", "t")  # default: the denoiser
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [*FAMILIES, *VIDEO])
 def test_tiny_pipeline_is_reproducible_and_reads_the_prompt(family):
     """The builders: deterministic, the offline tokenizers feed the prompt through, the VAE decodes."""
     pipe = tp.NEW_BUILDERS[family](0)
@@ -233,6 +253,10 @@ def test_tiny_pipeline_is_reproducible_and_reads_the_prompt(family):
     assert torch.isfinite(a).all() and torch.equal(a, latents(tp.NEW_BUILDERS[family](0)))
     assert not torch.equal(a, tp.generate(pipe, size=32, prompt="a blue square")), "the prompt must matter"
     assert not torch.equal(a, tp.generate(pipe, size=32, seed=1))
+    if family in VIDEO:
+        (video,) = tp.generate(pipe, size=64, output_type="np")
+        assert video.shape == (tp.WAN_FRAMES, 64, 64, 3) and 0 <= video.min() <= video.max() <= 1
+        return
     (image,) = tp.generate(pipe, size=64, output_type="pil")
     assert image.mode == "RGB" and min(image.size) >= 64
 

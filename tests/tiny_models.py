@@ -291,17 +291,62 @@ def lumina2_inputs(seed: int = 1, batch: int = 2):
     )
 
 
+def tiny_wan(seed: int = 0, **config):
+    """Wan 2.1 text-to-video; ``image_dim`` / ``added_kv_proj_dim`` give the image-to-video variant
+    (an image embedder in ``condition_embedder`` and ``add_k_proj`` / ``add_v_proj`` in each ``attn2``)."""
+    from diffusers import WanTransformer3DModel
+
+    return _build(WanTransformer3DModel, seed, dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=16, ffn_dim=24, num_layers=2, rope_max_seq_len=32,
+    ), config)
+
+
+def tiny_wan_i2v(seed: int = 0, **config):
+    """(``added_kv_proj_dim`` is the width of the embedded image tokens: the model's own.)"""
+    return tiny_wan(seed, **{"image_dim": 12, "added_kv_proj_dim": 16, **config})
+
+
+def wan_inputs(seed: int = 1, batch: int = 2, image_tokens: int = 0):
+    """2 latent frames of 4x4 (2x2 patches: 8 tokens), 3 text tokens; with ``image_tokens`` CLIP
+    image tokens (I2V) the text is 512 tokens (the I2V attention splits them off at 512 from the end)."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(
+        hidden_states=torch.randn(batch, 4, 2, 4, 4, generator=g),
+        timestep=torch.tensor([10, 500][:batch]),
+        encoder_hidden_states=torch.randn(batch, 512 if image_tokens else 3, 16, generator=g),
+    )
+    if image_tokens:
+        inputs["encoder_hidden_states_image"] = torch.randn(batch, image_tokens, 12, generator=g)
+    return inputs
+
+
+def wan_i2v_inputs(seed: int = 1, batch: int = 2):
+    return wan_inputs(seed, batch, image_tokens=5)
+
+
 TEXT_VOCAB = 100
+
+
+def _t5_geometry(gated: bool) -> dict:
+    return dict(
+        vocab_size=TEXT_VOCAB, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu" if gated else "relu",
+        decoder_start_token_id=0,
+    )
 
 
 def tiny_t5(seed: int = 0, gated: bool = True, **config):
     from transformers import T5Config, T5EncoderModel
 
-    return _build(lambda **c: T5EncoderModel(T5Config(**c)), seed, dict(
-        vocab_size=TEXT_VOCAB, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu" if gated else "relu",
-        decoder_start_token_id=0,
-    ), config)
+    return _build(lambda **c: T5EncoderModel(T5Config(**c)), seed, _t5_geometry(gated), config)
+
+
+def tiny_umt5(seed: int = 0, **config):
+    """UMT5 (Wan's text encoder): T5's geometry, a relative attention bias in every layer."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return _build(lambda **c: UMT5EncoderModel(UMT5Config(**c)), seed, _t5_geometry(True), config)
 
 
 def tiny_qwen25vl(seed: int = 0, **text_config):

@@ -144,9 +144,9 @@ def tiny_clip_text_encoder(
     )
 
 
-def tiny_t5_encoder(seed: int = 0, d_model: int = 32):
-    """``tm.tiny_t5`` matching ``tiny_t5_tokenizer``: one layer."""
-    return tm.tiny_t5(
+def tiny_t5_encoder(seed: int = 0, d_model: int = 32, umt5: bool = False):
+    """``tm.tiny_t5`` (``umt5=True``: ``tm.tiny_umt5``) matching ``tiny_t5_tokenizer``: one layer."""
+    return (tm.tiny_umt5 if umt5 else tm.tiny_t5)(
         seed, vocab_size=T5_VOCAB_SIZE, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_decoder_layers=0,
         num_heads=max(d_model // 8, 1), relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1,
     )
@@ -741,6 +741,34 @@ def build_hidream(seed: int = 0):
     ))
 
 
+WAN_FRAMES = 5  # video frames: (5 - 1) / 4 + 1 = 2 latent frames
+
+
+def tiny_wan_vae(seed: int = 0, z_dim: int = 4):
+    """AutoencoderKLWan (a causal 3-D VAE): 4 stages, spatial scale factor 8, temporal 4 (like the real one)."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(
+        base_dim=8, z_dim=z_dim, dim_mult=[1, 1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim,
+    ).eval()
+
+
+def build_wan(seed: int = 0):
+    """WanPipeline (Wan 2.1 text-to-video): WanTransformer3DModel, UMT5, AutoencoderKLWan; call it
+    with ``num_frames=WAN_FRAMES`` (``generate`` does)."""
+    from diffusers import WanPipeline
+
+    return _quiet(WanPipeline(
+        tokenizer=tiny_t5_tokenizer(),
+        text_encoder=tiny_t5_encoder(seed + 2, umt5=True),
+        vae=tiny_wan_vae(seed + 1),
+        scheduler=_flow_match(),
+        transformer=tm.tiny_wan(seed, text_dim=32),
+    ))
+
+
 NEW_BUILDERS = {
     "sd35": build_sd35,
     "flux2": build_flux2,
@@ -750,6 +778,7 @@ NEW_BUILDERS = {
     "lumina2": build_lumina2,
     "chroma": build_chroma,
     "hidream": build_hidream,
+    "wan": build_wan,
 }
 
 
@@ -787,6 +816,7 @@ def _family(pipe) -> str:
         (d.Lumina2Pipeline, "lumina2"),
         (d.ChromaPipeline, "chroma"),
         (d.HiDreamImagePipeline, "hidream"),
+        (d.WanPipeline, "wan"),
     ]
     for cls, name in table:
         if isinstance(pipe, cls):
@@ -812,6 +842,8 @@ def pipeline_kwargs(pipe, size: int = DEFAULT_SIZE, control_seed: int = 0) -> di
         return {"max_sequence_length": LM_MAX_LEN, "use_resolution_binning": False, "complex_human_instruction": None}
     if fam == "zimage":  # pads to max_sequence_length (512 by default)
         return {"max_sequence_length": LM_MAX_LEN}
+    if fam == "wan":  # a short video; the prompt is padded to max_sequence_length (512 by default)
+        return {"num_frames": WAN_FRAMES, "max_sequence_length": T5_MAX_LEN}
     # flux2, qwenimage, lumina2: their defaults (a system prompt comes before the user's)
     return {}
 
@@ -825,7 +857,7 @@ def generate(
     output_type: str = "latent",
     **kwargs,
 ):
-    """Run ``pipe`` once (generator-seeded) and return ``.images``.
+    """Run ``pipe`` once (generator-seeded) and return ``.images`` (video pipelines: ``.frames``).
 
     With the default ``output_type="latent"`` this is a tensor of latents (Flux: packed,
     shape (1, (size/16)**2, 64)); with ``"pil"`` a list of PIL images.  ``kwargs`` override the
@@ -843,7 +875,7 @@ def generate(
     call.update(kwargs)
     with torch.no_grad():
         out = pipe(**call)
-    return out.images
+    return out.frames if hasattr(out, "frames") else out.images  # (video pipelines: frames)
 
 
 def realign_(pipe):
