@@ -58,6 +58,13 @@ VIDEO = {  # the loader (no CLI / app: they render images)
             {"transformer": ("boft", dict(boft_block_size=4), "attention+ff"),
              "text_encoder": ("hra", dict(r=2), "attention+ff")},
             {"transformer": ("oft", dict(oft_block_size=4, r=0), "attention")}, True),
+    "wan22": (tp.build_wan22, "WanPipeline",  # two denoisers: transformer (high noise), transformer_2 (low)
+              {"transformer": ("oft", dict(oft_block_size=4, r=0), "attention"),
+               "text_encoder": ("fourierft", dict(n_frequency=20, init_weights=True), "attention"),
+               "transformer_2": ("hra", dict(r=2), "attention+ff")},
+              # (the low-noise stage runs the last step alone, sigma < 0.01: transformer_2 moves the latents by ~5e-4)
+              {"transformer": ("hra", dict(r=2), "attention"),
+               "transformer_2": ("boft", dict(boft_block_size=4), "attention")}, False),
 }
 
 
@@ -104,7 +111,7 @@ def saved_models(tmp_path_factory):
 
 
 def check_load_switch_merge(entry, folder, tmp_path):
-    """Adapter A (denoiser + text encoder) saved, loaded into a fresh pipeline: the same latents;
+    """Adapter A (denoiser + text encoder, + transformer_2) saved, loaded into a fresh pipeline: the same latents;
     a second adapter B; switching, blending, merge == live, unmerge / disable / unload: the base.
     Returns ``(pipe, path of A)``."""
     _, cls, plan_a, plan_b, single_file = entry
@@ -116,10 +123,10 @@ def check_load_switch_merge(entry, folder, tmp_path):
     add(pipe, plan_a, "A", seed=1)
     live_a = latents(pipe)
     assert rel(live_a, base) > 1e-3, "adapter A must change the latents"
-    te = next(c for c in plan_a if c != "transformer")
-    da.disable_adapters(getattr(pipe, te))  # the text encoder's adapter matters on its own
-    assert rel(latents(pipe), live_a) > 1e-5, f"the {te} adapter must change the latents"
-    da.enable_adapters(getattr(pipe, te))
+    for other in [c for c in plan_a if c != "transformer"]:  # each other component's adapter matters on its own
+        da.disable_adapters(getattr(pipe, other))  # (text encoders; Wan 2.2's transformer_2)
+        assert rel(latents(pipe), live_a) > 1e-5, f"the {other} adapter must change the latents"
+        da.enable_adapters(getattr(pipe, other))
     path = tmp_path / ("A.safetensors" if single_file else "A")
     da.save_adapter(pipe, path, "A", metadata={"instance_prompt": "a photo of sks"})
 

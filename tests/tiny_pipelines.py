@@ -755,18 +755,26 @@ def tiny_wan_vae(seed: int = 0, z_dim: int = 4):
     ).eval()
 
 
-def build_wan(seed: int = 0):
+def build_wan(seed: int = 0, two_stage: bool = False):
     """WanPipeline (Wan 2.1 text-to-video): WanTransformer3DModel, UMT5, AutoencoderKLWan; call it
-    with ``num_frames=WAN_FRAMES`` (``generate`` does)."""
+    with ``num_frames=WAN_FRAMES`` (``generate`` does). ``two_stage``: Wan 2.2 A14B's layout, a
+    second denoiser ``transformer_2`` for the low-noise steps (boundary 0.875 of the 1000 train
+    steps: with 2 steps, the first runs ``transformer``, the second ``transformer_2``)."""
     from diffusers import WanPipeline
 
+    second = dict(transformer_2=tm.tiny_wan(seed + 3, text_dim=32), boundary_ratio=0.875) if two_stage else {}
     return _quiet(WanPipeline(
         tokenizer=tiny_t5_tokenizer(),
         text_encoder=tiny_t5_encoder(seed + 2, umt5=True),
         vae=tiny_wan_vae(seed + 1),
         scheduler=_flow_match(),
         transformer=tm.tiny_wan(seed, text_dim=32),
+        **second,
     ))
+
+
+def build_wan22(seed: int = 0):
+    return build_wan(seed, two_stage=True)
 
 
 NEW_BUILDERS = {
@@ -779,6 +787,7 @@ NEW_BUILDERS = {
     "chroma": build_chroma,
     "hidream": build_hidream,
     "wan": build_wan,
+    "wan22": build_wan22,
 }
 
 
