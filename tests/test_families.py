@@ -2,9 +2,9 @@
 
 * on the five classes that had hand-written presets the derivation picks exactly the layers the
   old regexes picked (tiny configs, and the real configs built on the meta device);
-* on SD3.5, Flux.2, Qwen-Image, Z-Image, Sana, Chroma, HiDream, Lumina 2 and the T5 / Qwen2.5-VL /
-  Gemma 2 text encoders, the preset layers equal an independent listing written here by class
-  and child names;
+* on SD3.5, Flux.2, Qwen-Image, Z-Image, Sana, Chroma, HiDream, Lumina 2, Wan (video; text- and
+  image-to-video) and the T5 / UMT5 / Qwen2.5-VL / Gemma 2 text encoders, the preset layers equal
+  an independent listing written here by class and child names;
 * on each denoiser, an OFT + FourierFT pair on the presets saves, loads into a fresh model with
   the same outputs, merges to the live function and unmerges bit for bit.
 """
@@ -256,6 +256,22 @@ def test_wan_image_to_video_presets_leave_the_image_embedder_out(tmp_path):
     other = {**inputs, "encoder_hidden_states_image": other["encoder_hidden_states_image"]}
     assert not torch.equal(output(model, inputs), output(model, other))  # the image tokens count
     roundtrip(tm.tiny_wan_i2v, tm.wan_i2v_inputs, tmp_path, PLAN)
+
+
+@pytest.mark.parametrize("variant", ["t2v_14b", "i2v_14b"])
+def test_real_wan_configs_on_meta(variant):
+    """Wan 2.1 14B (the hub configs' geometry): 40 blocks of attn1 (4) + attn2 (4; I2V: 6) + ffn (2)."""
+    from diffusers import WanTransformer3DModel
+
+    i2v = variant == "i2v_14b"
+    extra = dict(in_channels=36, image_dim=1280, added_kv_proj_dim=5120, pos_embed_seq_len=None) if i2v else {}
+    with torch.device("meta"):
+        model = WanTransformer3DModel(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40,
+                                      **extra)
+    per_block = 10 if i2v else 8
+    got = {p: matching(model, preset_pattern(model, p)) for p in PRESET_NAMES}
+    assert (len(got["attention"]), len(got["attention+ff"])) == (40 * per_block, 40 * (per_block + 2))
+    assert all(n.startswith("blocks.") for n in got["attention+ff"])
 
 
 def model_order(model: nn.Module):
