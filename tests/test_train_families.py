@@ -61,7 +61,7 @@ NO_GRADIENT = {
     "qwenimage": {"transformer_blocks.1.attn.add_q_proj", "transformer_blocks.1.attn.to_add_out",
                   "transformer_blocks.1.txt_mlp.net.0.proj", "transformer_blocks.1.txt_mlp.net.2"},
 }
-REFUSED = {"zimage": "ZImagePipeline", "chroma": "ChromaPipeline", "lumina2": "Lumina2Pipeline"}
+REFUSED = {"zimage": "ZImagePipeline", "chroma": "ChromaPipeline", "lumina2": "Lumina2Pipeline", "wan": "WanPipeline"}
 
 
 @pytest.fixture(scope="module", autouse=True)
