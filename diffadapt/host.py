@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from diffadapt import quantized
+from diffadapt import quantized_layers as quantized
 from diffadapt.methods.base import AdapterConfig, LayerSpec, Method
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D, nn.Conv2d)

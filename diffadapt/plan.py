@@ -33,6 +33,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from diffadapt import quantized_layers as quantized
 from diffadapt.methods import AdapterConfig, get_method
 
 
@@ -236,8 +237,6 @@ class AdapterPlan:
         self._key = None  # base weights changed under any cached factors' users
         self._baked = (list(names), list(self.order))
         if requantized:
-            from diffadapt import quantized
-
             self._accepted_quantized |= {(n, self.strength(n)) for n in names}
             quantized.warn_merged([r for _, r in requantized.values()])
 
@@ -249,8 +248,6 @@ class AdapterPlan:
         todo = [(h, chain) for h, chain in zip(self.hosts, steps) if chain and h.quantized]
         if not todo:
             return {}
-        from diffadapt import quantized
-
         plans = {h.index: h.plan_quantized_merge(chain) for h, chain in todo}
         new = [n for n in names if (n, self.strength(n)) not in self._accepted_quantized]
         reason = quantized.refusal([r for _, r in plans.values()], quantized.merge_limit(self), names) if new else None

@@ -16,6 +16,7 @@ from typing import Iterable, Optional, Union
 from torch import nn
 
 from diffadapt import patterns
+from diffadapt import quantized_layers as quantized
 from diffadapt.methods.base import AdapterConfigError, layer_index_pattern
 
 PRESET_ALIASES = {"attn": "attention", "attn-ff": "attention+ff", "attn+ff": "attention+ff", "all": "attention+ff"}
@@ -82,8 +83,6 @@ def _quantized_layer(module: nn.Module) -> bool:
     """A quantized linear layer of a type diffadapt cannot adapt (e.g. HQQ, not an nn.Linear): a
     candidate, so that naming it is refused with its type (:func:`diffadapt.quantized.check_supported`)
     instead of skipped."""
-    from diffadapt import quantized
-
     return getattr(module, "in_features", None) is not None and quantized.kind(module) == quantized.UNSUPPORTED
 
 
