@@ -1,6 +1,7 @@
 """``diffadapt`` command line: generate with adapters, inspect adapter files, convert formats.
 
     diffadapt generate --adapter subject/:0.8 --prompt "a photo of sks hexagon" -o out.png
+    diffadapt generate --model wan_folder/ --adapter motion/:0.8 --prompt "a cat walking" --num_frames 33 -o out.webp
     diffadapt info subject/
     diffadapt convert peft_folder/ adapter.safetensors --component unet
     diffadapt convert adapter.safetensors peft_out/ --to peft
@@ -60,6 +61,14 @@ def _finite(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
 def _side(text: str) -> int:
     """argparse type: an image side, a positive multiple of 8 (the VAE's scale factor)."""
     try:
@@ -108,6 +117,38 @@ def _load_pipeline(model: Optional[str], device: str, dtype: str):
     return pipe.to(device)
 
 
+def _pipeline_class(model: Optional[str]):
+    """The pipeline class a local folder's model_index.json names (None: a hub id, or unknown), to
+    check the flags and the output path before the weights load."""
+    from diffadapt.defaults import default_model_path
+
+    index = Path(model or default_model_path()) / "model_index.json"
+    try:
+        import diffusers
+
+        return getattr(diffusers, json.loads(index.read_text())["_class_name"], None) if index.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError, ImportError):
+        return None
+
+
+def _check_output(pipe, args) -> bool:
+    """Whether ``pipe`` (a pipeline or its class) makes videos; CliError for flags or an output path
+    that do not fit what it makes."""
+    from diffadapt import media
+
+    name, video = (pipe if isinstance(pipe, type) else type(pipe)).__name__, media.is_video(pipe)
+    if not video:
+        for flag in ("num_frames", "fps"):
+            if getattr(args, flag) is not None:
+                raise CliError(f"--{flag}: {name} makes images, not videos; leave out --{flag}")
+    elif args.output is not None:
+        try:
+            media.check_output(args.output, name, video)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    return video
+
+
 def _accepted(pipe, kwargs: dict) -> dict:
     """The arguments this pipeline's ``__call__`` takes (Flux.2 has no negative prompt, ...);
     unset ones (None) are left to the pipeline's defaults. A negative prompt it cannot take is an error."""
@@ -124,7 +165,7 @@ def cmd_generate(args) -> None:
     import torch
 
     import diffadapt as da
-    from diffadapt import files
+    from diffadapt import files, media
 
     try:
         torch.device(args.device)
@@ -135,7 +176,11 @@ def cmd_generate(args) -> None:
         if not Path(path).exists():
             raise CliError(f"no adapter at {path}")
         files.peek(path)
+    known = _pipeline_class(args.model)
+    if known is not None:  # a local folder: the flags and --output checked before the weights load
+        _check_output(known, args)
     pipe = _load_pipeline(args.model, args.device, args.dtype)
+    video = _check_output(pipe, args)
     if args.quantize:
         from diffadapt import quantized
 
@@ -174,12 +219,20 @@ def cmd_generate(args) -> None:
         kwargs["height"] = args.height
     if args.width:
         kwargs["width"] = args.width
-    image = pipe(**_accepted(pipe, kwargs)).images[0]
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
+    out = Path(args.output or ("diffadapt.webp" if video else "diffadapt.png"))
+    if video:  # the first video, as an animated WebP / GIF at the pipeline's frame rate
+        kwargs.update(num_frames=args.num_frames, output_type="np")
+        frames = media.videos(pipe(**_accepted(pipe, kwargs)))[0]
+        fps = args.fps or media.fps_of(pipe)
+        media.save_animated(frames, out, fps)
+        made = f"{len(frames)} frames, {frames[0].width}x{frames[0].height}, {fps:g} fps"
+    else:
+        image = pipe(**_accepted(pipe, kwargs)).images[0]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image.save(out)
+        made = f"{image.width}x{image.height}"
     used = ", ".join(f"{Path(p).name}@{s:g}" for p, s in adapters) or "none"
-    print(f"wrote {out} ({image.width}x{image.height}); adapters: {used}; switch {switch_ms:.1f} ms")
+    print(f"wrote {out} ({made}); adapters: {used}; switch {switch_ms:.1f} ms")
 
 
 def _short(value, limit: int = 160) -> str:
@@ -256,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="diffadapt", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate an image with adapters")
+    gen = sub.add_parser("generate", help="generate an image (or a video) with adapters")
     gen.add_argument("--model", help="pipeline folder or hub id (default: the embedded model)")
     gen.add_argument("--adapter", action="append", type=_parse_adapter, metavar="PATH[:STRENGTH]",
                      help="repeatable: a diffadapt file/folder, a PEFT folder or a LyCORIS/kohya/ComfyUI OFT/BOFT file")
@@ -274,7 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=_side, default=None, help="pixels, a multiple of 8")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    gen.add_argument("-o", "--output", default="diffadapt.png")
+    gen.add_argument("--num_frames", type=_integer(1, what="a whole number"), default=None,
+                     help="video pipelines: frames to make (default: the pipeline's own; Wan: 81, and 4k+1 frames)")
+    gen.add_argument("--fps", type=_positive, default=None,
+                     help="video pipelines: frame rate of the written file (default: the pipeline's, else 16)")
+    gen.add_argument("-o", "--output", default=None,
+                     help="image file (default diffadapt.png); a video pipeline writes an animated .webp "
+                     "(lossless, default diffadapt.webp) or .gif (256 colours)")
     gen.set_defaults(run=cmd_generate)
 
     info = sub.add_parser("info", help="describe an adapter file or folder (any supported format)")
