@@ -13,16 +13,16 @@ from __future__ import annotations
 
 from diffadapt._version import __version__
 
-from diffadapt.artifact import PipelineAdapter
+from diffadapt.artifact import ComponentAdapter, PipelineAdapter
 from diffadapt.checkpoint import CheckpointError, read_adapter
 from diffadapt.defaults import default_model_path
-from diffadapt.methods import METHOD_NAMES, AdapterConfig, AdapterConfigError, get_method
+from diffadapt.methods import METHOD_NAMES, AdapterConfig, AdapterConfigError, get_method, method_names
 from diffadapt.methods.boft import BOFTConfig
 from diffadapt.methods.fourierft import FourierFTConfig
 from diffadapt.methods.frod import FRoDConfig
 from diffadapt.methods.hra import HRAConfig
 from diffadapt.methods.oft import OFTConfig
-from diffadapt.model import add_adapter, adapter_parameters, count_parameters, has_adapters
+from diffadapt.model import add_adapter, adapter_config, adapter_parameters, count_parameters, has_adapters
 from diffadapt.pipeline import (  # (every verb takes a model or a pipeline)
     active_adapters,
     delete_adapter,
@@ -55,8 +55,10 @@ __all__ = [
     "CheckpointError",
     "METHOD_NAMES",
     "PipelineAdapter",
+    "ComponentAdapter",
     "active_adapters",
     "add_adapter",
+    "adapter_config",
     "adapter_parameters",
     "count_parameters",
     "has_adapters",
@@ -65,6 +67,7 @@ __all__ = [
     "disable_adapters",
     "enable_adapters",
     "get_method",
+    "method_names",
     "hotswap_adapter",
     "read_pipeline_adapter",
     "list_adapters",

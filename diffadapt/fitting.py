@@ -18,7 +18,7 @@ from torch import nn
 from diffadapt.host import SUPPORTED_LAYERS, AdapterHost, AdapterSlot, SavedModuleHost
 from diffadapt.methods import AdapterConfig, AdapterConfigError, LayerSpec, Method, get_method
 from diffadapt.model import _module, build_slots, select_saved_modules
-from diffadapt.record import PREFIX, AdapterRecord, CheckpointError, refusing, tensor_key, value_problem
+from diffadapt.record import PREFIX, AdapterRecord, CheckpointError, SameNames, refusing, tensor_key, value_problem
 
 
 SharedFactory = Callable[[list[LayerSpec], list[torch.Tensor]], list[dict[str, torch.Tensor]]]
@@ -82,7 +82,11 @@ def split_keys(
     extra, unknown, wrong = {}, [], []
     for key, value in tensors.items():
         body = key.removeprefix(PREFIX)
-        hit = next((s for s in suffixes if body.endswith("." + s)), None)
+        if isinstance(keys, SameNames):  # <path>.<parameter name>
+            hit = body.rpartition(".")[2] if "." in body else None
+            suffixes[hit] = hit
+        else:
+            hit = next((s for s in suffixes if body.endswith("." + s)), None)
         if hit is None:
             extra[key] = value
             continue

@@ -25,6 +25,14 @@ _LONG_WORD = re.compile(r"\S{200,}")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+class SameNames(dict):
+    """The key map (our parameter name -> key suffix) of a method written under its own parameter
+    names: every name maps to itself, and a file key's suffix is its last dotted part."""
+
+    def __missing__(self, key: str) -> str:
+        return key
+
+
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model it is loaded into, or is not readable. The
     message is always one line."""

@@ -6,13 +6,12 @@
 with an identity input rotation, so the runtime's multiplicative paths (fused scale, merge)
 carry it. tests/test_dummy_method.py registers it with ``diffadapt.methods.register``.
 
-``FORMAT`` is its PEFT-folder declaration (what a model's ``save_adapter`` / ``load_adapter``
-read, :mod:`diffadapt.formats.peft`); PEFT itself has no such method.
+Nothing else is declared: saved, it is a PEFT-layout folder under its own names
+(:func:`diffadapt.formats.peft.own_format`); PEFT itself has no such method.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Optional, Union
@@ -20,7 +19,6 @@ from typing import Any, ClassVar, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from diffadapt.formats.peft import PeftFormat
 from diffadapt.methods import AdapterConfig, AdapterConfigError, LayerSpec, Method
 
 
@@ -75,19 +73,6 @@ class DummyScale(Method):
     @staticmethod
     def apply_to_weight(weight: Tensor, prep: ScalePrep) -> Tensor:
         return weight * prep.scale.to(weight.dtype)[:, None]
-
-
-def _from_peft(data: dict[str, Any]) -> DummyScaleConfig:
-    names = {f.name for f in dataclasses.fields(DummyScaleConfig)}
-    return DummyScaleConfig(**{k: v for k, v in data.items() if k in names})
-
-
-FORMAT = PeftFormat(
-    peft_type="DUMMYSCALE",
-    keys={"dummy_g": "dummy_g"},
-    to_dict=lambda config: {k: v for k, v in config.to_dict().items() if k != "method"},
-    from_dict=_from_peft,
-)
 
 
 def make_config(**kw) -> DummyScaleConfig:

@@ -1,20 +1,22 @@
 """A method defined in one test-local file (tests/dummy_method.py) and added with one public call,
-``diffadapt.methods.register`` (plus its PEFT-folder declaration, ``diffadapt.formats.peft.register``),
-works through inject, merge / unmerge, save / load (the shared
+``diffadapt.methods.register``, works through inject, merge / unmerge, save / load (the shared
 contract checks of tests/test_method_contract.py) and the training scripts' flags -- no other
 file names it. (The ``diffadapt`` CLI has no per-method flags: it reads methods from files.)"""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import diffadapt as da
 from diffadapt import methods
-from diffadapt.formats import peft as peft_formats
+from diffadapt.checkpoint import CheckpointError
 from diffadapt.methods import AdapterConfigError
 from tests import dummy_method
 from tests.dummy_method import DummyScale, DummyScaleConfig
@@ -30,10 +32,8 @@ from tests.test_train_scripts import dreambooth_module  # noqa: F401 - fixture: 
 
 @pytest.fixture
 def registered(monkeypatch):
-    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))  # both undone after the test
-    monkeypatch.setattr(peft_formats, "_REGISTERED", dict(peft_formats._REGISTERED))
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))  # undone after the test
     assert methods.register(DummyScale) is DummyScale
-    peft_formats.register("dummyscale", dummy_method.FORMAT)
 
 
 def test_one_call_makes_it_a_method(registered):
@@ -62,6 +62,33 @@ def test_contract_checks(registered, tmp_path):
     check_save_load(dummy_method.make_config, tmp_path / "a")
     check_batched_prepare("dummyscale", dummy_method.make_config)
     check_bad_value_names_field(dummy_method.make_config, "init_scale", float("nan"))
+
+
+def test_saved_folder_uses_its_own_names(registered, tmp_path):
+    """No PEFT declaration: the folder says peft_type DUMMYSCALE, each tensor sits under its own
+    parameter name, the config's fields are written as they are; a file for another layer is
+    refused, naming the key."""
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+
+    model = mlp()
+    da.add_adapter(model, DummyScaleConfig(target_modules=["0", "2"], init_scale=0.5, note="n"), "d")
+    da.save_adapter(model, tmp_path / "a", "d")
+    written = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert written["peft_type"] == "DUMMYSCALE" and written["init_scale"] == 0.5 and written["note"] == "n"
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert sorted(tensors) == ["base_model.model.0.dummy_g", "base_model.model.2.dummy_g"]
+    fresh = mlp()
+    da.load_adapter(fresh, tmp_path / "a", "d")
+    assert da.adapter_config(fresh, "d") == DummyScaleConfig(target_modules=["0", "2"], init_scale=0.5, note="n")
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    tensors["base_model.model.1.dummy_g"] = tensors.pop("base_model.model.2.dummy_g")  # ReLU: not a layer
+    save_file(tensors, tmp_path / "a" / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match=r"base_model\.model\.1\.dummy_g|model\.1\.dummy_g"):
+        da.load_adapter(mlp(), tmp_path / "a", "d")
 
 
 def test_register_refuses_what_is_taken(registered):

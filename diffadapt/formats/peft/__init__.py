@@ -3,7 +3,11 @@ key of each adapter parameter, and tensors besides the per-layer ones (FRoD's ba
 
 One declaration per method, ``FORMAT`` in ``diffadapt/formats/peft/<method>.py`` (a
 :class:`PeftFormat`); :mod:`diffadapt.checkpoint` (PEFT's folder layout) reads it. A method added
-outside this package declares its format with :func:`register`. The method files hold math only.
+outside this package with :func:`diffadapt.methods.register` needs nothing more: without a
+declaration it is written in the same folder layout under its own names (:func:`own_format`:
+``peft_type`` = its name in capitals, each parameter under its own name, its config's fields as
+they are). :func:`register` declares a real PEFT counterpart's names instead. The method files
+hold math only.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from typing import Any, Callable, Optional
 
 from torch import Tensor
 
-from diffadapt.methods import METHOD_NAMES, AdapterConfig, AdapterConfigError, LayerSpec, Method, get_method
+from diffadapt.methods import AdapterConfig, AdapterConfigError, LayerSpec, Method, get_method, method_names
+from diffadapt.record import SameNames
 
 # keys PEFT writes into adapter_config.json that carry no method meaning
 BOOKKEEPING = frozenset({
@@ -63,14 +68,31 @@ def register(method: str, fmt: PeftFormat) -> None:
     _REGISTERED[method.lower()] = fmt
 
 
+def own_format(method: type[Method]) -> PeftFormat:
+    """The folder format of a method with no PEFT declaration: its own names throughout."""
+    config_class = method.config_class
+
+    def to_dict(config: AdapterConfig) -> dict[str, Any]:
+        return sorted_lists({k: v for k, v in config.to_dict().items() if k != "method"})
+
+    def from_dict(data: dict[str, Any]) -> AdapterConfig:
+        return config_class.from_dict({k: v for k, v in data.items() if k not in BOOKKEEPING})
+
+    return PeftFormat(method.name.upper(), SameNames(), to_dict, from_dict)
+
+
 def format_of(method: str) -> PeftFormat:
-    """The declaration of ``method`` (AdapterConfigError if it has no PEFT counterpart)."""
+    """The declaration of ``method``: registered, a module of this package, or (a method
+    registered with :func:`diffadapt.methods.register` and nothing else) :func:`own_format`."""
     key = method.lower()
     if key not in _REGISTERED:
         module = f"{__name__}.{key}"
-        if not key.isidentifier() or importlib.util.find_spec(module) is None:
-            raise AdapterConfigError(f"The {method!r} method has no PEFT file format (declare one in {module}).")
-        _REGISTERED[key] = importlib.import_module(module).FORMAT
+        if key.isidentifier() and importlib.util.find_spec(module) is not None:
+            _REGISTERED[key] = importlib.import_module(module).FORMAT
+        elif key in method_names():
+            return own_format(get_method(key))  # not cached: the method may be registered again
+        else:
+            raise AdapterConfigError(f"Unknown adapter method {method!r}; choose one of {', '.join(method_names())}.")
     return _REGISTERED[key]
 
 
@@ -95,7 +117,7 @@ def peft_type(method: str) -> str:
 
 def method_for_peft_type(name: str) -> type[Method]:
     """The method whose PEFT files say ``peft_type=name``."""
-    known = [*METHOD_NAMES, *(m for m in _REGISTERED if m not in METHOD_NAMES)]
+    known = [*method_names(), *(m for m in _REGISTERED if m not in method_names())]
     for method in known:
         if format_of(method).peft_type == name:
             return get_method(method)
