@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -282,6 +283,7 @@ def train(method: str, out: Path, args, prior: bool = False) -> None:
     if prior:
         cmd += ["--with_prior_preservation", "--num_class_images", str(args.num_class_images),
                 "--prior_loss_weight", str(args.prior_loss_weight)]
+    cmd += shlex.split(args.train_args)
     print(f"training {method}: {' '.join(cmd[1:])}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else None
     with open(out.parent / f"{out.name}.log", "w") as log:
@@ -352,6 +354,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads here and in the training runs (default: every core; 1 on a shared machine)")
     p.add_argument("--reuse", action="store_true", help="skip training where <work_dir>/<method> holds an adapter")
+    p.add_argument("--train_args", default="",
+                   help='more train_dreambooth.py flags, e.g. "--target_modules attn2.to_k,attn2.to_v"')
+    p.add_argument("--strength", type=float, default=1.0, help="the trained adapters' strength when scored")
     return p.parse_args(argv)
 
 
@@ -380,6 +385,7 @@ def main(args) -> None:
         if method is not None and not (args.reuse and (out / "diffadapt_adapter.json").exists()):
             train(method, out, args, prior)
         da.load_adapter(pipe, str(out), "trained")
+        da.set_adapter_strength(pipe, "trained", args.strength)
         facts = adapter_facts(out, pipe)
         samples = sample_all(pipe, args)
         da.delete_adapter(pipe, "trained")
