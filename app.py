@@ -26,6 +26,11 @@ still the prefilled one), example prompts the model draws are one click away, an
 renders the checked adapters (rows) x a list of strengths (columns) with one seed for every cell,
 each cell exactly what ``generate`` gives for that adapter alone at that strength
 (``--max-grid-cells`` bounds it).
+
+A video pipeline (Wan, ...: its ``__call__`` takes ``num_frames``) makes ``--num-frames`` frames
+(default: the pipeline's own) and the page shows each video as an animated lossless WebP
+(``diffadapt.media``: Pillow only, no ffmpeg, which ``gr.Video`` would need); the strength grid
+shows each cell's first frame, and the page says so.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -52,10 +58,12 @@ import torch  # noqa: E402
 
 import diffadapt as da  # noqa: E402
 from diffadapt import files  # noqa: E402
+from diffadapt import media  # noqa: E402
 from diffadapt import quantized  # noqa: E402
 
 ADAPTER_MARKERS = ("diffadapt_adapter.json", "adapter_config.json")  # an adapter folder has one
 MAX_SEED = 2**31 - 1
+MEDIA_KEPT = 64  # animated results kept on disk for the page (gradio copies each into its cache)
 
 
 class AdapterError(ValueError):
@@ -93,6 +101,7 @@ class GenerateRequest:
     height: Optional[int] = None
     mode: str = "live"  # or "merged"
     side_by_side: bool = False  # also render the same seed without adapters
+    num_frames: Optional[int] = None  # video pipelines: None = the app's default (--num-frames, else the pipeline's)
 
 
 @dataclass
@@ -109,6 +118,7 @@ class GridResult:
     cell_size: tuple[int, int]
     generation_s: float
     merge: str = ""  # a quantized base in merged mode: the cells' requantization reports / refusals
+    note: str = ""  # a video pipeline: what a cell shows of its video
 
     def cell_box(self, r: int, c: int) -> tuple[int, int, int, int]:
         (x, y), (w, h) = self.origin, self.cell_size
@@ -124,7 +134,8 @@ class GridResult:
         return (f"**Grid:** {len(self.rows)} adapter(s) x {len(self.strengths)} strength(s) "
                 f"({', '.join(f'{s:g}' for s in self.strengths)}) · rows {rows} · mode **{self.mode}** · "
                 f"seed {self.seed} (every cell)  \ngeneration {self.generation_s:.2f} s for "
-                f"{len(self.rows) * len(self.strengths)} images"
+                f"{len(self.rows) * len(self.strengths)} {'videos' if self.note else 'images'}"
+                + (f"  \n{self.note}" if self.note else "")
                 + (f"  \n{_md(self.merge, 600)}" if self.merge else ""))
 
     def as_dict(self) -> dict:
@@ -201,13 +212,18 @@ class GenerateResult:
     switch_ms: float
     generation_s: float
     merge: str = ""  # a quantized base in merged mode: the requantization report, or why it stayed live
+    videos: list = field(default_factory=list)  # a video pipeline: each result's PIL frames (``images``: first frames)
+    fps: float = 0.0  # a video pipeline: the frame rate the animated files play at
+    media: list = field(default_factory=list)  # what the page shows: the images, or each video's animated file
 
     def summary(self) -> str:
         used = ", ".join(f"{_md(n)} @ {s:g}" for n, s in self.adapters) or "none (base model)"
+        n = len(self.videos[0]) if self.videos else 0
+        video = f" · video: {n} frame{'s' * (n != 1)} at {self.fps:g} fps" if self.videos else ""
         return (
-            f"**Adapters used:** {used} · mode **{self.mode}** · seed {self.seed}  \n"
+            f"**Adapters used:** {used} · mode **{self.mode}** · seed {self.seed}{video}  \n"
             f"switch {self.switch_ms:.1f} ms · generation {self.generation_s:.2f} s"
-            + (" (both images)" if len(self.images) > 1 else "")
+            + ((" (both videos)" if self.videos else " (both images)") if len(self.images) > 1 else "")
             + (f"  \n{_md(self.merge, 600)}" if self.merge else "")
         )
 
@@ -219,6 +235,7 @@ class GenerateResult:
             "switch_ms": round(self.switch_ms, 3),
             "generation_s": round(self.generation_s, 3),
             "captions": self.captions,
+            **({"video": {"frames": len(self.videos[0]), "fps": self.fps}} if self.videos else {}),
             **({"merge": self.merge} if self.merge else {}),
         }
 
@@ -412,8 +429,15 @@ class DemoApp:
     session hash); ``None`` means no session: the shared adapters only."""
 
     def __init__(self, pipe, max_upload_mb: float = 512.0, max_adapters: int = 8,
-                 max_uploads: Optional[int] = None, session_ttl_s: float = 3600.0, max_grid_cells: int = 16):
+                 max_uploads: Optional[int] = None, session_ttl_s: float = 3600.0, max_grid_cells: int = 16,
+                 num_frames: Optional[int] = None):
         self.pipe = pipe
+        self.video = media.is_video(pipe)  # a video pipeline: results are animated files, grid cells first frames
+        if num_frames is not None and not self.video:
+            raise ValueError(f"--num-frames: {type(pipe).__name__} makes images, not videos.")
+        self.num_frames = (num_frames or media.default_frames(pipe)) if self.video else None
+        self.fps = media.fps_of(pipe) if self.video else 0.0
+        self._media_dir: Optional[Path] = None  # the animated files handed to the page (the last MEDIA_KEPT)
         self.max_grid_cells = max_grid_cells
         self.max_upload_mb = max_upload_mb
         self.max_adapters = max_adapters  # slots of one page: shared adapters + that session's uploads
@@ -621,8 +645,25 @@ class DemoApp:
                 return callback_kwargs
 
             kwargs["callback_on_step_end"] = on_step
+        if self.video:  # float frames in [0, 1]: rounded to uint8 as diffusers rounds them (media.to_uint8)
+            kwargs["output_type"] = "np"
+            if req.num_frames or self.num_frames:
+                kwargs["num_frames"] = int(req.num_frames or self.num_frames)
         with torch.no_grad():
-            return self.pipe(**kwargs).images[0]
+            out = self.pipe(**kwargs)
+        return media.videos(out)[0] if self.video else [out.images[0]]
+
+    def _animated(self, frames) -> str:
+        """``frames`` written as an animated WebP under the system's temp folder (gradio serves
+        files from there); only the last ``MEDIA_KEPT`` such files are kept."""
+        import uuid
+
+        if self._media_dir is None:
+            self._media_dir = Path(tempfile.mkdtemp(prefix="diffadapt_app_"))
+        path = media.save_animated(frames, self._media_dir / f"{uuid.uuid4().hex}.webp", self.fps)
+        for old in sorted(self._media_dir.glob("*.webp"), key=lambda f: f.stat().st_mtime)[:-MEDIA_KEPT]:
+            old.unlink(missing_ok=True)
+        return str(path)
 
     def check(self, req: GenerateRequest, session: Optional[str] = None) -> list[tuple[str, float]]:
         """The request's adapters as (name, strength), or ValueError naming what is wrong."""
@@ -639,6 +680,10 @@ class DemoApp:
         for side in (req.width, req.height):
             if side and (not _whole(side) or int(float(side)) % self.size_step or not 0 < float(side) <= 4096):
                 raise ValueError(f"Width and height must be multiples of {self.size_step} up to 4096 (got {side}).")
+        if req.num_frames is not None and not self.video:
+            raise ValueError(f"Frames: {type(self.pipe).__name__} makes images, not videos.")
+        if req.num_frames is not None and (not _whole(req.num_frames) or not 1 <= float(req.num_frames) <= 1000):
+            raise ValueError(f"Frames must be a whole number from 1 to 1000 (got {req.num_frames!r}).")
         adapters = [(str(n), s) for n, s in req.adapters]
         for n, s in adapters:
             if not _finite(s):
@@ -670,14 +715,17 @@ class DemoApp:
             merge_note = self.merge_note
             switch_ms = (time.perf_counter() - t0) * 1e3
             t0 = time.perf_counter()
-            images = [self._render(req, seed, progress, 0, total)]
+            renders = [self._render(req, seed, progress, 0, total)]
             if req.side_by_side:
                 self._apply([], req.mode == "merged")
-                images.append(self._render(req, seed, progress, int(req.steps), total))
+                renders.append(self._render(req, seed, progress, int(req.steps), total))
             generation_s = time.perf_counter() - t0
         used = ", ".join(f"{n} @ {s:g}" for n, s in adapters) or "no adapters"
         captions = [f"with {used}"] + (["without adapters"] if req.side_by_side else [])
-        return GenerateResult(images, captions, adapters, req.mode, seed, switch_ms, generation_s, merge_note)
+        images = [frames[0] for frames in renders]
+        shown = [self._animated(frames) for frames in renders] if self.video else images
+        return GenerateResult(images, captions, adapters, req.mode, seed, switch_ms, generation_s, merge_note,
+                              videos=renders if self.video else [], fps=self.fps, media=shown)
 
     def grid(self, req: GenerateRequest, strengths, progress: Optional[Callable[[int, int], None]] = None,
              session: Optional[str] = None) -> GridResult:
@@ -709,10 +757,12 @@ class DemoApp:
                     self._apply([(keys[name], strength)], req.mode == "merged")
                     if self.merge_note:
                         notes.append(f"{name} @ {strength:g}: {self.merge_note}")
-                    images[-1].append(self._render(req, seed, progress, (r * len(strengths) + c) * steps, cells * steps))
+                    frames = self._render(req, seed, progress, (r * len(strengths) + c) * steps, cells * steps)
+                    images[-1].append(frames[0])  # a video: its first frame
             generation_s = time.perf_counter() - t0
         image, origin, size = compose_grid(images, rows, strengths)
-        return GridResult(image, images, rows, strengths, req.mode, seed, origin, size, generation_s, "; ".join(notes))
+        return GridResult(image, images, rows, strengths, req.mode, seed, origin, size, generation_s, "; ".join(notes),
+                          VIDEO_GRID_NOTE if self.video else "")
 
     # -- what the prompt box is prefilled with -------------------------------------------------------
     def prefill(self, checked: Sequence[bool], session: Optional[str] = None) -> str:
@@ -758,6 +808,9 @@ class DemoApp:
                     f"visitors; try again in a few minutes.")
         return (f"**{left} of {room} upload slots left.** Your uploads are visible to you only and are removed when "
                 f"you close or reload this page, or after {self.session_ttl_s / 60:g} minutes without a request.")
+
+
+VIDEO_GRID_NOTE = "Video pipeline: each grid cell is the **first frame** of that cell's video."
 
 
 def _finite(value) -> bool:
@@ -823,7 +876,9 @@ def build_ui(app: DemoApp):
     inert = dict(latex_delimiters=[], sanitize_html=True)  # text from files: escaped, and no LaTeX either
 
     with gr.Blocks(title="diffadapt demo") as demo:
-        gr.Markdown(f"## diffadapt demo · `{type(app.pipe).__name__}`\nAdapters switch per request; the base model is loaded once.")
+        gr.Markdown(f"## diffadapt demo · `{type(app.pipe).__name__}`\nAdapters switch per request; the base model is loaded once."
+                    + (f"  \nVideo pipeline: each result is an animated WebP of {app.num_frames or 'its default number of'} "
+                       f"frames at {app.fps:g} fps (`--num-frames` sets how many)." if app.video else ""))
         with gr.Row():
             with gr.Column():
                 shared = len(app.adapters[:n_slots])  # the shared adapters open checked, their triggers in the prompt
@@ -865,6 +920,8 @@ def build_ui(app: DemoApp):
                                                 value="0, 0.5, 1", elem_id="grid_strengths")
                     grid_button = gr.Button(f"Make grid (at most {app.max_grid_cells} images, one seed)",
                                             elem_id="make_grid")
+                    if app.video:
+                        gr.Markdown(VIDEO_GRID_NOTE, elem_id="grid_note")
             with gr.Column():
                 gallery = gr.Gallery(label="Result", columns=2, format="png", preview=False, object_fit="contain",
                                      height=420, elem_id="result")
@@ -890,7 +947,7 @@ def build_ui(app: DemoApp):
                 res = app.generate(req, lambda i, n: progress((i, n), desc="denoising"), session=session)
             except Exception as exc:  # a message in the page, never a crash (gradio renders it as HTML)
                 raise gr.Error(html.escape(_one_line(exc))) from None
-            return list(zip(res.images, res.captions)), res.summary(), res.as_dict()
+            return list(zip(res.media, res.captions)), res.summary(), res.as_dict()  # video: animated files
 
         @_takes_request
         def on_grid(request, progress=gr.Progress(), *values):
@@ -1018,6 +1075,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="an upload is removed after this long without a request from its page")
     parser.add_argument("--max-grid-cells", type=_number(int, 1, "a whole number"), default=16,
                         help="most images one strength grid (adapters x strengths) may hold")
+    parser.add_argument("--num-frames", type=_number(int, 1, "a whole number"), default=None,
+                        help="video pipelines: frames per video (default: the pipeline's own; Wan: 81, and 4k+1 frames)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
@@ -1029,7 +1088,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         app = create_app(args.model, args.adapters, args.device, args.dtype, quantize=args.quantize,
                          max_upload_mb=args.max_upload_mb, max_adapters=args.max_adapters,
                          max_uploads=args.max_uploads, session_ttl_s=args.session_minutes * 60,
-                         max_grid_cells=args.max_grid_cells)
+                         max_grid_cells=args.max_grid_cells, num_frames=args.num_frames)
     except (AdapterError, OSError, ValueError, ImportError) as exc:
         print(f"app.py: error: {_one_line(exc)}", file=sys.stderr)
         return 2

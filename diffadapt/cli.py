@@ -225,7 +225,7 @@ def cmd_generate(args) -> None:
         frames = media.videos(pipe(**_accepted(pipe, kwargs)))[0]
         fps = args.fps or media.fps_of(pipe)
         media.save_animated(frames, out, fps)
-        made = f"{len(frames)} frames, {frames[0].width}x{frames[0].height}, {fps:g} fps"
+        made = f"{len(frames)} frame{'s' * (len(frames) != 1)}, {frames[0].width}x{frames[0].height}, {fps:g} fps"
     else:
         image = pipe(**_accepted(pipe, kwargs)).images[0]
         out.parent.mkdir(parents=True, exist_ok=True)
