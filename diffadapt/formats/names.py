@@ -76,6 +76,13 @@ def _map_block(out: dict[str, str], model: nn.Module, src: str, dst: str, childr
         out[f"{src}.{name}"] = f"{dst}.{head}" + (f".{rest}" if rest else "")
 
 
+def _map_resnet_attention(out: dict[str, str], unet: nn.Module, block: str, j: int, attentions, dst: str) -> None:
+    """Resnet ``j`` of diffusers ``block`` (and its attention, if the block has them) -> ldm ``dst``'s 0 / 1."""
+    _map_block(out, unet, f"{block}.resnets.{j}", f"{dst}.0", _RESNET)
+    if attentions is not None:
+        _map_block(out, unet, f"{block}.attentions.{j}", f"{dst}.1")
+
+
 def ldm_unet_paths(unet: nn.Module) -> dict[str, str]:
     """diffusers module path -> ldm (original SD / SGM) path, for a ``UNet2DConditionModel``.
 
@@ -94,9 +101,7 @@ def ldm_unet_paths(unet: nn.Module) -> dict[str, str]:
     for i, block in enumerate(unet.down_blocks):
         attentions = getattr(block, "attentions", None)
         for j in range(len(block.resnets)):
-            _map_block(out, unet, f"down_blocks.{i}.resnets.{j}", f"input_blocks.{k}.0", _RESNET)
-            if attentions is not None:
-                _map_block(out, unet, f"down_blocks.{i}.attentions.{j}", f"input_blocks.{k}.1")
+            _map_resnet_attention(out, unet, f"down_blocks.{i}", j, attentions, f"input_blocks.{k}")
             k += 1
         if getattr(block, "downsamplers", None) is not None:
             _map_block(out, unet, f"down_blocks.{i}.downsamplers.0", f"input_blocks.{k}.0", {"conv": "op"})
@@ -114,9 +119,7 @@ def ldm_unet_paths(unet: nn.Module) -> dict[str, str]:
     for i, block in enumerate(unet.up_blocks):
         attentions = getattr(block, "attentions", None)
         for j in range(len(block.resnets)):
-            _map_block(out, unet, f"up_blocks.{i}.resnets.{j}", f"output_blocks.{k}.0", _RESNET)
-            if attentions is not None:
-                _map_block(out, unet, f"up_blocks.{i}.attentions.{j}", f"output_blocks.{k}.1")
+            _map_resnet_attention(out, unet, f"up_blocks.{i}", j, attentions, f"output_blocks.{k}")
             if j == len(block.resnets) - 1 and getattr(block, "upsamplers", None) is not None:
                 slot = 2 if attentions is not None else 1
                 _map_block(out, unet, f"up_blocks.{i}.upsamplers.0", f"output_blocks.{k}.{slot}")

@@ -40,6 +40,7 @@ random (OFT has one), ``int(p N)`` of its blocks, drawn at random, become the id
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Optional, Union
 
 import torch
@@ -150,6 +151,18 @@ def block_rotate(x: Tensor, blocks: Tensor, transpose: bool = False) -> Tensor:
     if transpose:
         right = right.mT
     return torch.bmm(x.reshape(-1, n, b).transpose(0, 1), right).transpose(0, 1).reshape(x.shape)
+
+
+@dataclass
+class OrthogonalConfig(AdapterConfig):
+    """The fields OFT and BOFT share: which side of the layer rotates, and LyCORIS' norm limit."""
+
+    rotation_side: str = "input"
+    constraint: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        check_rotation(type(self).__name__, self.rotation_side, self.constraint)
 
 
 class RotationFactors(NamedTuple):

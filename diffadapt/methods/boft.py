@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 
 from diffadapt.methods._orthogonal import (
-    OrthogonalMethod, RotationFactors, block_rotate, cayley, check_int, check_kind, check_prob, check_rotation,
+    OrthogonalConfig, OrthogonalMethod, RotationFactors, block_rotate, cayley, check_int, check_kind, check_prob,
     compute_dtype, limit_norm, rotated_dim
 )
 from diffadapt.methods.base import AdapterConfig, AdapterConfigError, LayerSpec
@@ -128,7 +128,7 @@ def butterfly_rotate(x: Tensor, blocks: Tensor, transpose: bool = False) -> Tens
 
 # -- BOFT ----------------------------------------------------------------------------------------
 @dataclass
-class BOFTConfig(AdapterConfig):
+class BOFTConfig(OrthogonalConfig):
     """PEFT's ``BOFTConfig``: set exactly one of ``boft_block_size`` / ``boft_block_num``.
 
     ``rotation_side="output"`` rotates the output channels (LyCORIS' convention; block size and
@@ -148,9 +148,6 @@ class BOFTConfig(AdapterConfig):
     boft_dropout: float = field(
         default=0.0, metadata={"flag": "--boft_dropout", "help": "multiplicative dropout (0)."}
     )
-    rotation_side: str = "input"
-    constraint: float = 0.0
-
     def validate(self) -> None:
         super().validate()
         name = type(self).__name__
@@ -158,7 +155,6 @@ class BOFTConfig(AdapterConfig):
         check_int(name, "boft_block_num", self.boft_block_num, 0)
         check_int(name, "boft_n_butterfly_factor", self.boft_n_butterfly_factor, 1)
         check_prob(name, "boft_dropout", self.boft_dropout)
-        check_rotation(name, self.rotation_side, self.constraint)
         if (self.boft_block_size == 0) == (self.boft_block_num == 0):
             raise AdapterConfigError(
                 f"{name}: set exactly one of boft_block_size ({self.boft_block_size}) and boft_block_num "

@@ -162,14 +162,8 @@ class HRA(Method):
         return {"hra_u": u}, {}
 
     @classmethod
-    def prepare_many(
-        cls,
-        config: HRAConfig,
-        params: list[dict[str, Tensor]],
-        buffers: list[dict[str, Tensor]],
-        strength: Union[float, Tensor],
-        training: bool = False,
-    ) -> list[HRAFactors]:
+    def prepare_many(cls, config: HRAConfig, params: list[dict[str, Tensor]], buffers: list[dict[str, Tensor]],
+                     strength: Union[float, Tensor], training: bool = False) -> list[HRAFactors]:
         """The WY factors of all layers of one shape from one batched normalise / Gram / solve."""
         y, v = wy_factors(torch.stack([p["hra_u"] for p in params]), config.apply_GS, strength)
         return [HRAFactors(yg, vg) for yg, vg in zip(y.unbind(0), v.unbind(0))]

@@ -66,7 +66,7 @@ import torch
 from torch import Tensor
 
 from diffadapt.methods._orthogonal import (
-    OrthogonalMethod, cayley, check_int, check_kind, check_prob, check_rotation,
+    OrthogonalConfig, OrthogonalMethod, cayley, check_int, check_kind, check_prob,
     compute_dtype, limit_norm, rotated_dim
 )
 from diffadapt.methods.base import AdapterConfig, AdapterConfigError, LayerSpec
@@ -83,7 +83,7 @@ def nearest_divisor(n: int, p: int) -> int:
 
 
 @dataclass
-class OFTConfig(AdapterConfig):
+class OFTConfig(OrthogonalConfig):
     """PEFT's ``OFTConfig`` (set exactly one of ``r`` / ``oft_block_size``); see module docstring
     for the ``use_cayley_neumann`` default, ``rotation_side`` and ``constraint`` (LyCORIS; not in
     PEFT, so such configs refuse PEFT export)."""
@@ -100,9 +100,6 @@ class OFTConfig(AdapterConfig):
         default=False, metadata={"flag": "--use_cayley_neumann", "help": "Cayley-Neumann series instead of exact."}
     )
     num_cayley_neumann_terms: int = 5
-    rotation_side: str = "input"
-    constraint: float = 0.0
-
     def validate(self) -> None:
         super().validate()
         name = type(self).__name__
@@ -110,7 +107,6 @@ class OFTConfig(AdapterConfig):
         check_int(name, "oft_block_size", self.oft_block_size, 0)
         check_int(name, "num_cayley_neumann_terms", self.num_cayley_neumann_terms, 1)
         check_prob(name, "module_dropout", self.module_dropout)
-        check_rotation(name, self.rotation_side, self.constraint)
         if self.constraint and self.block_share:
             raise AdapterConfigError(
                 f"{name}: constraint (LyCORIS' norm limit over all of a layer's blocks) cannot be combined with "
