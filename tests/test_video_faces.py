@@ -19,6 +19,7 @@ from PIL import Image
 import diffadapt as da
 from diffadapt import cli, media
 from tests import tiny_models as tm, tiny_pipelines as tp
+from tests.test_cli import run
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, SIZE, FRAMES, PROMPT = 2, 32, 5, "a red circle"
@@ -70,12 +71,6 @@ def read_animated(path) -> tuple[np.ndarray, list[int]]:
         frames.append(np.asarray(image.convert("RGB")))
         durations.append(image.info.get("duration"))
     return np.stack(frames), durations
-
-
-def run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code, err, *words):
