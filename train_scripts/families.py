@@ -9,8 +9,8 @@ built from the pipeline's scheduler config, noisy = (1 - sigma) x + sigma noise,
 The newer families (Flux.2, Qwen-Image, Sana) encode prompts with their pipeline's own
 ``encode_prompt``; their language-model text encoders stay frozen.
 
-torch and diffusers are imported inside the functions that use them: --help and bad arguments
-are answered before they load.
+diffusers is imported inside the functions that use it: importing it logs library notices
+(bitsandbytes), which the scripts quiet first (``training_loop.quiet_library_logs``).
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+
+import torch
 
 import sd_parts
 from common import UsageError
 
-if TYPE_CHECKING:
-    import torch
 
 
 def _cast(dtype, **tensors) -> dict:
@@ -40,7 +39,6 @@ def _default(pipe, name: str):
 def _guidance(pipe, args, latents) -> torch.Tensor | None:
     """The guidance embedding's value (--guidance_scale, else the pipeline's default) for
     transformers that have one; None for the others."""
-    import torch
 
     if not pipe.transformer.config.get("guidance_embeds"):
         return None
@@ -75,7 +73,6 @@ def encode_sdxl(pipe, encoders, tokenizers, prompts, args, device) -> dict:
 def encode_sd3(pipe, encoders, tokenizers, prompts, args, device) -> dict:
     """Penultimate hidden states of both CLIP encoders side by side, zero-padded to T5's width,
     then the T5 sequence (zeros without T5); pooled: both CLIP projections."""
-    import torch
 
     hidden, pooled = [], []
     for encoder, tokenizer in zip(encoders[:2], tokenizers[:2]):
@@ -121,7 +118,6 @@ def encode_flux(pipe, encoders, tokenizers, prompts, args, device) -> dict:
 
 
 def inputs_flux(pipe, noisy, t, cond, args, dtype) -> dict:
-    import torch
     from diffusers import FluxPipeline
 
     b, c, h, w = noisy.shape
@@ -156,7 +152,6 @@ def encode_flux2(pipe, encoders, tokenizers, prompts, args, device) -> dict:
 
 def latents_flux2(pipe, pixels, generator):
     """As Flux2Pipeline._encode_vae_image, sampled: patchify, then (x - bn mean) / bn std."""
-    import torch
 
     vae = pipe.vae
     latents = pipe._patchify_latents(_vae_sample(vae, pixels, generator))
@@ -193,7 +188,6 @@ def encode_qwenimage(pipe, encoders, tokenizers, prompts, args, device) -> dict:
 
 def latents_qwenimage(pipe, pixels, generator):
     """One frame of the 3-D VAE, (x - latents_mean) / latents_std, as (B, C, h, w)."""
-    import torch
 
     cfg = pipe.vae.config
     latents = _vae_sample(pipe.vae, pixels.unsqueeze(2), generator)[:, :, 0]
@@ -361,7 +355,6 @@ class Denoising:
         return self.family.latents(self.pipe, pixels, generator).to(self.dtype)
 
     def predict(self, latents, cond, batch, generator):
-        import torch
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
         if not self.family.flow:

@@ -11,16 +11,15 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 
 import atomic_io
 from common import UsageError
 
-if TYPE_CHECKING:  # annotations only: torch and diffusers are imported where they are used (fast --help)
-    import torch
 
 # ----------------------------------------------------------------------------------------------
 # SD / SDXL pieces (UNet families)
@@ -41,7 +40,6 @@ def encode_clip_prompts(family: str, encoders, tokenizers, prompts, device) -> d
     """UNet families. SD 1.x/2.x: the CLIP text encoder's last hidden state. SDXL: penultimate
     hidden states of both encoders side by side, pooled projection of the second.
     ``encoders`` may be accelerate-wrapped (trained) models."""
-    import torch
 
     if family == "sd":
         return {"encoder_hidden_states": encoders[0](tokenize(tokenizers[0], prompts).to(device))[0]}
@@ -55,7 +53,6 @@ def encode_clip_prompts(family: str, encoders, tokenizers, prompts, device) -> d
 
 def unet_added_cond(family: str, cond: dict, batch: dict, resolution: int, dtype) -> dict:
     """SDXL's micro-conditioning (original size, crop top-left, target size) as UNet kwargs."""
-    import torch
 
     if family != "sdxl":
         return {}
@@ -67,7 +64,6 @@ def unet_added_cond(family: str, cond: dict, batch: dict, resolution: int, dtype
 
 def unet_noise(noise_scheduler, latents, generator, noise_offset: float = 0.0):
     """(noisy latents, noise, timesteps) for an epsilon / v-prediction UNet."""
-    import torch
 
     bsz = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
@@ -92,8 +88,6 @@ def unet_target(noise_scheduler, latents, noise, timesteps):
 
 def unet_loss(pred, target, timesteps, noise_scheduler, snr_gamma=None) -> torch.Tensor:
     """MSE, optionally Min-SNR weighted (diffusers.training_utils.compute_snr)."""
-    import torch
-    import torch.nn.functional as F
 
     if snr_gamma is None:
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
@@ -149,7 +143,6 @@ def resize_crop_flip(images: list, resolution: int, center_crop: bool, random_fl
 
 def to_tensor(img, normalize: bool = True) -> torch.Tensor:
     """PIL RGB -> (3, H, W) float in [-1, 1] (``normalize``) or [0, 1]."""
-    import torch
 
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
     return x * 2.0 - 1.0 if normalize else x

@@ -29,6 +29,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -195,7 +196,6 @@ class DreamBoothDataset:
 
 def collate(examples):
     """Instance examples first, then class examples (the loss splits the batch in two halves)."""
-    import torch
 
     parts = max(len(e["pixels"]) for e in examples)
     order = [(e, j) for j in range(parts) for e in examples]
@@ -210,7 +210,6 @@ def collate(examples):
 def generate_class_images(args, pipe, accelerator, family) -> None:
     """Fill --class_data_dir up to --num_class_images with images of the base model (adapters
     are switched off meanwhile); the processes split the work."""
-    import torch
 
     import diffadapt as da
 
@@ -256,7 +255,6 @@ def pipeline_call_kwargs(args, family) -> dict:
 
 def validate(args, accelerator, pipe, family, tag: str, step: int) -> str:
     """--num_validation_images for --validation_prompt, saved as one grid PNG; returns its path."""
-    import torch
 
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(accelerator.device).manual_seed(args.seed_value)
@@ -278,7 +276,6 @@ def before_after(args, accelerator, pipe, family) -> str:
     """before_after.png: one row per --comparison_prompts, one column group per GRID_STRENGTHS
     (the adapter's strength, set with ``diffadapt.set_adapters``; 0 is the base model), each
     --num_validation_images images from the same seeds in every column; returns its path."""
-    import torch
 
     import diffadapt as da
 
@@ -323,7 +320,6 @@ def main(argv=None):
     config = common.adapter_config(args, common.parse_targets(args.target_modules))  # field validation
     training_loop.find_resume(args)  # a missing or damaged checkpoint: refused before anything loads
 
-    import torch
     from accelerate.logging import get_logger
     from diffusers.training_utils import cast_training_params, free_memory
 
