@@ -154,11 +154,29 @@ def test_bad_value_is_refused_naming_the_field(name):
     check_bad_value_names_field(SMALL[name], *BAD[name])
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "FRoD saving: one shared basis (group_key: the same role 'mlp', same shape) under several PEFT "
-    "category keys ('mlp_0', 'mlp_2'): safetensors refuses tensors that share memory"))
 def test_frod_save_of_a_sequential_mlp(tmp_path):
+    """``mlp.0`` and ``mlp.2`` share one basis (role 'mlp', one shape) that PEFT keys twice
+    (categories 'mlp_0', 'mlp_2'): the file holds each key's own copy and loading shares it again."""
+    from safetensors.torch import load_file
+
+    from diffadapt.model import hosts
+
     model = nn.Sequential()
     model.mlp = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)).double()
+    base = copy.deepcopy(model)
     da.add_adapter(model, SMALL["frod"](target_modules=["mlp.0", "mlp.2"]), "a")
-    da.save_adapter(model, tmp_path / "a", "a")
+    randomise(model, "a", seed=2)
+    path = da.save_adapter(model, tmp_path / "a", "a")
+    saved = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    for field in ("V", "s_indices"):
+        assert torch.equal(saved[f"base_model.frod_{field}.mlp_0"], saved[f"base_model.frod_{field}.mlp_2"])
+    with torch.no_grad():
+        before = base(X)
+    da.load_adapter(base, path, "b")
+    slots = [host.adapters["b"] for _, host in hosts(base)]
+    assert len(slots) == 2 and slots[0].buffers_dict()["V"] is slots[1].buffers_dict()["V"]
+    da.set_adapters(model, ["a"], [0.7])
+    da.set_adapters(base, ["b"], [0.7])
+    with torch.no_grad():
+        assert not torch.allclose(model(X), before)
+        assert torch.equal(base(X), model(X))

@@ -488,7 +488,15 @@ FILE_MODELS = {  # PEFT categories differ from diffadapt's role+shape groups in 
     "flux": (lambda: __import__("tests.tiny_models", fromlist=["x"]).tiny_flux(),
              ["to_q", "to_k", "to_v", "add_q_proj", "proj_mlp"]),
     "clip": (lambda: __import__("tests.tiny_models", fromlist=["x"]).tiny_clip(), CLIP_TARGETS),
+    "mlp": (lambda: _sequential_mlp(), ["mlp.0", "mlp.2"]),  # one role and shape, PEFT categories mlp_0 / mlp_2
 }
+
+
+def _sequential_mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.mlp = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+    return model
 
 
 def _layer_outputs(model, names, seed=7):
@@ -558,6 +566,52 @@ def test_peft_mode_files_give_diffadapt_outputs_in_peft(tmp_path, which):
         assert max(rel_err(want[n], base[n]) for n in names) > 0.05
         for n in names:
             assert rel_err(got[n], want[n]) < 1e-5, (save_projection, n)
+        mine = build()
+        da.load_adapter(mine, folder, "a")
+        again = _layer_outputs(mine, names)
+        for n in names:
+            assert rel_err(again[n], want[n]) < 1e-6, (save_projection, n)
+
+
+@pytest.mark.parametrize("mode", ["peft", "fast"])
+def test_basis_shared_across_peft_categories_is_written_as_peft_writes_it(tmp_path, mode):
+    """``mlp.0`` / ``mlp.2``: PEFT keeps one V and pattern per category (``mlp_0``, ``mlp_2``); diffadapt's
+    fast mode shares one basis between them (one role and shape). Either way the folder holds PEFT's keys,
+    shapes and dtypes, one tensor each (a shared basis copied per key), PEFT loads it without missing or
+    unexpected keys, and diffadapt's load gives the saved outputs with the basis shared again."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    import diffadapt as da
+    from diffadapt.model import hosts
+
+    build, targets = FILE_MODELS["mlp"]
+    pm = peft_model(build(), targets, sparse_rate=0.05)
+    pm.save_pretrained(tmp_path / "peft")
+    theirs = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    ours = build()
+    da.add_adapter(ours, FRoDConfig(target_modules=targets, projection_mode=mode, sparse_rate=0.05,
+                                    progressbar=False), "a")
+    randomize_peft(ours, seed=3)
+    want = _layer_outputs(ours, targets)
+    base = _layer_outputs(build(), targets)
+    assert min(rel_err(want[n], base[n]) for n in targets) > 0.05
+    da.save_adapter(ours, tmp_path / mode, "a")
+    mine = load_file(str(tmp_path / mode / "adapter_model.safetensors"))
+    assert {k: (v.shape, v.dtype) for k, v in mine.items()} == {k: (v.shape, v.dtype) for k, v in theirs.items()}
+    same_v = torch.equal(mine["base_model.frod_V.mlp_0"], mine["base_model.frod_V.mlp_2"])
+    assert same_v == (mode == "fast")
+    if mode == "peft":  # PEFT's own bases
+        assert all(torch.equal(mine[k], v) for k, v in theirs.items() if k.startswith("base_model.frod_"))
+    result = PeftModel.from_pretrained(build(), tmp_path / mode).load_adapter(tmp_path / mode, "again")
+    assert not result.missing_keys and not result.unexpected_keys
+    back = build()
+    da.load_adapter(back, tmp_path / mode, "a")
+    slots = [host.adapters["a"] for _, host in hosts(back)]
+    assert (slots[0].buffers_dict()["V"] is slots[1].buffers_dict()["V"]) == (mode == "fast")
+    got = _layer_outputs(back, targets)
+    for n in targets:
+        assert torch.equal(got[n], want[n]), n
 
 
 def test_fast_mode_says_it_is_not_for_peft(tmp_path):

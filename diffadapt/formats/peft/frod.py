@@ -2,7 +2,9 @@
 the shared bases ``base_model.frod_V.<key>``, ``.frod_s_indices.<key>``, ``.frod_s_size.<key>``.
 
 ``<key>`` is PEFT's category (:func:`diffadapt.methods.frod.peft_category`) when each category holds
-one basis, else diffadapt's group key (``FRoD.group_key``: role and shape). A file written with
+one basis, else diffadapt's group key (``FRoD.group_key``: role and shape). A basis that spans
+several categories (fast mode, ``mlp.0`` / ``mlp.2``) is written once per category as PEFT does,
+each key its own copy, and loading shares it again. A file written with
 ``save_projection=False`` holds no bases: they are rebuilt from the weights with PEFT's recipe,
 which is why a PEFT config reads as ``projection_mode="peft"``.
 """
@@ -78,13 +80,22 @@ def extra_state(config: FRoDConfig, layers: list[LayerSpec], buffers: list[dict[
         keys = [peft_category(layer.name) for layer in layers]
     else:  # PEFT would mix shapes or groups in one category: diffadapt's own group keys
         keys = [FRoD.group_key(layer) for layer in layers]
-    out = {}
+    out: dict[str, Tensor] = {}
+    owner: dict[tuple, str] = {}  # storage -> the key that holds it
     for key, buf in zip(keys, buffers):
         d = buf["V"].shape[0]
-        out[f"base_model.frod_V.{key}"] = buf["V"]
-        out[f"base_model.frod_s_indices.{key}"] = buf["indices"]
+        for prefix, field in _PROJECTIONS:
+            out[f"{prefix}{key}"] = _own_copy(buf[field], key, owner)
         out[f"{_SIZES}{key}"] = torch.tensor([d, d], dtype=torch.long)
     return out
+
+
+def _own_copy(t: Tensor, key: str, owner: dict[tuple, str]) -> Tensor:
+    """``t``, or a copy of it where another key already holds its storage: a basis diffadapt shares
+    across PEFT categories (one role and shape, e.g. ``mlp.0`` / ``mlp.2`` -> ``mlp_0`` / ``mlp_2``)
+    is one tensor PEFT keeps once per category, and safetensors refuses keys that share memory."""
+    storage = (t.device, t.untyped_storage().data_ptr())
+    return t if owner.setdefault(storage, key) == key else t.clone()
 
 
 def shared_from_projections(
@@ -100,6 +111,7 @@ def shared_from_projections(
     ``[peft_category(l.name) for l in layers]`` for a PEFT file)."""
     keys = [FRoD.group_key(layer) for layer in layers] if keys is None else list(keys)
     built: dict[str, dict[str, Tensor]] = {}
+    group_keys: dict[str, list[str]] = {}  # FRoD.group_key -> the saved keys its layers were built from
     bases = []
     for layer, w, k in zip(layers, weights, keys):
         config.check_layer(layer)
@@ -108,9 +120,16 @@ def shared_from_projections(
                 f"FRoD: no saved projection {k!r} for {layer.describe()} (saved: {sorted(saved)}). Re-save the "
                 "adapter with save_projection=True, or set save_projection=False to recompute V."
             )
+        seen = group_keys.setdefault(FRoD.group_key(layer), [])
         if k not in built:
-            idx = torch.as_tensor(saved[k]["indices"]).to(device=w.device, dtype=torch.long)
-            built[k] = {"V": torch.as_tensor(saved[k]["V"]).to(device=w.device, dtype=w.dtype), "indices": idx}
+            same = next((s for s in seen if _same_projection(saved[s], saved[k])), None)
+            if same is not None:  # one basis written once per PEFT category: shared again
+                built[k] = built[same]
+            else:
+                idx = torch.as_tensor(saved[k]["indices"]).to(device=w.device, dtype=torch.long)
+                built[k] = {"V": torch.as_tensor(saved[k]["V"]).to(device=w.device, dtype=w.dtype), "indices": idx}
+        if k not in seen:
+            seen.append(k)
         V, idx = built[k]["V"], built[k]["indices"]
         d = layer.fan_in
         idx_ok = idx.dim() == 2 and idx.shape[0] == 2 and (idx.numel() == 0 or 0 <= idx.min() <= idx.max() < d)
@@ -122,6 +141,16 @@ def shared_from_projections(
             )
         bases.append(built[k])
     return FRoD.shared_from_bases(config, layers, weights, bases)
+
+
+def _same_projection(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    """Two saved keys hold the same V and pattern (what :func:`extra_state` wrote for one basis)."""
+    def same(x, y) -> bool:
+        if x is None or y is None:
+            return False
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        return x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y)
+    return all(same(a.get(f), b.get(f)) for f in ("V", "indices"))
 
 
 def shared_from_saved(
