@@ -720,10 +720,10 @@ class DemoApp:
                 self._apply([], req.mode == "merged")
                 renders.append(self._render(req, seed, progress, int(req.steps), total))
             generation_s = time.perf_counter() - t0
+            images = [frames[0] for frames in renders]
+            shown = [self._animated(frames) for frames in renders] if self.video else images  # (the lock: one pruner)
         used = ", ".join(f"{n} @ {s:g}" for n, s in adapters) or "no adapters"
         captions = [f"with {used}"] + (["without adapters"] if req.side_by_side else [])
-        images = [frames[0] for frames in renders]
-        shown = [self._animated(frames) for frames in renders] if self.video else images
         return GenerateResult(images, captions, adapters, req.mode, seed, switch_ms, generation_s, merge_note,
                               videos=renders if self.video else [], fps=self.fps, media=shown)
 
