@@ -53,7 +53,7 @@ FAMILIES = {
                  "text_encoder_4": ("hra", dict(r=2), "attention+ff")},
                 {"transformer": ("oft", dict(oft_block_size=4, r=0), "attention")}, False),
 }
-VIDEO = {  # the loader (no CLI / app: they render images)
+VIDEO = {  # the loader here; the CLI and the app on video pipelines: tests/test_video_faces.py
     "wan": (tp.build_wan, "WanPipeline",
             {"transformer": ("boft", dict(boft_block_size=4), "attention+ff"),
              "text_encoder": ("hra", dict(r=2), "attention+ff")},
