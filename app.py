@@ -59,6 +59,7 @@ import torch  # noqa: E402
 import diffadapt as da  # noqa: E402
 from diffadapt import files  # noqa: E402
 from diffadapt import media  # noqa: E402
+from diffadapt import notices  # noqa: E402
 from diffadapt import quantized  # noqa: E402
 
 ADAPTER_MARKERS = ("diffadapt_adapter.json", "adapter_config.json")  # an adapter folder has one
@@ -1081,6 +1082,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    notices.quiet_import_notices()  # before the pipeline (and diffusers) loads
     if args.port > 65535:
         print(f"app.py: error: argument --port: must be a port number from 0 to 65535, got {args.port}", file=sys.stderr)
         return 2

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from diffadapt import notices
+
 
 class CliError(Exception):
     pass
@@ -369,6 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, one line already printed)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    notices.quiet_import_notices()  # before diffusers is imported: optional packages' import notices
     try:
         args.run(args)
     except KeyboardInterrupt:

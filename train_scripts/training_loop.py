@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 import atomic_io
 from common import ADAPTER_NAME, METHOD_FLAGS, METHODS, UsageError, tensorboard_available
-from diffadapt import quantized, training
+from diffadapt import notices, quantized, training
 from diffadapt.model import adapter_config
 from diffadapt.training import (  # noqa: F401 - the scripts use them from here too
     EpochSampler,
@@ -49,28 +49,14 @@ def verbose(args) -> bool:
     return getattr(args, "verbose", True)
 
 
-class _DropMessages:
-    """A logging filter that drops records whose message contains one of ``parts``."""
-
-    def __init__(self, *parts: str):
-        self.parts = parts
-
-    def filter(self, record) -> bool:
-        return not any(p in record.getMessage() for p in self.parts)
-
-
 def quiet_library_logs(args) -> None:
     """Without --verbose, before diffusers / transformers are imported: no notices about optional
-    pieces the run does not use (transformers' torchvision fallback for image processors the
-    pipeline never calls; bitsandbytes' optional CPU 4-bit kernel, kept with --quantize_base).
-    Warnings about the model itself stay (see ``start_run``)."""
+    pieces the run does not use (:data:`diffadapt.notices.IMPORT_NOTICES`: transformers' torchvision
+    fallback, torchao's CUDA extensions on a CPU build, ...; bitsandbytes' optional CPU 4-bit kernel
+    is kept with --quantize_base). Warnings about the model itself stay (see ``start_run``)."""
     if verbose(args):
         return
-    logging.getLogger("transformers.utils.import_utils").addFilter(
-        _DropMessages("requires torchvision (not installed)"))
-    if not getattr(args, "quantize_base", None):
-        logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-            _DropMessages("Failed to load CPU gemm_4bit_forward"))
+    notices.quiet_import_notices(keep=("bitsandbytes.backends.cpu.ops",) if getattr(args, "quantize_base", None) else ())
 
 
 def make_accelerator(args, find_unused_parameters: bool = False):
