@@ -198,18 +198,47 @@ def has_controlnet(model: str) -> bool:
     return index.is_file() and (json.loads(index.read_text()).get("controlnet") or [None])[0] is not None
 
 
+# diffusers' ControlNet conditioning embedding: one stride-2 convolution between each pair of these widths
+CONDITIONING_CHANNELS = (16, 32, 96, 256)
+
+
+def conditioning_channels(vae_scale_factor: int) -> tuple[int, ...]:
+    """Widths of a conditioning embedding that downsamples the conditioning image by the VAE's
+    factor (diffusers' default (16, 32, 96, 256) is 8x: three stride-2 steps)."""
+    steps = int(vae_scale_factor).bit_length() - 1
+    if vae_scale_factor < 1 or 2 ** steps != vae_scale_factor:
+        raise UsageError(f"the pipeline's VAE scale factor is {vae_scale_factor}; a ControlNet needs a power of two.")
+    widths = CONDITIONING_CHANNELS[:-1] + (CONDITIONING_CHANNELS[-1],) * max(0, steps - 3)
+    return widths[:steps] + (CONDITIONING_CHANNELS[-1],)
+
+
+def embedding_factor(controlnet) -> int:
+    """How much ``controlnet``'s conditioning embedding downsamples its image."""
+    return 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
+
+
 def load_controlnet(args, base_pipe):
-    """(ControlNetModel, where it came from; None when made here from the UNet)."""
-    source = args.controlnet_model_name_or_path
+    """(ControlNetModel, where it came from; None when made here from the UNet). A new ControlNet's
+    conditioning embedding follows the pipeline's VAE scale factor (the image and the latents must
+    meet at the same size); a given one that does not is refused, naming both factors."""
+    source, factor = args.controlnet_model_name_or_path, base_pipe.vae_scale_factor
     if source is not None:
         sub = "controlnet" if Path(source, "model_index.json").is_file() else None
         try:
-            return ControlNetModel.from_pretrained(source, subfolder=sub, revision=args.revision), source
+            controlnet = ControlNetModel.from_pretrained(source, subfolder=sub, revision=args.revision)
         except (OSError, ValueError) as err:
             raise UsageError(f"--controlnet_model_name_or_path {source}: {err}") from None
-    if getattr(base_pipe, "controlnet", None) is not None:
-        return base_pipe.controlnet, f"{args.pretrained_model_name_or_path} (controlnet)"
-    return ControlNetModel.from_unet(base_pipe.unet), None
+    elif getattr(base_pipe, "controlnet", None) is not None:
+        controlnet, source = base_pipe.controlnet, f"{args.pretrained_model_name_or_path} (controlnet)"
+    else:
+        return ControlNetModel.from_unet(base_pipe.unet, conditioning_embedding_out_channels=conditioning_channels(factor)), None
+    if embedding_factor(controlnet) != factor:
+        raise UsageError(
+            f"{source}: its conditioning embedding downsamples by {embedding_factor(controlnet)} "
+            f"(conditioning_embedding_out_channels {list(controlnet.config.conditioning_embedding_out_channels)}), "
+            f"the pipeline's VAE by {factor}; give a ControlNet made for this VAE, or none (one is made from the UNet)."
+        )
+    return controlnet, source
 
 
 def control_pipeline(family, base_pipe, controlnet):
