@@ -21,6 +21,12 @@ Dataset folder (``--train_data_dir``), like diffusers' imagefolder with a metada
 Paths are relative to the folder; the keys are set by --image_column,
 --conditioning_image_column and --caption_column.
 
+Without --pretrained_model_name_or_path the small model embedded in diffadapt is used (and, unless
+given, --method EMBEDDED_METHOD with its embedded learning rate); without --train_data_dir as well,
+a dataset is rendered from diffadapt's shape world into <output_dir>/control_data (conditioning
+image: the object's filled mask, white on black; image: the scene; text: its caption, in the spirit
+of fill50k) and <output_dir>/before_after.png shows held-out masks, the base and the adapted output.
+
     accelerate launch train_scripts/train_controlnet.py \\
       --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
       --train_data_dir fill50k --method oft --oft_block_size 32 --resolution 512 \\
@@ -40,7 +46,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
+import textwrap
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import diffusers
@@ -100,6 +109,10 @@ def parse_args(argv=None):
     common.add_adapter_args(parser)
     args = parser.parse_args(argv)
 
+    if args.pretrained_model_name_or_path is None or sd_parts.is_embedded(args.pretrained_model_name_or_path):
+        args.method = args.method or EMBEDDED_METHOD  # the embedded model: its own defaults
+        if args.learning_rate is None:
+            args.learning_rate = common.get_method(args.method).embedded_learning_rate
     common.check_common_args(args)
     args.adapt = [a.strip() for a in args.adapt.split(",") if a.strip()]
     unknown = sorted(set(args.adapt) - {"unet", "controlnet"})
@@ -112,8 +125,11 @@ def parse_args(argv=None):
                          "redundant. Use --adapt unet, or --controlnet_trainable new_layers / none.")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise UsageError("--proportion_empty_prompts must be in [0, 1].")
+    args.comparison = None  # (caption, conditioning image) rows of before_after.png: the embedded default only
     if args.pretrained_model_name_or_path is None:
         args.pretrained_model_name_or_path = common.embedded_model_path()
+    if sd_parts.is_embedded(args.pretrained_model_name_or_path) and args.train_data_dir is None:
+        use_embedded_defaults(args)
     args.records = read_metadata(args)
     if args.validation_prompt or args.validation_image:
         prompts, images = args.validation_prompt or [], args.validation_image or []
@@ -128,6 +144,70 @@ def parse_args(argv=None):
         args.validation_pairs = list(zip(prompts * n if len(prompts) == 1 else prompts,
                                          images * n if len(images) == 1 else images))
     return args
+
+
+# The embedded default (no model, no data): what it trains unless told otherwise. The method is the
+# DreamBooth default's (train_dreambooth.EMBEDDED_METHOD); about a minute on 2 CPU cores.
+EMBEDDED_METHOD = "fourierft"
+EMBEDDED_STEPS = 100
+EMBEDDED_SCENES = 64  # training examples rendered into <output_dir>/control_data
+EMBEDDED_HELD_OUT = 3  # before_after.png's rows: masks of scenes not in the training set
+EMBEDDED_SIZE = 64  # the embedded model's resolution (UNet sample size 16 x VAE factor 4)
+DATA_FOLDER = "control_data"
+
+
+def conditioning_mask(scene, size: int) -> Image.Image:
+    """The object's filled mask, white (255) on black (0), at the scene's position, size and rotation."""
+    from diffadapt.embedded import world
+
+    plain = replace(scene, color="white", background="black", texture="plain")
+    low, high = sum(world.COLORS["black"]) / 3, sum(world.COLORS["white"]) / 3
+    gray = world.render(plain, size).convert("L")
+    return gray.point(lambda v: round(min(max((v - low) * 255 / (high - low), 0), 255))).convert("RGB")
+
+
+def render_control_data(folder, n: int, held_out: int, seed: int, size: int = EMBEDDED_SIZE) -> list[tuple]:
+    """``n`` shape-world examples in the --train_data_dir layout under ``folder`` (metadata.jsonl,
+    images/, conditioning_images/; each row also names its world.Scene), deterministic for ``seed``; returns ``held_out`` more
+    (caption, mask, scene) triples, of scenes not written (before_after.png's rows)."""
+    from diffadapt.embedded import world
+
+    rng = random.Random(seed)
+    scenes = []
+    while len(scenes) < n + held_out:  # distinct scenes: a held-out mask is never a training one
+        scene = world.sample_scene(rng)
+        if scene not in scenes:
+            scenes.append(scene)
+    folder = Path(folder)
+    for sub in ("images", "conditioning_images"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, scene in enumerate(scenes[:n]):
+        name = f"{i:04d}.png"
+        sd_parts.save_image_atomic(world.render(scene, size), folder / "images" / name)
+        sd_parts.save_image_atomic(conditioning_mask(scene, size), folder / "conditioning_images" / name)
+        rows.append({"image": f"images/{name}", "conditioning_image": f"conditioning_images/{name}",
+                     "text": world.caption(scene), "scene": asdict(scene)})  # the scene: for checks
+    atomic_io.write_text_atomic(folder / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return [(world.caption(s), conditioning_mask(s, size), s) for s in scenes[n:]]
+
+
+def use_embedded_defaults(args) -> None:
+    """The embedded model with no --train_data_dir: render the shape-world dataset into
+    <output_dir>/control_data (the data flags' columns), default --max_train_steps to EMBEDDED_STEPS
+    and --seed to 0, and set the before/after grid's held-out rows."""
+    if args.seed is None:  # reproducible: the same data, adapter and grid on every machine
+        args.seed = 0
+    if args.max_train_steps is None:
+        args.max_train_steps = EMBEDDED_STEPS
+    args.image_column, args.conditioning_image_column, args.caption_column = "image", "conditioning_image", "text"
+    args.train_data_dir = str(Path(args.output_dir, DATA_FOLDER))
+    size = args.resolution or EMBEDDED_SIZE
+    held_out = render_control_data(args.train_data_dir, EMBEDDED_SCENES, EMBEDDED_HELD_OUT, args.seed, size)
+    args.comparison = [(text, mask) for text, mask, _ in held_out]
+    print(f"No --train_data_dir: training a {args.method} adapter ({','.join(args.adapt)}) on the embedded model for "
+          f"{args.max_train_steps} steps on {EMBEDDED_SCENES} shape-world scenes (mask -> scene) rendered into "
+          f"{args.train_data_dir}; before_after.png at the end", flush=True)
 
 
 def read_metadata(args) -> list[dict]:
@@ -282,6 +362,44 @@ def validate(args, accelerator, pipe, tag: str, step: int) -> str:
     return sd_parts.save_grid(tiles, Path(args.output_dir, "validation", f"{tag}.png"), rows=len(args.validation_pairs))
 
 
+GRID_SIZE = 192  # before_after.png's cells (the column labels fit)
+
+
+def before_after(args, accelerator, pipe) -> str:
+    """before_after.png: one row per held-out conditioning image (``args.comparison``), columns
+    the image, the adapter at strength 0 (with the ControlNet's own weights as trained or given:
+    a new ControlNet's zero convolutions make it a no-op until they train) and at strength 1, the
+    same seed in every column; returns its path."""
+    pipe.set_progress_bar_config(disable=True)
+    weights = "given" if args.controlnet_trainable == "none" else "trained"
+    columns = ["conditioning image", f"strength 0 ({weights} ControlNet)", "adapted (strength 1)"]
+    rows = []
+    try:
+        for text, mask in args.comparison:
+            cond = mask.resize((args.resolution, args.resolution), Image.BILINEAR)
+            images = [cond]
+            for strength in (0.0, 1.0):
+                da.set_adapters(pipe, common.ADAPTER_NAME, strength)
+                generator = torch.Generator(accelerator.device).manual_seed(args.seed_value)
+                with torch.no_grad(), training.autocast(accelerator):
+                    images += pipe(prompt=text, image=cond, num_inference_steps=args.num_inference_steps,
+                                   height=args.resolution, width=args.resolution, generator=generator).images
+            rows.append(("\n".join(textwrap.wrap(text, 46) + [f"seed {args.seed_value}"]), images))
+    finally:
+        da.set_adapters(pipe, common.ADAPTER_NAME, 1.0)
+    path = Path(args.output_dir, "before_after.png")
+    sd_parts.labelled_grid(rows, path, size=GRID_SIZE, columns=columns)
+    return str(path)
+
+
+def print_done(args, grids, save_weights: bool) -> None:
+    """The line a user needs at the end: where the output went."""
+    grid = next((g for g in grids if Path(g).name == "before_after.png"), None)
+    shown = ", before_after.png (conditioning image / strength 0 / strength 1)" if grid else ""
+    weights = f", {CONTROLNET_FOLDER}/" if save_weights else ""
+    print(f"Saved the adapter{weights}, its model card README.md{shown} to {args.output_dir}", flush=True)
+
+
 @common.guarded
 def main(argv=None):
     args = parse_args(argv)
@@ -355,7 +473,7 @@ def main(argv=None):
         accelerator, args, models, groups, dataloader)
     if accelerator.is_main_process:
         accelerator.init_trackers("controlnet-diffadapt", config={k: str(v) for k, v in vars(args).items()
-                                                                  if k != "records"})
+                                                                  if k not in ("records", "comparison")})
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -409,7 +527,7 @@ def main(argv=None):
                 save_controlnet_weights(controlnet, Path(folder, CONTROLNET_FOLDER), full_state)
 
         atomic_io.publish_artifact(args.output_dir, write)
-        if validating:
+        if validating or args.comparison:  # from the saved files, as users will load them
             free_memory()
             fresh_base = training_loop.load_pipeline(args, family)
             if save_weights:
@@ -420,7 +538,10 @@ def main(argv=None):
             training_loop.quantize_base(args, accelerator, final, ["unet"], TEXT_STACK[family], pin=False)
             da.load_adapter(final, args.output_dir, common.ADAPTER_NAME)
             final.to(accelerator.device)
-            grids.append(validate(args, accelerator, final, "final", global_step))
+            if validating:
+                grids.append(validate(args, accelerator, final, "final", global_step))
+            if args.comparison:
+                grids.append(before_after(args, accelerator, final))
         if save_weights:
             cn_line = f"ControlNetModel.from_pretrained({str(Path(args.output_dir, CONTROLNET_FOLDER))!r})"
         else:
@@ -444,6 +565,7 @@ image = pipe("a caption", image=conditioning_image).images[0]
             f"; ControlNet: {metadata['controlnet'] or 'new, from the UNet'}.\n",
             images=[os.path.relpath(g, args.output_dir) for g in grids],
         )
+        print_done(args, grids, save_weights)
     accelerator.end_training()
 
 
