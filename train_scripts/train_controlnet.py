@@ -149,7 +149,7 @@ def parse_args(argv=None):
 # The embedded default (no model, no data): what it trains unless told otherwise. The method is the
 # DreamBooth default's (train_dreambooth.EMBEDDED_METHOD); about a minute on 2 CPU cores.
 EMBEDDED_METHOD = "fourierft"
-EMBEDDED_STEPS = 100
+EMBEDDED_STEPS = 300
 EMBEDDED_SCENES = 64  # training examples rendered into <output_dir>/control_data
 EMBEDDED_HELD_OUT = 3  # before_after.png's rows: masks of scenes not in the training set
 EMBEDDED_SIZE = 64  # the embedded model's resolution (UNet sample size 16 x VAE factor 4)
