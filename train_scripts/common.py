@@ -207,7 +207,7 @@ METHODS = method_names()
 def add_adapter_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("adapter (diffadapt)")
     g.add_argument("--method", default=None, choices=method_names(),
-                   help="Adapter method (required, except that train_dreambooth.py on the embedded model defaults to one).")
+                   help="Adapter method (required, except on the embedded model, where both scripts default to one).")
     for flag, (method, _, kind, help_text) in method_flags().items():
         if kind is bool:
             g.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
