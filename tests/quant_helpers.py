@@ -76,3 +76,26 @@ def check_forward_backward(quant, ref, make_input, outputs):
     worst = max(rel(pq[k].grad, pr[k].grad) for k in pq)
     assert worst < TOL, worst
     return rel(yq, yr), worst
+
+
+def saved_files_match_float(method: str, quant: nn.Module, float_model: nn.Module, tmp_path) -> None:
+    """The same adapter (same seed) added to ``quant`` and to ``float_model`` and saved to
+    ``tmp_path/quant`` and ``tmp_path/float``: the same keys and shapes, equal tensors, except
+    FRoD's spectrum, which its init reads from the (quantized) weight: within twice the
+    quantization error of the weights."""
+    from safetensors.torch import load_file
+
+    files = {}
+    for tag, m in (("float", float_model), ("quant", quant)):
+        torch.manual_seed(7)
+        da.add_adapter(m, SMALL[method](target_modules=["0", "2"]), "a")
+        files[tag] = load_file(str(da.save_adapter(m, tmp_path / tag, "a") / "adapter_model.safetensors"))
+    f, q = files["float"], files["quant"]
+    assert {k: v.shape for k, v in f.items()} == {k: v.shape for k, v in q.items()}
+    quant_error = max(rel(Q.dequantized_weight(quant.get_submodule(n).base_layer),
+                          float_model.get_submodule(n).base_layer.weight.detach()) for n in ("0", "2"))
+    for k in f:
+        if method == "frod" and "lambda" in k and f[k].norm() > 0:  # FRoD's init reads the weight: its spectrum moves with it
+            assert rel(q[k], f[k]) < 2 * quant_error, k
+        elif method != "frod" or "lambda" in k:
+            assert torch.equal(q[k], f[k]), k

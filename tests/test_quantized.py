@@ -27,6 +27,7 @@ from tests.quant_helpers import (
     mlp,
     mlp_input,
     randomise_both,
+    saved_files_match_float,
     with_reference,
 )
 from tests.test_runtime import SMALL, randomise, rel
@@ -390,24 +391,9 @@ def test_unsupported_quantized_layer_is_refused_at_load(tmp_path):
 # -- files: the same from a quantized base as from a float base -----------------------------------
 @pytest.mark.parametrize("method", list(SMALL))
 def test_saved_files_match_a_float_base(method, tmp_path):
-    from safetensors.torch import load_file
-
     float_model = mlp()
     quant, deq = quantize(mlp(), ["0", "2"], "nf4-dq")
-    files = {}
-    for tag, m in (("float", float_model), ("quant", quant)):
-        torch.manual_seed(7)
-        da.add_adapter(m, SMALL[method](target_modules=["0", "2"]), "a")
-        files[tag] = load_file(str(da.save_adapter(m, tmp_path / tag, "a") / "adapter_model.safetensors"))
-    f, q = files["float"], files["quant"]
-    assert {k: v.shape for k, v in f.items()} == {k: v.shape for k, v in q.items()}
-    quant_error = max(rel(Q.dequantized_weight(quant.get_submodule(n).base_layer),
-                          float_model.get_submodule(n).base_layer.weight.detach()) for n in ("0", "2"))
-    for k in f:
-        if method == "frod" and "lambda" in k and f[k].norm() > 0:  # FRoD's init reads the weight: its spectrum moves with it
-            assert rel(q[k], f[k]) < 2 * quant_error, k
-        elif method != "frod" or "lambda" in k:
-            assert torch.equal(q[k], f[k]), k
+    saved_files_match_float(method, quant, float_model, tmp_path)
     # the quantized base's file loads into a float model; on the dequantized weights it is the same function
     da.load_adapter(float_model, tmp_path / "quant", "q")
     da.load_adapter(deq, tmp_path / "quant", "a")

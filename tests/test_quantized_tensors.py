@@ -33,6 +33,7 @@ from tests.quant_helpers import (
     mlp,
     mlp_input,
     randomise_both,
+    saved_files_match_float,
     with_reference,
 )
 from tests.test_runtime import SMALL, rel
@@ -232,24 +233,9 @@ def test_unsupported_kinds_are_refused_naming_the_layer(quantize_layers, why):
 @pytest.mark.parametrize("quantize_layers", [QTYPES["torchao-int8"], QTYPES["quanto-qint4"]])
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_saved_files_match_a_float_base_and_load_both_ways(method, quantize_layers, tmp_path):
-    from safetensors.torch import load_file
-
     float_model = mlp()
     quant, deq = with_reference(mlp(), ["0", "2"], quantize_layers)
-    files = {}
-    for tag, m in (("float", float_model), ("quant", quant)):
-        torch.manual_seed(7)
-        da.add_adapter(m, SMALL[method](target_modules=["0", "2"]), "a")
-        files[tag] = load_file(str(da.save_adapter(m, tmp_path / tag, "a") / "adapter_model.safetensors"))
-    f, q = files["float"], files["quant"]
-    assert {k: v.shape for k, v in f.items()} == {k: v.shape for k, v in q.items()}
-    quant_error = max(rel(Q.dequantized_weight(quant.get_submodule(n).base_layer),
-                          float_model.get_submodule(n).base_layer.weight.detach()) for n in ("0", "2"))
-    for k in f:
-        if method == "frod" and "lambda" in k and f[k].norm() > 0:  # FRoD's init reads the (quantized) weight
-            assert rel(q[k], f[k]) < 2 * quant_error, k
-        elif method != "frod" or "lambda" in k:
-            assert torch.equal(q[k], f[k]), k
+    saved_files_match_float(method, quant, float_model, tmp_path)
     # quantized -> float: the file loads on the dequantized float model, the same function
     da.load_adapter(deq, tmp_path / "quant", "a")
     randomise_both(quant, deq, "a")
