@@ -84,7 +84,6 @@ def split_keys(
         body = key.removeprefix(PREFIX)
         if isinstance(keys, SameNames):  # <path>.<parameter name>
             hit = body.rpartition(".")[2] if "." in body else None
-            suffixes[hit] = hit
         else:
             hit = next((s for s in suffixes if body.endswith("." + s)), None)
         if hit is None:
@@ -98,7 +97,7 @@ def split_keys(
         if not isinstance(module, (AdapterHost, *SUPPORTED_LAYERS)):
             wrong.append(f"{tensor_key(key)} (a {type(module).__name__})")
             continue
-        layers.setdefault(path, {})[suffixes[hit]] = value
+        layers.setdefault(path, {})[suffixes.get(hit, hit)] = value
     if unknown:
         raise CheckpointError(
             f"{len(unknown)} adapter tensors name modules this {type(model).__name__} does not have "
