@@ -32,7 +32,7 @@ def script():
     yield module
     sys.path[:] = path
     for name in set(sys.modules) - had:
-        if name in ("common", "sd_parts", "training_loop", "atomic_io", "families"):
+        if name in ("common", "sd_parts", "training_loop", "atomic_io", "families", "control_data"):
             sys.modules.pop(name, None)
 
 
