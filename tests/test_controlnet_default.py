@@ -1,7 +1,7 @@
 """The ControlNet script's offline default: with no --train_data_dir on the embedded model, a
 dataset rendered from the shape world (the object's filled mask -> the scene, in the spirit of
-fill50k) in the documented layout, a short run, and before_after.png (conditioning image,
-strength 0, strength 1); with no --train_data_dir on another model, the one-line refusal."""
+fill50k) in the documented layout, a short run, and before_after.png (conditioning image, the
+base model's image, strength 0, strength 1); with no --train_data_dir on another model, the one-line refusal."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from dataclasses import asdict
 
 import numpy as np
+import torch
 from PIL import Image
 
 from diffadapt.embedded import world
@@ -82,20 +83,36 @@ def test_short_run_with_no_data_on_the_embedded_default(script, tmp_path):  # no
     rows = rows_of(out / "control_data")
     assert len(rows) == script.EMBEDDED_SCENES
     assert all((out / "control_data" / r[k]).is_file() for r in rows for k in ("image", "conditioning_image"))
-    # the grid: held-out rows x (conditioning image, strength 0, strength 1), cells of GRID_SIZE
+    # the grid: held-out rows x (conditioning image, base, strength 0, strength 1), cells of GRID_SIZE
     sd_parts = script.sd_parts
     size, n_rows = script.GRID_SIZE, script.EMBEDDED_HELD_OUT
     grid = Image.open(out / "before_after.png")
-    width = sd_parts.grid_cell(0, 2, size, per_group=1, columns=3)[0] + size + 2
-    assert grid.size == (width, sd_parts.grid_cell(n_rows, 0, size, per_group=1, columns=3)[1])
+    width = sd_parts.grid_cell(0, 3, size, per_group=1, columns=4)[0] + size + 2
+    assert grid.size == (width, sd_parts.grid_cell(n_rows, 0, size, per_group=1, columns=4)[1])
+
+    def cell(row, col):
+        left, top = sd_parts.grid_cell(row, col, size, per_group=1, columns=4)
+        return np.asarray(grid.convert("RGB"))[top:top + size, left:left + size].astype(int)
+
     # the first column is each row's held-out mask (white on black), not a training one
-    left, top = sd_parts.grid_cell(0, 0, size, per_group=1, columns=3)
-    cell = np.asarray(grid.convert("L"))[top:top + size, left:left + size]
-    assert cell.min() < 10 and cell.max() > 245
+    mask_cell = cell(0, 0)[..., 0]
+    assert mask_cell.min() < 10 and mask_cell.max() > 245
     held = script.render_control_data(tmp_path / "again", script.EMBEDDED_SCENES, n_rows, seed=0)
     expected = np.asarray(held[0][1].convert("L").resize((size, size), Image.NEAREST))
-    assert np.abs(cell.astype(int) - expected).mean() < 8
+    assert np.abs(mask_cell - expected).mean() < 8
     assert asdict(held[0][2]) not in [r["scene"] for r in rows]
+    # the second: the untrained ControlNet (zero convolutions) — the base model's own image, same seed
+    from diffusers import StableDiffusionPipeline
+
+    import diffadapt as da
+
+    base = StableDiffusionPipeline.from_pretrained(da.default_model_path(), safety_checker=None,
+                                                   requires_safety_checker=False)
+    image = base(prompt=held[0][0], num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    base_image = np.asarray(image.resize((size, size), Image.NEAREST)).astype(int)
+    assert np.abs(cell(0, 1) - base_image).mean() < 0.5  # measured: 0 (the ControlNet adds exact zeros)
+    assert np.abs(cell(0, 1) - cell(0, 2)).mean() > 0 and np.abs(cell(0, 1) - cell(0, 3)).mean() > 0
 
 
 def test_no_data_on_another_model_is_refused_in_one_line(tmp_path):

@@ -23,16 +23,24 @@ def conditioning_mask(scene, size: int) -> Image.Image:
     return gray.point(lambda v: round(min(max((v - low) * 255 / (high - low), 0), 255))).convert("RGB")
 
 
+def sample_scenes(count: int, seed: int) -> list:
+    """``count`` distinct world.Scenes, deterministic for ``seed``: render_control_data's training
+    scenes are the first ``n``, its held-out ones the next (a longer list starts with a shorter one's
+    scenes, so benchmarks/quality.py draws more held-out masks after the same training set)."""
+    rng = random.Random(seed)
+    scenes = []
+    while len(scenes) < count:  # distinct scenes: a held-out mask is never a training one
+        scene = world.sample_scene(rng)
+        if scene not in scenes:
+            scenes.append(scene)
+    return scenes
+
+
 def render_control_data(folder, n: int, held_out: int, seed: int, size: int = 64) -> list[tuple]:
     """``n`` shape-world examples in the --train_data_dir layout under ``folder`` (metadata.jsonl,
     images/, conditioning_images/; each row also names its world.Scene), deterministic for ``seed``; returns ``held_out`` more
     (caption, mask, scene) triples, of scenes not written (before_after.png's rows)."""
-    rng = random.Random(seed)
-    scenes = []
-    while len(scenes) < n + held_out:  # distinct scenes: a held-out mask is never a training one
-        scene = world.sample_scene(rng)
-        if scene not in scenes:
-            scenes.append(scene)
+    scenes = sample_scenes(n + held_out, seed)
     folder = Path(folder)
     for sub in ("images", "conditioning_images"):
         (folder / sub).mkdir(parents=True, exist_ok=True)

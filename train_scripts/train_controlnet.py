@@ -328,25 +328,42 @@ def validate(args, accelerator, pipe, tag: str, step: int) -> str:
 GRID_SIZE = 192  # before_after.png's cells (the column labels fit)
 
 
-def before_after(args, accelerator, pipe) -> str:
+def before_after(args, accelerator, pipe, start) -> str:
     """before_after.png: one row per held-out conditioning image (``args.comparison``), columns
-    the image, the adapter at strength 0 (with the ControlNet's own weights as trained or given:
-    a new ControlNet's zero convolutions make it a no-op until they train) and at strength 1, the
-    same seed in every column; returns its path."""
+    the image; ``start``, the pipeline with the ControlNet as training started (new from the UNet:
+    its zero output convolutions add nothing, so these are the base model's images; a given one:
+    as given) and no adapter; ``pipe``, the adapted pipeline, at strength 0 (the ControlNet's own
+    weights as trained or given) and at strength 1; the same seed in every column; returns its path.
+    ``start`` shares ``pipe``'s UNet and text encoders: adapters on any of its models are disabled
+    for its column."""
     pipe.set_progress_bar_config(disable=True)
+    start.set_progress_bar_config(disable=True)
+    new = args.controlnet_model_name_or_path is None and not has_controlnet(args.pretrained_model_name_or_path)
     weights = "given" if args.controlnet_trainable == "none" else "trained"
-    columns = ["conditioning image", f"strength 0 ({weights} ControlNet)", "adapted (strength 1)"]
+    columns = ["conditioning image", "base (untrained ControlNet)" if new else "given ControlNet, no adapter",
+               f"strength 0 ({weights} ControlNet)", "adapted (strength 1)"]
+    adapted = [m for m in start.components.values() if isinstance(m, torch.nn.Module) and da.has_adapters(m)]
+
+    def sample(p, text, cond):
+        generator = torch.Generator(accelerator.device).manual_seed(args.seed_value)
+        with torch.no_grad(), training.autocast(accelerator):
+            return p(prompt=text, image=cond, num_inference_steps=args.num_inference_steps,
+                     height=args.resolution, width=args.resolution, generator=generator).images
+
     rows = []
     try:
         for text, mask in args.comparison:
             cond = mask.resize((args.resolution, args.resolution), Image.BILINEAR)
-            images = [cond]
+            for module in adapted:
+                da.disable_adapters(module)
+            try:
+                images = [cond] + sample(start, text, cond)
+            finally:
+                for module in adapted:
+                    da.enable_adapters(module)
             for strength in (0.0, 1.0):
                 da.set_adapters(pipe, common.ADAPTER_NAME, strength)
-                generator = torch.Generator(accelerator.device).manual_seed(args.seed_value)
-                with torch.no_grad(), training.autocast(accelerator):
-                    images += pipe(prompt=text, image=cond, num_inference_steps=args.num_inference_steps,
-                                   height=args.resolution, width=args.resolution, generator=generator).images
+                images += sample(pipe, text, cond)
             rows.append(("\n".join(textwrap.wrap(text, 46) + [f"seed {args.seed_value}"]), images))
     finally:
         da.set_adapters(pipe, common.ADAPTER_NAME, 1.0)
@@ -358,7 +375,7 @@ def before_after(args, accelerator, pipe) -> str:
 def print_done(args, grids, save_weights: bool) -> None:
     """The line a user needs at the end: where the output went."""
     grid = next((g for g in grids if Path(g).name == "before_after.png"), None)
-    shown = ", before_after.png (conditioning image / strength 0 / strength 1)" if grid else ""
+    shown = ", before_after.png (conditioning image / base / strength 0 / strength 1)" if grid else ""
     weights = f", {CONTROLNET_FOLDER}/" if save_weights else ""
     print(f"Saved the adapter{weights}, its model card README.md{shown} to {args.output_dir}", flush=True)
 
@@ -493,6 +510,8 @@ def main(argv=None):
         if validating or args.comparison:  # from the saved files, as users will load them
             free_memory()
             fresh_base = training_loop.load_pipeline(args, family)
+            # before_after.png's base column: the ControlNet as training started (made before the UNet is quantized)
+            start_cn = load_controlnet(args, fresh_base)[0] if args.comparison else None
             if save_weights:
                 fresh_cn = ControlNetModel.from_pretrained(Path(args.output_dir, CONTROLNET_FOLDER))
             else:
@@ -504,7 +523,8 @@ def main(argv=None):
             if validating:
                 grids.append(validate(args, accelerator, final, "final", global_step))
             if args.comparison:
-                grids.append(before_after(args, accelerator, final))
+                start = control_pipeline(family, final, start_cn).to(accelerator.device)
+                grids.append(before_after(args, accelerator, final, start))
         if save_weights:
             cn_line = f"ControlNetModel.from_pretrained({str(Path(args.output_dir, CONTROLNET_FOLDER))!r})"
         else:
