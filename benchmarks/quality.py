@@ -30,6 +30,39 @@ steps) — trains an adapter. Then, with the same seeds for the base model and t
     python benchmarks/quality.py --methods fourierft --prior both   # without and with prior preservation
 
 Offline, CPU: ~12 min for the five methods on 2 cores (the probe, trained once and cached, ~8 min more).
+
+**ControlNet mode** (``--controlnet``): does the adapted ControlNet draw the object where the
+conditioning mask puts it, better than the base? ``train_scripts/train_controlnet.py`` at its
+embedded defaults (no --train_data_dir: 64 shape-world scenes and their filled masks, FourierFT on
+the ControlNet plus its new layers, 300 steps, seed ``--seed``) trains into <work_dir>/controlnet
+(``--reuse``: kept if there). Held-out masks: the scenes ``control_data.sample_scenes`` draws after
+the training ones for the same seed (never a training scene; checked against its metadata.jsonl),
+each generated from its caption and mask with the same seed (1000 x ``--seed`` + index) by
+
+* **base**: the ControlNet as training starts (``ControlNetModel.from_unet`` with the script's
+  conditioning embedding): its zero output convolutions add nothing, so these are the base model's
+  images for the caption — which states the size and the region ("in the top left"), so the base
+  has the text's hint of where; what it lacks is the mask;
+* **trained ControlNet, adapter off**: the trained new layers (conditioning embedding, zero
+  convolutions) with the adapter at strength 0 — what the adapter adds beyond them;
+* **adapted**: the trained ControlNet with its adapter at strength 1 (what users load);
+* **scenes**: the held-out scenes' own renders — the metric's ceiling on these masks.
+
+Metric, per image, pixel-exact against the mask (mask > 127): the *foreground* is every pixel whose
+colour is farther than ``FG_TOL`` from the image's background (Euclidean RGB distance, 0..255; half
+the distance of the world's closest two colours, orange and yellow), the background colour being the per-channel median of the image's ``BORDER``-pixel
+frame (the world draws plain backgrounds; objects keep off the frame), then a 3x3 closing (stripes
+or dots of the background's colour on the object do not punch holes). Then
+
+* **IoU** of foreground and mask (1: the object exactly where and as large as the mask says; 0: no
+  overlap or nothing drawn), the main number; **hit rate**: share of images with IoU >= 0.5;
+* **centroid error**: distance between the foreground's and the mask's centroids, as a fraction of
+  the image side (an image with no foreground counts 1.0);
+* **paired**: per image, the adapted IoU minus the base IoU (same mask, seed and caption): mean,
+  and on how many images the adapted one is higher / lower.
+
+    python benchmarks/quality.py --controlnet --threads 2      # ~5 min on 2 cores (train ~1 min)
+    python benchmarks/quality.py --controlnet --reuse --images 16
 """
 
 from __future__ import annotations
@@ -42,12 +75,14 @@ import random
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +93,7 @@ import diffadapt as da  # noqa: E402
 from diffadapt.embedded import world  # noqa: E402
 
 DREAMBOOTH = ROOT / "train_scripts" / "train_dreambooth.py"
+CONTROLNET = ROOT / "train_scripts" / "train_controlnet.py"
 METHODS = da.METHOD_NAMES  # every built-in method (the registry)
 HEADS = {"shape": world.SHAPES, "color": tuple(world.COLORS), "texture": world.TEXTURES,
          "background": tuple(world.COLORS), "size": tuple(world.SIZES)}
@@ -333,6 +369,181 @@ def table(rows: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# ControlNet: does the output follow the conditioning mask?
+# ----------------------------------------------------------------------------------------------
+
+FG_TOL = 40  # a foreground pixel: RGB distance to the background above this (the closest world colours: 82)
+BORDER = 2  # the frame (pixels) whose median colour is the background
+
+
+def mask_pixels(mask: Image.Image) -> np.ndarray:
+    """The conditioning mask (white object on black) as booleans."""
+    return np.asarray(mask.convert("L")) > 127
+
+
+def close3(fg: np.ndarray) -> np.ndarray:
+    """3x3 binary closing: dilate, then erode (the image's edge erodes nothing)."""
+    x = torch.from_numpy(fg.astype(np.float32))[None, None]
+    grown = F.max_pool2d(x, 3, stride=1, padding=1)
+    return (-F.max_pool2d(-F.pad(grown, (1, 1, 1, 1), value=1.0), 3, stride=1))[0, 0].numpy() > 0.5
+
+
+def foreground(image: Image.Image, tol: float = FG_TOL, border: int = BORDER) -> np.ndarray:
+    """Pixels of ``image`` whose colour is not the background's (the median of its frame), closed."""
+    px = np.asarray(image.convert("RGB"), dtype=np.float32)
+    frame = np.concatenate([px[:border].reshape(-1, 3), px[-border:].reshape(-1, 3),
+                            px[:, :border].reshape(-1, 3), px[:, -border:].reshape(-1, 3)])
+    return close3(np.linalg.norm(px - np.median(frame, axis=0), axis=-1) > tol)
+
+
+def centroid(pixels: np.ndarray) -> np.ndarray | None:
+    ys, xs = np.nonzero(pixels)
+    return None if not len(xs) else np.array([xs.mean(), ys.mean()]) / np.array(pixels.shape[::-1])
+
+
+def follow_scores(image: Image.Image, mask: Image.Image) -> dict[str, float]:
+    """How well ``image`` follows ``mask`` (see the module docstring): IoU and centroid error."""
+    want = mask_pixels(mask)
+    got = foreground(image.resize(mask.size, Image.BILINEAR) if image.size != mask.size else image)
+    union = (want | got).sum()
+    iou = float((want & got).sum() / union) if union else 1.0
+    c_want, c_got = centroid(want), centroid(got)
+    error = 1.0 if c_got is None or c_want is None else float(np.linalg.norm(c_got - c_want))
+    return {"iou": iou, "centroid_error": error}
+
+
+def follow_summary(scores: list[dict]) -> dict[str, float]:
+    iou = np.array([s["iou"] for s in scores])
+    err = np.array([s["centroid_error"] for s in scores])
+    return {"iou_mean": float(iou.mean()), "iou_std": float(iou.std()), "hit_rate": float((iou >= 0.5).mean()),
+            "centroid_error_mean": float(err.mean()), "centroid_error_std": float(err.std()), "images": len(iou)}
+
+
+def paired(adapted: list[dict], base: list[dict]) -> dict[str, float]:
+    d = np.array([a["iou"] - b["iou"] for a, b in zip(adapted, base)])
+    return {"iou_gain_mean": float(d.mean()), "iou_gain_std": float(d.std()),
+            "adapted_higher": int((d > 0.01).sum()), "adapted_lower": int((d < -0.01).sum()), "images": len(d)}
+
+
+def train_controlnet(out: Path, args) -> None:
+    """train_controlnet.py at its embedded defaults into ``out`` (no data, no model: it renders
+    its dataset into out/control_data)."""
+    cmd = [sys.executable, str(CONTROLNET), "--output_dir", str(out), "--seed", str(args.seed), "--report_to", "none"]
+    if args.steps:
+        cmd += ["--max_train_steps", str(args.steps)]
+    cmd += shlex.split(args.train_args)
+    print(f"training the ControlNet: {' '.join(cmd[1:])}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+    with open(out.parent / f"{out.name}.log", "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+
+
+def held_out_masks(out: Path, n: int, seed: int, size: int = 64) -> list[tuple]:
+    """(caption, mask, scene) of ``n`` scenes drawn after the training ones for ``seed`` (distinct from
+    them); refused unless out/control_data/metadata.jsonl (the training set the script wrote) holds
+    exactly those training scenes."""
+    import control_data  # train_scripts/control_data.py (on sys.path above)
+    import train_controlnet
+
+    rows = (out / train_controlnet.DATA_FOLDER / "metadata.jsonl").read_text().splitlines()
+    trained = {world.Scene(**json.loads(r)["scene"]) for r in rows if r.strip()}
+    scenes = control_data.sample_scenes(train_controlnet.EMBEDDED_SCENES + n, seed)
+    scenes, training_set = scenes[train_controlnet.EMBEDDED_SCENES:], set(scenes[:train_controlnet.EMBEDDED_SCENES])
+    if trained != training_set or trained & set(scenes):
+        raise SystemExit(f"{out}: its training set is not the embedded default's for seed {seed} (--reuse of another run?)")
+    return [(world.caption(s), control_data.conditioning_mask(s, size), s) for s in scenes]
+
+
+@torch.no_grad()
+def generate_controlled(pipe, held, seed: int, steps: int, batch: int = 8):
+    images = []
+    for i in range(0, len(held), batch):
+        chunk = held[i:i + batch]
+        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
+        images += pipe([t for t, _, _ in chunk], image=[m for _, m, _ in chunk], generator=gens,
+                       num_inference_steps=steps, height=chunk[0][1].height, width=chunk[0][1].width).images
+    return images
+
+
+GRID_COLUMNS = ("mask", "base", "adapter off", "adapted")
+
+
+def controlnet_grid(path: Path, held, samples: list[list], seed: int):
+    """controlnet.png: one row per held-out (caption, mask, scene), columns GRID_COLUMNS: the mask,
+    then ``samples`` (base, adapter off, adapted: one image per row each)."""
+    rows = [("\n".join(textwrap.wrap(text, 40) + [f"seed {seed + i}"]), [mask] + [images[i] for images in samples])
+            for i, (text, mask, _) in enumerate(held)]
+    return sd_parts.labelled_grid(rows, path, size=96, label_width=260, columns=list(GRID_COLUMNS))
+
+
+def controlnet_table(rows: dict, gain: dict) -> str:
+    lines = ["| images from | IoU with the mask (mean ± std) | hit rate (IoU ≥ 0.5) | centroid error (mean ± std) |",
+             "|---|---|---|---|"]
+    for name, s in rows.items():
+        lines.append(f"| {name} | {s['iou_mean']:.3f} ± {s['iou_std']:.3f} | {s['hit_rate']:.2f} "
+                     f"| {s['centroid_error_mean']:.3f} ± {s['centroid_error_std']:.3f} |")
+    lines.append(f"\nadapted − base IoU, paired per image: {gain['iou_gain_mean']:+.3f} ± {gain['iou_gain_std']:.3f}; "
+                 f"adapted higher on {gain['adapted_higher']}, lower on {gain['adapted_lower']} of {gain['images']} "
+                 "(a difference above 0.01)")
+    return "\n".join(lines)
+
+
+def controlnet_main(args) -> None:
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+    import train_controlnet  # train_scripts/train_controlnet.py: the ControlNet as its training starts
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    work, results_dir = Path(args.work_dir), Path(args.results_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / "controlnet"
+    if not (args.reuse and (out / "diffadapt_adapter.json").exists()):
+        t0 = time.time()
+        train_controlnet(out, args)
+        print(f"  trained in {time.time() - t0:.0f}s", flush=True)
+    held = held_out_masks(out, args.images, args.seed)
+    base_pipe = StableDiffusionPipeline.from_pretrained(da.default_model_path(), safety_checker=None,
+                                                        requires_safety_checker=False)
+    untrained = ControlNetModel.from_unet(base_pipe.unet, conditioning_embedding_out_channels=train_controlnet
+                                          .conditioning_channels(base_pipe.vae_scale_factor))
+    trained = ControlNetModel.from_pretrained(out / train_controlnet.CONTROLNET_FOLDER)
+    before = StableDiffusionControlNetPipeline.from_pipe(base_pipe, controlnet=untrained)
+    after = StableDiffusionControlNetPipeline.from_pipe(base_pipe, controlnet=trained)  # shares the UNet
+    facts = json.loads((out / "diffadapt_adapter.json").read_text())["metadata"]
+    seed = 1000 * args.seed  # generation seeds: seed, seed + 1, ... (the same for every model)
+    samples = {"scenes (the held-out scenes' renders: the ceiling)": [world.render(s) for _, _, s in held]}
+    loaded = False
+    for name, pipe, strength in (("base: untrained ControlNet (= the base model)", before, None),
+                                 ("trained ControlNet, adapter off (strength 0)", after, 0.0),
+                                 (f"adapted: trained ControlNet + {facts['method']} (strength 1)", after, 1.0)):
+        pipe.set_progress_bar_config(disable=True)
+        if strength is not None:
+            if not loaded:  # after the base images (an --adapt unet adapter lands on the shared UNet)
+                da.load_adapter(after, str(out), "trained")
+                loaded = True
+            da.set_adapter_strength(pipe, "trained", strength)
+        t0 = time.time()
+        samples[name] = generate_controlled(pipe, held, seed, args.inference_steps)
+        print(f"  {name}: {len(held)} images in {time.time() - t0:.0f}s", flush=True)
+    scores = {name: [follow_scores(im, mask) for im, (_, mask, _) in zip(images, held)] for name, images in samples.items()}
+    rows = {name: follow_summary(s) for name, s in scores.items()}
+    names = list(samples)
+    gain = paired(scores[names[3]], scores[names[1]])
+    report = controlnet_table(rows, gain)
+    print(report)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    controlnet_grid(results_dir / "controlnet.png", held[:args.grid_rows], [samples[n] for n in names[1:]], seed)
+    summary = {
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        "torch": torch.__version__, "args": vars(args), "adapter": facts, "rows": rows, "paired": gain,
+        "per_image": {name: s for name, s in scores.items()},
+        "held_out": [{"caption": text, "seed": seed + i} for i, (text, _, _) in enumerate(held)],
+    }
+    (results_dir / "controlnet.json").write_text(json.dumps(summary, indent=2))
+    (results_dir / "controlnet.md").write_text(report + "\n")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -353,14 +564,22 @@ def parse_args(argv=None):
     p.add_argument("--probe_scenes", type=int, default=12000, help="rendered scenes the probe trains on")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads here and in the training runs (default: every core; 1 on a shared machine)")
-    p.add_argument("--reuse", action="store_true", help="skip training where <work_dir>/<method> holds an adapter")
+    p.add_argument("--reuse", action="store_true",
+                   help="skip training where <work_dir>/<method> (--controlnet: <work_dir>/controlnet) holds an adapter")
     p.add_argument("--train_args", default="",
                    help='more train_dreambooth.py flags, e.g. "--target_modules attn2.to_k,attn2.to_v"')
     p.add_argument("--strength", type=float, default=1.0, help="the trained adapters' strength when scored")
+    p.add_argument("--controlnet", action="store_true",
+                   help="ControlNet mode: train_controlnet.py's embedded default, then how well base and adapted "
+                   "outputs follow held-out masks (controlnet.json/.md/.png in --results_dir)")
+    p.add_argument("--images", type=int, default=32, help="--controlnet: held-out masks (one image each per model)")
+    p.add_argument("--grid_rows", type=int, default=8, help="--controlnet: masks shown in controlnet.png")
     return p.parse_args(argv)
 
 
 def main(args) -> None:
+    if args.controlnet:
+        return controlnet_main(args)
     from diffusers import StableDiffusionPipeline
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
