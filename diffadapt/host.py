@@ -108,31 +108,33 @@ class AdapterSlot(nn.Module):
 
 
 class _FoldedLinear(torch.autograd.Function):
-    """``y = x (f_1(..f_k(W)))^T`` for additive adapters ``f_i(W) = W + dW_i`` folded into the base
+    """``y = x (f_1(..f_k(W)))^T (+ b)`` for additive adapters ``f_i(W) = W + dW_i`` folded into the base
     product, with every ``dW_i`` rebuilt in backward from its few factors (``delta_fields``)
     instead of keeping ``W + dW`` alive: the layer saves ``x`` (as LoRA does) and the factors.
     Backward: ``grad x = g W_eff``, and ``G = g^T x``, the gradient of every ``dW_i``, goes to the
     factors through the method's adjoint (:meth:`Method.delta_weight_backward`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, folds, *factors):  # factors: inputs so that gradients reach them
+    def forward(ctx, x, weight, bias, folds, *factors):  # factors: inputs so that gradients reach them
         ctx.folds = folds  # their preps hold the same factor tensors
         w_eff = AdapterHost.compose(weight, folds).to(x.dtype)
         keep = ctx.needs_input_grad[0] and any(method.keep_folded_weight for method, _ in folds)
         ctx.save_for_backward(x, weight, w_eff if keep else None)  # kept: its rebuild would cost GEMMs
-        return F.linear(x, w_eff)
+        return F.linear(x, w_eff, bias)
 
     @staticmethod
     def backward(ctx, g):
         x, weight, w_eff = ctx.saved_tensors
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-        gx = None
+        gx = gb = None
         if ctx.needs_input_grad[0]:
             w_eff = AdapterHost.compose(weight, ctx.folds) if w_eff is None else w_eff
             gx = (g2 @ w_eff.to(g.dtype)).view(x.shape)
+        if ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
         gw = g2.mT @ x2  # the gradient of W_eff, so of every dW_i
         grads = [t for method, prep in ctx.folds for t in method.delta_weight_backward(prep, gw)]
-        return gx, (gw.to(weight.dtype) if ctx.needs_input_grad[1] else None), None, *grads
+        return gx, (gw.to(weight.dtype) if ctx.needs_input_grad[1] else None), gb, None, *grads
 
 
 class _ScaleBias(torch.autograd.Function):
@@ -202,14 +204,6 @@ class AdapterHost(nn.Module):
         self.adapters[adapter_name] = slot
 
     # -- weights ------------------------------------------------------------------------------
-    def _write_weight(self, w2d: Tensor) -> None:
-        weight = self.base_layer.weight
-        with torch.no_grad():
-            if isinstance(self.base_layer, Conv1D):
-                weight.copy_(w2d.T)
-            else:
-                weight.copy_(w2d.reshape(weight.shape))
-
     @staticmethod
     def compose(weight: Tensor, steps: list) -> Tensor:
         """``f_1(...f_n(W))`` for ``steps`` ``[(method, factors), ...]`` in activation order."""
@@ -239,13 +233,32 @@ class AdapterHost(nn.Module):
         if self.quantized:
             self.bake_quantized(self.plan_quantized_merge(steps))
             return
-        weight = self.base_layer.weight
-        if self.original_weight is None:
-            self.original_weight = weight.detach().clone()
-        else:
-            weight.copy_(self.original_weight)
-        compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        self._write_weight(self.compose(weight_2d(self.base_layer).to(compute), steps).to(weight.dtype))
+        self.bake_many([(self, steps)])
+
+    @staticmethod
+    @torch.no_grad()
+    def bake_many(pairs: list) -> None:
+        """:meth:`bake` of float hosts ``[(host, steps), ...]`` (steps never empty): every layer's
+        product from its kept original (no restoring copy first), all weights written by one
+        foreach copy."""
+        if not pairs:
+            return
+        weights = [host.base_layer.weight for host, _ in pairs]
+        for (host, _), weight in zip(pairs, weights):
+            if host.original_weight is None:
+                host.original_weight = weight.detach().clone()
+        originals = [host._as_2d(host.original_weight) for host, _ in pairs]
+        computed = [w.to(torch.float64 if w.dtype == torch.float64 else torch.float32) for w in originals]
+        new = [AdapterHost.compose(w, steps) for w, (_, steps) in zip(computed, pairs)]
+        torch._foreach_copy_(weights, [host._from_2d(w).to(weight.dtype) for (host, _), w, weight in zip(pairs, new, weights)])
+
+    def _as_2d(self, weight: Tensor) -> Tensor:
+        """A tensor shaped like the base weight as ``(out_features, fan_in)`` (a view)."""
+        return weight.T if isinstance(self.base_layer, Conv1D) else weight.flatten(1)
+
+    def _from_2d(self, w2d: Tensor) -> Tensor:
+        """The inverse of :meth:`_as_2d`: ``(out_features, fan_in)`` back in the weight's layout."""
+        return w2d.T if isinstance(self.base_layer, Conv1D) else w2d.reshape(self.base_layer.weight.shape)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -310,6 +323,8 @@ class AdapterHost(nn.Module):
                 folds.append((method, prep))
             else:
                 steps.append((method, prep, method.delta_output(z, prep)))
+        if all(delta is None and method.output_is_identity(prep) for method, prep, delta in steps):
+            return self._base_product(z, folds, base.bias)  # nothing after the base product: bias fused
         y = self._base_product(z, folds)
         scale = None  # an outermost pure output scale (BOFT's s) is fused with the bias
         if steps and steps[0][2] is None and torch.is_grad_enabled():
@@ -323,21 +338,25 @@ class AdapterHost(nn.Module):
             y = y + base.bias
         return y
 
-    def _base_product(self, z: Tensor, folds: list) -> Tensor:
-        """``z W_eff^T`` for the additive adapters ``folds`` folded into the base weight (under
-        autograd with ``dW`` rebuilt in backward where the method has a cheap adjoint). A quantized
-        layer is called as the module itself (its own kernel, nothing folded), its bias taken out
-        again: the bias is added last, after the output maps, as for every layer."""
+    def _base_product(self, z: Tensor, folds: list, bias: Optional[Tensor] = None) -> Tensor:
+        """``z W_eff^T (+ bias)`` for the additive adapters ``folds`` folded into the base weight
+        (under autograd with ``dW`` rebuilt in backward where the method has a cheap adjoint). A
+        quantized layer is called as the module itself (its own kernel, nothing folded), its own
+        bias taken out again unless ``bias`` is asked for: the bias is added last, after the output
+        maps, as for every layer."""
         if self.quantized:
             y = self.base_layer(z)
-            return y if self.base_layer.bias is None else y - self.base_layer.bias.to(y.dtype)
+            if bias is not None or self.base_layer.bias is None:
+                return y
+            return y - self.base_layer.bias.to(y.dtype)
         w = float_weight_2d(self.base_layer)
+        bias = None if bias is None else _as(bias, z.dtype)
         if not folds:
-            return F.linear(z, w.to(z.dtype))
+            return F.linear(z, w.to(z.dtype), bias)
         if torch.is_grad_enabled() and all(m.delta_weight_backward is not None for m, _ in folds):
             factors = [getattr(prep, f) for method, prep in folds for f in method.delta_fields]
-            return _FoldedLinear.apply(z, w, tuple(folds), *factors)
-        return F.linear(z, self.compose(w, folds).to(z.dtype))  # a method without an adjoint
+            return _FoldedLinear.apply(z, w, bias, tuple(folds), *factors)
+        return F.linear(z, self.compose(w, folds).to(z.dtype), bias)  # a method without an adjoint
 
     def _folded_weight(self, folds: list, dtype: torch.dtype) -> Tensor:
         """``W_eff`` of ``folds`` (``(method, factors)`` steps) in ``dtype`` (eager only), kept while the factors

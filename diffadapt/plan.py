@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from diffadapt import quantized_layers as quantized
+from diffadapt.host import AdapterHost, SavedModuleHost
 from diffadapt.methods import AdapterConfig, get_method
 
 
@@ -87,8 +88,6 @@ class AdapterPlan:
 
     def attach(self, model: nn.Module) -> None:
         """Find the model's hosts (after modules were swapped) and hook its forward."""
-        from diffadapt.host import AdapterHost, SavedModuleHost
-
         self.hosts, self.saved_hosts = [], []
         for _, module in model.named_modules():
             if isinstance(module, AdapterHost):
@@ -230,10 +229,11 @@ class AdapterPlan:
         for host, chain in zip(self.hosts, steps):
             if host.index in requantized:
                 host.bake_quantized(requantized[host.index])
-            elif chain:
+            elif chain and host.quantized:
                 host.bake(chain)
-            elif host.quant_original is not None:
+            elif not chain and host.quant_original is not None:
                 host.restore()
+        AdapterHost.bake_many([(h, chain) for h, chain in zip(self.hosts, steps) if chain and not h.quantized])
         self._key = None  # base weights changed under any cached factors' users
         self._baked = (list(names), list(self.order))
         if requantized:

@@ -240,6 +240,10 @@ class OrthogonalMethod(Method):
         return prep.scale
 
     @staticmethod
+    def output_is_identity(prep: RotationFactors) -> bool:
+        return not prep.output and prep.scale is None
+
+    @staticmethod
     def scale_only(prep: RotationFactors) -> Optional[tuple[Tensor, Tensor]]:
         return None if prep.output or prep.inv_scale is None else (prep.scale, prep.inv_scale)
 

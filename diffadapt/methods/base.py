@@ -335,6 +335,13 @@ class Method:
         s = cls.output_scale(prep)
         return y if s is None else y * s.to(y.dtype)
 
+    @classmethod
+    def output_is_identity(cls, prep: Any) -> bool:
+        """True when :meth:`transform_output` returns ``y`` unchanged for ``prep`` (a method that
+        overrides ``transform_output`` overrides this too): the runtime then adds the bias inside
+        the base product (one fused GEMM + bias, no separate pass over the output)."""
+        return cls.output_scale(prep) is None
+
     @staticmethod
     def scale_only(prep: Any) -> Optional[tuple[Tensor, Tensor]]:
         """``(s, 1/s)`` (``1/s`` = 0 where ``s`` = 0) when :meth:`transform_output` is exactly
@@ -384,3 +391,4 @@ class Method:
     def apply_to_weight(weight: Tensor, prep: Any) -> Tensor:
         """The effective 2-D weight: ``diag(s) W R^T`` or ``W + dW`` (merge and conv path)."""
         raise NotImplementedError
+
