@@ -426,7 +426,7 @@ def paired(adapted: list[dict], base: list[dict]) -> dict[str, float]:
             "adapted_higher": int((d > 0.01).sum()), "adapted_lower": int((d < -0.01).sum()), "images": len(d)}
 
 
-def train_controlnet(out: Path, args) -> None:
+def train_control(out: Path, args) -> None:
     """train_controlnet.py at its embedded defaults into ``out`` (no data, no model: it renders
     its dataset into out/control_data)."""
     cmd = [sys.executable, str(CONTROLNET), "--output_dir", str(out), "--seed", str(args.seed), "--report_to", "none"]
@@ -500,7 +500,7 @@ def controlnet_main(args) -> None:
     out = work / "controlnet"
     if not (args.reuse and (out / "diffadapt_adapter.json").exists()):
         t0 = time.time()
-        train_controlnet(out, args)
+        train_control(out, args)
         print(f"  trained in {time.time() - t0:.0f}s", flush=True)
     held = held_out_masks(out, args.images, args.seed)
     base_pipe = StableDiffusionPipeline.from_pretrained(da.default_model_path(), safety_checker=None,
