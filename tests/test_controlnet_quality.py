@@ -102,8 +102,9 @@ def test_summary_and_paired_gain(quality):
     assert abs(s["iou_std"] - np.std([0.8, 0.6, 0.2])) < 1e-9
     g = quality.paired(a, b)
     assert abs(g["iou_gain_mean"] - 0.1) < 1e-9 and g["adapted_higher"] == 1 and g["adapted_lower"] == 1
-    table = quality.controlnet_table({"base": quality.follow_summary(b), "adapted": s}, g)
-    assert "| adapted | 0.533 ± " in table and "adapted higher on 1, lower on 1 of 3" in table
+    table = quality.controlnet_table({"base": quality.follow_summary(b), "adapted": s}, {"adapted − base": g})
+    assert "| adapted | 0.533 ± " in table and "adapted − base IoU, paired per image: +0.100" in table
+    assert "higher on 1, lower on 1 of 3 images" in table
 
 
 def test_held_out_masks_are_not_training_scenes(quality, tmp_path):
