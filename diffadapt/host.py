@@ -145,8 +145,8 @@ class _ScaleBias(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, s, inv, bias):  # inv = 1 / s (0 where s = 0), computed once per step
-        out = y * _as(s, y.dtype)
-        out = out if bias is None else out + _as(bias, y.dtype)
+        s = _as(s, y.dtype)
+        out = y * s if bias is None else torch.addcmul(_as(bias, y.dtype), y, s)
         ctx.save_for_backward(out, s, inv, bias)
         return out
 
@@ -155,11 +155,13 @@ class _ScaleBias(torch.autograd.Function):
         out, s, inv, bias = ctx.saved_tensors
         gy = g * _as(s, g.dtype) if ctx.needs_input_grad[0] else None
         gs = gb = None
+        tokens = tuple(range(g.dim() - 1))  # () for a 1-D input: nothing to sum (sum(()) sums all)
         if ctx.needs_input_grad[1]:
             ys = out if bias is None else out - _as(bias, out.dtype)
-            gs = _as((g * ys).reshape(-1, ys.shape[-1]).sum(0, dtype=s.dtype) * inv, s.dtype)
+            gs = g * ys
+            gs = (gs.sum(tokens, dtype=inv.dtype) if tokens else gs.to(inv.dtype)) * inv
         if bias is not None and ctx.needs_input_grad[3]:
-            gb = _as(g.reshape(-1, g.shape[-1]).sum(0), bias.dtype)
+            gb = g.sum(tokens, dtype=bias.dtype) if tokens else g.to(bias.dtype)
         return gy, gs, None, gb
 
 

@@ -147,7 +147,8 @@ def block_rotate(x: Tensor, blocks: Tensor, transpose: bool = False) -> Tensor:
     """
     b = blocks.shape[-1]
     n = x.shape[-1] // b
-    right = blocks.to(x.dtype).expand(n, b, b)  # rows are right-multiplied: x_blk @ Q
+    right = blocks.to(x.dtype)  # rows are right-multiplied: x_blk @ Q
+    right = right if right.shape[0] == n else right.expand(n, b, b)
     if transpose:
         right = right.mT
     return torch.bmm(x.reshape(-1, n, b).transpose(0, 1), right).transpose(0, 1).reshape(x.shape)
@@ -167,21 +168,16 @@ class OrthogonalConfig(AdapterConfig):
 
 class RotationFactors(NamedTuple):
     """Per-step factors of one layer: ``blocks`` ``(m, N, b, b)`` (the factors' blocks, compute
-    dtype; ``m = 1`` for OFT), ``scale`` ``(d_out,)`` or None; ``output``: the blocks rotate the
-    output channels (``rotation_side="output"``); ``merged`` ``(1, N', B, B)``: BOFT's whole
-    rotation as one block-diagonal factor (``boft.merge_factors``), what the activations and
-    weights go through."""
+    dtype; ``m = 1`` for OFT); ``rotation`` ``(N', B, B)``: the whole rotation as one
+    block-diagonal factor, what the activations and weights go through (OFT: ``blocks[0]``; BOFT:
+    its factors merged, ``boft.merge_factors``); ``scale`` ``(d_out,)`` or None; ``output``: the
+    blocks rotate the output channels (``rotation_side="output"``)."""
 
     blocks: Tensor
-    scale: Optional[Tensor]
+    rotation: Tensor
+    scale: Optional[Tensor] = None
     output: bool = False
-    merged: Optional[Tensor] = None
     inv_scale: Optional[Tensor] = None  # 1 / scale (0 where scale is 0), for the runtime's fused backward
-
-    @property
-    def rotation(self) -> Tensor:
-        """The one block-diagonal factor ``(1, N, b, b)`` that :func:`block_rotate` applies."""
-        return self.blocks if self.merged is None else self.merged
 
 
 class OrthogonalMethod(Method):
@@ -212,7 +208,8 @@ class OrthogonalMethod(Method):
     ) -> list[RotationFactors]:
         """One :class:`RotationFactors` per layer from the ``(G, m, N, b, b)`` blocks; default: the
         blocks alone, no scale (OFT)."""
-        return [RotationFactors(b, None, config.rotation_side == "output") for b in blocks.unbind(0)]
+        out = config.rotation_side == "output"
+        return [RotationFactors(b, r, None, out) for b, r in zip(blocks.unbind(0), blocks[:, 0].unbind(0))]
 
     # -- shared ---------------------------------------------------------------------------------
     @classmethod
@@ -233,7 +230,7 @@ class OrthogonalMethod(Method):
     @staticmethod
     def rotate_input(x: Tensor, prep: RotationFactors) -> Tensor:
         """``x @ R`` in ``x``'s dtype (the identity for output-side rotations)."""
-        return x if prep.output else block_rotate(x, prep.rotation[0])
+        return x if prep.output else block_rotate(x, prep.rotation)
 
     @staticmethod
     def output_scale(prep: RotationFactors) -> Optional[Tensor]:
@@ -251,14 +248,14 @@ class OrthogonalMethod(Method):
     def transform_output(cls, y: Tensor, prep: RotationFactors) -> Tensor:
         """``y @ P^T``: ``y * s`` (input side) or ``(y @ R^T) * s`` (output side), in ``y``'s dtype."""
         if prep.output:
-            y = block_rotate(y, prep.rotation[0], transpose=True)
+            y = block_rotate(y, prep.rotation, transpose=True)
         return y if prep.scale is None else y * prep.scale.to(y.dtype)
 
     @staticmethod
     def apply_to_weight(weight: Tensor, prep: RotationFactors) -> Tensor:
         """``diag(s) W R^T`` (input side) or ``diag(s) R W`` (output side) in ``W``'s dtype."""
         if prep.output:
-            w = block_rotate(weight.mT, prep.rotation[0], transpose=True).mT
+            w = block_rotate(weight.mT, prep.rotation, transpose=True).mT
         else:
-            w = block_rotate(weight, prep.rotation[0], transpose=True)
+            w = block_rotate(weight, prep.rotation, transpose=True)
         return w if prep.scale is None else w * prep.scale.to(w.dtype)[:, None]

@@ -126,6 +126,53 @@ def butterfly_rotate(x: Tensor, blocks: Tensor, transpose: bool = False) -> Tens
     return u.view(d // (b * last), last, 2, h, t).permute(4, 0, 2, 1, 3).contiguous().view(x.shape)
 
 
+class _Split(torch.autograd.Function):
+    """``x.split(sizes, dim)`` whose backward is ONE ``cat`` of the pieces' gradients (autograd's
+    own writes every piece into a zero tensor: three ops per piece)."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, dim):
+        ctx.dim, ctx.sizes, ctx.like = dim, sizes, (x.shape, x.dtype, x.device)
+        return x.split(sizes, dim)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        shape, dtype, device = ctx.like
+        parts = [
+            g if g is not None else torch.zeros(*shape[: ctx.dim], n, *shape[ctx.dim + 1:], dtype=dtype, device=device)
+            for g, n in zip(grads, ctx.sizes)
+        ]
+        return torch.cat(parts, ctx.dim), None, None
+
+
+class _Cat(torch.autograd.Function):
+    """``torch.cat(xs, dim)`` whose backward is ONE ``split``, each piece made contiguous once (autograd's
+    own slices every piece, and a strided piece costs its parameter's gradient two more ops)."""
+
+    @staticmethod
+    def forward(ctx, dim, *xs):
+        ctx.dim, ctx.sizes = dim, [x.shape[dim] for x in xs]
+        return torch.cat(xs, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, *(piece.contiguous() for piece in g.split(ctx.sizes, ctx.dim))
+
+
+def _tracked(*xs: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+def split(x: Tensor, sizes: list[int], dim: int = 0) -> tuple[Tensor, ...]:
+    """Ragged :meth:`Tensor.split` for the per-layer slices of a wide batch (one backward op)."""
+    return _Split.apply(x, sizes, dim) if _tracked(x) else x.split(sizes, dim)
+
+
+def cat(xs: list[Tensor], dim: int = 0) -> Tensor:
+    """:func:`torch.cat` of the layers' parameters into a wide batch (one backward op)."""
+    return _Cat.apply(dim, *xs) if _tracked(*xs) else torch.cat(xs, dim)
+
+
 # -- BOFT ----------------------------------------------------------------------------------------
 @dataclass
 class BOFTConfig(OrthogonalConfig):
@@ -240,19 +287,62 @@ class BOFT(OrthogonalMethod):
         return cayley(skew.flatten(0, 2)).view(skew.shape)
 
     @classmethod
+    def stack_key(cls, params: dict[str, Tensor], buffers: dict[str, Tensor]):
+        """Layers with one factor count and block size share a batch whatever their widths (see
+        :meth:`prepare_many`)."""
+        r, s = params["boft_R"], params["boft_s"]
+        return (r.shape[0], r.shape[-1], r.dtype, r.device, s.dtype)
+
+    @classmethod
+    def prepare_many(cls, config: BOFTConfig, params: list[dict[str, Tensor]], buffers: list[dict[str, Tensor]],
+                     strength: Union[float, Tensor], training: bool = False) -> list[RotationFactors]:
+        """Layers of one shape: one stack (:meth:`OrthogonalMethod.prepare_many`). Layers of several
+        widths: ONE wide layer, their blocks side by side -- a butterfly run never crosses a layer
+        (each layer's ``N`` is a multiple of ``2^(m-1)``), so one Cayley inverse and one merge serve
+        them all -- unless the norm constraint or dropout need each layer apart: one stack per shape."""
+        shapes = [(tuple(p["boft_R"].shape), tuple(p["boft_s"].shape)) for p in params]
+        if len(set(shapes)) == 1:
+            return super().prepare_many(config, params, buffers, strength, training)
+        if config.constraint or (training and config.boft_dropout > 0):
+            out: list = [None] * len(params)
+            for shape in dict.fromkeys(shapes):
+                idx = [i for i, s in enumerate(shapes) if s == shape]
+                preps = super().prepare_many(config, [params[i] for i in idx], [buffers[i] for i in idx], strength, training)
+                for i, prep in zip(idx, preps):
+                    out[i] = prep
+            return out
+        ns = [p["boft_R"].shape[1] for p in params]
+        wide = [{"boft_R": cat([p["boft_R"] for p in params], 1)}]
+        blocks = cls.rotation_blocks(config, cls.skews(config, wide, buffers[:1]) * strength)[0]  # (m, sum N, b, b)
+        per = 2 ** (blocks.shape[0] - 1)  # blocks of b per merged block
+        rotations = split(merge_factors(blocks[None])[0], [n // per for n in ns])
+        d_outs = [p["boft_s"].numel() for p in params]
+        scale, inv = cls.scales(cat([p["boft_s"].flatten() for p in params]), strength)
+        out = config.rotation_side == "output"
+        return [
+            RotationFactors(b, r, sc, out, i)
+            for b, r, sc, i in zip(split(blocks, ns, 1), rotations, split(scale, d_outs), inv.split(d_outs))
+        ]
+
+    @classmethod
     def factors(
         cls, config: BOFTConfig, params: list[dict[str, Tensor]], blocks: Tensor, strength: Union[float, Tensor]
     ) -> list[RotationFactors]:
         """The factors merged into one block-diagonal rotation each, the scales ``lerp(1, s, a)``."""
-        merged = merge_factors(blocks)
-        s = torch.stack([p["boft_s"] for p in params])
-        a = strength.to(s.dtype) if isinstance(strength, Tensor) else strength
-        scale = torch.lerp(torch.ones_like(s), s, a).flatten(1)
+        scale, inv = cls.scales(torch.stack([p["boft_s"] for p in params]).flatten(1), strength)
         out = config.rotation_side == "output"
-        with torch.no_grad():  # one batched reciprocal for all layers' fused backward
-            inv = torch.where(scale != 0, scale, 1).reciprocal_().masked_fill_(scale == 0, 0).unbind(0)
         # unbind, not indexing: one backward node for all layers (an index's backward writes a full stack)
         return [
-            RotationFactors(b, sc, out, m[None], i)
-            for b, sc, m, i in zip(blocks.unbind(0), scale.unbind(0), merged.unbind(0), inv)
+            RotationFactors(b, r, sc, out, i)
+            for b, r, sc, i in zip(blocks.unbind(0), merge_factors(blocks).unbind(0), scale.unbind(0), inv.unbind(0))
         ]
+
+    @staticmethod
+    def scales(s: Tensor, strength: Union[float, Tensor]) -> tuple[Tensor, Tensor]:
+        """``lerp(1, s, a)`` and its reciprocal (0 where the scale is 0, no gradient) for the
+        runtime's fused backward, for all layers at once."""
+        a = strength.to(s.dtype) if isinstance(strength, Tensor) else strength
+        scale = torch.lerp(torch.ones_like(s), s, a)
+        with torch.no_grad():
+            inv = torch.where(scale != 0, scale, 1).reciprocal_().masked_fill_(scale == 0, 0)
+        return scale, inv

@@ -384,3 +384,55 @@ def test_absurd_butterfly_factor_is_one_line():
     layer = LayerSpec("blocks.0.proj", "linear", 16, 16)
     with pytest.raises(AdapterConfigError, match=r"boft_n_butterfly_factor=100000 .*2\^99999,"):
         BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=100000).check_layer(layer)
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+@pytest.mark.parametrize("extra", [{}, {"constraint": 0.05}, {"boft_dropout": 0.5}])
+def test_layers_of_several_widths_prepare_as_one_wide_batch(side, extra):
+    """Linear and conv2d layers of four widths (one block size, two factors) share one stack_key;
+    their wide batch gives every layer exactly its own factors (float64, values and gradients), and
+    the constraint / dropout fall back to one stack per shape (dropout: same random draws)."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(16, 8), nn.Linear(32, 16), nn.Linear(16, 8), nn.Conv2d(8, 24, 1), nn.Linear(64, 32)]
+    cfg = BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, rotation_side=side, **extra)
+    inits = []
+    for layer in layers:
+        _, params, buffers = contract.init(BOFT, cfg, layer.double())
+        with torch.no_grad():
+            params["boft_R"].normal_(0.0, 0.5)
+            params["boft_s"].normal_(1.0, 0.2)
+        inits.append((params, buffers))
+    assert len({BOFT.stack_key(p, b) for p, b in inits}) == 1
+    strength = torch.tensor(0.7, dtype=torch.float64)
+    training = "boft_dropout" in extra
+    torch.manual_seed(1)
+    batched = BOFT.prepare_many(cfg, [p for p, _ in inits], [b for _, b in inits], strength, training)
+    torch.manual_seed(1)
+    alone = []  # the per-shape stacks the fallback builds draw in the order of first appearance
+    if training:
+        shapes = [tuple(p["boft_R"].shape) + tuple(p["boft_s"].shape) for p, _ in inits]
+        order = {s: i for i, s in enumerate(dict.fromkeys(shapes))}
+        groups = {}
+        for i, s in enumerate(shapes):
+            groups.setdefault(s, []).append(i)
+        by_index = {}
+        for s in sorted(groups, key=order.get):
+            idx = groups[s]
+            for i, prep in zip(idx, BOFT.prepare_many(cfg, [inits[i][0] for i in idx], [inits[i][1] for i in idx], strength, True)):
+                by_index[i] = prep
+        alone = [by_index[i] for i in range(len(inits))]
+    else:
+        alone = [BOFT.prepare(cfg, p, b, strength) for p, b in inits]
+    for one, many in zip(alone, batched):
+        torch.testing.assert_close(many.blocks, one.blocks, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(many.rotation, one.rotation, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(many.scale, one.scale, rtol=0, atol=0)
+        torch.testing.assert_close(many.inv_scale, one.inv_scale, rtol=0, atol=0)
+    if training:
+        return
+    loss = lambda preps: sum((p.rotation.square() * (k + 1)).sum() + p.scale.sum() * k for k, p in enumerate(preps))  # noqa: E731
+    params = [t for p, _ in inits for t in p.values()]
+    g_many = torch.autograd.grad(loss(batched), params)
+    g_one = torch.autograd.grad(loss([BOFT.prepare(cfg, p, b, strength) for p, b in inits]), params)
+    for a, b in zip(g_many, g_one):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
