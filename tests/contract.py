@@ -37,7 +37,7 @@ def init(method, config, module, name="layer"):
     shared = method.init_shared(config, [spec], [weight_2d(module).detach()])[0]
     params, buffers = method.init_layer(config, spec, weight_2d(module).detach(), shared)
     params = {k: nn.Parameter(v) for k, v in params.items()}
-    return spec, params, buffers
+    return spec, params, {**shared, **buffers}  # what AdapterSlot.buffers_dict hands the method
 
 
 def forward(method, config, module, params, buffers, x, strength=1.0, training=False):

@@ -199,11 +199,25 @@ class FourierFT(Method):
         return idx // d_in, idx % d_in
 
     @classmethod
-    def init_layer(cls, config, layer, weight, shared):
-        cfg = config.for_layer(layer.name)
-        cfg.check_layer(layer)
-        d_out, d_in, n = layer.out_features, layer.fan_in, cfg.n_frequency
-        j, k = cls.positions(n, d_out, d_in, cfg.random_loc_seed)
+    def init_shared(cls, config, layers, weights):
+        """The frequency positions and index buffers depend only on ``(d_out, d_in, n, seed)``: built
+        once per such group and held once (one dict object per group; a model's layers of one
+        shape share it), so injection draws each ``randperm`` once and the buffers cost one copy."""
+        groups: dict = {}
+        out = []
+        for layer, weight in zip(layers, weights):
+            cfg = config.for_layer(layer.name)
+            key = (layer.out_features, layer.fan_in, cfg.n_frequency, cfg.random_loc_seed, weight.device)
+            if key not in groups:
+                cfg.check_layer(layer)
+                groups[key] = cls.position_buffers(*key)
+            out.append(groups[key])
+        return out
+
+    @classmethod
+    def position_buffers(cls, d_out: int, d_in: int, n: int, seed: int, device: torch.device) -> dict[str, Tensor]:
+        """PEFT's positions and the index buffers of both exact paths for a ``(d_out, d_in)`` layer."""
+        j, k = cls.positions(n, d_out, d_in, seed)
         hi, ho, ar = d_in // 2, d_out // 2, torch.arange(n)
         # dense path: (j, k) and its mirror (-j, -k), each kept at weight 1/2 if in the half-grid
         jm, km = (-j) % d_out, (-k) % d_in
@@ -219,8 +233,8 @@ class FourierFT(Method):
         # Xc = conj(X): imag weight -1/2; a folded (conjugated) entry flips it back to +1/2
         w_fft = torch.stack([torch.full(conj.shape, 0.5), torch.where(conj, 0.5, -0.5)], -1).flatten()
         pair = torch.tensor([0, 1])
-        dev = weight.device
-        buffers = {
+        dev = device
+        return {
             "rows": j.to(dev), "cols": k.to(dev),  # PEFT's `indices`
             "pos_half2d": pos.to(dev), "w_half2d": w2d.to(dev),
             "pos_grad": torch.where(k <= hi, j * (hi + 1) + k, jm * (hi + 1) + km).to(dev),  # half-grid cell of (j, k)
@@ -229,6 +243,16 @@ class FourierFT(Method):
             "scatter": (2 * slot[:, None] + pair).flatten().to(dev),
             "shape": torch.empty(d_out, d_in, 0, device=dev),  # carries (d_out, d_in) as static sizes
         }
+
+    @classmethod
+    def init_layer(cls, config, layer, weight, shared):
+        """The spectrum; the buffers are ``shared``'s (:meth:`init_shared`), built here only when
+        called without them."""
+        cfg = config.for_layer(layer.name)
+        cfg.check_layer(layer)
+        n = cfg.n_frequency
+        dev = weight.device
+        buffers = {} if shared else cls.position_buffers(layer.out_features, layer.fan_in, n, cfg.random_loc_seed, dev)
         # torch.randn(n) on the CPU default generator, as PEFT draws it
         spectrum = torch.zeros(n) if cfg.init_weights else torch.randn(n)
         dt = torch.promote_types(weight.dtype, torch.float32) if weight.dtype.is_floating_point else torch.float32
