@@ -58,6 +58,12 @@ def parse_args(argv=None):
     g.add_argument("--num_class_images", type=int, default=100,
                    help="Class images for prior preservation; missing ones are generated with the base model.")
     g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
+    g.add_argument("--class_prompts_file", default=None,
+                   help="Broad prior preservation: a text file of prompts, one a line. Missing class images are "
+                   "generated for these prompts in turn (instead of for --class_prompt alone), each written with its "
+                   "prompt beside it (<image>.txt), and every class image with such a caption file trains with its "
+                   "own prompt: the prior then keeps what the prompts cover (say, the kinds of prompt the model "
+                   "should go on drawing as before), not only the class. Images without one use --class_prompt.")
     g.add_argument("--validation_prompt", default=None, help="Prompt for validation images (off if not given).")
     g.add_argument("--comparison_prompts", nargs="+", default=None,
                    help="At the end, write <output_dir>/before_after.png: one row per prompt, columns at adapter "
@@ -104,11 +110,14 @@ def parse_args(argv=None):
     if args.instance_prompt is None:
         raise UsageError("--instance_prompt is required.")
     if args.with_prior_preservation:
-        if args.class_data_dir is None or args.class_prompt is None:
-            raise UsageError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
-    elif args.class_data_dir or args.class_prompt:
-        print("warning: --class_data_dir / --class_prompt are ignored without --with_prior_preservation.",
-              file=sys.stderr)
+        if args.class_data_dir is None or (args.class_prompt is None and args.class_prompts_file is None):
+            raise UsageError("--with_prior_preservation needs --class_data_dir and --class_prompt "
+                             "(or --class_prompts_file).")
+        if args.class_prompts_file is not None:
+            class_prompts(args)  # a missing or empty file: refused before anything loads
+    elif args.class_data_dir or args.class_prompt or args.class_prompts_file:
+        print("warning: --class_data_dir / --class_prompt / --class_prompts_file are ignored without "
+              "--with_prior_preservation.", file=sys.stderr)
     return args
 
 
@@ -163,6 +172,33 @@ def use_embedded_defaults(args) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def class_prompts(args) -> list[str]:
+    """The prompts class images are generated for: --class_prompts_file's lines, else --class_prompt."""
+    if args.class_prompts_file is None:
+        return [args.class_prompt]
+    try:
+        lines = Path(args.class_prompts_file).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"--class_prompts_file {args.class_prompts_file}: {error}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise UsageError(f"--class_prompts_file {args.class_prompts_file} holds no prompt.")
+    return prompts
+
+
+def prior_description(args) -> str:
+    """The model card's words for the prior: the class prompt, or how many prompts of which file."""
+    if args.class_prompts_file is None:
+        return f"`{args.class_prompt}`"
+    return f"{len(class_prompts(args))} prompts (`{os.path.basename(args.class_prompts_file)}`)"
+
+
+def caption_of(path: Path, default: str | None) -> str | None:
+    """A class image's own prompt (<image>.txt beside it, as generate_class_images writes it), else ``default``."""
+    text = Path(path).with_suffix(".txt")
+    return text.read_text().strip() if text.is_file() else default
+
+
 class DreamBoothDataset:
     """Instance images with the instance prompt, paired (prior preservation) with class images."""
 
@@ -172,6 +208,10 @@ class DreamBoothDataset:
         self.classes = []
         if args.with_prior_preservation:
             self.classes = sd_parts.list_images(args.class_data_dir)[: args.num_class_images]
+        self.class_prompts = [caption_of(p, args.class_prompt) for p in self.classes]
+        if None in self.class_prompts:
+            raise UsageError(f"{self.classes[self.class_prompts.index(None)]}: a class image without a caption "
+                             "file (<image>.txt) needs --class_prompt.")
         self.length = max(len(self.instance), len(self.classes))
 
     def __len__(self):
@@ -189,8 +229,9 @@ class DreamBoothDataset:
         pixels, original, crop = self._view(self.instance[index % len(self.instance)], rng)
         item = {"pixels": [pixels], "prompts": [self.args.instance_prompt], "original": [original], "crop": [crop]}
         if self.classes:
-            pixels, original, crop = self._view(self.classes[index % len(self.classes)], rng)
-            item = {k: v + [x] for (k, v), x in zip(item.items(), (pixels, self.args.class_prompt, original, crop))}
+            j = index % len(self.classes)
+            pixels, original, crop = self._view(self.classes[j], rng)
+            item = {k: v + [x] for (k, v), x in zip(item.items(), (pixels, self.class_prompts[j], original, crop))}
         return item
 
 
@@ -209,7 +250,8 @@ def collate(examples):
 
 def generate_class_images(args, pipe, accelerator, family) -> None:
     """Fill --class_data_dir up to --num_class_images with images of the base model (adapters
-    are switched off meanwhile); the processes split the work."""
+    are switched off meanwhile); the processes split the work. Image i is of class_prompts(args)[i
+    modulo their number]; with --class_prompts_file its prompt is written beside it (<image>.txt)."""
 
     import diffadapt as da
 
@@ -222,6 +264,7 @@ def generate_class_images(args, pipe, accelerator, family) -> None:
     if training_loop.verbose(args):
         accelerator.print(f"Generating {len(missing)} class images for prior preservation.")
     mine = missing[accelerator.process_index :: accelerator.num_processes]
+    prompts = class_prompts(args)
     da.disable_adapters(pipe)
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=len(mine), desc="Class images", unit="image", disable=not accelerator.is_local_main_process)
@@ -230,9 +273,11 @@ def generate_class_images(args, pipe, accelerator, family) -> None:
             chunk = mine[start : start + args.sample_batch_size]
             gens = [torch.Generator(accelerator.device).manual_seed(args.seed_value + i) for i in chunk]
             with torch.no_grad(), training_loop.autocast(accelerator):
-                images = pipe(prompt=[args.class_prompt] * len(chunk), generator=gens,
+                images = pipe(prompt=[prompts[i % len(prompts)] for i in chunk], generator=gens,
                               **pipeline_call_kwargs(args, family)).images
             for i, image in zip(chunk, images):
+                if args.class_prompts_file is not None:  # the caption first: an image is only counted once saved
+                    (folder / f"generated_{i:05d}.txt").write_text(prompts[i % len(prompts)] + "\n")
                 image.save(folder / f"generated_{i:05d}.png")
             bar.update(len(chunk))
     finally:
@@ -395,6 +440,7 @@ def main(argv=None):
     tokenizers = [getattr(pipe, n.replace("text_encoder", "tokenizer"), None) for n in family.text_stack]
     denoising = families.Denoising(family, args, pipe, wrapped[denoiser_name], dtype)
     cache: dict[tuple[str, ...], dict] = {}  # per batch of prompts (a few: instance and class prompts, in order)
+    CACHED_PROMPT_BATCHES = 64
 
     def conditioning(prompts):
         if text_roles:  # trained: encode every batch, with gradients
@@ -402,7 +448,10 @@ def main(argv=None):
         key = tuple(prompts)
         if key not in cache:  # the whole batch at once: padding as the pipeline pads a batch of prompts
             with torch.no_grad():
-                cache[key] = family.encode(pipe, encoders, tokenizers, prompts, args, accelerator.device)
+                encoded = family.encode(pipe, encoders, tokenizers, prompts, args, accelerator.device)
+            if len(cache) >= CACHED_PROMPT_BATCHES:  # many prompts (--class_prompts_file): encode each time
+                return encoded
+            cache[key] = encoded
         return cache[key]
 
     def loss_fn(batch, generator):
@@ -462,7 +511,7 @@ image = pipe({args.instance_prompt!r}).images[0]
             tags=["dreambooth", "text-to-image", family.name], base_model=args.pretrained_model_name_or_path,
             usage=usage, config=sd_parts.card_config(config, preset), trainable=trainable,
             extra=f"Instance prompt: `{args.instance_prompt}`."
-            + (f" Prior preservation with `{args.class_prompt}`." if args.with_prior_preservation else "") + "\n",
+            + (f" Prior preservation with {prior_description(args)}." if args.with_prior_preservation else "") + "\n",
             images=[os.path.relpath(g, args.output_dir) for g in grids],
         )
         print_done(args, grids)
