@@ -59,6 +59,7 @@ class AdapterPlan:
         self._steps: Optional[list[list[tuple[Any, Any]]]] = None  # per host: (method, factors), live order
         self._key: Any = None  # what the prepared steps were made for (eager mode)
         self._baked: tuple[list[str], list] = ([], [])  # merged names and order of the last bake
+        self._bake_cache: Optional[tuple] = None  # (what, per-host steps) of the last merge's factors
         self._accepted_quantized: set = set()  # (adapter, strength) merges into quantized layers done before
 
     # -- what runs ------------------------------------------------------------------------------
@@ -135,6 +136,7 @@ class AdapterPlan:
         return t
 
     def forget(self, name: str) -> None:
+        self._bake_cache = None
         for key in [k for k in self._strengths if k[0] == name]:
             del self._strengths[key]
 
@@ -219,7 +221,7 @@ class AdapterPlan:
     def bake(self) -> None:
         """Write the merged adapters into every host's base weight (from its kept original)."""
         names = [] if self.disabled else list(self.merged)
-        steps = self.prepare(names, False) if names else [[] for _ in self.hosts]
+        steps = self._merge_steps(names) if names else [[] for _ in self.hosts]
         requantized = self._plan_quantized(names, steps)  # may refuse: before anything is written
         back = [h for h, chain in zip(self.hosts, steps) if not chain and h.original_weight is not None]
         if back:  # every restore in one foreach copy
@@ -239,6 +241,18 @@ class AdapterPlan:
         if requantized:
             self._accepted_quantized |= {(n, self.strength(n)) for n in names}
             quantized.warn_merged([r for _, r in requantized.values()])
+
+    def _merge_steps(self, names: list[str]) -> list[list[tuple[Any, Any]]]:
+        """The factors of the adapters to merge, reused from the last merge while the same adapters,
+        strengths, layers and parameter versions stand (switching by merge / unmerge prepares once)."""
+        what = (
+            tuple(names), tuple(self.strength(n) for n in names),
+            tuple((h.index, n, t._version, t.data_ptr()) for h in self.hosts for n in names if n in h.adapters
+                  for t in (*h.adapters[n].parameters(), *h.adapters[n].buffers())),
+        )
+        if self._bake_cache is None or self._bake_cache[0] != what:
+            self._bake_cache = (what, self.prepare(names, False))
+        return self._bake_cache[1]
 
     def _plan_quantized(self, names: list[str], steps: list) -> dict:
         """Host index -> (requantized storage, report) for the quantized hosts to merge into. A merge

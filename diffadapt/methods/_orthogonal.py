@@ -256,6 +256,11 @@ class OrthogonalMethod(Method):
         """``diag(s) W R^T`` (input side) or ``diag(s) R W`` (output side) in ``W``'s dtype."""
         if prep.output:
             w = block_rotate(weight.mT, prep.rotation, transpose=True).mT
-        else:
-            w = block_rotate(weight, prep.rotation, transpose=True)
+        else:  # (W R^T)^T = R W^T block by block: one bmm on row blocks of the strided W^T, written
+            # (d_in, d_out)-contiguous and handed back as its transpose (the caller's copy into the
+            # weight does the layout change; block_rotate's own copy back is saved)
+            d_out, d_in = weight.shape
+            blocks = prep.rotation.to(weight.dtype)
+            n, b = d_in // blocks.shape[-1], blocks.shape[-1]
+            w = torch.bmm(blocks.expand(n, b, b), weight.mT.reshape(n, b, d_out)).view(d_in, d_out).mT
         return w if prep.scale is None else w * prep.scale.to(w.dtype)[:, None]
