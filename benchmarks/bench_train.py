@@ -450,6 +450,10 @@ def render(results: list[C.Stats], variants: list[Variant], args, header: dict[s
             return "–"
         return ("✓ " if x <= limit else "✗ ") + fmt.format(x)
 
+    def merge_cell(key):  # paired by round, like the step ratio (the medians in ms beside it)
+        x = ratio(key, "peft:lora", "merge")
+        return "–" if x is None else mark(x, 1.0, "{:.2f}×") + f" ({med(key, 'merge'):.1f} vs {lora_merge:.1f} ms)"
+
     lora = next((r for r in results if r.key == "peft:lora" and r.ran()), None)
     lora_ops = lora.ops if lora is not None else None
     lora_merge = med("peft:lora", "merge") if lora is not None else None
@@ -462,7 +466,7 @@ def render(results: list[C.Stats], variants: list[Variant], args, header: dict[s
         goals.append("| " + " | ".join([
             s.label, mark(ratio(s.key, "peft:lora"), 1.0), mark(_ratio(peak(s.key), lora_mem), 1.05),
             mark(s.ops, lora_ops, "{:,}") if lora_ops else "–", mark(ratio(s.key, "floor", "infer"), 1.15),
-            mark(med(s.key, "merge"), lora_merge, "{:.1f} ms") if lora_merge else "–", setup,
+            merge_cell(s.key) if lora_merge else "–", setup,
         ]) + " |")
 
     head = [f"- {k}: {v}" for k, v in header.items()]
@@ -481,7 +485,8 @@ def render(results: list[C.Stats], variants: list[Variant], args, header: dict[s
         "per-round ratios (variants interleave, so pairing by round cancels load drift); IQR = interquartile range / median of the step times (noise); × PEFT same = step time "
         "over PEFT's same method with the identical config (to_peft_dict); infer = unmerged eval forward under "
         "no_grad (× base = over the floor row's base model); ops/step = aten ops dispatched in one training step "
-        "(forward + backward + AdamW; a proxy for kernel launches on a GPU); merge+unmerge = both calls on every adapted layer; "
+        "(forward + backward + AdamW; a proxy for kernel launches on a GPU); merge+unmerge = both calls on every adapted layer "
+        "(the goal check compares it paired by round: the median of per-round ratios to LoRA's, the medians in ms beside); "
         f"setup = the injection call (add_adapter / get_peft_model); {mem_note}; {clock_note}.",
     ]
     if notes:
