@@ -134,7 +134,7 @@ def test_eval_reuses_factors_until_something_changes(monkeypatch, tmp_path):
             out = model(**inputs).sample
         assert len(calls) > n, "stale factors reused"
         torch.testing.assert_close(out, _fresh_output(model, inputs), rtol=0, atol=0)
-        assert not torch.equal(out, first)
+        assert not torch.equal(out, first), change
         return out
 
     # 1. an optimizer step
@@ -178,6 +178,53 @@ def test_module_load_state_dict_invalidates_reuse(monkeypatch):
         after = model(**inputs).sample
     assert not torch.equal(before, after)
     torch.testing.assert_close(after, _fresh_output(model, inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method_name", ["oft", "fourierft"])
+def test_merge_reuses_factors_until_something_changes(monkeypatch, method_name):
+    """merge / unmerge / merge prepares once; an in-place parameter change, a strength change and
+    load_state_dict each make the next merge prepare again, with the merged weights those of a
+    fresh model (bit for bit), and unmerge still restores the originals bit for bit."""
+    model, calls = _counting_unet(monkeypatch, method_name)
+    inputs = tm.unet_inputs()
+    originals = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def merged_output():
+        before = len(calls)
+        da.merge_adapters(model)
+        prepared.append(len(calls) > before)
+        with torch.no_grad():
+            out = model(**inputs).sample
+        fresh = copy.deepcopy(model)
+        da.unmerge_adapters(fresh)
+        da.model.adapter_state(fresh)._bake_cache = None  # nothing reused there
+        da.merge_adapters(fresh)
+        with torch.no_grad():
+            torch.testing.assert_close(out, fresh(**inputs).sample, rtol=0, atol=0)
+        da.unmerge_adapters(model)
+        for k, v in model.state_dict().items():
+            if k in originals and "base_layer" in k:
+                assert torch.equal(v, originals[k]), k
+        return out
+
+    prepared = []
+    first = merged_output()
+    assert torch.equal(merged_output(), first) and prepared == [True, False]  # reused: no prepare
+    params = da.adapter_parameters(model, "a")
+    for change in ("in place", "strength", "load_state_dict"):
+        if change == "in place":
+            with torch.no_grad():
+                next(iter(params.values())).mul_(1.5)
+        elif change == "strength":
+            da.set_adapter_strength(model, "a", 0.5)
+        else:
+            sd = model.state_dict()
+            suffixes = tuple({"." + k.rsplit(".", 1)[1] for k in params})
+            model.load_state_dict({k: v * 0.9 if k.endswith(suffixes) else v for k, v in sd.items()})
+        out = merged_output()
+        assert prepared[-1], f"stale merge factors after {change}"
+        assert not torch.equal(out, first), change
+        first = out
 
 
 # -- partial merges ------------------------------------------------------------------------------------
