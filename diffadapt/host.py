@@ -241,18 +241,26 @@ class AdapterHost(nn.Module):
     @torch.no_grad()
     def bake_many(pairs: list) -> None:
         """:meth:`bake` of float hosts ``[(host, steps), ...]`` (steps never empty): every layer's
-        product from its kept original (no restoring copy first), all weights written by one
-        foreach copy."""
+        product from its kept original (no restoring copy first), written by one foreach copy (a
+        lone additive adapter on a float32/64 weight: ``W + dW`` added straight into the weight)."""
         if not pairs:
             return
         weights = [host.base_layer.weight for host, _ in pairs]
         for (host, _), weight in zip(pairs, weights):
             if host.original_weight is None:
                 host.original_weight = weight.detach().clone()
-        originals = [host._as_2d(host.original_weight) for host, _ in pairs]
-        computed = [w.to(torch.float64 if w.dtype == torch.float64 else torch.float32) for w in originals]
-        new = [AdapterHost.compose(w, steps) for w, (_, steps) in zip(computed, pairs)]
-        torch._foreach_copy_(weights, [host._from_2d(w).to(weight.dtype) for (host, _), w, weight in zip(pairs, new, weights)])
+        rest = []
+        for (host, steps), weight in zip(pairs, weights):
+            original = host._as_2d(host.original_weight)
+            compute = torch.float64 if original.dtype == torch.float64 else torch.float32
+            (method, prep), = steps if len(steps) == 1 else [(None, None)]
+            if method is not None and not method.multiplicative and method.delta_fields and original.dtype == compute:
+                # one additive adapter on a float32/64 weight: W + dW written straight into the weight
+                torch.add(original, method.delta_weight(prep, compute), out=host._as_2d(weight))
+            else:
+                rest.append((host, weight, AdapterHost.compose(original.to(compute), steps)))
+        if rest:
+            torch._foreach_copy_([w for _, w, _ in rest], [h._from_2d(new).to(w.dtype) for h, w, new in rest])
 
     def _as_2d(self, weight: Tensor) -> Tensor:
         """A tensor shaped like the base weight as ``(out_features, fan_in)`` (a view)."""
