@@ -31,6 +31,7 @@ file takes about as long as its longest chain of jobs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -911,6 +912,68 @@ def test_embedded_defaults_glue(assets, tmp_path, monkeypatch, dreambooth_module
     assert not set(args.comparison_prompts[2:]) & {world.INSTANCE_PROMPT, world.CLASS_PROMPT}
     assert args.max_train_steps == module.EMBEDDED_STEPS and args.validation_prompt is None and args.seed == 0
     assert args.class_data_dir == str(tmp_path / "out" / "class_images")
+
+
+def test_class_prompts_file_is_a_broad_prior(tmp_path, monkeypatch, dreambooth_module):
+    """--class_prompts_file: the class images are generated for its prompts in turn, each written with
+    its prompt beside it, and each trains with its own prompt (not --class_prompt); a missing or empty
+    file is refused at start."""
+    from PIL import Image
+
+    import diffadapt
+
+    module = dreambooth_module
+    (tmp_path / "instance").mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / "instance" / f"{i}.png")
+    prompts = ["a red circle", "a green star on a blue background", "a photo of a hexagon"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")  # a blank line is no prompt
+    argv = ["--pretrained_model_name_or_path", str(tmp_path), "--instance_data_dir", str(tmp_path / "instance"),
+            "--instance_prompt", "a photo of sks blob", "--method", "oft", "--output_dir", str(tmp_path / "out"),
+            "--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"), "--class_prompt", "a blob",
+            "--num_class_images", "4", "--sample_batch_size", "3", "--resolution", "32"]
+    args = module.parse_args([*argv, "--class_prompts_file", str(tmp_path / "prompts.txt")])
+    args.seed_value = 0  # (set by training_loop.start_run)
+    asked = []
+
+    class Pipe:  # the base model as generate_class_images calls it
+        def set_progress_bar_config(self, **kwargs):
+            pass
+
+        def __call__(self, prompt, generator, **kwargs):
+            asked.extend(prompt)
+            return type("Out", (), {"images": [Image.new("RGB", (32, 32)) for _ in prompt]})()
+
+    class Accelerator:
+        process_index, num_processes, device, is_local_main_process = 0, 1, "cpu", True
+        native_amp, mixed_precision = False, "no"
+
+        def wait_for_everyone(self):
+            pass
+
+        def print(self, *a):
+            pass
+
+    monkeypatch.setattr(diffadapt, "disable_adapters", lambda pipe: None)
+    monkeypatch.setattr(diffadapt, "enable_adapters", lambda pipe: None)
+    monkeypatch.setattr(module.training_loop, "autocast", lambda accelerator: contextlib.nullcontext())
+    family = type("Family", (), {"call": staticmethod(lambda args: {})})()
+    module.generate_class_images(args, Pipe(), Accelerator(), family)
+    assert asked == [*prompts, prompts[0]]  # in turn, wrapping around
+    written = sorted(p.name for p in (tmp_path / "class").iterdir())
+    assert written == [f"generated_{i:05d}.{ext}" for i in range(4) for ext in ("png", "txt")]
+    dataset = module.DreamBoothDataset(args, seed=0)
+    batch = module.collate([dataset[i] for i in range(len(dataset))])
+    assert batch["prompts"] == ["a photo of sks blob"] * 4 + [*prompts, prompts[0]]  # instance half, class half
+
+    plain = module.parse_args(argv)  # the same folder without the file: one prompt for every class image
+    assert module.class_prompts(plain) == ["a blob"]
+    (tmp_path / "class" / "generated_00001.txt").unlink()  # an image without its caption: --class_prompt
+    assert module.DreamBoothDataset(args, seed=0).class_prompts == [prompts[0], "a blob", prompts[2], prompts[0]]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    for bad in ("empty.txt", "missing.txt"):
+        with pytest.raises(module.common.UsageError, match="--class_prompts_file"):
+            module.parse_args([*argv, "--class_prompts_file", str(tmp_path / bad)])
 
 
 @pytest.mark.skipif(embedded_model() is None, reason="the embedded default model is not built yet")
