@@ -241,8 +241,8 @@ class AdapterHost(nn.Module):
     @torch.no_grad()
     def bake_many(pairs: list) -> None:
         """:meth:`bake` of float hosts ``[(host, steps), ...]`` (steps never empty): every layer's
-        product from its kept original (no restoring copy first), written by one foreach copy (a
-        lone additive adapter on a float32/64 weight: ``W + dW`` added straight into the weight)."""
+        product from its kept original (no restoring copy first), written by one foreach copy (an
+        additive outermost step on a float32/64 weight: ``+ dW`` added straight into the weight)."""
         if not pairs:
             return
         weights = [host.base_layer.weight for host, _ in pairs]
@@ -253,12 +253,13 @@ class AdapterHost(nn.Module):
         for (host, steps), weight in zip(pairs, weights):
             original = host._as_2d(host.original_weight)
             compute = torch.float64 if original.dtype == torch.float64 else torch.float32
-            (method, prep), = steps if len(steps) == 1 else [(None, None)]
-            if method is not None and not method.multiplicative and method.delta_fields and original.dtype == compute:
-                # one additive adapter on a float32/64 weight: W + dW written straight into the weight
-                torch.add(original, method.delta_weight(prep, compute), out=host._as_2d(weight))
+            (method, prep), inner = steps[0], steps[1:]  # the outermost step acts last
+            inner_w = AdapterHost.compose(original.to(compute), inner) if inner else original.to(compute)
+            if not method.multiplicative and method.delta_fields and original.dtype == compute:
+                # an additive outermost step on a float32/64 weight: + dW written straight into the weight
+                torch.add(inner_w, method.delta_weight(prep, compute), out=host._as_2d(weight))
             else:
-                rest.append((host, weight, AdapterHost.compose(original.to(compute), steps)))
+                rest.append((host, weight, method.apply_to_weight(inner_w, prep)))
         if rest:
             torch._foreach_copy_([w for _, w, _ in rest], [h._from_2d(new).to(w.dtype) for h, w, new in rest])
 

@@ -391,4 +391,3 @@ class Method:
     def apply_to_weight(weight: Tensor, prep: Any) -> Tensor:
         """The effective 2-D weight: ``diag(s) W R^T`` or ``W + dW`` (merge and conv path)."""
         raise NotImplementedError
-

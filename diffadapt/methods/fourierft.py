@@ -233,15 +233,14 @@ class FourierFT(Method):
         # Xc = conj(X): imag weight -1/2; a folded (conjugated) entry flips it back to +1/2
         w_fft = torch.stack([torch.full(conj.shape, 0.5), torch.where(conj, 0.5, -0.5)], -1).flatten()
         pair = torch.tensor([0, 1])
-        dev = device
         return {
-            "rows": j.to(dev), "cols": k.to(dev),  # PEFT's `indices`
-            "pos_half2d": pos.to(dev), "w_half2d": w2d.to(dev),
-            "pos_grad": torch.where(k <= hi, j * (hi + 1) + k, jm * (hi + 1) + km).to(dev),  # half-grid cell of (j, k)
-            "src": src.repeat_interleave(2).to(dev), "w_fft": w_fft.to(dev),
-            "gather": (2 * kk[src, None] + pair).flatten().to(dev),
-            "scatter": (2 * slot[:, None] + pair).flatten().to(dev),
-            "shape": torch.empty(d_out, d_in, 0, device=dev),  # carries (d_out, d_in) as static sizes
+            "rows": j.to(device), "cols": k.to(device),  # PEFT's `indices`
+            "pos_half2d": pos.to(device), "w_half2d": w2d.to(device),
+            "pos_grad": torch.where(k <= hi, j * (hi + 1) + k, jm * (hi + 1) + km).to(device),  # half-grid cell of (j, k)
+            "src": src.repeat_interleave(2).to(device), "w_fft": w_fft.to(device),
+            "gather": (2 * kk[src, None] + pair).flatten().to(device),
+            "scatter": (2 * slot[:, None] + pair).flatten().to(device),
+            "shape": torch.empty(d_out, d_in, 0, device=device),  # carries (d_out, d_in) as static sizes
         }
 
     @classmethod
