@@ -971,9 +971,14 @@ def test_class_prompts_file_is_a_broad_prior(tmp_path, monkeypatch, dreambooth_m
     (tmp_path / "class" / "generated_00001.txt").unlink()  # an image without its caption: --class_prompt
     assert module.DreamBoothDataset(args, seed=0).class_prompts == [prompts[0], "a blob", prompts[2], prompts[0]]
     (tmp_path / "empty.txt").write_text("\n \n")
-    for bad in ("empty.txt", "missing.txt"):
+    (tmp_path / "huge.txt").write_text("a blob\n" * (module.MAX_PROMPTS_FILE_BYTES // 7 + 1))
+    for bad in ("empty.txt", "missing.txt", "huge.txt"):
         with pytest.raises(module.common.UsageError, match="--class_prompts_file"):
             module.parse_args([*argv, "--class_prompts_file", str(tmp_path / bad)])
+    caption = tmp_path / "class" / "generated_00002.txt"
+    caption.write_text("x" * (module.MAX_CAPTION_BYTES + 1))  # a caption too big to be one: refused, named
+    with pytest.raises(module.common.UsageError, match="generated_00002.txt"):
+        module.DreamBoothDataset(args, seed=0)
 
 
 @pytest.mark.skipif(embedded_model() is None, reason="the embedded default model is not built yet")

@@ -172,11 +172,19 @@ def use_embedded_defaults(args) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+MAX_PROMPTS_FILE_BYTES = 1 << 20  # a prompts file / a caption is text, not data: refuse anything bigger
+MAX_CAPTION_BYTES = 1 << 16
+
+
 def class_prompts(args) -> list[str]:
     """The prompts class images are generated for: --class_prompts_file's lines, else --class_prompt."""
     if args.class_prompts_file is None:
         return [args.class_prompt]
     try:
+        size = Path(args.class_prompts_file).stat().st_size
+        if size > MAX_PROMPTS_FILE_BYTES:
+            raise UsageError(f"--class_prompts_file {args.class_prompts_file} is {size} bytes; prompts files are "
+                             f"at most {MAX_PROMPTS_FILE_BYTES} bytes (one prompt a line).")
         lines = Path(args.class_prompts_file).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"--class_prompts_file {args.class_prompts_file}: {error}") from None
@@ -196,7 +204,14 @@ def prior_description(args) -> str:
 def caption_of(path: Path, default: str | None) -> str | None:
     """A class image's own prompt (<image>.txt beside it, as generate_class_images writes it), else ``default``."""
     text = Path(path).with_suffix(".txt")
-    return text.read_text().strip() if text.is_file() else default
+    if not text.is_file():
+        return default
+    if text.stat().st_size > MAX_CAPTION_BYTES:
+        raise UsageError(f"{text}: a caption file of {text.stat().st_size} bytes (at most {MAX_CAPTION_BYTES}).")
+    try:
+        return text.read_text().strip()
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{text}: not a text caption ({error}).") from None
 
 
 class DreamBoothDataset:
@@ -277,7 +292,7 @@ def generate_class_images(args, pipe, accelerator, family) -> None:
                               **pipeline_call_kwargs(args, family)).images
             for i, image in zip(chunk, images):
                 if args.class_prompts_file is not None:  # the caption first: an image is only counted once saved
-                    (folder / f"generated_{i:05d}.txt").write_text(prompts[i % len(prompts)] + "\n")
+                    atomic_io.write_text_atomic(folder / f"generated_{i:05d}.txt", prompts[i % len(prompts)] + "\n")
                 image.save(folder / f"generated_{i:05d}.png")
             bar.update(len(chunk))
     finally:
