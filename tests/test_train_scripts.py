@@ -352,6 +352,10 @@ REFUSALS = {
                                         ["target_modules pattern", "'(x+x+)+y'", "refused"], False),
 }
 REGEX_BOMBS = [case for case in REFUSALS if "regex-bomb" in case or "90kb" in case]
+# output distillation: the same OFT run without and with it (text encoder trained, 2 micro-batches a step)
+PRESERVATION_PROMPTS = ["a red circle", "a green square on a blue background", "a small yellow star",
+                        "a photo of a white cross", "a large dotted orange triangle on a black background"]
+PRESERVATION_RUN = ["--learning_rate", "0.1", "--train_text_encoder", "--gradient_accumulation_steps", "2"]
 
 
 def wanted_jobs(items) -> set[str]:
@@ -373,6 +377,7 @@ def wanted_jobs(items) -> set[str]:
             "test_training_flag_refusals": {f"refuse_{param}"} | ({"ck_fourierft"} if REFUSALS.get(param, [0, 0, 0])[2]
                                                                 else set()),
             "test_regex_bomb_flags_are_refused_quickly_in_one_short_line": {f"refuse_{param}"},
+            "test_preservation_keeps_other_prompts_closer_to_the_base": {"pres_off", "pres_on"},
         }.get(name, set())
     return keys
 
@@ -426,6 +431,10 @@ def runs(assets, request):
     if embedded_model() is not None:  # no model, no data: the embedded model and its bundled subject
         r.add("db_embedded", [sys.executable, DREAMBOOTH, "--max_train_steps", "2", "--seed", "0", "--report_to", "none", "--num_inference_steps", "2",
                               "--num_validation_images", "1", "--output_dir", out / "db_embedded"], out / "db_embedded")
+    (assets / "preservation_prompts.txt").write_text("\n".join(PRESERVATION_PROMPTS) + "\n")
+    for key, extra in {"pres_off": [], "pres_on": ["--preservation_prompts_file", assets / "preservation_prompts.txt",
+                                                   "--preservation_weight", "20"]}.items():
+        r.add(key, dreambooth_cmd(assets, out / key, "oft", *PRESERVATION_RUN, *extra), out / key)
     ddp_out = out / "ddp"
     r.add("ddp", [TORCHRUN, "--standalone", "--nproc_per_node", "2", *dreambooth_cmd(
         assets, ddp_out, "oft", "--train_text_encoder", "--max_train_steps", "4", "--debug_rank_digest")[1:]],
@@ -1121,3 +1130,196 @@ def test_controlnet_every_method(method, runs, sd, assets):
         for role in ("unet", "controlnet"):
             assert sorted(p.name for p in (out / "checkpoint-4" / role).iterdir()) == [
                 "adapter_config.json", "adapter_model.safetensors"]
+
+
+# ----------------------------------------------------------------------------------------------
+# output distillation against the frozen base (--preservation_prompts_file / --preservation_weight)
+# ----------------------------------------------------------------------------------------------
+
+
+def _distillation_setup(module, method="oft", text_encoder=False):
+    """A tiny SD pipeline with ``method`` adapters (UNet, and the text encoder if asked), the SD
+    family's Denoising and fixed latents: what train_dreambooth.py's loss_fn hands preservation_loss."""
+    import diffadapt as da
+
+    families, common = module.families, module.common
+    pipe = tp.BUILDERS["sd"](0)
+    pipe.set_progress_bar_config(disable=True)
+    args = type("Args", (), {"prediction_type": None, "noise_offset": 0.0, "snr_gamma": None, "resolution": 32,
+                             "method": method, "adapter_config": None,
+                             **{flag: None for flag in common.METHOD_FLAGS}})()
+    args.oft_block_size = 8
+    config = common.adapter_config(args)
+    common.inject(pipe.unet, config, "attention", "unet")
+    if text_encoder:
+        common.inject(pipe.text_encoder, common.adapter_config(args), "attention", "text_encoder")
+    family = families.FAMILIES["StableDiffusionPipeline"]
+    denoising = families.Denoising(family, args, pipe, pipe.unet, torch.float32)
+    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+
+    def encode(prompts):
+        return family.encode(pipe, [pipe.text_encoder], [pipe.tokenizer], prompts, args, "cpu")
+
+    return da, pipe, denoising, latents, encode
+
+
+def _perturb(da, model, scale=0.3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in da.adapter_parameters(model, "default").values():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def test_preservation_loss_is_the_distillation_term(dreambooth_module):
+    """preservation_loss is exactly 0 at the adapters' initialisation (the base model), and for a
+    perturbed adapter equals mean((adapted - base)^2) computed here by hand (same noise and
+    timesteps, base with adapters disabled); its gradient reaches the adapter and no base weight;
+    the step's generator ends where it would without the base pass. With the text encoder adapted,
+    the base prediction uses the base text encoder (adapters off there too)."""
+    from diffusers import DDPMScheduler
+
+    module = dreambooth_module
+    assert module.common.ADAPTER_NAME == "default"
+    prompts = ["a large red square on a green background", "a small dotted white star"]
+    for text_encoder in (False, True):
+        da, pipe, denoising, latents, encode = _distillation_setup(module, text_encoder=text_encoder)
+        pipe.unet.train()
+        g = torch.Generator().manual_seed(7)
+        zero = module.preservation_loss(denoising, pipe, latents, prompts, {}, g, encode, encode)
+        assert zero.item() == 0.0, f"text encoder {text_encoder}: {zero.item()} at init"
+
+        _perturb(da, pipe.unet)
+        if text_encoder:
+            _perturb(da, pipe.text_encoder, seed=2)
+        g = torch.Generator().manual_seed(7)
+        loss = module.preservation_loss(denoising, pipe, latents, prompts, {}, g, encode,
+                                        lambda p: encode(p))
+        end = g.get_state()
+        # by hand: the same draws as sd_parts.unet_noise, from the same seed
+        h = torch.Generator().manual_seed(7)
+        noise = torch.randn(latents.shape, generator=h)
+        t = torch.randint(0, 1000, (2,), generator=h).long()
+        assert torch.equal(end, h.get_state()), "the generator did not end after one draw of noise and timesteps"
+        noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(latents, noise, t)
+        with torch.no_grad():
+            adapted = pipe.unet(noisy, t, encode(prompts)["encoder_hidden_states"]).sample
+            da.disable_adapters(pipe)
+            base = pipe.unet(noisy, t, encode(prompts)["encoder_hidden_states"]).sample
+            da.enable_adapters(pipe)
+        expected = ((adapted - base) ** 2).mean().item()
+        assert expected > 1e-6, "the perturbation does not move the prediction"
+        assert loss.item() == pytest.approx(expected, rel=1e-5), (loss.item(), expected)
+        if text_encoder:  # the base text encoder's conditioning is not the adapted one's
+            with torch.no_grad():
+                adapted_cond = encode(prompts)["encoder_hidden_states"]
+                da.disable_adapters(pipe)
+                base_cond = encode(prompts)["encoder_hidden_states"]
+                da.enable_adapters(pipe)
+            assert not torch.allclose(adapted_cond, base_cond)
+        loss.backward()
+        trained = [p for p in pipe.unet.parameters() if p.requires_grad]
+        assert trained and all(p.grad is not None for p in trained)
+        assert any(p.grad.abs().sum() > 0 for p in trained)
+        frozen = list(da.adapter_parameters(pipe.unet, "default").values())
+        assert len(trained) == len(frozen)  # only the adapter trains: no gradient on a base weight
+        assert all(p.grad is None for p in pipe.unet.parameters() if not p.requires_grad)
+        if text_encoder:
+            assert any(p.grad is not None and p.grad.abs().sum() > 0
+                       for p in da.adapter_parameters(pipe.text_encoder, "default").values())
+        assert da.active_adapters(pipe), "the adapters were left disabled"
+
+
+def test_preservation_flags(tmp_path, dreambooth_module):
+    """--preservation_prompts_file / --preservation_weight: the file's prompts (blank lines dropped),
+    weight 1 by default; one clear refusal for a missing, empty, oversized or undecodable file and a
+    negative or non-finite weight, and for a weight without a file on a model of one's own; the
+    embedded default's built-in prompt set keeps clear of the scored prompts."""
+    from diffadapt.embedded import world
+
+    module = dreambooth_module
+    (tmp_path / "instance").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (40, 90, 200)).save(tmp_path / "instance" / "0.png")
+    argv = ["--pretrained_model_name_or_path", str(tmp_path), "--instance_data_dir", str(tmp_path / "instance"),
+            "--instance_prompt", "a photo of sks blob", "--method", "oft", "--output_dir", str(tmp_path / "out")]
+    (tmp_path / "prompts.txt").write_text("a red circle\n\n  a green star  \n")
+    args = module.parse_args([*argv, "--preservation_prompts_file", str(tmp_path / "prompts.txt")])
+    assert args.preservation_prompts == ["a red circle", "a green star"] and args.preservation_weight == 1.0
+    args = module.parse_args([*argv, "--preservation_prompts_file", str(tmp_path / "prompts.txt"),
+                              "--preservation_weight", "0.25"])
+    assert args.preservation_weight == 0.25
+    assert module.parse_args(argv).preservation_weight == 0.0  # off by default
+    assert module.parse_args([*argv, "--preservation_weight", "0"]).preservation_weight == 0.0
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "huge.txt").write_text("a blob\n" * (module.MAX_PROMPTS_FILE_BYTES // 7 + 1))
+    (tmp_path / "binary.txt").write_bytes(b"a red \xff\xfe circle\n")
+    for bad, words in {"missing.txt": "missing.txt", "empty.txt": "holds no prompt", "huge.txt": "at most",
+                       "binary.txt": "utf-8"}.items():
+        with pytest.raises(module.common.UsageError, match="--preservation_prompts_file") as info:
+            module.parse_args([*argv, "--preservation_prompts_file", str(tmp_path / bad)])
+        assert words in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(module.common.UsageError, match="--preservation_weight -0.5: must be a finite number >= 0"):
+        module.parse_args([*argv, "--preservation_prompts_file", str(tmp_path / "prompts.txt"),
+                           "--preservation_weight", "-0.5"])
+    for weight in ("nan", "inf"):  # refused by the parser's number check: one line, exit code 2
+        with pytest.raises(SystemExit) as info:
+            module.parse_args([*argv, "--preservation_weight", weight])
+        assert info.value.code == 2
+    with pytest.raises(module.common.UsageError, match="needs --preservation_prompts_file"):
+        module.parse_args([*argv, "--preservation_weight", "1"])
+
+    prompts = module.embedded_preservation_prompts()
+    assert len(prompts) == module.EMBEDDED_PRESERVATION_PROMPTS and len(set(prompts)) > 100
+    assert prompts == module.embedded_preservation_prompts()  # fixed
+    assert not set(prompts) & {*world.UNRELATED_PROMPTS, world.INSTANCE_PROMPT, world.CLASS_PROMPT}
+    for prompt in world.UNRELATED_PROMPTS:  # not even the same shape and colour in other words
+        words = prompt.split()
+        shape, color = next(w for w in words if w in world.SHAPES), next(w for w in words if w in world.COLORS)
+        assert not [p for p in prompts if f"{color} {shape}" in p], prompt
+    assert not [p for p in prompts if "striped purple" in p]
+    assert any("hexagon" in p for p in prompts)  # other hexagons stay as they were
+
+
+def test_preservation_keeps_other_prompts_closer_to_the_base(runs, sd):
+    """The same OFT run (high learning rate, text encoder trained, gradient accumulation) without and
+    with --preservation_prompts_file: with it, the predictions for the file's prompts, and for a
+    prompt it does not hold, stay much closer to the base model's (fixed noise and timesteps), while
+    the instance prompt's prediction still moves."""
+    import diffadapt as da
+
+    pipe, scheduler = sd
+    latents = torch.randn((4, 4, 4, 4), generator=torch.Generator().manual_seed(3))
+    held_out = "a blue hexagon on a yellow background"
+
+    @torch.no_grad()
+    def predictions(prompts):
+        ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids
+        hidden = pipe.text_encoder(ids)[0]
+        g = torch.Generator().manual_seed(11)
+        out = []
+        for _ in range(4):
+            noise = torch.randn(latents.shape, generator=g)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=g)
+            out.append(pipe.unet(scheduler.add_noise(latents, noise, t), t, hidden).sample)
+        return torch.stack(out)
+
+    groups = {"file": PRESERVATION_PROMPTS[:4], "held out": [held_out] * 4, "instance": [PROMPT] * 4}
+    base = {k: predictions(v) for k, v in groups.items()}
+    moved = {}
+    for key in ("pres_off", "pres_on"):
+        out = runs.result(key).out_dir
+        assert set(artifact(out)["components"]) == {"unet", "text_encoder"}
+        da.load_adapter(pipe, out, "trained")
+        try:
+            moved[key] = {k: ((predictions(v) - base[k]) ** 2).mean().item() for k, v in groups.items()}
+        finally:
+            da.unload(pipe)
+    print(f"\npreservation, mean squared change of the prediction: {moved}")
+    off, on = moved["pres_off"], moved["pres_on"]
+    assert on["file"] < 0.6 * off["file"], moved  # measured: 0.46
+    assert on["held out"] < 0.8 * off["held out"], moved  # measured: 0.57
+    assert on["instance"] > 0.1 * off["instance"], moved  # the subject is still learned
+    assert "Output distillation against the base model (weight 20) on 5 prompts" in (
+        runs.result("pres_on").out_dir / "README.md").read_text()

@@ -24,6 +24,8 @@ validation/, train_log.jsonl and the resumable checkpoint-<step> folders.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import shlex
 import sys
@@ -64,6 +66,17 @@ def parse_args(argv=None):
                    "prompt beside it (<image>.txt), and every class image with such a caption file trains with its "
                    "own prompt: the prior then keeps what the prompts cover (say, the kinds of prompt the model "
                    "should go on drawing as before), not only the class. Images without one use --class_prompt.")
+    g = parser.add_argument_group("output distillation (preservation against the frozen base)")
+    g.add_argument("--preservation_prompts_file", default=None,
+                   help="A text file of prompts, one a line (the kinds of prompt the model should go on drawing as "
+                   "before; not the ones you evaluate on). Each step adds --preservation_weight x the mean squared "
+                   "difference between the adapted model's prediction and the frozen base model's (adapters off, no "
+                   "gradient; with --train_text_encoder the base prediction also uses the base text encoder) for as "
+                   "many of its prompts, drawn at random, as the batch has rows, on the batch's latents noised again "
+                   "at fresh timesteps. With the embedded default model and its bundled subject, a built-in set of "
+                   "world captions is used when --preservation_weight is given without a file.")
+    g.add_argument("--preservation_weight", type=float, default=None,
+                   help="Weight of the output-distillation loss (default 1 with --preservation_prompts_file; 0: off).")
     g.add_argument("--validation_prompt", default=None, help="Prompt for validation images (off if not given).")
     g.add_argument("--comparison_prompts", nargs="+", default=None,
                    help="At the end, write <output_dir>/before_after.png: one row per prompt, columns at adapter "
@@ -118,7 +131,30 @@ def parse_args(argv=None):
     elif args.class_data_dir or args.class_prompt or args.class_prompts_file:
         print("warning: --class_data_dir / --class_prompt / --class_prompts_file are ignored without "
               "--with_prior_preservation.", file=sys.stderr)
+    check_preservation(args)
     return args
+
+
+def check_preservation(args) -> None:
+    """--preservation_weight / --preservation_prompts_file: refused in one line when they cannot work;
+    the prompts are read here (a missing, empty, oversized or undecodable file fails before anything loads)."""
+    weight = args.preservation_weight
+    if weight is not None and not (math.isfinite(weight) and weight >= 0):
+        raise UsageError(f"--preservation_weight {weight}: must be a finite number >= 0.")
+    if args.preservation_prompts_file is not None:
+        args.preservation_weight = 1.0 if weight is None else weight
+        args.preservation_prompts = read_prompts_file("--preservation_prompts_file", args.preservation_prompts_file)
+    elif weight:
+        if not args.embedded_subject:
+            raise UsageError(f"--preservation_weight {weight} needs --preservation_prompts_file (a built-in prompt "
+                             "set exists only for the embedded default model with its bundled subject).")
+        args.preservation_prompts = embedded_preservation_prompts()
+    else:
+        args.preservation_prompts = None
+    if not args.preservation_weight:
+        args.preservation_weight, args.preservation_prompts = 0.0, None
+
+
 
 
 # The main job (no model, no data): what it trains unless told otherwise. Chosen from the quality
@@ -139,11 +175,13 @@ def use_embedded_defaults(args) -> None:
     those and two unrelated ones: the before/after grid stands in for periodic validation),
     the class images folder to <output_dir>/class_images, --max_train_steps to EMBEDDED_STEPS
     and --seed to 0."""
+    args.embedded_subject = False
     if args.pretrained_model_name_or_path is not None:
         return
     args.pretrained_model_name_or_path = common.embedded_model_path()
     if args.instance_data_dir is not None:
         return
+    args.embedded_subject = True
     from diffadapt.embedded import world
 
     if args.seed is None:  # the main job is reproducible: the same adapter and grid on every machine
@@ -180,18 +218,52 @@ def class_prompts(args) -> list[str]:
     """The prompts class images are generated for: --class_prompts_file's lines, else --class_prompt."""
     if args.class_prompts_file is None:
         return [args.class_prompt]
+    return read_prompts_file("--class_prompts_file", args.class_prompts_file)
+
+
+def read_prompts_file(flag: str, path) -> list[str]:
+    """A prompts file's non-blank lines, stripped; a missing, oversized, undecodable or empty file: one UsageError."""
     try:
-        size = Path(args.class_prompts_file).stat().st_size
+        size = Path(path).stat().st_size
         if size > MAX_PROMPTS_FILE_BYTES:
-            raise UsageError(f"--class_prompts_file {args.class_prompts_file} is {size} bytes; prompts files are "
+            raise UsageError(f"{flag} {path} is {size} bytes; prompts files are "
                              f"at most {MAX_PROMPTS_FILE_BYTES} bytes (one prompt a line).")
-        lines = Path(args.class_prompts_file).read_text().splitlines()
+        lines = Path(path).read_bytes().decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"--class_prompts_file {args.class_prompts_file}: {error}") from None
+        raise UsageError(f"{flag} {path}: {error}") from None
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
-        raise UsageError(f"--class_prompts_file {args.class_prompts_file} holds no prompt.")
+        raise UsageError(f"{flag} {path} holds no prompt.")
     return prompts
+
+
+EMBEDDED_PRESERVATION_PROMPTS = 256  # the built-in preservation set of the embedded default
+EMBEDDED_PRESERVATION_SEED = 20261202
+
+
+def embedded_preservation_prompts(n: int = EMBEDDED_PRESERVATION_PROMPTS,
+                                  seed: int = EMBEDDED_PRESERVATION_SEED) -> list[str]:
+    """Varied world captions (random pretraining scenes, paraphrased) for the embedded default's output
+    distillation. Held out, so that benchmarks/quality.py's drift scores measure generalisation: no
+    scene with the shape and colour of one of ``world.UNRELATED_PROMPTS`` (the scored prompts), none
+    with the subject's look (purple and striped), never the instance or the class prompt."""
+    import random
+
+    from diffadapt.embedded import world
+
+    scored = set()
+    for prompt in world.UNRELATED_PROMPTS:
+        words = prompt.split()
+        scored.add((next(w for w in words if w in world.SHAPES), next(w for w in words if w in world.COLORS)))
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        scene = world.sample_scene(rng)
+        if (scene.shape, scene.color) in scored or (scene.color, scene.texture) == ("purple", "striped"):
+            continue
+        text = world.caption(scene, rng)
+        if text not in (world.INSTANCE_PROMPT, world.CLASS_PROMPT):
+            out.append(text)
+    return out
 
 
 def prior_description(args) -> str:
@@ -261,6 +333,44 @@ def collate(examples):
         "original_sizes": [e["original"][j] for e, j in order],
         "crops_top_left": [e["crop"][j] for e, j in order],
     }
+
+
+@contextlib.contextmanager
+def adapters_off(pipe):
+    """The frozen base model inside the block: every adapted component's adapters disabled
+    (``diffadapt.disable_adapters``), enabled again after."""
+    import diffadapt as da
+
+    da.disable_adapters(pipe)
+    try:
+        yield
+    finally:
+        da.enable_adapters(pipe)
+
+
+def draw_prompts(prompts: list[str], n: int, generator) -> list[str]:
+    """``n`` prompts drawn at random (with replacement) with the step's generator: a resumed run draws the same."""
+    index = torch.randint(len(prompts), (n,), generator=generator, device=generator.device)
+    return [prompts[i] for i in index.tolist()]
+
+
+def preservation_loss(denoising, pipe, latents, prompts, batch, generator, encode_adapted, encode_base):
+    """Output distillation against the frozen base: mean over elements of
+    (adapted prediction - base prediction)^2 for ``prompts`` (one per row of ``latents``) on
+    ``latents`` noised again (fresh noise and timesteps from ``generator``, the same for both).
+
+    The base prediction runs with every adapter disabled (so with the base text encoder too, when
+    it is trained: ``encode_base`` runs inside the same block) and without gradient; the adapted
+    one is ``encode_adapted`` + the training denoiser, with gradient. At the adapter's
+    initialisation (the base model) the term is exactly zero."""
+    state = generator.get_state()
+    with torch.no_grad(), adapters_off(pipe):
+        base, _, _ = denoising.predict(latents, encode_base(prompts), batch, generator)
+    after = generator.get_state()
+    generator.set_state(state)  # the same noise and timesteps for the adapted prediction
+    adapted, _, _ = denoising.predict(latents, encode_adapted(prompts), batch, generator)
+    generator.set_state(after)
+    return ((adapted.float() - base.float()) ** 2).mean()
 
 
 def generate_class_images(args, pipe, accelerator, family) -> None:
@@ -469,14 +579,30 @@ def main(argv=None):
             cache[key] = encoded
         return cache[key]
 
+    def frozen_conditioning(prompts):  # the base text encoder (adapters off in preservation_loss), no gradient
+        with torch.no_grad():
+            return family.encode(pipe, encoders, tokenizers, prompts, args, accelerator.device)
+
     def loss_fn(batch, generator):
         latents = denoising.latents(batch["pixel_values"].to(accelerator.device), generator)
         pred, target, t = denoising.predict(latents, conditioning(batch["prompts"]), batch, generator)
         if not args.with_prior_preservation:
-            return denoising.loss(pred, target, t)
-        half = pred.shape[0] // 2  # instance examples first, class examples second (see collate)
-        prior = denoising.loss(pred[half:], target[half:], t[half:])
-        return denoising.loss(pred[:half], target[:half], t[:half]) + args.prior_loss_weight * prior
+            loss = denoising.loss(pred, target, t)
+        else:
+            half = pred.shape[0] // 2  # instance examples first, class examples second (see collate)
+            prior = denoising.loss(pred[half:], target[half:], t[half:])
+            loss = denoising.loss(pred[:half], target[:half], t[:half]) + args.prior_loss_weight * prior
+        if args.preservation_weight:  # output distillation against the frozen base (--preservation_*)
+            prompts = draw_prompts(args.preservation_prompts, latents.shape[0], generator)
+            if text_roles:  # adapted: the trained text encoder, with gradient; base: adapters off, none
+                encode_adapted, encode_base = (
+                    lambda p: family.encode(pipe, encoders, tokenizers, p, args, accelerator.device)), frozen_conditioning
+            else:  # a frozen text encoder: one encoding serves both
+                cond = frozen_conditioning(prompts)
+                encode_adapted = encode_base = lambda p: cond
+            loss = loss + args.preservation_weight * preservation_loss(
+                denoising, pipe, latents, prompts, batch, generator, encode_adapted, encode_base)
+        return loss
 
     grids = []
 
@@ -526,7 +652,9 @@ image = pipe({args.instance_prompt!r}).images[0]
             tags=["dreambooth", "text-to-image", family.name], base_model=args.pretrained_model_name_or_path,
             usage=usage, config=sd_parts.card_config(config, preset), trainable=trainable,
             extra=f"Instance prompt: `{args.instance_prompt}`."
-            + (f" Prior preservation with {prior_description(args)}." if args.with_prior_preservation else "") + "\n",
+            + (f" Prior preservation with {prior_description(args)}." if args.with_prior_preservation else "")
+            + (f" Output distillation against the base model (weight {args.preservation_weight:g}) on "
+               f"{len(args.preservation_prompts)} prompts." if args.preservation_weight else "") + "\n",
             images=[os.path.relpath(g, args.output_dir) for g in grids],
         )
         print_done(args, grids)
