@@ -26,14 +26,16 @@ so init is the base layer *exactly* and ``a`` interpolates (0 = base bit-exactly
 adapter, in between the spectrum and couplings move linearly: ``Lambda0 + a (Lambda - Lambda0)``,
 ``a S``). Dropout (``frod_dropout``, training only) acts on the adapter branch's input, as PEFT.
 
-Forward, exact either way (:func:`uses_weight_path` picks by shape, no host sync), with the
-core ``M = diag(a (Lambda - Lambda0)) + a S`` scattered dense once per call (d_in^2 numbers, like
-V): few tokens ``((x V) M^T) U^T`` (M rebuilt in backward rather than kept); many tokens
-``x dW^T`` with ``dW = (U M) V^T``. A sparse
-gather/``index_add`` for ``(x V) S^T`` was measured and dropped (CPU, 1 thread, fp32, fwd+bwd,
-sparse_rate 0.01: d=320, T=4096: 95 ms vs 79 ms with the dense core, 36 ms via dW; d=768,
-T=154: 21 vs 15 ms; it wins only near sparse_rate 0.001, saves T x nnz activations, and on GPUs
-scattered adds lose to GEMMs by far more).
+Forward, exact either way (:func:`uses_weight_path` picks by a multiply-add count, no host
+sync), with the core ``M = diag(a (Lambda - Lambda0)) + a S`` scattered dense once per call
+(d_in^2 numbers, like V): few tokens ``((x V) M^T) U^T`` (M rebuilt in backward rather than kept);
+many tokens ``x dW^T`` with ``dW = (U M) V^T``, whose adjoint reads ``U^T G V`` at the diagonal
+and the S cells by row gathers of the transposed factors (``U`` is stored column-major for that;
+a column gather ``u[:, rows]`` is 5-10x slower on the CPU). Sparse forms were measured and dropped:
+``U M`` from ``nnz`` scattered rows of ``U^T`` (no dense core) runs as fast as the dense GEMM it
+replaces at 1 % density (CPU, one thread, fp32: 128x512 1.0 vs 1.8 ms, 1280x1280 175 vs 103 ms --
+each gathered element costs ~100 GEMM multiply-adds), and a gather/``index_add`` for ``(x V) S^T``
+lost the same way (d=320, T=4096: 95 vs 79 ms); on GPUs scattered adds lose to GEMMs by more.
 
 Precision and devices of the shared basis: decompositions run on the weights' device, batched
 over groups of equal (N, d_out, d_in), in float32 (float64 for float64 weights): float64 on the CPU
@@ -288,11 +290,13 @@ class FRoDPrep(NamedTuple):
 
 
 def uses_weight_path(tokens: int, d_out: int, d_in: int) -> bool:
-    """Build dW per call (``T d_out d_in + 2 d_out d_in^2`` flops) rather than go through the
-    basis (``T d_in (2 d_in + d_out)``): cheaper once ``T >= d_out``. CPU, one thread, fp32,
-    forward+backward, d_in = d_out: d=320, T=4096: dW 36 ms, basis 79 ms; d=768, T=384: 54 vs 37 ms;
-    d=1280, T=1024: 397 vs 408 ms."""
-    return tokens >= d_out
+    """Build dW per call rather than go through the basis, by the multiply-adds of forward +
+    backward on top of the frozen layer's (T tokens, o = d_out, i = d_in): the weight path pays the
+    weight gradient ``gᵀx`` (T o i), dW (``min(i^2 (i + o), 2 o i^2)``) and its adjoint ``G V``
+    (o i^2); the basis path ``x V``, the dense core and ``U`` with their backward (2 T o i + 5 T i^2).
+    (The rule before, ``T >= d_out``, sent e.g. a 1024x128 layer at T = 256 the long way.)"""
+    weight = tokens * d_out * d_in + min(d_in * d_in * (d_in + d_out), 2 * d_out * d_in * d_in) + d_out * d_in * d_in
+    return weight <= tokens * d_in * (2 * d_out + 5 * d_in)
 
 
 def _core(p: FRoDPrep, dtype: torch.dtype) -> Tensor:
@@ -456,6 +460,7 @@ class FRoD(Method):
         if solved is None:
             solved = _solve_members([_GroupBasis(shared)], [layer], [weight])[0].members[layer.name]
         u, lam0 = solved
+        u = u.mT.contiguous().mT  # column-major: the adjoint gathers rows of U^T (delta_weight_backward)
         lam = lam0.clone()
         vals = torch.zeros(idx.shape[1], device=weight.device, dtype=weight.dtype)
         if not config.init_weights:  # PEFT's random start, same RNG order
@@ -508,13 +513,14 @@ class FRoD(Method):
     @staticmethod
     def delta_weight_backward(prep: FRoDPrep, grad: Tensor) -> tuple[Tensor, Tensor]:
         """``dM = U^T G V`` read at the diagonal (``lam``) and at the S cells (``vals``) for
-        ``G = dL/d(dW)``: one GEMM ``G V`` and two column gathers (autograd through ``(U M) V^T``
+        ``G = dL/d(dW)``: one GEMM ``G V`` and two row gathers (autograd through ``(U M) V^T``
         spends a second GEMM on the whole ``d_in x d_in`` ``dM``)."""
         dtype = torch.promote_types(grad.dtype, torch.float32)
-        gv = grad.to(dtype) @ prep.V.to(dtype)  # (d_out, d_in)
-        u = prep.U.to(dtype)
-        glam = (u * gv).sum(0)
-        gvals = (u[:, prep.rows] * gv[:, prep.cols]).sum(0)
+        gvt = prep.V.to(dtype).mT @ grad.to(dtype).mT  # (G V)^T, (d_in, d_out)
+        ut = prep.U.to(dtype).mT  # contiguous rows: U is stored column-major (init_layer)
+        glam = (ut * gvt).sum(1)
+        # row gathers of the transposed factors: a column gather u[:, rows] is 5-10x slower on the CPU
+        gvals = (ut.index_select(0, prep.rows) * gvt.index_select(0, prep.cols)).sum(1)
         return glam.to(prep.lam.dtype), gvals.to(prep.vals.dtype)
 
     @staticmethod

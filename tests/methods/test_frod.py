@@ -461,9 +461,8 @@ def test_layer_and_io_errors():
 
 
 def test_basis_path_core_product_matches_autograd_float64():
-    """Few tokens: ((x V) M^T) U^T with the dense core rebuilt in backward, against plain autograd."""
-    from diffadapt.methods.frod import _core
-
+    """Few tokens: (x V) (U M)^T with U M rebuilt in backward, against plain autograd through the
+    dense core M = diag(lam) + S (repeated cells add)."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(12, 20).double()
     cfg = FRoDConfig(sparse_rate=0.1, init_weights=False, progressbar=False)
@@ -471,7 +470,8 @@ def test_basis_path_core_product_matches_autograd_float64():
     prep = FRoD.prepare(cfg, params, buffers, 0.8)
     x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)  # 3 tokens < d_out: basis path
     got = FRoD.delta_output(x, prep)
-    want = torch.nn.functional.linear(torch.nn.functional.linear(x @ prep.V, _core(prep, x.dtype)), prep.U)
+    core = torch.diag(prep.lam).index_put((prep.rows, prep.cols), prep.vals, accumulate=True)
+    want = torch.nn.functional.linear(torch.nn.functional.linear(x @ prep.V, core), prep.U)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(got)
     leaves = [x, *params.values()]
@@ -479,6 +479,33 @@ def test_basis_path_core_product_matches_autograd_float64():
     b = torch.autograd.grad(want, leaves, g)
     for u, v in zip(a, b):
         torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(20, 12), (8, 30)])  # d_out > d_in and d_out < d_in
+def test_weight_path_and_its_adjoint_match_the_dense_core_float64(shape):
+    """Many tokens: dW = (U M) V^T built from rows of U^T, and the adjoint read at the diagonal and
+    the S cells, against autograd through the dense U M V^T -- with a repeated cell (they add)."""
+    torch.manual_seed(0)
+    d_out, d_in = shape
+    layer = torch.nn.Linear(d_in, d_out).double()
+    cfg = FRoDConfig(sparse_rate=0.1, init_weights=False, progressbar=False)
+    _, params, buffers = contract.init(FRoD, cfg, layer)
+    prep = FRoD.prepare(cfg, params, buffers, 0.8)
+    rows, cols = prep.rows.clone(), prep.cols.clone()
+    rows[1], cols[1] = rows[0], cols[0]  # a repeated cell
+    lam = prep.lam.detach().clone().requires_grad_(True)
+    vals = prep.vals.detach().clone().requires_grad_(True)
+    prep = prep._replace(lam=lam, vals=vals, rows=rows, cols=cols)
+    core = torch.diag(lam).index_put((rows, cols), vals, accumulate=True)
+    want = prep.U @ core @ prep.V.mT
+    got = FRoD.delta_weight(prep, torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert got.abs().max() > 1e-2  # far from zero: the comparison can fail
+    g = torch.randn_like(want)
+    glam, gvals = FRoD.delta_weight_backward(prep, g)
+    want_lam, want_vals = torch.autograd.grad(want, [lam, vals], g)
+    torch.testing.assert_close(glam, want_lam, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gvals, want_vals, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------- files PEFT reproduces (issue 13, 2-4)
