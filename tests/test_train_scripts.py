@@ -1233,7 +1233,7 @@ def test_preservation_flags(tmp_path, dreambooth_module):
     """--preservation_prompts_file / --preservation_weight: the file's prompts (blank lines dropped),
     weight 1 by default; one clear refusal for a missing, empty, oversized or undecodable file and a
     negative or non-finite weight, and for a weight without a file on a model of one's own; the
-    embedded default's built-in prompt set keeps clear of the scored prompts."""
+    embedded default's built-in prompt set keeps clear of the scored prompts and holds the class prompt."""
     from diffadapt.embedded import world
 
     module = dreambooth_module
@@ -1272,7 +1272,8 @@ def test_preservation_flags(tmp_path, dreambooth_module):
     prompts = module.embedded_preservation_prompts()
     assert len(prompts) == module.EMBEDDED_PRESERVATION_PROMPTS and len(set(prompts)) > 100
     assert prompts == module.embedded_preservation_prompts()  # fixed
-    assert not set(prompts) & {*world.UNRELATED_PROMPTS, world.INSTANCE_PROMPT, world.CLASS_PROMPT}
+    assert not set(prompts) & {*world.UNRELATED_PROMPTS, world.INSTANCE_PROMPT}
+    assert prompts.count(world.CLASS_PROMPT) == len(prompts) // module.EMBEDDED_PRESERVATION_CLASS_EVERY
     for prompt in world.UNRELATED_PROMPTS:  # not even the same shape and colour in other words
         words = prompt.split()
         shape, color = next(w for w in words if w in world.SHAPES), next(w for w in words if w in world.COLORS)

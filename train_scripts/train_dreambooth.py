@@ -239,14 +239,18 @@ def read_prompts_file(flag: str, path) -> list[str]:
 
 EMBEDDED_PRESERVATION_PROMPTS = 256  # the built-in preservation set of the embedded default
 EMBEDDED_PRESERVATION_SEED = 20261202
+EMBEDDED_PRESERVATION_CLASS_EVERY = 4  # every 4th built-in preservation prompt is the class prompt
 
 
 def embedded_preservation_prompts(n: int = EMBEDDED_PRESERVATION_PROMPTS,
                                   seed: int = EMBEDDED_PRESERVATION_SEED) -> list[str]:
-    """Varied world captions (random pretraining scenes, paraphrased) for the embedded default's output
-    distillation. Held out, so that benchmarks/quality.py's drift scores measure generalisation: no
+    """The embedded default's output-distillation prompts: every ``EMBEDDED_PRESERVATION_CLASS_EVERY``-th
+    the class prompt (DreamBooth's prior: "a photo of a hexagon" keeps drawing the base model's
+    hexagons, so the identifier has to carry the subject; without it the class prompt turned into
+    the subject, benchmarks/RESULTS.md), the others varied world captions (random pretraining scenes,
+    paraphrased). Held out, so that benchmarks/quality.py's drift scores measure generalisation: no
     scene with the shape and colour of one of ``world.UNRELATED_PROMPTS`` (the scored prompts), none
-    with the subject's look (purple and striped), never the instance or the class prompt."""
+    with the subject's look (purple and striped), never the instance prompt."""
     import random
 
     from diffadapt.embedded import world
@@ -257,6 +261,9 @@ def embedded_preservation_prompts(n: int = EMBEDDED_PRESERVATION_PROMPTS,
         scored.add((next(w for w in words if w in world.SHAPES), next(w for w in words if w in world.COLORS)))
     rng, out = random.Random(seed), []
     while len(out) < n:
+        if len(out) % EMBEDDED_PRESERVATION_CLASS_EVERY == EMBEDDED_PRESERVATION_CLASS_EVERY - 1:
+            out.append(world.CLASS_PROMPT)
+            continue
         scene = world.sample_scene(rng)
         if (scene.shape, scene.color) in scored or (scene.color, scene.texture) == ("purple", "striped"):
             continue
