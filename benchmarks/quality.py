@@ -336,7 +336,7 @@ def adapter_facts(out: Path, pipe) -> dict:
     trainable = sum(p.numel() for c in meta["components"]
                     for p in da.adapter_parameters(getattr(pipe, c), "trained").values())
     return {"method": meta["metadata"]["method"], "steps": log[-1]["step"], "train_seconds": log[-1]["seconds"],
-            "file_bytes": sum(f.stat().st_size for f in out.rglob("adapter_model.safetensors")),
+            "file_bytes": sum(f.stat().st_size for f in out.glob("*/adapter_model.safetensors")),  # not checkpoints
             "trainable": trainable}
 
 
