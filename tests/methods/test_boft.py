@@ -342,20 +342,27 @@ def test_compile_fullgraph():
         torch.testing.assert_close(compiled(x, torch.tensor(0.6)), Adapted()(x, torch.tensor(0.6)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("inner", [False, True])  # alone: s folded into the base product; under another adapter: fused with the bias
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(5,), (2, 7, 5)])  # a 1-D input too
-def test_runtime_fused_scale_matches_autograd_float64(bias, shape):
-    """The runtime fuses BOFT's output scale with the bias and keeps only the layer's output for
-    backward (no y copy): outputs and every gradient equal plain autograd through W_eff, float64,
-    with one scale exactly 0 (its channel gets no scale gradient: y is not recoverable there)."""
+def test_runtime_fused_scale_matches_autograd_float64(bias, shape, inner):
+    """The runtime fuses BOFT's output scale -- alone into the base product (``diag(s) W``), under
+    another live adapter with the bias -- and keeps only the layer's output for backward (no y copy):
+    outputs and every gradient equal plain autograd through W_eff, float64, with one scale exactly 0
+    (its channel gets no scale gradient: y is not recoverable there)."""
     import diffadapt as da
 
     torch.manual_seed(0)
     layer = nn.Linear(8 if len(shape) > 1 else 8, 6, bias=bias).double()
     model = nn.Sequential(layer)
-    da.add_adapter(model, BOFTConfig(target_modules=["0"], boft_block_size=2, boft_n_butterfly_factor=2,
-                                     init_weights=False), "a")
+    cfg = BOFTConfig(target_modules=["0"], boft_block_size=2, boft_n_butterfly_factor=2, init_weights=False)
+    da.add_adapter(model, cfg, "a")
+    if inner:
+        da.add_adapter(model, BOFTConfig(target_modules=["0"], boft_block_size=4, init_weights=False), "b")
+        da.set_adapters(model, ["a", "b"])
     params = da.model.adapter_parameters(model, "a")
+    for p in params.values():
+        p.requires_grad_(True)  # (adding "b" made it the one being trained)
     s = next(p for k, p in params.items() if k.endswith("boft_s"))
     with torch.no_grad():
         s[2] = 0.0
@@ -366,9 +373,10 @@ def test_runtime_fused_scale_matches_autograd_float64(bias, shape):
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, leaves, g)
     host = model[0]
-    slot = host.adapters["a"]
-    prep = BOFT.prepare(slot.config, slot.params(), slot.buffers_dict(), 1.0)
-    w_eff = BOFT.apply_to_weight(host.base_layer.weight, prep)
+    w_eff = host.base_layer.weight
+    for name in (["a", "b"] if inner else ["a"])[::-1]:  # "a" outermost
+        slot = host.adapters[name]
+        w_eff = BOFT.apply_to_weight(w_eff, BOFT.prepare(slot.config, slot.params(), slot.buffers_dict(), 1.0))
     want_y = nn.functional.linear(x, w_eff, host.base_layer.bias)
     torch.testing.assert_close(y, want_y, rtol=1e-12, atol=1e-12)
     want = torch.autograd.grad(want_y, leaves, g)
