@@ -10,7 +10,10 @@ on a copy of it (PEFT, same config), then we time:
     python benchmarks/bench_switch.py --model tiny            # CPU, seconds
     python benchmarks/bench_switch.py --model sd15 --device cuda --dtype bf16
 
-Prints a markdown table (median ms over --repeat runs, one thread on CPU).
+Prints a markdown table (median ms over --repeat runs, one thread on CPU; on the CPU the clock is the
+process CPU time, which a busy neighbour does not inflate). Each method's merge+unmerge is also timed
+paired with PEFT LoRA's, round by round on the same machine state: "× LoRA (paired)" is the median of the
+per-round ratios (the issue's point-5 check).
 """
 
 from __future__ import annotations
@@ -49,15 +52,24 @@ METHODS = {
 }
 
 
+CLOCK = time.perf_counter  # main() picks time.process_time on the CPU
+
+
+def once(fn, sync) -> float:
+    sync()
+    t0 = CLOCK()
+    fn()
+    sync()
+    return (CLOCK() - t0) * 1e3
+
+
 def timed(fn, sync, repeat):
-    times = []
-    for _ in range(repeat):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(once(fn, sync) for _ in range(repeat))
+
+
+def paired(fn, reference, sync, repeat) -> float:
+    """Median over rounds of ``fn``'s time / ``reference``'s, the two run back to back each round."""
+    return statistics.median(once(fn, sync) / once(reference, sync) for _ in range(repeat))
 
 
 def noise_(params, seed):
@@ -85,10 +97,10 @@ def bench_lora(base, sync, repeat):
         theirs.base_model.unmerge_adapter()
 
     row["PEFT merge+unmerge ms"] = timed(peft_cycle, sync, repeat)
-    return row
+    return row, peft_cycle
 
 
-def bench_method(base, method, kwargs, sync, repeat, with_peft=True):
+def bench_method(base, method, kwargs, sync, repeat, with_peft=True, lora_cycle=None):
     cfg = da.get_method(method).config_class(target_modules=TARGETS, **kwargs)
     if method == "oft" and min(base.config.block_out_channels) < 32:
         cfg = da.get_method(method).config_class(target_modules=TARGETS, oft_block_size=8, r=0)
@@ -114,6 +126,8 @@ def bench_method(base, method, kwargs, sync, repeat, with_peft=True):
         da.unmerge_adapters(ours)
 
     row["merge+unmerge ms"] = timed(cycle, sync, repeat)
+    if lora_cycle is not None:
+        row["merge+unmerge × LoRA (paired)"] = paired(cycle, lora_cycle, sync, repeat)
 
     if not with_peft:
         return row
@@ -162,13 +176,19 @@ def main():
     torch.manual_seed(0)
     base = UNet2DConditionModel(**MODELS[args.model]).to(args.device, dtype).eval()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    rows = [bench_lora(base, sync, args.repeat)]
+    global CLOCK
+    CLOCK = time.perf_counter if args.device.startswith("cuda") else time.process_time
+    lora_row, lora_cycle = bench_lora(base, sync, args.repeat)
+    rows = [lora_row]
     print(rows[-1], flush=True)
     for m in args.methods.split(","):
-        rows.append(bench_method(base, m, METHODS[m], sync, args.repeat, with_peft=not args.no_peft_same))
+        rows.append(bench_method(base, m, METHODS[m], sync, args.repeat, with_peft=not args.no_peft_same,
+                                 lora_cycle=lora_cycle))
         print(rows[-1], flush=True)
     keys = list(dict.fromkeys(k for row in rows[1:] + rows[:1] for k in row))
-    print(f"\nUNet {args.model}, {args.device}, {args.dtype}, targets {','.join(TARGETS)}; median of {args.repeat}\n")
+    clock = "wall" if args.device.startswith("cuda") else "process CPU"
+    print(f"\nUNet {args.model}, {args.device}, {args.dtype}, targets {','.join(TARGETS)}; median of {args.repeat} "
+          f"({clock} time)\n")
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for row in rows:
