@@ -411,3 +411,27 @@ def test_delta_weight_backward_is_the_adjoint_of_delta_weight(shape):
     (want,) = torch.autograd.grad(FourierFT.delta_weight(prep, torch.float64), prep.coef, grad)
     (got,) = FourierFT.delta_weight_backward(prep, grad)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_fft_path_keeps_an_input_sized_tensor_for_backward():
+    """The FFT-on-activations path keeps rfft(x) (the input's size) for backward, not the gathered
+    T x ~4n values (6x the input at d_in 640, n 1000); torch's rfft keeps x itself too. Gradients:
+    gradcheck above."""
+    torch.manual_seed(0)
+    spec = LayerSpec("l", "linear", 96, 64)
+    cfg = FourierFTConfig(n_frequency=1000, fast_path="fft")
+    params, buffers = FourierFT.init_layer(cfg, spec, torch.zeros(96, 64), {})
+    c = params["fourierft_spectrum"].requires_grad_()
+    x = torch.randn(2, 50, 64, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size() if t.dtype.is_floating_point else 0)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = FourierFT.delta_output(x, FourierFT.prepare(cfg, {"fourierft_spectrum": c}, buffers, 1.0))
+    big = [b for b in saved if b > 10_000]  # activation-sized (the parameters' few KB aside)
+    assert big and sum(big) <= 2.1 * x.numel() * x.element_size() * (66 / 64), big  # x and rfft(x)
+    y.square().sum().backward()
+    assert c.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
