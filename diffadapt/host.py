@@ -197,6 +197,20 @@ class _ScaledLinear(torch.autograd.Function):
         return gz, None, gs, None, gb
 
 
+def _sole_owner(weight: Tensor) -> bool:
+    """Whether ``weight`` (a plain, contiguous parameter) is the only tensor on its storage, which
+    it fills: then its data may be swapped for a merged tensor without anyone else seeing a change."""
+    if type(weight.data) is not torch.Tensor or weight._base is not None or not weight.is_contiguous():
+        return False
+    storage = weight.untyped_storage()
+    if storage.nbytes() != weight.numel() * weight.element_size():
+        return False
+    try:
+        return torch._C._storage_Use_Count(storage._cdata) <= 2  # the tensor and ``storage`` here
+    except (AttributeError, RuntimeError):  # a torch without the counter: copy, as before
+        return False
+
+
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -216,6 +230,7 @@ class AdapterHost(nn.Module):
         self.plan = None  # set by AdapterPlan.attach
         self.index = -1
         self.register_buffer("original_weight", None, persistent=False)
+        self.swapped = False  # while merged: original_weight is the weight's own former tensor (see keep_original)
         # quantized base (diffadapt.quantized): called as a module; merges requantize, the original
         # packed storage is kept here while merged (restored bit for bit)
         self.quantized = quantized.is_quantized(base_layer)
@@ -279,21 +294,40 @@ class AdapterHost(nn.Module):
             return
         weights = [host.base_layer.weight for host, _ in pairs]
         for (host, _), weight in zip(pairs, weights):
-            if host.original_weight is None:
-                host.original_weight = weight.detach().clone()
+            host.keep_original(weight)
         rest = []
         for (host, steps), weight in zip(pairs, weights):
             original = host._as_2d(host.original_weight)
             compute = torch.float64 if original.dtype == torch.float64 else torch.float32
             (method, prep), inner = steps[0], steps[1:]  # the outermost step acts last
             inner_w = AdapterHost.compose(original.to(compute), inner) if inner else original.to(compute)
-            if not method.multiplicative and method.delta_fields and original.dtype == compute:
+            if not method.multiplicative and method.delta_fields and original.dtype == compute and not host.swapped:
                 # an additive outermost step on a float32/64 weight: + dW written straight into the weight
                 torch.add(inner_w, method.delta_weight(prep, compute), out=host._as_2d(weight))
             else:
                 rest.append((host, weight, method.apply_to_weight(inner_w, prep)))
-        if rest:
-            torch._foreach_copy_([w for _, w, _ in rest], [h._from_2d(new).to(w.dtype) for h, w, new in rest])
+        copies = []
+        for host, weight, new in rest:
+            new = host._from_2d(new).to(weight.dtype)
+            if host.swapped:  # the merged tensor becomes the weight; the former one stays as the original
+                weight.data = new if new.is_contiguous() else new.contiguous()
+            else:
+                copies.append((weight, new))
+        if copies:
+            torch._foreach_copy_([w for w, _ in copies], [new for _, new in copies])
+
+    def keep_original(self, weight: Tensor) -> None:
+        """Keep the unmerged weight for a bit-exact unmerge. When nothing else holds the weight's
+        storage (no view, no other tensor: a state_dict taken earlier, a tied weight, FSDP's flat
+        parameter), the weight's own tensor is kept and merging installs a new one, unmerging puts
+        the old one back -- no copies (at SD1.5 size a clone and a copy back were half of a
+        merge+unmerge); otherwise a clone is kept and the merged values are copied in."""
+        if self.original_weight is not None:
+            return
+        if _sole_owner(weight):
+            self.original_weight, self.swapped = weight.data, True
+        else:
+            self.original_weight, self.swapped = weight.detach().clone(), False
 
     def _as_2d(self, weight: Tensor) -> Tensor:
         """A tensor shaped like the base weight as ``(out_features, fan_in)`` (a view)."""
@@ -312,8 +346,11 @@ class AdapterHost(nn.Module):
             self.clear_cache()
         if self.original_weight is None:
             return
-        self.base_layer.weight.copy_(self.original_weight)
-        self.original_weight = None
+        if self.swapped:
+            self.base_layer.weight.data = self.original_weight
+        else:
+            self.base_layer.weight.copy_(self.original_weight)
+        self.original_weight, self.swapped = None, False
 
     # quantized base layers: dequantize -> compose (float32) -> requantize; original storage kept
     @torch.no_grad()

@@ -224,10 +224,13 @@ class AdapterPlan:
         steps = self._merge_steps(names) if names else [[] for _ in self.hosts]
         requantized = self._plan_quantized(names, steps)  # may refuse: before anything is written
         back = [h for h, chain in zip(self.hosts, steps) if not chain and h.original_weight is not None]
-        if back:  # every restore in one foreach copy
-            torch._foreach_copy_([h.base_layer.weight for h in back], [h.original_weight for h in back])
-            for host in back:
+        copied = [h for h in back if not h.swapped]  # (a swapped one gets its own tensor back, no copy)
+        if copied:  # every copying restore in one foreach copy
+            torch._foreach_copy_([h.base_layer.weight for h in copied], [h.original_weight for h in copied])
+            for host in copied:
                 host.original_weight = None
+        for host in back:
+            host.restore()
         for host, chain in zip(self.hosts, steps):
             if host.index in requantized:
                 host.bake_quantized(requantized[host.index])

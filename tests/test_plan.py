@@ -227,6 +227,48 @@ def test_merge_reuses_factors_until_something_changes(monkeypatch, method_name):
         first = out
 
 
+@pytest.mark.parametrize("method_name", ["oft", "fourierft"])  # a rotation and an additive dW
+def test_merge_swaps_in_a_new_weight_tensor_only_when_nothing_else_holds_the_storage(method_name):
+    """Merging installs the merged values as a new tensor of the same Parameter when no other tensor
+    shares the weight's storage, and unmerging puts the very same original tensor back (no copies);
+    a storage someone else holds (a state_dict taken before, a view) is written in place as before,
+    so that holder sees the merged values. Either way: the same merged weights, the Parameter object
+    kept (optimizers, hooks), contiguous (savable), and unmerge bit-exact."""
+    from transformers.pytorch_utils import Conv1D
+
+    def model():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(16, 24), Conv1D(24, 16), nn.Conv2d(4, 8, 1))
+        cfg = get_method(method_name).config_class(target_modules=["0", "1", "2"], init_weights=False,
+                                                    **({"oft_block_size": 4, "r": 0} if method_name == "oft"
+                                                       else {"n_frequency": 20}))
+        da.add_adapter(m, cfg, "a")
+        return m
+
+    swap, held = model(), model()
+    weights = [h.base_layer.weight for h in swap]
+    before = [w.detach().clone() for w in weights]
+    storages = [w.untyped_storage().data_ptr() for w in weights]
+    outside = held.state_dict()  # holds the weights' storage
+    da.merge_adapters(swap)
+    da.merge_adapters(held)
+    assert [h.swapped for h in swap] == [True] * 3 and [h.swapped for h in held] == [False] * 3
+    for h, w, ptr, b, ref in zip(swap, weights, storages, before, held):
+        assert h.base_layer.weight is w and w.is_contiguous()  # the same Parameter, a new tensor inside
+        assert w.untyped_storage().data_ptr() != ptr and h.original_weight.untyped_storage().data_ptr() == ptr
+        assert torch.equal(h.original_weight, b)  # the original, untouched
+        assert torch.equal(w, ref.base_layer.weight) and not torch.equal(w, b)  # merged alike both ways
+    for name, h in zip("012", held):
+        assert torch.equal(outside[f"{name}.base_layer.weight"], h.base_layer.weight)  # the holder sees the merge
+    da.unmerge_adapters(swap)
+    da.unmerge_adapters(held)
+    for h, w, ptr, b in zip(swap, weights, storages, before):
+        assert h.base_layer.weight is w and w.untyped_storage().data_ptr() == ptr and torch.equal(w, b)
+        assert h.original_weight is None and not h.swapped
+    for h, b in zip(held, before):
+        assert torch.equal(h.base_layer.weight, b)
+
+
 # -- partial merges ------------------------------------------------------------------------------------
 def _double(inputs):
     return {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
