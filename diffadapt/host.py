@@ -301,9 +301,12 @@ class AdapterHost(nn.Module):
             compute = torch.float64 if original.dtype == torch.float64 else torch.float32
             (method, prep), inner = steps[0], steps[1:]  # the outermost step acts last
             inner_w = AdapterHost.compose(original.to(compute), inner) if inner else original.to(compute)
-            if not method.multiplicative and method.delta_fields and original.dtype == compute and not host.swapped:
+            additive = not method.multiplicative and method.delta_fields and original.dtype == compute
+            if additive and not host.swapped:
                 # an additive outermost step on a float32/64 weight: + dW written straight into the weight
                 torch.add(inner_w, method.delta_weight(prep, compute), out=host._as_2d(weight))
+            elif additive and _sole_owner(dw := method.delta_weight(prep, compute)):
+                rest.append((host, weight, dw.add_(inner_w)))  # dW's own buffer becomes the weight (same sum)
             else:
                 rest.append((host, weight, method.apply_to_weight(inner_w, prep)))
         copies = []

@@ -154,6 +154,21 @@ def block_rotate(x: Tensor, blocks: Tensor, transpose: bool = False) -> Tensor:
     return torch.bmm(x.reshape(-1, n, b).transpose(0, 1), right).transpose(0, 1).reshape(x.shape)
 
 
+def _grouped(blocks: Tensor, width: int = 16) -> tuple[Tensor, int, int]:
+    """``(N, b, b)`` blocks as ``N/g`` block-diagonal blocks of ``g b <= width`` (zeros between): the
+    same rotation, for a bmm that runs faster with a wider inner size (CPU, one thread, merging
+    8-blocks as 16-blocks: 1280x5120 33 -> 22 ms, 10240x1280 113 -> 77 ms, 320x1280 1.2 -> 0.5 ms)."""
+    n, b, _ = blocks.shape
+    g = 1
+    while b * g * 2 <= width and n % (g * 2) == 0:
+        g *= 2
+    if g == 1:
+        return blocks, n, b
+    big = blocks.new_zeros(n // g, g, b, g, b)
+    big.diagonal(dim1=1, dim2=3).copy_(blocks.reshape(n // g, g, b, b).permute(0, 2, 3, 1))
+    return big.view(n // g, g * b, g * b), n // g, g * b
+
+
 @dataclass
 class OrthogonalConfig(AdapterConfig):
     """The fields OFT and BOFT share: which side of the layer rotates, and LyCORIS' norm limit."""
@@ -256,11 +271,16 @@ class OrthogonalMethod(Method):
         """``diag(s) W R^T`` (input side) or ``diag(s) R W`` (output side) in ``W``'s dtype."""
         if prep.output:
             w = block_rotate(weight.mT, prep.rotation, transpose=True).mT
-        else:  # (W R^T)^T = R W^T block by block: one bmm on row blocks of the strided W^T, written
-            # (d_in, d_out)-contiguous and handed back as its transpose (the caller's copy into the
-            # weight does the layout change; block_rotate's own copy back is saved)
+        else:  # (W R^T)^T = R W^T block by block: one bmm on row blocks of the strided W^T
             d_out, d_in = weight.shape
             blocks = prep.rotation.to(weight.dtype)
             n, b = d_in // blocks.shape[-1], blocks.shape[-1]
-            w = torch.bmm(blocks.expand(n, b, b), weight.mT.reshape(n, b, d_out)).view(d_in, d_out).mT
+            right = weight.mT.reshape(n, b, d_out)
+            if torch.is_grad_enabled() and (weight.requires_grad or blocks.requires_grad):
+                w = torch.bmm(blocks.expand(n, b, b), right).view(d_in, d_out).mT  # the caller's copy lays it out
+            else:  # merging: written straight into a (d_out, d_in)-contiguous weight (one allocation, no
+                # copy: at SD1.5 size the second weight-sized buffer was half of a merge's time, in page faults)
+                blocks, n, b = _grouped(blocks.expand(n, b, b))
+                w = torch.empty(d_out, d_in, dtype=weight.dtype, device=weight.device)
+                torch.bmm(blocks, weight.mT.reshape(n, b, d_out), out=w.mT.view(n, b, d_out))
         return w if prep.scale is None else w * prep.scale.to(w.dtype)[:, None]
