@@ -64,7 +64,7 @@ from torch import Tensor
 
 from diffadapt.methods._orthogonal import (
     OrthogonalConfig, OrthogonalMethod, RotationFactors, block_rotate, cayley, check_int, check_kind, check_prob,
-    compute_dtype, limit_norm, rotated_dim
+    compute_dtype, group_blocks, group_count, limit_norm, rotated_dim
 )
 from diffadapt.methods.base import AdapterConfig, AdapterConfigError, LayerSpec
 
@@ -303,7 +303,10 @@ class BOFT(OrthogonalMethod):
         shapes = [(tuple(p["boft_R"].shape), tuple(p["boft_s"].shape)) for p in params]
         if len(set(shapes)) == 1:
             return super().prepare_many(config, params, buffers, strength, training)
-        if config.constraint or (training and config.boft_dropout > 0):
+        m, b = params[0]["boft_R"].shape[0], params[0]["boft_R"].shape[-1]
+        merged_counts = [p["boft_R"].shape[1] // 2 ** (m - 1) for p in params]
+        groups = {group_count(b * 2 ** (m - 1), [c]) for c in merged_counts}  # each layer's own grouping
+        if config.constraint or (training and config.boft_dropout > 0) or len(groups) > 1:
             out: list = [None] * len(params)
             for shape in dict.fromkeys(shapes):
                 idx = [i for i, s in enumerate(shapes) if s == shape]
@@ -315,9 +318,13 @@ class BOFT(OrthogonalMethod):
         wide = [{"boft_R": cat([p["boft_R"] for p in params], 1)}]
         blocks = cls.rotation_blocks(config, cls.skews(config, wide, buffers[:1]) * strength)[0]  # (m, sum N, b, b)
         per = 2 ** (blocks.shape[0] - 1)  # blocks of b per merged block
-        rotations = split(merge_factors(blocks[None])[0], [n // per for n in ns])
+        g = groups.pop()  # the same for every layer here: groups never straddle two layers
+        rotations = split(group_blocks(merge_factors(blocks[None])[0], g), [n // per // g for n in ns])
         d_outs = [p["boft_s"].numel() for p in params]
-        scale, inv = cls.scales(cat([p["boft_s"].flatten() for p in params]), strength)
+        ss = [p["boft_s"] for p in params]  # (d_out, 1), a Conv2d's (1, d_out): one flatten after the cat
+        dims = {0 if t.shape[-1] == 1 else 1 for t in ss}
+        flat = cat(ss, dims.pop()).flatten() if len(dims) == 1 else cat([t.flatten() for t in ss])
+        scale, inv = cls.scales(flat, strength)
         out = config.rotation_side == "output"
         return [
             RotationFactors(b, r, sc, out, i)
@@ -332,9 +339,12 @@ class BOFT(OrthogonalMethod):
         scale, inv = cls.scales(torch.stack([p["boft_s"] for p in params]).flatten(1), strength)
         out = config.rotation_side == "output"
         # unbind, not indexing: one backward node for all layers (an index's backward writes a full stack)
+        rotation = merge_factors(blocks)  # (G, N', B, B)
+        if rotation.shape[1] > 1:
+            rotation = group_blocks(rotation, group_count(rotation.shape[-1], [rotation.shape[1]]))
         return [
             RotationFactors(b, r, sc, out, i)
-            for b, r, sc, i in zip(blocks.unbind(0), merge_factors(blocks).unbind(0), scale.unbind(0), inv.unbind(0))
+            for b, r, sc, i in zip(blocks.unbind(0), rotation.unbind(0), scale.unbind(0), inv.unbind(0))
         ]
 
     @staticmethod
