@@ -1,0 +1,86 @@
+"""Multiply-adds of one training step: what FRoD's dense basis costs against LoRA's low rank.
+
+Counts, per gauge of ``bench_train.py`` (the same models, inputs and target layers), the
+multiply-adds (MACs) of the adapted linears' own work -- forward plus the gradient to the input --
+and on top of it what each adapter adds per step: PEFT LoRA r16 ``3 T r (d_in + d_out)``
+(forward, input gradient and the two factors' gradients); FRoD the cheaper of its two exact forms
+per layer, as ``diffadapt.methods.frod.uses_weight_path`` picks it (the weight path: the weight
+gradient ``T d_out d_in``, building ``dW = U M V^T`` and its adjoint ``G V``; the basis path:
+``x V``, the dense core, ``U`` and their backward). The floor (the frozen model, gradient to the
+input) comes from ``torch.utils.flop_counter`` on one step. The lower bound on FRoD's step over
+LoRA's is then ``(floor + FRoD's extra) / (floor + LoRA's extra)`` at equal arithmetic speed.
+
+    python benchmarks/macs.py --models small sd15w
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import common as C  # noqa: E402
+
+from diffadapt.methods.frod import uses_weight_path  # noqa: E402
+
+LORA_RANK = 16
+
+
+def layer_shapes(spec, model, inputs) -> list[tuple[str, int, int, int]]:
+    """(name, tokens, d_out, d_in) of every target Linear in one forward."""
+    rows = []
+
+    def hook(name):
+        def record(module, args, out):
+            x = args[0]
+            rows.append((name, x.numel() // x.shape[-1], module.out_features, module.in_features))
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in spec.targets)]
+    with torch.no_grad():
+        model(**inputs)
+    for h in handles:
+        h.remove()
+    return rows
+
+
+def frod_extra(tokens: int, d_out: int, d_in: int) -> int:
+    if uses_weight_path(tokens, d_out, d_in):
+        return tokens * d_out * d_in + min(d_in * d_in * (d_in + d_out), 2 * d_out * d_in * d_in) + d_out * d_in * d_in
+    return tokens * d_in * (2 * d_out + 5 * d_in)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["small", "sd15w"], choices=sorted(C.MODELS))
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    print("| gauge | layers | adapted linears fwd+dx (M MAC) | floor step (M MAC) | LoRA r16 extra | FRoD extra | "
+          "FRoD extra / LoRA's | FLOP-bound FRoD / LoRA step |")
+    print("|---|--:|--:|--:|--:|--:|--:|--:|")
+    for name in args.models:
+        spec = C.MODELS[name]
+        torch.manual_seed(0)
+        model = spec.build()
+        inputs = spec.inputs(spec.batch, torch.Generator().manual_seed(0))
+        rows = layer_shapes(spec, model, inputs)
+        base = sum(2 * t * o * i for _, t, o, i in rows)
+        lora = sum(3 * t * LORA_RANK * (i + o) for _, t, o, i in rows)
+        frod = sum(frod_extra(t, o, i) for _, t, o, i in rows)
+        x = inputs[spec.input_key].detach().requires_grad_(True)
+        with FlopCounterMode(display=False) as counter:
+            model(**{**inputs, spec.input_key: x}, return_dict=False)[0].float().sum().backward()
+        floor = counter.get_total_flops() / 2
+        print(f"| {name} | {len(rows)} | {base / 1e6:,.0f} | {floor / 1e6:,.0f} | {lora / 1e6:,.0f} | {frod / 1e6:,.0f} | "
+              f"{frod / lora:.1f}x | {(floor + frod) / (floor + lora):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
