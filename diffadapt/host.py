@@ -301,12 +301,14 @@ class AdapterHost(nn.Module):
             compute = torch.float64 if original.dtype == torch.float64 else torch.float32
             (method, prep), inner = steps[0], steps[1:]  # the outermost step acts last
             inner_w = AdapterHost.compose(original.to(compute), inner) if inner else original.to(compute)
-            additive = not method.multiplicative and method.delta_fields and original.dtype == compute
-            if additive and not host.swapped:
-                # an additive outermost step on a float32/64 weight: + dW written straight into the weight
-                torch.add(inner_w, method.delta_weight(prep, compute), out=host._as_2d(weight))
-            elif additive and _sole_owner(dw := method.delta_weight(prep, compute)):
-                rest.append((host, weight, dw.add_(inner_w)))  # dW's own buffer becomes the weight (same sum)
+            if not method.multiplicative and method.delta_fields and original.dtype == compute:
+                # an additive outermost step on a float32/64 weight: + dW straight into the weight, or
+                # (swapped) into dW's own buffer, which becomes the weight -- the same sum either way
+                dw = method.delta_weight(prep, compute)
+                if not host.swapped:
+                    torch.add(inner_w, dw, out=host._as_2d(weight))
+                else:
+                    rest.append((host, weight, dw.add_(inner_w) if _sole_owner(dw) else inner_w + dw))
             else:
                 rest.append((host, weight, method.apply_to_weight(inner_w, prep)))
         copies = []

@@ -179,6 +179,14 @@ def group_blocks(blocks: Tensor, g: int) -> Tensor:
     return big.movedim(-2, -4).movedim(-1, -2).reshape(*lead, k // g, g * b, g * b)
 
 
+def grouped_rotation(rotation: Tensor) -> Tensor:
+    """``(G, N, B, B)`` per-layer rotations with their small blocks grouped (:func:`group_blocks`);
+    a single shared block (``N = 1``, broadcast over the layer) stays as it is."""
+    if rotation.shape[1] == 1:
+        return rotation
+    return group_blocks(rotation, group_count(rotation.shape[-1], [rotation.shape[1]]))
+
+
 @dataclass
 class OrthogonalConfig(AdapterConfig):
     """The fields OFT and BOFT share: which side of the layer rotates, and LyCORIS' norm limit."""
@@ -235,9 +243,7 @@ class OrthogonalMethod(Method):
         """One :class:`RotationFactors` per layer from the ``(G, m, N, b, b)`` blocks; default: the
         blocks alone, no scale (OFT)."""
         out = config.rotation_side == "output"
-        rotation = blocks[:, 0]
-        if rotation.shape[1] > 1:  # (one shared block, N = 1, stays as it is: it is broadcast)
-            rotation = group_blocks(rotation, group_count(rotation.shape[-1], [rotation.shape[1]]))
+        rotation = grouped_rotation(blocks[:, 0])
         return [RotationFactors(b, r, None, out) for b, r in zip(blocks.unbind(0), rotation.unbind(0))]
 
     # -- shared ---------------------------------------------------------------------------------

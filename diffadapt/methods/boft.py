@@ -64,7 +64,7 @@ from torch import Tensor
 
 from diffadapt.methods._orthogonal import (
     OrthogonalConfig, OrthogonalMethod, RotationFactors, block_rotate, cayley, check_int, check_kind, check_prob,
-    compute_dtype, group_blocks, group_count, limit_norm, rotated_dim
+    compute_dtype, group_blocks, group_count, grouped_rotation, limit_norm, rotated_dim
 )
 from diffadapt.methods.base import AdapterConfig, AdapterConfigError, LayerSpec
 
@@ -339,9 +339,7 @@ class BOFT(OrthogonalMethod):
         scale, inv = cls.scales(torch.stack([p["boft_s"] for p in params]).flatten(1), strength)
         out = config.rotation_side == "output"
         # unbind, not indexing: one backward node for all layers (an index's backward writes a full stack)
-        rotation = merge_factors(blocks)  # (G, N', B, B)
-        if rotation.shape[1] > 1:
-            rotation = group_blocks(rotation, group_count(rotation.shape[-1], [rotation.shape[1]]))
+        rotation = grouped_rotation(merge_factors(blocks))  # (G, N'/g, g B, g B)
         return [
             RotationFactors(b, r, sc, out, i)
             for b, r, sc, i in zip(blocks.unbind(0), rotation.unbind(0), scale.unbind(0), inv.unbind(0))

@@ -289,14 +289,21 @@ class FRoDPrep(NamedTuple):
     dropout: float  # probability, 0 outside training
 
 
-def uses_weight_path(tokens: int, d_out: int, d_in: int) -> bool:
-    """Build dW per call rather than go through the basis, by the multiply-adds of forward +
-    backward on top of the frozen layer's (T tokens, o = d_out, i = d_in): the weight path pays the
-    weight gradient ``gᵀx`` (T o i), dW (``min(i^2 (i + o), 2 o i^2)``) and its adjoint ``G V``
-    (o i^2); the basis path ``x V``, the dense core and ``U`` with their backward (2 T o i + 5 T i^2).
-    (The rule before, ``T >= d_out``, sent e.g. a 1024x128 layer at T = 256 the long way.)"""
+def path_costs(tokens: int, d_out: int, d_in: int) -> tuple[int, int]:
+    """Multiply-adds of forward + backward on top of the frozen layer's (T tokens, o = d_out,
+    i = d_in) for ``(weight path, basis path)``: the weight path pays the weight gradient ``gᵀx``
+    (T o i), dW (``min(i^2 (i + o), 2 o i^2)``) and its adjoint ``G V`` (o i^2); the basis path
+    ``x V``, the dense core and ``U`` with their backward (2 T o i + 5 T i^2)."""
     weight = tokens * d_out * d_in + min(d_in * d_in * (d_in + d_out), 2 * d_out * d_in * d_in) + d_out * d_in * d_in
-    return weight <= tokens * d_in * (2 * d_out + 5 * d_in)
+    return weight, tokens * d_in * (2 * d_out + 5 * d_in)
+
+
+def uses_weight_path(tokens: int, d_out: int, d_in: int) -> bool:
+    """Build dW per call rather than go through the basis when that costs fewer multiply-adds
+    (:func:`path_costs`; the rule before, ``T >= d_out``, sent e.g. a 1024x128 layer at T = 256
+    the long way)."""
+    weight, basis = path_costs(tokens, d_out, d_in)
+    return weight <= basis
 
 
 def _core(p: FRoDPrep, dtype: torch.dtype) -> Tensor:
