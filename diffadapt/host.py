@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from diffadapt import quantized_layers as quantized
+from diffadapt.fused import ScaleBias, ScaledLinear, as_dtype
 from diffadapt.methods.base import AdapterConfig, LayerSpec, Method
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D, nn.Conv2d)
@@ -137,66 +138,6 @@ class _FoldedLinear(torch.autograd.Function):
         return gx, (gw.to(weight.dtype) if ctx.needs_input_grad[1] else None), gb, None, *grads
 
 
-class _ScaleBias(torch.autograd.Function):
-    """``out = y * s + b`` keeping only ``out`` (the layer's output, which the next op often keeps
-    anyway: attention's q/k/v, GEGLU's input) for backward instead of ``y``: ``d s = sum_t g (out -
-    b) / s``, ``d y = g s``. ``(out - b) / s`` is ``y s / s`` to rounding (relative ``eps |out| /
-    |y s|``); a channel whose scale is exactly 0 has lost ``y``, and gets no scale gradient."""
-
-    @staticmethod
-    def forward(ctx, y, s, inv, bias):  # inv = 1 / s (0 where s = 0), computed once per step
-        s = _as(s, y.dtype)
-        out = y * s if bias is None else torch.addcmul(_as(bias, y.dtype), y, s)
-        ctx.save_for_backward(out, s, inv, bias)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        out, s, inv, bias = ctx.saved_tensors
-        gy = g * _as(s, g.dtype) if ctx.needs_input_grad[0] else None
-        gs = gb = None
-        tokens = tuple(range(g.dim() - 1))  # () for a 1-D input: nothing to sum (sum(()) sums all)
-        if ctx.needs_input_grad[1]:
-            ys = out if bias is None else out - _as(bias, out.dtype)
-            gs = g * ys
-            gs = (gs.sum(tokens, dtype=inv.dtype) if tokens else gs.to(inv.dtype)) * inv
-        if bias is not None and ctx.needs_input_grad[3]:
-            gb = g.sum(tokens, dtype=bias.dtype) if tokens else g.to(bias.dtype)
-        return gy, gs, None, gb
-
-
-class _ScaledLinear(torch.autograd.Function):
-    """``out = (z W^T) * s + b`` as one product with the scaled weight ``diag(s) W`` (BOFT's output
-    scale right after the base product): no pass over the output in forward, the scaled weight
-    rebuilt in backward (``d_out d_in`` numbers, not kept). Backward keeps ``out`` as
-    :class:`_ScaleBias` does: ``dz = g diag(s) W``, ``d s = (sum_t g out - b sum_t g) / s`` (a channel
-    whose scale is exactly 0 gets no scale gradient), ``d b = sum_t g`` -- two passes over the output
-    where the unfused form takes five."""
-
-    @staticmethod
-    def forward(ctx, z, weight, s, inv, bias):  # inv = 1 / s (0 where s = 0), computed once per step
-        ctx.in_shape, ctx.s_col = z.shape, _as(s, z.dtype)[:, None]
-        out = F.linear(z, _as(weight, z.dtype) * ctx.s_col, None if bias is None else _as(bias, z.dtype))
-        ctx.save_for_backward(weight, inv, bias, out if ctx.needs_input_grad[2] else None)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        weight, inv, bias, out = ctx.saved_tensors
-        tokens = tuple(range(g.dim() - 1))
-        gz = gs = gb = gsum = None
-        if ctx.needs_input_grad[0]:
-            gz = (g.reshape(-1, g.shape[-1]) @ (_as(weight, g.dtype) * _as(ctx.s_col, g.dtype))).view(ctx.in_shape)
-        if bias is not None and (ctx.needs_input_grad[2] or ctx.needs_input_grad[4]):
-            gsum = g.sum(tokens, dtype=inv.dtype) if tokens else g.to(inv.dtype)
-        if ctx.needs_input_grad[2]:
-            acc = (g * out).sum(tokens, dtype=inv.dtype) if tokens else (g * out).to(inv.dtype)
-            gs = (acc if bias is None else torch.addcmul(acc, _as(bias, inv.dtype), gsum, value=-1)) * inv
-        if bias is not None and ctx.needs_input_grad[4]:
-            gb = _as(gsum, bias.dtype)
-        return gz, None, gs, None, gb
-
-
 def _sole_owner(weight: Tensor) -> bool:
     """Whether ``weight`` (a plain, contiguous parameter) is the only tensor on its storage, which
     it fills: then its data may be swapped for a merged tensor without anyone else seeing a change."""
@@ -209,10 +150,6 @@ def _sole_owner(weight: Tensor) -> bool:
         return torch._C._storage_Use_Count(storage._cdata) <= 2  # the tensor and ``storage`` here
     except (AttributeError, RuntimeError):  # a torch without the counter: copy, as before
         return False
-
-
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 class AdapterHost(nn.Module):
@@ -415,12 +352,12 @@ class AdapterHost(nn.Module):
             scale = steps[0][0].scale_only(steps[0][1])
             steps = steps[1:] if scale is not None else steps
         if scale is not None and not steps and not folds and not self.quantized:  # s (z W^T) + b: one product
-            return _ScaledLinear.apply(z, float_weight_2d(base), *scale, base.bias)
+            return ScaledLinear.apply(z, float_weight_2d(base), *scale, base.bias)
         y = self._base_product(z, folds)
         for method, prep, delta in reversed(steps):
             y = method.transform_output(y, prep) if delta is None else y + delta.to(y.dtype)
         if scale is not None:
-            return _ScaleBias.apply(y, *scale, base.bias)
+            return ScaleBias.apply(y, *scale, base.bias)
         if base.bias is not None:
             y = y + base.bias
         return y
@@ -437,7 +374,7 @@ class AdapterHost(nn.Module):
                 return y
             return y - self.base_layer.bias.to(y.dtype)
         w = float_weight_2d(self.base_layer)
-        bias = None if bias is None else _as(bias, z.dtype)
+        bias = None if bias is None else as_dtype(bias, z.dtype)
         if not folds:
             return F.linear(z, w.to(z.dtype), bias)
         if torch.is_grad_enabled() and all(m.delta_weight_backward is not None for m, _ in folds):
