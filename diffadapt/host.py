@@ -119,7 +119,7 @@ class _FoldedLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, folds, *factors):  # factors: inputs so that gradients reach them
         ctx.folds = folds  # their preps hold the same factor tensors
         w_eff = AdapterHost.compose(weight, folds).to(x.dtype)
-        keep = ctx.needs_input_grad[0] and any(method.keep_folded_weight for method, _ in folds)
+        keep = ctx.needs_input_grad[0] and any(method.keep_folded_weight(x, prep) for method, prep in folds)
         ctx.save_for_backward(x, weight, w_eff if keep else None)  # kept: its rebuild would cost GEMMs
         return F.linear(x, w_eff, bias)
 

@@ -380,11 +380,13 @@ def test_gradients_with_and_without_gradient_checkpointing(method):
     assert any(g.abs().sum() > 0 for g in ckpt)
 
 
+@pytest.mark.parametrize("tokens", [64, 16])
 @pytest.mark.parametrize("second", ["fourierft", "frod"])
-def test_folded_additive_adapters_match_plain_autograd(second):
-    """Two additive adapters folded into one base product (FourierFT's dW rebuilt in backward and
-    pulled back through its adjoint; FRoD's kept): outputs and gradients equal plain autograd
-    through W_eff = f_1(f_2(W)), float64."""
+def test_folded_additive_adapters_match_plain_autograd(second, tokens):
+    """Two additive adapters folded into one base product (FourierFT's W + dW kept for backward
+    when it is no larger than the input, 64 tokens >= d_out 40, else rebuilt and pulled back through
+    its adjoint, 16 tokens; FRoD's kept): outputs and gradients equal plain autograd through
+    W_eff = f_1(f_2(W)), float64."""
     torch.manual_seed(0)
     layer = nn.Linear(24, 40).double()
     model = nn.Sequential(layer)
@@ -394,11 +396,14 @@ def test_folded_additive_adapters_match_plain_autograd(second):
     for i, n in enumerate(("f", "r")):
         randomise(model, n, seed=i)
     da.set_adapters(model, ["f", "r"], [0.7, 1.2])
-    x = torch.randn(64, 24, dtype=torch.float64, requires_grad=True)  # 64 tokens >= d_out: both fold
+    x = torch.randn(tokens, 24, dtype=torch.float64, requires_grad=True)
     params = [p for p in model.parameters() if p.requires_grad]
     out = model(x)
     host = da.model.hosts(model)[0][1]
     steps = da.model.adapter_state(model).steps_for(host)
+    fourier = steps[0]
+    assert fourier[0].fold_into_weight(x, fourier[1])  # both token counts fold
+    assert fourier[0].keep_folded_weight(x, fourier[1]) == (tokens >= 40)
     reference = torch.nn.functional.linear(x, host.compose(host.base_layer.weight, steps), host.base_layer.bias)
     torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(out)

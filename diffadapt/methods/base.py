@@ -361,7 +361,8 @@ class Method:
         into the base product instead of adding ``delta_output`` (one GEMM forward and one
         weight-gradient GEMM backward instead of two and three). If the method has a cheap
         :meth:`delta_weight_backward`, the runtime rebuilds ``dW`` in backward instead of
-        keeping ``W + dW`` alive, so the layer saves no more than LoRA's."""
+        keeping ``W + dW`` alive, so the layer saves no more than LoRA's, unless
+        :meth:`keep_folded_weight` says keeping it is worth its bytes."""
         return False
 
     @staticmethod
@@ -380,11 +381,16 @@ class Method:
 
     delta_weight_backward: ClassVar[Optional[Any]] = None
     """Optional ``(prep, grad_dW) -> gradients of the delta_fields``: the adjoint of
-    :meth:`delta_weight`. The runtime then rebuilds ``dW`` in backward (cheap next to the layer's
-    GEMMs for FourierFT's inverse FFT) -- or, with ``keep_folded_weight``, keeps ``W + dW`` from
-    forward (FRoD, whose rebuild ``U M V^T`` would cost GEMMs of its own)."""
+    :meth:`delta_weight`. The runtime then rebuilds ``dW`` in backward -- or, where
+    :meth:`keep_folded_weight` says so, keeps ``W + dW`` from forward."""
 
-    keep_folded_weight: ClassVar[bool] = False
+    @staticmethod
+    def keep_folded_weight(x: Tensor, prep: Any) -> bool:
+        """Folded additive methods: True when the layer keeps ``W + dW`` from forward for its backward
+        instead of rebuilding it from the factors (a shape test on the activations ``x``, no host sync):
+        FRoD always (its rebuild ``U M V^T`` costs GEMMs of its own), FourierFT where ``W + dW`` is no
+        larger than ``x``. Default False: rebuild, the layer saving no more than LoRA's."""
+        return False
 
     # both
     @staticmethod

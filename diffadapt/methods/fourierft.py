@@ -148,10 +148,12 @@ def choose_path(tokens: int, d_out: int, d_in: int, n: int, device: torch.device
 
 def delta_weight(coef: Tensor, buffers: dict, d_out: int, d_in: int, dtype: torch.dtype) -> Tensor:
     """dW = Re(ifft2(F)) for ``F[j_m, k_m] = coef_m``, as an irfft2 of the Hermitian half-grid
-    ``(F + F[-j, -k]) / 2`` (columns 0 .. d_in // 2)."""
-    vals = torch.cat([coef, coef]).to(dtype) * buffers["w_half2d"].to(dtype)
-    grid = torch.zeros(d_out * (d_in // 2 + 1), dtype=dtype, device=coef.device)
-    grid = grid.index_add(0, buffers["pos_half2d"], vals).view(d_out, d_in // 2 + 1)
+    ``(F + F[-j, -k]) / 2`` (columns 0 .. d_in // 2), written straight into the real parts of a
+    complex grid (no real-to-complex copy before the inverse FFT)."""
+    vals = (coef.to(dtype).view(1, -1) * buffers["w_half2d"].to(dtype).view(2, -1)).view(-1)
+    grid = torch.zeros(d_out, d_in // 2 + 1, dtype=torch.complex128 if dtype == torch.float64 else torch.complex64,
+                       device=coef.device)
+    torch.view_as_real(grid).view(-1).index_add_(0, buffers["re_half2d"], vals)
     return torch.fft.irfft2(grid, s=(d_out, d_in))
 
 
@@ -254,7 +256,7 @@ class FourierFT(Method):
         pair = torch.tensor([0, 1])
         return {
             "rows": j.to(device), "cols": k.to(device),  # PEFT's `indices`
-            "pos_half2d": pos.to(device), "w_half2d": w2d.to(device),
+            "re_half2d": (2 * pos).to(device), "w_half2d": w2d.to(device),  # real part of half-grid cell pos
             "pos_grad": torch.where(k <= hi, j * (hi + 1) + k, jm * (hi + 1) + km).to(device),  # half-grid cell of (j, k)
             "src": src.repeat_interleave(2).to(device), "w_fft": w_fft.to(device),
             "gather": (2 * kk[src, None] + pair).flatten().to(device),
@@ -299,6 +301,14 @@ class FourierFT(Method):
         return delta_output_fft(x, prep) if cls._path(x, prep) == "fft" else delta_output_dense(x, prep)
 
     delta_fields: ClassVar[tuple[str, ...]] = ("coef",)
+
+    @staticmethod
+    def keep_folded_weight(x: Tensor, prep: FourierPrep) -> bool:
+        """Keep ``W + dW`` for backward when it is no larger than the layer's input, which backward
+        keeps anyway (``d_out <= tokens``): the saved bytes at most double, and the inverse FFT is
+        not run a second time. Wider layers (few tokens: a GEGLU's up-projection at a deep level)
+        rebuild it."""
+        return prep.d_out <= x.numel() // x.shape[-1]
 
     @staticmethod
     def delta_weight(prep: FourierPrep, dtype: torch.dtype) -> Tensor:

@@ -511,7 +511,9 @@ class FRoD(Method):
         return F.linear(core, prep.U.to(x.dtype))
 
     delta_fields: ClassVar[tuple[str, ...]] = ("lam", "vals")
-    keep_folded_weight: ClassVar[bool] = True  # the layer keeps W + dW, not U M, M and W + dW
+    @staticmethod
+    def keep_folded_weight(x: Tensor, prep: FRoDPrep) -> bool:
+        return True  # the layer keeps W + dW, not U M, M and W + dW
 
     @staticmethod
     def delta_weight(prep: FRoDPrep, dtype: torch.dtype) -> Tensor:

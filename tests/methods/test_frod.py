@@ -685,4 +685,4 @@ def test_delta_weight_backward_is_the_adjoint_of_delta_weight(shape):
     got = FRoD.delta_weight_backward(prep, grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert FRoD.keep_folded_weight
+    assert FRoD.keep_folded_weight(torch.zeros(3, d_in, dtype=torch.float64), prep)  # W + dW kept: no U M V^T rebuild
