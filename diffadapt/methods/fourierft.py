@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffadapt import patterns
+from diffadapt.fused import as_dtype
 from diffadapt.methods.base import AdapterConfig, AdapterConfigError, LayerSpec, Method
 
 _PATHS = ("auto", "dense", "fft")
@@ -150,7 +151,7 @@ def delta_weight(coef: Tensor, buffers: dict, d_out: int, d_in: int, dtype: torc
     """dW = Re(ifft2(F)) for ``F[j_m, k_m] = coef_m``, as an irfft2 of the Hermitian half-grid
     ``(F + F[-j, -k]) / 2`` (columns 0 .. d_in // 2), written straight into the real parts of a
     complex grid (no real-to-complex copy before the inverse FFT)."""
-    vals = (coef.to(dtype).view(1, -1) * buffers["w_half2d"].to(dtype).view(2, -1)).view(-1)
+    vals = (as_dtype(coef, dtype).view(1, -1) * as_dtype(buffers["w_half2d"], dtype).view(2, -1)).view(-1)
     grid = torch.zeros(d_out, d_in // 2 + 1, dtype=torch.complex128 if dtype == torch.float64 else torch.complex64,
                        device=coef.device)
     torch.view_as_real(grid).view(-1).index_add_(0, buffers["re_half2d"], vals)
@@ -319,11 +320,11 @@ class FourierFT(Method):
         """``d coef_m = Re(fft2(G))[j_m, k_m] / (d_out d_in)`` for ``G = dL/d(dW)``: the adjoint of
         ``dW[p, q] = sum_m coef_m cos(2 pi (j_m p / d_out + k_m q / d_in)) / (d_out d_in)``, read
         from the half spectrum (``Re fft2(G)[j, k] = Re fft2(G)[-j, -k]`` for real G)."""
-        spectrum = torch.fft.rfft2(grad.to(torch.promote_types(grad.dtype, torch.float32)))
+        spectrum = torch.fft.rfft2(as_dtype(grad, torch.promote_types(grad.dtype, torch.float32)))
         picked = spectrum.real.flatten().index_select(0, prep.buffers["pos_grad"])
-        return ((picked * (1.0 / (prep.d_out * prep.d_in))).to(prep.coef.dtype),)
+        return (as_dtype(picked * (1.0 / (prep.d_out * prep.d_in)), prep.coef.dtype),)
 
     @classmethod
     def apply_to_weight(cls, weight: Tensor, prep: FourierPrep) -> Tensor:
         dt = torch.promote_types(weight.dtype, torch.float32)
-        return (weight.to(dt) + cls.delta_weight(prep, dt)).to(weight.dtype)
+        return as_dtype(as_dtype(weight, dt) + cls.delta_weight(prep, dt), weight.dtype)
