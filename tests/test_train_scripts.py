@@ -923,6 +923,29 @@ def test_embedded_defaults_glue(assets, tmp_path, monkeypatch, dreambooth_module
     assert args.class_data_dir == str(tmp_path / "out" / "class_images")
 
 
+def test_main_job_defaults_keep_the_base(assets, tmp_path, monkeypatch, dreambooth_module):
+    """The main job (embedded model, bundled subject) trains the text encoder too and distils against
+    the frozen base at EMBEDDED_PRESERVATION_WEIGHT on the built-in prompts; each has an opt-out. With
+    data or a model of one's own both stay off unless asked for."""
+    module = dreambooth_module
+    import diffadapt.defaults
+
+    monkeypatch.setattr(diffadapt.defaults, "default_model_path", lambda: str(assets / "sd"))
+    out = ["--output_dir", str(tmp_path / "out")]
+    args = module.parse_args(out)
+    assert args.method == module.EMBEDDED_METHOD and args.train_text_encoder is True
+    assert args.preservation_weight == module.EMBEDDED_PRESERVATION_WEIGHT == 4.0
+    assert args.preservation_prompts == module.embedded_preservation_prompts()
+    args = module.parse_args([*out, "--preservation_weight", "0", "--no-train_text_encoder"])
+    assert args.preservation_weight == 0.0 and args.preservation_prompts is None and args.train_text_encoder is False
+    args = module.parse_args([*out, "--preservation_weight", "2"])
+    assert args.preservation_weight == 2.0 and args.train_text_encoder is True
+    own = [*out, "--instance_data_dir", args.instance_data_dir, "--instance_prompt", "a photo of sks blob"]
+    args = module.parse_args(own)  # the embedded model with one's own subject: no built-in prompt set
+    assert args.preservation_weight == 0.0 and args.train_text_encoder is False
+    assert module.parse_args([*own, "--train_text_encoder"]).train_text_encoder is True
+
+
 def test_class_prompts_file_is_a_broad_prior(tmp_path, monkeypatch, dreambooth_module):
     """--class_prompts_file: the class images are generated for its prompts in turn, each written with
     its prompt beside it, and each trains with its own prompt (not --class_prompt); a missing or empty

@@ -145,8 +145,8 @@ def parse_args(argv=None):
     return args
 
 
-# The embedded default (no model, no data): what it trains unless told otherwise. The method is the
-# DreamBooth default's (train_dreambooth.EMBEDDED_METHOD); about a minute on 2 CPU cores.
+# The embedded default (no model, no data): what it trains unless told otherwise (FourierFT, as measured
+# by benchmarks/quality.py --controlnet); about a minute on 2 CPU cores.
 EMBEDDED_METHOD = "fourierft"
 EMBEDDED_STEPS = 300
 EMBEDDED_SCENES = 64  # training examples rendered into <output_dir>/control_data
