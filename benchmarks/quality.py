@@ -29,7 +29,8 @@ steps) — trains an adapter. Then, with the same seeds for the base model and t
     python benchmarks/quality.py --score OUT_DIR [...]     # trained adapters, e.g. the main job's output
     python benchmarks/quality.py --methods fourierft --prior both   # without and with prior preservation
 
-Offline, CPU: ~12 min for the five methods on 2 cores (the probe, trained once and cached, ~8 min more).
+Offline, CPU: ~25 min for the five methods on 2 cores at the main job's defaults (each trains ~3.5 min with
+its output distillation and text encoder; the probe, trained once and cached, ~8 min more).
 
 **ControlNet mode** (``--controlnet``): does the adapted ControlNet draw the object where the
 conditioning mask puts it, better than the base? ``train_scripts/train_controlnet.py`` at its
