@@ -906,6 +906,7 @@ def test_embedded_defaults_glue(assets, tmp_path, monkeypatch, dreambooth_module
     args.pretrained_model_name_or_path, args.instance_data_dir, args.seed = None, None, None
     args.instance_prompt = args.class_prompt = args.validation_prompt = args.class_data_dir = None
     args.comparison_prompts = args.max_train_steps = None
+    args.train_text_encoder = args.preservation_weight = args.preservation_prompts_file = None
     args.with_prior_preservation = True
     args.output_dir = str(tmp_path / "out")
     if embedded_model() is None:  # not built yet: a clear refusal
@@ -921,6 +922,7 @@ def test_embedded_defaults_glue(assets, tmp_path, monkeypatch, dreambooth_module
     assert not set(args.comparison_prompts[2:]) & {world.INSTANCE_PROMPT, world.CLASS_PROMPT}
     assert args.max_train_steps == module.EMBEDDED_STEPS and args.validation_prompt is None and args.seed == 0
     assert args.class_data_dir == str(tmp_path / "out" / "class_images")
+    assert args.train_text_encoder is True and args.preservation_weight == module.EMBEDDED_PRESERVATION_WEIGHT
 
 
 def test_main_job_defaults_keep_the_base(assets, tmp_path, monkeypatch, dreambooth_module):

@@ -136,8 +136,7 @@ def parse_args(argv=None):
     elif args.class_data_dir or args.class_prompt or args.class_prompts_file:
         print("warning: --class_data_dir / --class_prompt / --class_prompts_file are ignored without "
               "--with_prior_preservation.", file=sys.stderr)
-    if args.train_text_encoder is None:
-        args.train_text_encoder = args.embedded_subject
+    args.train_text_encoder = bool(args.train_text_encoder)  # None (not given, not the main job): off
     check_preservation(args)
     return args
 
@@ -146,8 +145,6 @@ def check_preservation(args) -> None:
     """--preservation_weight / --preservation_prompts_file: refused in one line when they cannot work;
     the prompts are read here (a missing, empty, oversized or undecodable file fails before anything loads)."""
     weight = args.preservation_weight
-    if weight is None and args.embedded_subject and args.preservation_prompts_file is None:
-        weight = args.preservation_weight = EMBEDDED_PRESERVATION_WEIGHT  # the main job keeps what the base draws
     if weight is not None and not (math.isfinite(weight) and weight >= 0):
         raise UsageError(f"--preservation_weight {weight}: must be a finite number >= 0.")
     if args.preservation_prompts_file is not None:
@@ -183,8 +180,9 @@ def use_embedded_defaults(args) -> None:
     default the prompts to the world's instance / class prompts (the comparison prompts to
     those and two unrelated ones: the before/after grid stands in for periodic validation),
     the class images folder to <output_dir>/class_images, --max_train_steps to EMBEDDED_STEPS
-    and --seed to 0 (and parse_args then turns --train_text_encoder on and distils against the
-    frozen base at EMBEDDED_PRESERVATION_WEIGHT on the built-in prompts, unless told otherwise)."""
+    and --seed to 0, and keep the rest of the model: --train_text_encoder on and, without a
+    --preservation_prompts_file, --preservation_weight EMBEDDED_PRESERVATION_WEIGHT (the built-in
+    prompts, see check_preservation)."""
     args.embedded_subject = False
     if args.pretrained_model_name_or_path is not None:
         return
@@ -213,6 +211,10 @@ def use_embedded_defaults(args) -> None:
                                    *world.UNRELATED_PROMPTS[:2]]
     if args.max_train_steps is None:
         args.max_train_steps = EMBEDDED_STEPS
+    if args.train_text_encoder is None:
+        args.train_text_encoder = True
+    if args.preservation_weight is None and args.preservation_prompts_file is None:
+        args.preservation_weight = EMBEDDED_PRESERVATION_WEIGHT
 
 
 # ----------------------------------------------------------------------------------------------

@@ -152,8 +152,8 @@ def delta_weight(coef: Tensor, buffers: dict, d_out: int, d_in: int, dtype: torc
     ``(F + F[-j, -k]) / 2`` (columns 0 .. d_in // 2), written straight into the real parts of a
     complex grid (no real-to-complex copy before the inverse FFT)."""
     vals = (as_dtype(coef, dtype).view(1, -1) * as_dtype(buffers["w_half2d"], dtype).view(2, -1)).view(-1)
-    grid = torch.zeros(d_out, d_in // 2 + 1, dtype=torch.complex128 if dtype == torch.float64 else torch.complex64,
-                       device=coef.device)
+    cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64  # (dtype.to_complex() breaks dynamo)
+    grid = torch.zeros(d_out, d_in // 2 + 1, dtype=cdtype, device=coef.device)
     torch.view_as_real(grid).view(-1).index_add_(0, buffers["re_half2d"], vals)
     return torch.fft.irfft2(grid, s=(d_out, d_in))
 
