@@ -1,0 +1,256 @@
+"""Kernel floors: what a method's own math costs against LoRA's on this machine, with no runtime around it.
+
+Where a method stays above PEFT LoRA's step or merge time, this says whether any runtime could close
+the gap on the machine at hand, by timing the bare tensor math both ways (CPU time, one thread,
+variants interleaved round by round, medians):
+
+* **step** (``--model small``, the speed gauge's adapted linears: shapes and token counts recorded
+  from one forward, as ``macs.py`` does), per layer, forward + backward with the upstream gradient
+  given:
+
+  - ``base``: the frozen layer (gradient to the input where the input needs one);
+  - ``PEFT LoRA r16``: PEFT's own LoRA layer around it (what the gauge's LoRA step runs);
+  - ``bare LoRA r16``: plus the bare branch ``(x A^T) B^T`` with both factors trained (no dropout, no
+    scaling multiply: cheaper than PEFT's own);
+  - ``FourierFT``: the least FourierFT can do -- dW as one ``irfft2`` of its spectrum folded into
+    the base weight (``W + dW`` kept for backward, never rebuilt), the weight gradient ``g^T x``
+    and its adjoint, one ``rfft2`` read at the n frequencies -- one autograd function;
+  - ``output scale``: the base layer times a trained per-channel scale (BOFT's ``boft_s``) through
+    diffadapt's fused ``ScaledLinear``, the one op BOFT adds to OFT's rotation.
+
+  Summed over the gauge's layers, PEFT's LoRA layers are swapped for FourierFT's math in LoRA's
+  measured step: ``floor = (LoRA step - sum(PEFT LoRA layer) + sum(FourierFT math)) / LoRA step``
+  (extras over the base layer) -- the ratio a FourierFT with a free runtime would have on this
+  machine. The scale's column is what BOFT pays on top of a rotation as cheap as OFT's.
+* **merge** (``--model sd15``: the real SD1.5 UNet's 160 attention and feed-forward linears,
+  shapes from its config on the meta device), per weight shape: FourierFT's merge floor, one
+  ``irfft2`` of the d_out x d_in spectrum plus the add (unmerge restores the kept original: free),
+  and FRoD's, ``W + U M V^T`` (its dense core at 1 % couplings, the GEMMs associated the cheaper way),
+  against LoRA r16's merge + unmerge, two in-place ``addmm_``; times the layer count of each shape.
+
+    python benchmarks/floors.py                 # both parts
+    python benchmarks/floors.py --part merge --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import bench_train as B
+import common as C
+from macs import layer_shapes
+
+from diffadapt.fused import ScaledLinear
+from diffadapt.methods.fourierft import FourierFT, delta_weight
+from diffadapt.methods.frod import FRoD, FRoDPrep, sparse_nnz
+
+RANK = 16
+N_FREQ = 1000
+
+
+def _interleaved(fns: dict, rounds: int) -> dict[str, float]:
+    """Median CPU ms of each callable, the callables interleaved in every round."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            t0 = time.process_time()
+            fn()
+            times[key].append((time.process_time() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+class _FourierMin(torch.autograd.Function):
+    """``y = x (W + dW)^T + b`` with dW one irfft2 of the spectrum's half-grid, ``W + dW`` kept;
+    backward: ``g (W + dW)``, ``G = g^T x``, ``d coef = Re rfft2(G)[j, k] / (d_out d_in)``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, coef, buffers):
+        d_out, d_in = weight.shape
+        w_eff = weight + delta_weight(coef, buffers, d_out, d_in, weight.dtype)
+        ctx.buffers = buffers
+        ctx.save_for_backward(x, w_eff)
+        return torch.addmm(bias, x, w_eff.mT)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w_eff = ctx.saved_tensors
+        d_out, d_in = w_eff.shape
+        gx = g @ w_eff if ctx.needs_input_grad[0] else None
+        spectrum = torch.fft.rfft2(g.mT @ x)
+        gc = spectrum.real.flatten().index_select(0, ctx.buffers["pos_grad"]) * (1.0 / (d_out * d_in))
+        return gx, None, None, gc, None
+
+
+def _step_shape(tokens: int, d_out: int, d_in: int, grad: bool, gen: torch.Generator, rounds: int) -> dict:
+    """Median CPU ms of one layer's forward + backward, per variant (module docstring)."""
+    x = torch.randn(tokens, d_in, generator=gen).requires_grad_(grad)
+    g = torch.randn(tokens, d_out, generator=gen)
+    w, b = torch.randn(d_out, d_in, generator=gen) / d_in ** 0.5, torch.randn(d_out, generator=gen)
+    a = (torch.randn(RANK, d_in, generator=gen) * 0.01).requires_grad_(True)
+    bb = (torch.randn(d_out, RANK, generator=gen) * 0.01).requires_grad_(True)
+    buffers = FourierFT.position_buffers(d_out, d_in, N_FREQ, 777, torch.device("cpu"))
+    coef = (torch.randn(N_FREQ, generator=gen) * 1e-3).requires_grad_(True)
+    s = (1 + 0.1 * torch.randn(d_out, generator=gen)).requires_grad_(True)
+    inv = s.detach().reciprocal()
+    peft_layer = _peft_lora_layer(w, b)
+    forward = {
+        "base": lambda: F.linear(x, w, b),
+        "peft": lambda: peft_layer(x),
+        "lora": lambda: F.linear(x, w, b) + F.linear(F.linear(x, a), bb),
+        "fourierft": lambda: _FourierMin.apply(x, w, b, coef, buffers),
+        "scale": lambda: ScaledLinear.apply(x, w, s, inv, b),
+    }
+    fns = {k: (lambda f=f: f().backward(g)) for k, f in forward.items()}
+    if not grad:
+        fns["base"] = forward["base"]  # nothing to differentiate in the frozen layer
+    return _interleaved(fns, rounds)
+
+
+def _peft_lora_layer(w: torch.Tensor, b: torch.Tensor) -> torch.nn.Module:
+    """PEFT's own LoRA r16 layer around a Linear holding ``w``, ``b`` (what the gauge's LoRA step runs)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = torch.nn.Sequential(torch.nn.Linear(w.shape[1], w.shape[0]))
+    with torch.no_grad():
+        base[0].weight.copy_(w)
+        base[0].bias.copy_(b)
+    model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["0"]))
+    return model.base_model.model[0]
+
+
+def step_floors(rounds: int, lora_rounds: int) -> list[str]:
+    spec = C.MODELS["small"]
+    master = C.build_master(spec, torch.float32, "cpu")
+    inputs, target = C.make_inputs(spec, spec.batch, torch.float32, "cpu")
+    rows = layer_shapes(spec, master, inputs)
+    # cross-attention keys/values read the (frozen) text states: no input gradient there
+    groups = Counter((t, o, i, not (".attn2.to_k" in n or ".attn2.to_v" in n)) for n, t, o, i in rows)
+    gen = torch.Generator().manual_seed(0)
+    table, total = [], Counter()
+    for (tokens, d_out, d_in, grad), count in sorted(groups.items(), key=lambda kv: -kv[1]):
+        m = _step_shape(tokens, d_out, d_in, grad, gen, rounds)
+        extra = {k: (m[k] - m["base"]) * 1e3 for k in ("peft", "lora", "fourierft", "scale")}  # us per layer
+        for k, v in extra.items():
+            total[k] += v * count / 1e3
+        table.append(f"| {d_out} × {d_in}, {tokens} tokens{'' if grad else ', no dx'} | {count} | {m['base'] * 1e3:.0f} | "
+                     f"{extra['peft']:.0f} | {extra['lora']:.0f} | {extra['fourierft']:.0f} | {extra['scale']:.0f} |")
+    lora_step = _lora_step(spec, master, inputs, target, lora_rounds)
+    floor = (lora_step + total["fourierft"] - total["peft"]) / lora_step
+    return [
+        "### Step floors (small gauge, per layer: forward + backward, CPU µs; extras over the base layer)",
+        "",
+        ("| layer (d_out × d_in, tokens) | layers | base | PEFT LoRA r16 layer | bare LoRA r16 branch | "
+         "FourierFT math (n 1000) | output scale |"),
+        "|---|--:|--:|--:|--:|--:|--:|",
+        *table,
+        (f"| **sum over the gauge's layers, ms per step** | {sum(groups.values())} | – | {total['peft']:.1f} | "
+         f"{total['lora']:.1f} | "
+         f"{total['fourierft']:.1f} | {total['scale']:.1f} |"),
+        "",
+        f"PEFT LoRA r16's whole step on this machine, same process: {lora_step:.1f} ms (median of {lora_rounds}).",
+        "",
+        (f"- FourierFT floor: (LoRA step − PEFT's LoRA layers' {total['peft']:.1f} + FourierFT's math "
+         f"{total['fourierft']:.1f}) / LoRA step = **{floor:.2f}× LoRA** -- its FFTs and weight gradient alone, "
+         "nothing else of a runtime (against the bare LoRA branch: "
+         f"{(lora_step + total['fourierft'] - total['lora']) / lora_step:.2f}×)."),
+        (f"- Output scale (BOFT's boft_s on top of a rotation as fast as OFT's): +{total['scale']:.1f} ms = "
+         f"**+{total['scale'] / lora_step:.2f}× LoRA's step**."),
+    ]
+
+
+def _lora_step(spec, master, inputs, target, rounds: int) -> float:
+    args = argparse.Namespace(device="cpu", grad_ckpt=False, compile=None, warmup=2, verbose=False)
+    runner = B.Runner(B.Variant("peft:lora", "PEFT LoRA r16", "peft", "lora"), master, spec, args, inputs, target)
+    for _ in range(2):
+        runner.step()
+    times = []
+    for _ in range(rounds):
+        t0 = time.process_time()
+        runner.step()
+        times.append((time.process_time() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _merge_shape(d_out: int, d_in: int, gen: torch.Generator, rounds: int) -> dict:
+    w = torch.randn(d_out, d_in, generator=gen)
+    a, b = torch.randn(RANK, d_in, generator=gen), torch.randn(d_out, RANK, generator=gen)
+    buffers = FourierFT.position_buffers(d_out, d_in, N_FREQ, 777, torch.device("cpu"))
+    coef = torch.randn(N_FREQ, generator=gen)
+
+    def fourier():
+        delta_weight(coef, buffers, d_out, d_in, torch.float32).add_(w)
+
+    def lora():
+        w.addmm_(b, a)
+        w.addmm_(b, a, alpha=-1)
+
+    nnz = sparse_nnz(d_in, 0.01)
+    cells = torch.randperm(d_in * d_in, generator=gen)[:nnz]
+    frod = FRoDPrep(torch.randn(d_in, d_in, generator=gen), torch.randn(d_out, d_in, generator=gen),
+                    torch.randn(d_in, generator=gen), torch.randn(nnz, generator=gen), cells // d_in, cells % d_in, 0.0)
+
+    def frod_merge():
+        FRoD.apply_to_weight(w, frod)
+
+    return _interleaved({"fourierft": fourier, "lora": lora, "frod": frod_merge}, rounds)
+
+
+def merge_floors(rounds: int) -> list[str]:
+    with torch.device("meta"):
+        unet = C.MODELS["sd15"].build()
+    targets = C.MODELS["sd15"].targets
+    shapes = Counter(
+        (m.out_features, m.in_features) for n, m in unet.named_modules()
+        if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)
+    )
+    gen = torch.Generator().manual_seed(0)
+    table, tot = [], Counter()
+    for (d_out, d_in), count in sorted(shapes.items(), key=lambda kv: kv[0][0] * kv[0][1]):
+        m = _merge_shape(d_out, d_in, gen, rounds)
+        for k, v in m.items():
+            tot[k] += v * count
+        table.append(f"| {d_out} × {d_in} | {count} | {m['lora']:.2f} | {m['fourierft']:.2f} | "
+                     f"{m['fourierft'] / m['lora']:.1f} | {m['frod']:.1f} | {m['frod'] / m['lora']:.0f} |")
+    return [
+        "### Merge floors (real SD1.5 UNet shapes; CPU ms per layer)",
+        "",
+        ("| weight (d_out × d_in) | layers | LoRA r16 merge + unmerge (2 addmm_) | FourierFT merge (irfft2 + add) | × | "
+         "FRoD merge (W + U M Vᵀ, 1 %) | × |"),
+        "|---|--:|--:|--:|--:|--:|--:|",
+        *table,
+        (f"| **whole UNet, ms** | {sum(shapes.values())} | {tot['lora']:.0f} | {tot['fourierft']:.0f} | "
+         f"**{tot['fourierft'] / tot['lora']:.1f}** | {tot['frod']:.0f} | **{tot['frod'] / tot['lora']:.0f}** |"),
+    ]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--part", choices=["step", "merge", "both"], default="both")
+    p.add_argument("--rounds", type=int, default=30, help="interleaved rounds per step shape (merge: a tenth, at least 3)")
+    p.add_argument("--lora-rounds", type=int, default=10)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    v = C.versions()
+    print(f"- machine: {C.machine('cpu')}\n- versions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + "\n")
+    if args.part in ("step", "both"):
+        print("\n".join(step_floors(args.rounds, args.lora_rounds)) + "\n")
+    if args.part in ("merge", "both"):
+        print("\n".join(merge_floors(max(3, args.rounds // 10))))
+
+
+if __name__ == "__main__":
+    main()
