@@ -28,7 +28,11 @@ variants interleaved round by round, medians):
   and FRoD's, ``W + U M V^T`` (its dense core at 1 % couplings, the GEMMs associated the cheaper way),
   against LoRA r16's merge + unmerge, two in-place ``addmm_``; times the layer count of each shape.
 
-    python benchmarks/floors.py                 # both parts
+* **FRoD injection** (``--model sd15`` shapes): the joint decomposition of every sharing group
+  (FRoD's ``group_key``: role and shape), timed alone with the runtime's batched routine, and
+  PEFT's sparse-pattern draw -- what injecting FRoD costs before any per-layer work.
+
+    python benchmarks/floors.py                 # all parts
     python benchmarks/floors.py --part merge --rounds 3
 """
 
@@ -53,7 +57,13 @@ from macs import layer_shapes
 
 from diffadapt.fused import ScaledLinear
 from diffadapt.methods.fourierft import FourierFT, delta_weight
-from diffadapt.methods.frod import FRoD, FRoDPrep, sparse_nnz
+from diffadapt.methods.frod import (  # the injection's own steps
+    FRoD,
+    FRoDPrep,
+    _basis_batched,
+    _draw_pattern,
+    sparse_nnz,
+)
 
 RANK = 16
 N_FREQ = 1000
@@ -236,9 +246,49 @@ def merge_floors(rounds: int) -> list[str]:
     ]
 
 
+def inject_floors() -> list[str]:
+    """FRoD's injection on the real SD1.5 UNet: the joint decompositions its definition needs, one per
+    sharing group (role and shape, as FRoD's ``group_key``), each timed alone on random weights with
+    the runtime's own batched routine (float64 Gram / Cholesky / eigh for tall stacks, float32 full SVD
+    for wide ones), and PEFT's sparse-pattern draw (a CPU ``randperm`` of ``d_in (d_in - 1)`` cells)."""
+    from diffadapt.methods.base import LayerSpec
+
+    with torch.device("meta"):
+        unet = C.MODELS["sd15"].build()
+    targets = C.MODELS["sd15"].targets
+    groups = Counter(
+        (FRoD.group_key(LayerSpec(n, "linear", m.out_features, m.in_features)), m.out_features, m.in_features)
+        for n, m in unet.named_modules()
+        if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)
+    )
+    buckets = Counter((count, d_out, d_in) for (_, d_out, d_in), count in groups.items())
+    gen = torch.Generator().manual_seed(0)
+    table, total, draws = [], 0.0, 0.0
+    for (n, d_out, d_in), k in sorted(buckets.items(), key=lambda kv: kv[0][0] * kv[0][1] * kv[0][2] ** 2):
+        wide = n * d_out < d_in
+        w = torch.randn(1, n, d_out, d_in, generator=gen, dtype=torch.float32 if wide else torch.float64)
+        t0 = time.process_time()
+        _basis_batched(w, 1e-3)
+        one = time.process_time() - t0
+        t0 = time.process_time()
+        _draw_pattern(d_in, sparse_nnz(d_in, 0.01), torch.Generator().manual_seed(0))
+        draw = time.process_time() - t0
+        total, draws = total + one * k, draws + draw * k
+        form = f"full SVD of {n * d_out} × {d_in}" if wide else f"Gram + eigh of {d_in} × {d_in}"
+        table.append(f"| {n} × ({d_out} × {d_in}) | {k} | {form} | {one:.2f} | {draw:.2f} |")
+    return [
+        "### FRoD injection floor (real SD1.5 UNet, the decompositions alone; CPU s, one thread)",
+        "",
+        "| group (layers × weight) | groups | decomposition | s per group | pattern draw s |",
+        "|---|--:|---|--:|--:|",
+        *table,
+        f"| **all {sum(buckets.values())} groups** | | | **{total:.1f}** | **{draws:.1f}** |",
+    ]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["step", "merge", "both"], default="both")
+    p.add_argument("--part", choices=["step", "merge", "inject", "all"], default="all")
     p.add_argument("--rounds", type=int, default=30, help="interleaved rounds per step shape (merge: a tenth, at least 3)")
     p.add_argument("--lora-rounds", type=int, default=10)
     args = p.parse_args(argv)
@@ -246,10 +296,12 @@ def main(argv=None) -> None:
     torch.set_flush_denormal(True)
     v = C.versions()
     print(f"- machine: {C.machine('cpu')}\n- versions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + "\n")
-    if args.part in ("step", "both"):
+    if args.part in ("step", "all"):
         print("\n".join(step_floors(args.rounds, args.lora_rounds)) + "\n")
-    if args.part in ("merge", "both"):
-        print("\n".join(merge_floors(max(3, args.rounds // 10))))
+    if args.part in ("merge", "all"):
+        print("\n".join(merge_floors(max(3, args.rounds // 10))) + "\n")
+    if args.part in ("inject", "all"):
+        print("\n".join(inject_floors()))
 
 
 if __name__ == "__main__":
