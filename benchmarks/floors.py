@@ -56,7 +56,7 @@ import common as C
 from macs import layer_shapes
 
 from diffadapt.fused import ScaledLinear
-from diffadapt.methods.fourierft import FourierFT, delta_weight
+from diffadapt.methods.fourierft import FourierFT, FourierPrep, delta_weight
 from diffadapt.methods.frod import (  # the injection's own steps
     FRoD,
     FRoDPrep,
@@ -84,23 +84,20 @@ def _interleaved(fns: dict, rounds: int) -> dict[str, float]:
 
 class _FourierMin(torch.autograd.Function):
     """``y = x (W + dW)^T + b`` with dW one irfft2 of the spectrum's half-grid, ``W + dW`` kept;
-    backward: ``g (W + dW)``, ``G = g^T x``, ``d coef = Re rfft2(G)[j, k] / (d_out d_in)``."""
+    backward: ``g (W + dW)``, ``G = g^T x`` and FourierFT's own adjoint of ``G`` (one rfft2)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, coef, buffers):
-        d_out, d_in = weight.shape
-        w_eff = weight + delta_weight(coef, buffers, d_out, d_in, weight.dtype)
-        ctx.buffers = buffers
+        ctx.prep = FourierPrep(coef, buffers, *weight.shape, "dense")
+        w_eff = weight + FourierFT.delta_weight(ctx.prep, weight.dtype)
         ctx.save_for_backward(x, w_eff)
         return torch.addmm(bias, x, w_eff.mT)
 
     @staticmethod
     def backward(ctx, g):
         x, w_eff = ctx.saved_tensors
-        d_out, d_in = w_eff.shape
         gx = g @ w_eff if ctx.needs_input_grad[0] else None
-        spectrum = torch.fft.rfft2(g.mT @ x)
-        gc = spectrum.real.flatten().index_select(0, ctx.buffers["pos_grad"]) * (1.0 / (d_out * d_in))
+        (gc,) = FourierFT.delta_weight_backward(ctx.prep, g.mT @ x)
         return gx, None, None, gc, None
 
 
@@ -218,14 +215,17 @@ def _merge_shape(d_out: int, d_in: int, gen: torch.Generator, rounds: int) -> di
     return _interleaved({"fourierft": fourier, "lora": lora, "frod": frod_merge}, rounds)
 
 
-def merge_floors(rounds: int) -> list[str]:
+def _sd15_targets() -> list[tuple[str, torch.nn.Linear]]:
+    """The real SD1.5 UNet's adapted linears (built on the meta device: shapes only)."""
     with torch.device("meta"):
         unet = C.MODELS["sd15"].build()
     targets = C.MODELS["sd15"].targets
-    shapes = Counter(
-        (m.out_features, m.in_features) for n, m in unet.named_modules()
-        if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)
-    )
+    return [(n, m) for n, m in unet.named_modules()
+            if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)]
+
+
+def merge_floors(rounds: int) -> list[str]:
+    shapes = Counter((m.out_features, m.in_features) for _, m in _sd15_targets())
     gen = torch.Generator().manual_seed(0)
     table, tot = [], Counter()
     for (d_out, d_in), count in sorted(shapes.items(), key=lambda kv: kv[0][0] * kv[0][1]):
@@ -253,13 +253,9 @@ def inject_floors() -> list[str]:
     for wide ones), and PEFT's sparse-pattern draw (a CPU ``randperm`` of ``d_in (d_in - 1)`` cells)."""
     from diffadapt.methods.base import LayerSpec
 
-    with torch.device("meta"):
-        unet = C.MODELS["sd15"].build()
-    targets = C.MODELS["sd15"].targets
     groups = Counter(
         (FRoD.group_key(LayerSpec(n, "linear", m.out_features, m.in_features)), m.out_features, m.in_features)
-        for n, m in unet.named_modules()
-        if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)
+        for n, m in _sd15_targets()
     )
     buckets = Counter((count, d_out, d_in) for (_, d_out, d_in), count in groups.items())
     gen = torch.Generator().manual_seed(0)
