@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -28,8 +30,9 @@ from diffusers import UNet2DConditionModel
 from peft import get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-import diffadapt as da
-from diffadapt.formats import peft as peft_format
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: diffadapt
+import diffadapt as da  # noqa: E402
+from diffadapt.formats import peft as peft_format  # noqa: E402
 
 MODELS = {
     "tiny": dict(
@@ -174,7 +177,9 @@ def main():
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
-    base = UNet2DConditionModel(**MODELS[args.model]).to(args.device, dtype).eval()
+    with torch.device(args.device):  # random init on the device (seconds for SD1.5 on a GPU, not a CPU minute)
+        base = UNet2DConditionModel(**MODELS[args.model])
+    base = base.to(dtype).eval()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     global CLOCK
     CLOCK = time.perf_counter if args.device.startswith("cuda") else time.process_time
