@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections import defaultdict
 
 import torch
@@ -101,13 +102,24 @@ def summarize(prof, steps: int, top: int) -> str:
     for e in bw:
         name = e.key.split(":", 2)[-1].strip()
         lines.append(f"    {name:<38s} {e.cpu_time_total / per:7.2f}  {e.count // steps:5d}")
-    aten = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total)[:top]
+    aten_all = [e for e in events if e.key.startswith("aten::")]
+    aten = sorted(aten_all, key=lambda e: -e.self_cpu_time_total)[:top]
     total_self = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::"))
     calls = sum(e.count for e in events if e.key.startswith("aten::"))
     lines.append(f"  aten ops: {total_self / per:.1f} ms self time/step over {calls // steps} calls/step (incl. nested); "
                  "top by self time (ms/step, calls/step):")
     for e in aten:
         lines.append(f"    {e.key:<38s} {e.self_cpu_time_total / per:7.2f}  {e.count // steps:5d}")
+    device = [e for e in events if getattr(e, "self_device_time_total", 0) > 0]
+    if device:  # CUDA: the GPU's own time, against the wall time the caller printed (launch-bound if far below)
+        busy = sum(e.self_device_time_total for e in device)
+        lines.append(f"  GPU busy {busy / per:.1f} ms/step over {sum(e.count for e in device) // steps} kernels/step; "
+                     "top kernels by GPU time (ms/step, launches/step):")
+        for e in sorted(device, key=lambda e: -e.self_device_time_total)[:top]:
+            lines.append(f"    {e.key[:70]:<70s} {e.self_device_time_total / per:7.2f}  {e.count // steps:5d}")
+        lines.append("  aten ops by the GPU time they launch (inclusive ms/step, calls/step):")
+        for e in sorted(aten_all, key=lambda e: -getattr(e, "device_time_total", 0))[:top]:
+            lines.append(f"    {e.key:<38s} {e.device_time_total / per:7.2f}  {e.count // steps:5d}")
     return "\n".join(lines)
 
 
@@ -245,15 +257,18 @@ def main(argv=None) -> int:
             prof = None
             if not args.no_profile:
                 with profile(activities=acts) as prof:
+                    t0 = time.perf_counter()
                     for _ in range(args.steps):
                         runner.step()
                     C.sync(args.device)
+                    wall = (time.perf_counter() - t0) * 1e3 / args.steps
             split = split_costs(runner, args.split_reps) if args.split_reps and key.startswith("da:") else ""
         except Exception as exc:  # noqa: BLE001
             print(f"## {key}: {B.error_text(exc)}\n")
             continue
         print(f"## {key} ({known[key].label})")
         if prof is not None:
+            print(f"  wall {wall:.1f} ms/step under the profiler")
             print(summarize(prof, args.steps, args.top))
         if split:
             print(split)

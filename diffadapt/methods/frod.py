@@ -59,6 +59,7 @@ Only nn.Linear and transformers Conv1D are supported (PEFT's scope).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Union
@@ -112,6 +113,22 @@ def _draw_pattern(d: int, nnz: int, generator: torch.Generator) -> Tensor:
     rows = k // (d - 1)
     p = k - rows * (d - 1)
     return torch.stack([rows, p + (p >= rows).long()])
+
+
+@contextlib.contextmanager
+def _large_matrix_solvers(device: torch.device):
+    """On CUDA, cuSOLVER for the decompositions: torch's default heuristic sends batched LU / inverse
+    to MAGMA's batched routines, which are made for small matrices (MAGMA warns so) and crawl at
+    d_in = 1536-6144 (SD3's groups); cuSOLVER factors each matrix of the batch at full speed."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cuda.preferred_linalg_library()
+    torch.backends.cuda.preferred_linalg_library("cusolver")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_linalg_library(previous)
 
 
 def _basis_batched(w: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
@@ -184,11 +201,12 @@ def _solve_members(shared: list[_GroupBasis], layers: list[LayerSpec], weights: 
         sh = shared[js[0]]
         v64 = sh["V"].to(torch.float64)
         rhs = torch.cat([weights[j].detach().to(device=v64.device, dtype=torch.float64).mT for j in js], dim=1)
-        lu, pivots, info = torch.linalg.lu_factor_ex(v64)
-        if int(info) == 0:
-            b = torch.linalg.lu_solve(lu, pivots, rhs).mT  # V^{-1} W^T, transposed
-        else:  # singular V (a loaded one): PEFT's fallback
-            b = rhs.mT @ torch.linalg.pinv(v64, rtol=1e-6).mT
+        with _large_matrix_solvers(v64.device):
+            lu, pivots, info = torch.linalg.lu_factor_ex(v64)
+            if int(info) == 0:
+                b = torch.linalg.lu_solve(lu, pivots, rhs).mT  # V^{-1} W^T, transposed
+            else:  # singular V (a loaded one): PEFT's fallback
+                b = rhs.mT @ torch.linalg.pinv(v64, rtol=1e-6).mT
         for j, part in zip(js, b.split([weights[j].shape[0] for j in js])):
             sh.members[layers[j].name] = _u_and_lambda(part.to(weights[j].device), weights[j].dtype)
     return shared
@@ -391,7 +409,8 @@ class FRoD(Method):
             for s in range(0, len(keys), step):
                 chunk = keys[s : s + step]
                 w = torch.stack([torch.stack([weights[j].detach().to(dtype) for j in groups[k]]) for k in chunk])
-                v, ok = _basis_batched(w, alpha)
+                with _large_matrix_solvers(device):
+                    v, ok = _basis_batched(w, alpha)
                 bases.update(zip(chunk, v))
                 failed += [k for k, good in zip(chunk, ok.tolist()) if not good]
                 bar.update(len(chunk))
