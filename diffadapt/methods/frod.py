@@ -73,6 +73,7 @@ from diffadapt.methods.base import AdapterConfig, AdapterConfigError, LayerSpec,
 
 _PER_LAYER_FIELDS = {"frod_dropout", "init_weights"}  # the rest is shared by a whole group
 _MAX_BATCH_ELEMS = 1 << 27  # elements of the (G, N, d_in, d_in) Gram stack decomposed at once
+_MAX_GATHER_ELEMS = 1 << 25  # elements of one chunk of gathered factor rows in the S-cell adjoint
 
 
 def peft_category(module_name: str) -> str:
@@ -547,8 +548,14 @@ class FRoD(Method):
         gvt = prep.V.to(dtype).mT @ grad.to(dtype).mT  # (G V)^T, (d_in, d_out)
         ut = prep.U.to(dtype).mT  # contiguous rows: U is stored column-major (init_layer)
         glam = (ut * gvt).sum(1)
-        # row gathers of the transposed factors: a column gather u[:, rows] is 5-10x slower on the CPU
-        gvals = (ut.index_select(0, prep.rows) * gvt.index_select(0, prep.cols)).sum(1)
+        # row gathers of the transposed factors (a column gather u[:, rows] is 5-10x slower on the CPU),
+        # in chunks: the gathered rows are nnz x d_out, which for SD3's 1536 x 6144 layers (nnz = 377k)
+        # would be three transient 2.3 GB float32 tensors at once
+        chunk = max(1, _MAX_GATHER_ELEMS // ut.shape[1])
+        gvals = torch.cat([
+            (ut.index_select(0, r) * gvt.index_select(0, c)).sum(1)
+            for r, c in zip(prep.rows.split(chunk), prep.cols.split(chunk))
+        ]) if prep.rows.numel() > chunk else (ut.index_select(0, prep.rows) * gvt.index_select(0, prep.cols)).sum(1)
         return glam.to(prep.lam.dtype), gvals.to(prep.vals.dtype)
 
     @staticmethod
