@@ -123,6 +123,24 @@ def _sd3_small() -> torch.nn.Module:
     )
 
 
+def _sd3_widths() -> torch.nn.Module:
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=64,
+        patch_size=2,
+        in_channels=16,
+        num_layers=2,
+        attention_head_dim=64,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        caption_projection_dim=1536,
+        pooled_projection_dim=2048,
+        out_channels=16,
+        pos_embed_max_size=192,
+    )
+
+
 def _unet_inputs(channels: int, size: int, text: int, width: int):
     def make(batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
         return {
@@ -171,6 +189,12 @@ MODELS: dict[str, ModelSpec] = {
         "SD3-medium SD3Transformer2DModel (24 layers, 24 heads x 64, joint_attention_dim 4096); batch 2, "
         "16x128x128 latents, text 154x4096, pooled 2048",
         SD3_TARGETS, 2, True, _sd3_transformer, _sd3_inputs(128, 154, 4096, 2048), "hidden_states",
+    ),
+    "sd3w": ModelSpec(
+        "sd3w",
+        "SD3Transformer2DModel at SD3-medium widths with 2 layers (24 heads x 64, joint_attention_dim 4096, "
+        "ff 6144): SD3's layer shapes and FRoD's per-layer memory on a CPU; batch 2, 16x64x64 latents, text 16x4096",
+        SD3_TARGETS, 2, True, _sd3_widths, _sd3_inputs(64, 16, 4096, 2048), "hidden_states",
     ),
     "sd3small": ModelSpec(
         "sd3small",
