@@ -87,14 +87,15 @@ def _sd15_widths_unet() -> torch.nn.Module:
     )
 
 
-def _sd3_transformer() -> torch.nn.Module:
+def _sd3_transformer(num_layers: int = 24, sample_size: int = 128) -> torch.nn.Module:
+    """SD3-medium's SD3Transformer2DModel config (random weights); fewer layers / smaller latents for sd3w."""
     from diffusers import SD3Transformer2DModel
 
     return SD3Transformer2DModel(
-        sample_size=128,
+        sample_size=sample_size,
         patch_size=2,
         in_channels=16,
-        num_layers=24,
+        num_layers=num_layers,
         attention_head_dim=64,
         num_attention_heads=24,
         joint_attention_dim=4096,
@@ -120,24 +121,6 @@ def _sd3_small() -> torch.nn.Module:
         pooled_projection_dim=32,
         out_channels=16,
         pos_embed_max_size=32,
-    )
-
-
-def _sd3_widths() -> torch.nn.Module:
-    from diffusers import SD3Transformer2DModel
-
-    return SD3Transformer2DModel(
-        sample_size=64,
-        patch_size=2,
-        in_channels=16,
-        num_layers=2,
-        attention_head_dim=64,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        caption_projection_dim=1536,
-        pooled_projection_dim=2048,
-        out_channels=16,
-        pos_embed_max_size=192,
     )
 
 
@@ -194,7 +177,7 @@ MODELS: dict[str, ModelSpec] = {
         "sd3w",
         "SD3Transformer2DModel at SD3-medium widths with 2 layers (24 heads x 64, joint_attention_dim 4096, "
         "ff 6144): SD3's layer shapes and FRoD's per-layer memory on a CPU; batch 2, 16x64x64 latents, text 16x4096",
-        SD3_TARGETS, 2, True, _sd3_widths, _sd3_inputs(64, 16, 4096, 2048), "hidden_states",
+        SD3_TARGETS, 2, True, lambda: _sd3_transformer(2, 64), _sd3_inputs(64, 16, 4096, 2048), "hidden_states",
     ),
     "sd3small": ModelSpec(
         "sd3small",
