@@ -53,10 +53,15 @@ def fps_of(pipe) -> float:
 
 
 def to_uint8(array):
-    """Float pixels in [0, 1] -> uint8, as diffusers' ``numpy_to_pil`` rounds them."""
+    """Float pixels in [0, 1] -> uint8, as diffusers' ``numpy_to_pil`` rounds them: ``x * 255`` in the
+    array's own float dtype, then round half to even (in float64 a float32 ``x * 255`` that rounds to
+    ``k + 0.5`` in float32 can land below it and give ``k``, one level off the pipeline's own PIL output)."""
     import numpy as np
 
-    return (np.asarray(array, dtype=np.float64) * 255).round().clip(0, 255).astype(np.uint8)
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+    return (array * 255).round().clip(0, 255).astype(np.uint8)
 
 
 def _pictures(array) -> list:

@@ -230,3 +230,16 @@ def test_app_num_frames_for_an_image_pipeline_is_refused(demo_app):
     assert not app.video
     with pytest.raises(ValueError, match="Frames: StableDiffusionPipeline makes images"):
         app.generate(demo_app.GenerateRequest("x", steps=1, width=32, height=32, num_frames=5))
+
+
+def test_to_uint8_rounds_as_diffusers_numpy_to_pil():
+    """float32 pixels whose float32 ``x * 255`` is exactly ``k + 0.5`` (round half to even gives the
+    upper level) but whose float64 product lies just below: diffusers' PIL output and ours must agree."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    values = np.array([0.6098039150238037, 0.8686274290084839, 0.7666666507720947, 0.0, 1.0, 0.5], dtype=np.float32)
+    image = np.broadcast_to(values[None, :, None], (1, 6, 3)).copy()[None]  # (1, h, w, 3) float32
+    theirs = np.asarray(VaeImageProcessor.numpy_to_pil(image)[0])
+    ours = media.to_uint8(image)[0]
+    assert theirs[0, :3, 0].tolist() == [156, 222, 196]  # float32 rounding (float64 gives 155, 221, 195)
+    np.testing.assert_array_equal(ours, theirs)
