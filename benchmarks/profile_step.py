@@ -104,8 +104,8 @@ def summarize(prof, steps: int, top: int) -> str:
         lines.append(f"    {name:<38s} {e.cpu_time_total / per:7.2f}  {e.count // steps:5d}")
     aten_all = [e for e in events if e.key.startswith("aten::")]
     aten = sorted(aten_all, key=lambda e: -e.self_cpu_time_total)[:top]
-    total_self = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::"))
-    calls = sum(e.count for e in events if e.key.startswith("aten::"))
+    total_self = sum(e.self_cpu_time_total for e in aten_all)
+    calls = sum(e.count for e in aten_all)
     lines.append(f"  aten ops: {total_self / per:.1f} ms self time/step over {calls // steps} calls/step (incl. nested); "
                  "top by self time (ms/step, calls/step):")
     for e in aten:

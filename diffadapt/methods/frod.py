@@ -552,10 +552,9 @@ class FRoD(Method):
         # in chunks: the gathered rows are nnz x d_out, which for SD3's 1536 x 6144 layers (nnz = 377k)
         # would be three transient 2.3 GB float32 tensors at once
         chunk = max(1, _MAX_GATHER_ELEMS // ut.shape[1])
-        gvals = torch.cat([
-            (ut.index_select(0, r) * gvt.index_select(0, c)).sum(1)
-            for r, c in zip(prep.rows.split(chunk), prep.cols.split(chunk))
-        ]) if prep.rows.numel() > chunk else (ut.index_select(0, prep.rows) * gvt.index_select(0, prep.cols)).sum(1)
+        parts = [(ut.index_select(0, r) * gvt.index_select(0, c)).sum(1)
+                 for r, c in zip(prep.rows.split(chunk), prep.cols.split(chunk))]
+        gvals = parts[0] if len(parts) == 1 else torch.cat(parts)
         return glam.to(prep.lam.dtype), gvals.to(prep.vals.dtype)
 
     @staticmethod
