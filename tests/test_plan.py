@@ -5,6 +5,7 @@ or a hot-swap, gradient checkpointing."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -343,6 +344,47 @@ def test_strength_change_and_hotswap_do_not_recompile(tmp_path):
         assert not torch.equal(before, after)
         torch.testing.assert_close(after, model(x))
     assert counter.frame_count == 1, "recompiled"
+
+
+class _TwoLayers(nn.Module):
+    """A model with its own forward: the plan's pre-hook and the forward are two dynamo frames, so
+    the prepared factors reach the layers' graph as inputs read from the plan."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_second_compiled_model_gets_static_shapes():
+    """Compiling a second model whose adapter has other factor shapes recompiles the same code; the
+    factors' shapes must stay static there (dynamo's automatic dynamic shapes made them symbolic:
+    7x BOFT's compile time on the small gauge UNet, 682 against 92-108 s)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    symbolic = []
+
+    def backend(gm, example_inputs):
+        for node in gm.graph.nodes:
+            value = node.meta.get("example_value")
+            if node.op == "placeholder" and isinstance(value, torch.Tensor) and not all(
+                is_concrete_int(s) for s in value.shape
+            ):
+                symbolic.append((node.name, tuple(value.shape)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    x = torch.randn(4, 64)
+    for cfg in (da.OFTConfig(oft_block_size=32, r=0), *(SMALL[m]() for m in ("boft", "hra", "fourierft", "frod"))):
+        model = _TwoLayers()
+        da.add_adapter(model, dataclasses.replace(cfg, target_modules=["a", "b"]), "a")
+        randomise(model, "a")
+        compiled = torch.compile(model, backend=backend)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x))
+    assert symbolic == []
 
 
 @pytest.mark.parametrize("method", METHODS)
