@@ -377,7 +377,9 @@ def test_a_second_compiled_model_gets_static_shapes():
 
     torch._dynamo.reset()
     x = torch.randn(4, 64)
-    for cfg in (da.OFTConfig(oft_block_size=32, r=0), *(SMALL[m]() for m in ("boft", "hra", "fourierft", "frod"))):
+    configs = [da.OFTConfig(oft_block_size=32, r=0), *(SMALL[m]() for m in ("oft", "boft", "hra", "fourierft", "frod"))]
+    configs += [da.HRAConfig(r=2), da.FourierFTConfig(n_frequency=50), da.FRoDConfig(sparse_rate=0.1, progressbar=False)]
+    for cfg in configs:  # each after one of its method with other factor shapes (OFT first: BOFT shares its fields)
         model = _TwoLayers()
         da.add_adapter(model, dataclasses.replace(cfg, target_modules=["a", "b"]), "a")
         randomise(model, "a")
