@@ -130,12 +130,12 @@ def test_eval_reuses_factors_until_something_changes(monkeypatch, tmp_path):
         again = model(**inputs).sample
     assert len(calls) == n and torch.equal(first, again)  # reused: no prepare at all
 
-    def changed_output():
+    def changed_output(change):
         with torch.no_grad():
             out = model(**inputs).sample
-        assert len(calls) > n, "stale factors reused"
+        assert len(calls) > n, f"stale factors reused after {change}"
         torch.testing.assert_close(out, _fresh_output(model, inputs), rtol=0, atol=0)
-        assert not torch.equal(out, first), change
+        assert not torch.equal(out, first), f"the output did not change after {change}"
         return out
 
     # 1. an optimizer step
@@ -145,11 +145,11 @@ def test_eval_reuses_factors_until_something_changes(monkeypatch, tmp_path):
     opt.step()
     model.eval()
     n = len(calls)
-    first = changed_output()
+    first = changed_output("an optimizer step")
     # 2. a strength change
     n = len(calls)
     da.set_adapter_strength(model, "a", 0.5)
-    first = changed_output()
+    first = changed_output("a strength change")
     # 3. load_state_dict of the adapter's parameters
     n = len(calls)
     params = da.adapter_parameters(model, "a")
@@ -157,7 +157,7 @@ def test_eval_reuses_factors_until_something_changes(monkeypatch, tmp_path):
     with torch.no_grad():
         for k, v in values.items():
             params[k].copy_(v)
-    first = changed_output()
+    first = changed_output("a parameter update")
     # 4. a hot-swap from a file
     n = len(calls)
     other = tm.tiny_unet()
@@ -165,7 +165,7 @@ def test_eval_reuses_factors_until_something_changes(monkeypatch, tmp_path):
     randomise(other, "a", seed=7)
     da.save_adapter(other, tmp_path / "swap", "a")
     da.hotswap_adapter(model, tmp_path / "swap", "a")
-    changed_output()
+    changed_output("a hot-swap")
 
 
 def test_module_load_state_dict_invalidates_reuse(monkeypatch):
