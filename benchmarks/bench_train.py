@@ -185,6 +185,7 @@ class Runner:
     @torch.no_grad()
     def infer(self) -> None:
         self.model(**self.inputs, return_dict=False)
+        self.forwards = getattr(self, "forwards", 0) + 1
 
     @torch.no_grad()
     def merge_unmerge(self) -> None:
@@ -223,6 +224,28 @@ class Runner:
         after_swap = counters["unique_graphs"]
         self.stats.note = (f"compiled graphs added by a strength change: {after_strength - before}, "
                            f"by a hot-swap: {after_swap - after_strength}")
+
+    def watch_eval_prepares(self) -> None:
+        """Count the diffadapt plan's factor preparations from now on (eval forwards should reuse
+        the kept weights and prepare nothing; under torch.compile the graph rebuilds them)."""
+        self.prepares, self.forwards = [0], 0
+        if self.v.impl != "diffadapt" or self.opt is None:
+            return
+        import diffadapt as da
+
+        plan = da.model.adapter_state(self.raw)
+        original = plan.prepare
+
+        def counted(*a, **k):
+            self.prepares[0] += 1
+            return original(*a, **k)
+
+        plan.prepare = counted  # an instance attribute: this model's plan only
+
+    def note_eval_prepares(self) -> None:
+        if self.v.impl == "diffadapt" and self.opt is not None and not self.args.compile:
+            self.stats.note = ((self.stats.note + "; ") if self.stats.note else "") + (
+                f"eval: factors prepared in {self.prepares[0]} of {self.forwards} timed forwards")
 
     def close(self) -> None:
         self.model = self.raw = self.peft_model = self.opt = None
@@ -291,7 +314,11 @@ def run_resident(variants, master, spec, args, inputs, target, log) -> list[C.St
     rounds("step", args.rounds, args.steps, "step")
     for runner in runners:
         runner.model.eval()
+        runner.infer()  # untimed: the first eval forward prepares and keeps the weights
+        runner.watch_eval_prepares()
     rounds("infer", args.rounds, args.infer_steps, "infer")
+    for runner in runners:
+        runner.note_eval_prepares()
     mergers = [r for r in runners if r.opt is not None]
     for runner in mergers:  # one untimed merge + unmerge each (first-call costs)
         try:
@@ -331,9 +358,12 @@ def run_sequential(variants, master, spec, args, inputs, target, log) -> list[C.
             runner.opt and runner.opt.zero_grad(set_to_none=True)
             runner.model.eval()
             for i in range(2 + args.rounds * args.infer_steps):
+                if i == 2:
+                    runner.watch_eval_prepares()
                 t = C.timed(runner.infer, args.device)
                 if i >= 2:
                     stats.add("infer", t)
+            runner.note_eval_prepares()
             if runner.opt is not None:
                 runner.merge_unmerge()
                 for _ in range(args.rounds * args.merge_reps):
