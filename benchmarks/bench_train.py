@@ -117,6 +117,7 @@ class Runner:
         self.peft_model = None
         self.opt = None
         self.dense: list[torch.nn.Parameter] = []
+        self.forwards = self.prepares = 0  # eval forwards and the plan's preparations since watch_eval_prepares
         torch.manual_seed(1234)
         t0 = time.perf_counter()
         if variant.method == "floor":
@@ -185,7 +186,7 @@ class Runner:
     @torch.no_grad()
     def infer(self) -> None:
         self.model(**self.inputs, return_dict=False)
-        self.forwards = getattr(self, "forwards", 0) + 1
+        self.forwards += 1
 
     @torch.no_grad()
     def merge_unmerge(self) -> None:
@@ -225,27 +226,35 @@ class Runner:
         self.stats.note = (f"compiled graphs added by a strength change: {after_strength - before}, "
                            f"by a hot-swap: {after_swap - after_strength}")
 
+    def _plan_counted(self) -> bool:
+        """An uncompiled diffadapt model: its eval forwards should reuse the kept weights (under
+        torch.compile the graph rebuilds the factors every forward by design)."""
+        return self.v.impl == "diffadapt" and self.opt is not None and not self.args.compile
+
     def watch_eval_prepares(self) -> None:
-        """Count the diffadapt plan's factor preparations from now on (eval forwards should reuse
-        the kept weights and prepare nothing; under torch.compile the graph rebuilds them)."""
-        self.prepares, self.forwards = [0], 0
-        if self.v.impl != "diffadapt" or self.opt is None:
+        """Count the plan's factor preparations (and the eval forwards) from now on."""
+        self.forwards = self.prepares = 0
+        if not self._plan_counted():
             return
         import diffadapt as da
 
         plan = da.model.adapter_state(self.raw)
-        original = plan.prepare
+        prepare = type(plan).prepare
 
         def counted(*a, **k):
-            self.prepares[0] += 1
-            return original(*a, **k)
+            self.prepares += 1
+            return prepare(plan, *a, **k)
 
-        plan.prepare = counted  # an instance attribute: this model's plan only
+        plan.prepare = counted  # an instance attribute, removed again by note_eval_prepares
 
     def note_eval_prepares(self) -> None:
-        if self.v.impl == "diffadapt" and self.opt is not None and not self.args.compile:
-            self.stats.note = ((self.stats.note + "; ") if self.stats.note else "") + (
-                f"eval: factors prepared in {self.prepares[0]} of {self.forwards} timed forwards")
+        if not self._plan_counted():
+            return
+        import diffadapt as da
+
+        del da.model.adapter_state(self.raw).prepare  # the class's method again
+        self.stats.note = ((self.stats.note + "; ") if self.stats.note else "") + (
+            f"eval: factors prepared in {self.prepares} of {self.forwards} timed forwards")
 
     def close(self) -> None:
         self.model = self.raw = self.peft_model = self.opt = None
