@@ -5,7 +5,7 @@ multiply-adds (MACs) of the adapted linears' own work -- forward plus the gradie
 and on top of it what each adapter adds per step: PEFT LoRA r16 ``3 T r (d_in + d_out)``
 (forward, input gradient and the two factors' gradients); FRoD the cheaper of its two exact forms
 per layer, as FRoD's runtime picks it (``diffadapt.methods.frod.path_costs``: the weight path --
-the weight gradient ``T d_out d_in``, building ``dW = U M V^T`` and its adjoint ``G V`` -- or the
+the weight gradient ``T d_out d_in``, building ``dW = U M V^T`` and its adjoint ``U^T G V`` -- or the
 basis path -- ``x V``, the dense core, ``U`` and their backward). The floor (the frozen model, gradient to the
 input) comes from ``torch.utils.flop_counter`` on one step. The lower bound on FRoD's step over
 LoRA's is then ``(floor + FRoD's extra) / (floor + LoRA's extra)`` at equal arithmetic speed.

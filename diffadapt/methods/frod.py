@@ -29,9 +29,13 @@ adapter, in between the spectrum and couplings move linearly: ``Lambda0 + a (Lam
 Forward, exact either way (:func:`uses_weight_path` picks by a multiply-add count, no host
 sync), with the core ``M = diag(a (Lambda - Lambda0)) + a S`` scattered dense once per call
 (d_in^2 numbers, like V): few tokens ``((x V) M^T) U^T`` (M rebuilt in backward rather than kept);
-many tokens ``x dW^T`` with ``dW = (U M) V^T``, whose adjoint reads ``U^T G V`` at the diagonal
-and the S cells by row gathers of the transposed factors (``U`` is stored column-major for that;
-a column gather ``u[:, rows]`` is 5-10x slower on the CPU). Sparse forms were measured and dropped:
+many tokens ``x dW^T`` with ``dW = (U M) V^T``, whose adjoint is the dense ``d_in x d_in`` product
+``U^T G V`` (two GEMMs, associated the cheaper way) read at the diagonal and the S cells. Reading
+those cells by gathering ``nnz`` rows of ``U^T`` and ``(G V)^T`` instead (one GEMM fewer) was measured
+and dropped: on the CPU (one thread, fp32) each gathered element costs ~200 GEMM multiply-adds, so
+at 1 % density the gathers cost 1.3-5.6x the second GEMM at SD1.5 widths (1280x1280 153 vs 53 ms,
+10240x1280 1,287 vs 230 ms; equal within 15 % at 64-512 wide) and their transients grew with
+``nnz x d_out`` (3 x 2.3 GB for SD3's 1536x6144 layers unless chunked). Sparse forms were measured and dropped:
 ``U M`` from ``nnz`` scattered rows of ``U^T`` (no dense core) runs as fast as the dense GEMM it
 replaces at 1 % density (CPU, one thread, fp32: 128x512 1.0 vs 1.8 ms, 1280x1280 175 vs 103 ms --
 each gathered element costs ~100 GEMM multiply-adds), and a gather/``index_add`` for ``(x V) S^T``
@@ -73,7 +77,6 @@ from diffadapt.methods.base import AdapterConfig, AdapterConfigError, LayerSpec,
 
 _PER_LAYER_FIELDS = {"frod_dropout", "init_weights"}  # the rest is shared by a whole group
 _MAX_BATCH_ELEMS = 1 << 27  # elements of the (G, N, d_in, d_in) Gram stack decomposed at once
-_MAX_GATHER_ELEMS = 1 << 25  # elements of one chunk of gathered factor rows in the S-cell adjoint
 
 
 def peft_category(module_name: str) -> str:
@@ -311,9 +314,10 @@ class FRoDPrep(NamedTuple):
 def path_costs(tokens: int, d_out: int, d_in: int) -> tuple[int, int]:
     """Multiply-adds of forward + backward on top of the frozen layer's (T tokens, o = d_out,
     i = d_in) for ``(weight path, basis path)``: the weight path pays the weight gradient ``gᵀx``
-    (T o i), dW (``min(i^2 (i + o), 2 o i^2)``) and its adjoint ``G V`` (o i^2); the basis path
-    ``x V``, the dense core and ``U`` with their backward (2 T o i + 5 T i^2)."""
-    weight = tokens * d_out * d_in + min(d_in * d_in * (d_in + d_out), 2 * d_out * d_in * d_in) + d_out * d_in * d_in
+    (T o i), dW (``min(i^2 (i + o), 2 o i^2)``) and its adjoint ``U^T G V`` (``i^2 (o + min(o, i))``);
+    the basis path ``x V``, the dense core and ``U`` with their backward (2 T o i + 5 T i^2)."""
+    build = min(d_in * d_in * (d_in + d_out), 2 * d_out * d_in * d_in)
+    weight = tokens * d_out * d_in + build + d_in * d_in * (d_out + min(d_out, d_in))
     return weight, tokens * d_in * (2 * d_out + 5 * d_in)
 
 
@@ -487,7 +491,6 @@ class FRoD(Method):
         if solved is None:
             solved = _solve_members([_GroupBasis(shared)], [layer], [weight])[0].members[layer.name]
         u, lam0 = solved
-        u = u.mT.contiguous().mT  # column-major: the adjoint gathers rows of U^T (delta_weight_backward)
         lam = lam0.clone()
         vals = torch.zeros(idx.shape[1], device=weight.device, dtype=weight.dtype)
         if not config.init_weights:  # PEFT's random start, same RNG order
@@ -542,20 +545,13 @@ class FRoD(Method):
     @staticmethod
     def delta_weight_backward(prep: FRoDPrep, grad: Tensor) -> tuple[Tensor, Tensor]:
         """``dM = U^T G V`` read at the diagonal (``lam``) and at the S cells (``vals``) for
-        ``G = dL/d(dW)``: one GEMM ``G V`` and two row gathers (autograd through ``(U M) V^T``
-        spends a second GEMM on the whole ``d_in x d_in`` ``dM``)."""
+        ``G = dL/d(dW)``: two GEMMs, ``(U^T G) V`` (``d_out d_in^2 + d_in^3`` multiply-adds) when
+        ``d_out >= d_in``, else ``U^T (G V)`` (``2 d_out d_in^2``), then a gather of ``nnz`` numbers.
+        The folded linear's backward calls it, so nothing of ``dW``'s build is kept from forward."""
         dtype = torch.promote_types(grad.dtype, torch.float32)
-        gvt = prep.V.to(dtype).mT @ grad.to(dtype).mT  # (G V)^T, (d_in, d_out)
-        ut = prep.U.to(dtype).mT  # contiguous rows: U is stored column-major (init_layer)
-        glam = (ut * gvt).sum(1)
-        # row gathers of the transposed factors (a column gather u[:, rows] is 5-10x slower on the CPU),
-        # in chunks: the gathered rows are nnz x d_out, which for SD3's 1536 x 6144 layers (nnz = 377k)
-        # would be three transient 2.3 GB float32 tensors at once
-        chunk = max(1, _MAX_GATHER_ELEMS // ut.shape[1])
-        parts = [(ut.index_select(0, r) * gvt.index_select(0, c)).sum(1)
-                 for r, c in zip(prep.rows.split(chunk), prep.cols.split(chunk))]
-        gvals = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return glam.to(prep.lam.dtype), gvals.to(prep.vals.dtype)
+        u, g, v = prep.U.to(dtype), grad.to(dtype), prep.V.to(dtype)
+        dm = (u.mT @ g) @ v if u.shape[0] >= u.shape[1] else u.mT @ (g @ v)
+        return dm.diagonal().to(prep.lam.dtype), dm[prep.rows, prep.cols].to(prep.vals.dtype)
 
     @staticmethod
     def apply_to_weight(weight: Tensor, prep: FRoDPrep) -> Tensor:
