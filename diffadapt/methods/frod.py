@@ -27,19 +27,22 @@ adapter, in between the spectrum and couplings move linearly: ``Lambda0 + a (Lam
 ``a S``). Dropout (``frod_dropout``, training only) acts on the adapter branch's input, as PEFT.
 
 Forward, exact either way (:func:`uses_weight_path` picks by a multiply-add count, no host
-sync), with the core ``M = diag(a (Lambda - Lambda0)) + a S`` scattered dense once per call
-(d_in^2 numbers, like V): few tokens ``((x V) M^T) U^T`` (M rebuilt in backward rather than kept);
-many tokens ``x dW^T`` with ``dW = (U M) V^T``, whose adjoint is the dense ``d_in x d_in`` product
-``U^T G V`` (two GEMMs, associated the cheaper way) read at the diagonal and the S cells. Reading
-those cells by gathering ``nnz`` rows of ``U^T`` and ``(G V)^T`` instead (one GEMM fewer) was measured
-and dropped: on the CPU (one thread, fp32) each gathered element costs ~200 GEMM multiply-adds, so
-at 1 % density the gathers cost 1.3-5.6x the second GEMM at SD1.5 widths (1280x1280 153 vs 53 ms,
-10240x1280 1,287 vs 230 ms; equal within 15 % at 64-512 wide) and their transients grew with
-``nnz x d_out`` (3 x 2.3 GB for SD3's 1536x6144 layers unless chunked). Sparse forms were measured and dropped:
-``U M`` from ``nnz`` scattered rows of ``U^T`` (no dense core) runs as fast as the dense GEMM it
-replaces at 1 % density (CPU, one thread, fp32: 128x512 1.0 vs 1.8 ms, 1280x1280 175 vs 103 ms --
-each gathered element costs ~100 GEMM multiply-adds), and a gather/``index_add`` for ``(x V) S^T``
-lost the same way (d=320, T=4096: 95 vs 79 ms); on GPUs scattered adds lose to GEMMs by more.
+sync), with the core ``M = diag(a (Lambda - Lambda0)) + a S``:
+
+* few tokens, ``((x V) M^T) U^T``. ``h M^T``, its input gradient ``g M`` and ``dM = g^T h`` at the
+  cells go through a dense ``d_in x d_in`` core scattered per call (rebuilt in backward rather
+  than kept) -- or, on wide layers (:func:`_sparse_core`), through S as a compressed-row sparse
+  matrix (MKL / cuSPARSE products, a sampled product for the cells), which skips three of the
+  path's five ``T d_in^2`` GEMMs: 18x cheaper at d_in 5120, T 64. Not under ``torch.compile``.
+* many tokens, ``x dW^T`` with ``dW = (U M) V^T``, whose adjoint is the dense ``d_in x d_in``
+  product ``U^T G V`` (two GEMMs, associated the cheaper way) read at the diagonal and the cells.
+
+Measured and dropped (CPU, one thread, fp32): reading the adjoint's cells by gathering ``nnz`` rows of
+``U^T`` and ``(G V)^T`` (one GEMM fewer) -- each gathered element costs ~200 GEMM multiply-adds, so
+at 1 % density the gathers cost 1.3-5.3x the second GEMM at SD1.5 widths (1280x1280 151 vs 53 ms,
+10240x1280 1,266 vs 238 ms) and their transients grew with ``nnz x d_out``; ``U M`` from ``nnz``
+scattered rows of ``U^T`` (no dense core: 1280x1280 175 vs 103 ms); a gather / ``index_add`` for
+``(x V) S^T`` (d=320, T=4096: 95 vs 79 ms).
 
 Precision and devices of the shared basis: decompositions run on the weights' device, batched
 over groups of equal (N, d_out, d_in), in float32 (float64 for float64 weights): float64 on the CPU
@@ -65,8 +68,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple, Union
+from typing import Any, ClassVar, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -185,7 +189,21 @@ class _GroupBasis(dict):
 
     def __init__(self, tensors: dict[str, Tensor]):
         super().__init__(tensors)
+        if "s_order" not in self:
+            self.update(_csr_layout(self["indices"], self["V"].shape[0]))
         self.members: dict[str, tuple[Tensor, Tensor]] = {}
+
+
+def _csr_layout(indices: Tensor, d: int) -> dict[str, Tensor]:
+    """Where the S cells sit in compressed-row form, for S and for S^T (derived from the pattern
+    once per group): ``s_order`` (2, nnz) lists the cells in row-major order of S / of S^T,
+    ``s_crow`` (2, d + 1) holds the row pointers of each."""
+    rows, cols = indices[0], indices[1]
+    order = [torch.argsort(a * d + b, stable=True) for a, b in ((rows, cols), (cols, rows))]
+    crow = torch.zeros(2, d + 1, dtype=torch.long, device=indices.device)
+    crow[0, 1:] = torch.bincount(rows, minlength=d).cumsum(0)
+    crow[1, 1:] = torch.bincount(cols, minlength=d).cumsum(0)
+    return {"s_order": torch.stack(order), "s_crow": crow}
 
 
 def _u_and_lambda(b: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -309,6 +327,7 @@ class FRoDPrep(NamedTuple):
     rows: Tensor  # (nnz,) r_m
     cols: Tensor  # (nnz,) c_m
     dropout: float  # probability, 0 outside training
+    layout: Optional[tuple[Tensor, Tensor]] = None  # (s_order, s_crow) of the group (_csr_layout)
 
 
 def path_costs(tokens: int, d_out: int, d_in: int) -> tuple[int, int]:
@@ -334,24 +353,91 @@ def _core(p: FRoDPrep, dtype: torch.dtype) -> Tensor:
     return _core_of(p.lam, p.vals, p.rows, p.cols, dtype)
 
 
+_SPARSE_CORE_MIN_WIDTH = 512  # below it the dense core's GEMMs win (CPU, one thread)
+
+
+def _sparse_core(h: Tensor, p: FRoDPrep) -> bool:
+    """True when ``h M^T`` runs cheaper with S as a compressed-row sparse matrix than through the dense
+    ``d_in x d_in`` core (a shape test, no host sync). Measured (CPU, one thread, fp32, forward +
+    backward of the core at 1 % cells): T 64 x 5120 314 -> 17 ms, 256 x 2560 106 -> 17, 64 x 1280
+    6.4 -> 1.2, 512 x 512 4.9 -> 2.4; the dense core wins below 512 wide (128 x 128 0.10 vs 0.13 ms),
+    at more than 4 d_in tokens (4096 x 640 58 vs 67 ms) and is kept above 10 % cells. Eager CPU and
+    CUDA only: sparse tensors do not trace under ``torch.compile``."""
+    d = h.shape[-1]
+    return (
+        p.layout is not None
+        and d >= _SPARSE_CORE_MIN_WIDTH
+        and h.numel() <= 4 * d * d
+        and p.rows.numel() * 10 <= d * d
+        and h.device.type in ("cpu", "cuda")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, d: int) -> Tensor:
+    """A ``d x d`` compressed-row matrix (the layout is FRoD's own, already checked: no invariant
+    checks; torch's one-time "beta" notice about sparse CSR kept out of the user's log)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, values, (d, d), check_invariants=False)
+
+
+def _sparse_apply(h: Tensor, lam: Tensor, vals: Tensor, p: FRoDPrep, side: int) -> Tensor:
+    """``h M^T`` (side 0) or ``h M`` (side 1) with S in compressed-row form, in float32 at least:
+    ``h diag(lam) + (S h^T)^T`` (or ``S^T``)."""
+    ct = torch.promote_types(h.dtype, torch.float32)
+    order, crow = p.layout
+    idx = (p.cols, p.rows)[side].index_select(0, order[side])
+    d = h.shape[-1]
+    s = _csr(crow[side], idx, vals.to(ct).index_select(0, order[side]), d)
+    flat = h.reshape(-1, d).to(ct)
+    out = flat * lam.to(ct) + (s @ flat.mT).mT
+    return out.to(h.dtype).reshape(h.shape)
+
+
+def _sparse_cells(g: Tensor, h: Tensor, p: FRoDPrep) -> Tensor:
+    """``(g^T h)[r_m, c_m]`` for every listed cell (sampled dense-dense product), in float32 at least."""
+    ct = torch.promote_types(h.dtype, torch.float32)
+    order, crow = p.layout
+    d = h.shape[-1]
+    pattern = _csr(crow[0], p.cols.index_select(0, order[0]), torch.zeros(order.shape[1], dtype=ct, device=h.device), d)
+    g2, h2 = g.reshape(-1, d).to(ct), h.reshape(-1, d).to(ct)
+    got = torch.sparse.sampled_addmm(pattern, g2.mT.contiguous(), h2, beta=0.0).values()
+    return torch.empty_like(got).index_copy_(0, order[0], got)
+
+
+def _core_apply(h: Tensor, lam: Tensor, vals: Tensor, p: FRoDPrep) -> Tensor:
+    """``h M^T``, sparse where :func:`_sparse_core` says so, else through the dense core."""
+    if _sparse_core(h, p):
+        return _sparse_apply(h, lam, vals, p, 0)
+    return F.linear(h, _core_of(lam, vals, p.rows, p.cols, h.dtype))
+
+
 class _CoreProduct(torch.autograd.Function):
     """``h M^T`` for the core ``M = diag(lam) + S`` without keeping the dense ``d_in x d_in`` M for
-    backward (it is rebuilt there; only ``h`` and the few core values are saved):
-    ``dh = g M``, ``dM = g^T h`` read at the diagonal and at the S cells."""
+    backward (it is rebuilt there, or never built where S runs sparse; only ``h`` and the few core
+    values are saved): ``dh = g M``, ``dM = g^T h`` read at the diagonal and at the S cells."""
 
     @staticmethod
-    def forward(ctx, h, lam, vals, rows, cols):
-        ctx.save_for_backward(h, lam, vals, rows, cols)
-        return F.linear(h, _core_of(lam, vals, rows, cols, h.dtype))
+    def forward(ctx, h, lam, vals, prep):
+        ctx.prep = prep._replace(lam=None, vals=None)  # the pattern and its layout (buffers)
+        ctx.save_for_backward(h, lam, vals)
+        return _core_apply(h, lam, vals, prep)
 
     @staticmethod
     def backward(ctx, g):
-        h, lam, vals, rows, cols = ctx.saved_tensors
-        gh = g @ _core_of(lam, vals, rows, cols, g.dtype) if ctx.needs_input_grad[0] else None
+        h, lam, vals = ctx.saved_tensors
+        p = ctx.prep
+        if _sparse_core(h, p):
+            gh = _sparse_apply(g, lam, vals, p, 1) if ctx.needs_input_grad[0] else None
+            glam = (g * h).reshape(-1, h.shape[-1]).sum(0).to(lam.dtype) if ctx.needs_input_grad[1] else None
+            gvals = _sparse_cells(g, h, p).to(vals.dtype) if ctx.needs_input_grad[2] else None
+            return gh, glam, gvals, None
+        gh = g @ _core_of(lam, vals, p.rows, p.cols, g.dtype) if ctx.needs_input_grad[0] else None
         gm = g.reshape(-1, g.shape[-1]).mT @ h.reshape(-1, h.shape[-1])  # (d_in, d_in), transient
         glam = gm.diagonal().to(lam.dtype) if ctx.needs_input_grad[1] else None
-        gvals = gm[rows, cols].to(vals.dtype) if ctx.needs_input_grad[2] else None
-        return gh, glam, gvals, None, None
+        gvals = gm[p.rows, p.cols].to(vals.dtype) if ctx.needs_input_grad[2] else None
+        return gh, glam, gvals, None
 
 
 def _core_of(lam: Tensor, vals: Tensor, rows: Tensor, cols: Tensor, dtype: torch.dtype) -> Tensor:
@@ -506,7 +592,8 @@ class FRoD(Method):
         vals = torch.stack([p["frod_lambda_s_values"] for p in params]) * strength
         p = config.frod_dropout if training else 0.0
         return [
-            FRoDPrep(b["V"], b["U"], lg, vg, b["indices"][0], b["indices"][1], p)
+            FRoDPrep(b["V"], b["U"], lg, vg, b["indices"][0], b["indices"][1], p,
+                     (b["s_order"], b["s_crow"]) if "s_order" in b else None)
             for lg, vg, b in zip(lam.unbind(0), vals.unbind(0), buffers)
         ]
 
@@ -528,9 +615,9 @@ class FRoD(Method):
             return F.linear(x, _delta_weight(prep, x.dtype))
         h = x @ prep.V.to(x.dtype)
         if torch.is_grad_enabled() and (prep.lam.requires_grad or prep.vals.requires_grad or h.requires_grad):
-            core = _CoreProduct.apply(h, prep.lam, prep.vals, prep.rows, prep.cols)  # the d_in^2 core not kept
+            core = _CoreProduct.apply(h, prep.lam, prep.vals, prep)  # the d_in^2 core not kept
         else:
-            core = F.linear(h, _core(prep, x.dtype))
+            core = _core_apply(h, prep.lam, prep.vals, prep)
         return F.linear(core, prep.U.to(x.dtype))
 
     delta_fields: ClassVar[tuple[str, ...]] = ("lam", "vals")

@@ -718,3 +718,57 @@ def test_delta_weight_backward_keeps_no_transient_that_grows_with_the_s_cells():
     want = torch.autograd.grad(FRoD.delta_weight(prep, torch.float64), (prep.lam, prep.vals), grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+# ---------------------------------------------------------------- the sparse core (basis path)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_sparse_core_equals_the_dense_core(monkeypatch, dtype):
+    """Where S runs as a compressed-row matrix (wide layers, few tokens) the basis path gives the dense
+    core's values and gradients: float64 to 1e-12, a repeated cell included (it adds up, and each of
+    its values gets the cell's gradient); bf16 activations stay bf16 (the sparse products in float32)."""
+    import diffadapt.methods.frod as frod_module
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 24).double()
+    cfg = FRoDConfig(sparse_rate=0.05, init_weights=False, progressbar=False)
+    _, params, buffers = contract.init(FRoD, cfg, layer)
+    prep = FRoD.prepare(cfg, params, buffers, 0.7)
+    rows, cols, vals = (torch.cat([t, t[:1]]) for t in (prep.rows, prep.cols, prep.vals))
+    layout = frod_module._csr_layout(torch.stack([rows, cols]), 32)
+    prep = prep._replace(rows=rows, cols=cols, lam=prep.lam.detach().to(dtype).requires_grad_(True),
+                         vals=vals.detach().to(dtype).requires_grad_(True), layout=(layout["s_order"], layout["s_crow"]))
+    x = torch.randn(2, 5, 32, dtype=torch.float64).to(dtype).requires_grad_(True)
+    cast = prep._replace(V=prep.V.to(dtype), U=prep.U.to(dtype))
+
+    def run():
+        y = FRoD.delta_output(x, cast)
+        return (y,) + torch.autograd.grad(y, (x, cast.lam, cast.vals), torch.ones_like(y))
+
+    assert not frod_module.uses_weight_path(10, 24, 32)  # the basis path
+    dense = run()
+    monkeypatch.setattr(frod_module, "_SPARSE_CORE_MIN_WIDTH", 8)
+    assert frod_module._sparse_core(x @ cast.V, cast)
+    sparse = run()
+    for a, b in zip(sparse, dense):
+        assert a.dtype == b.dtype == dtype
+        if dtype == torch.float64:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        else:
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.float().abs().max().item())
+    with torch.no_grad():  # the no-autograd branch too
+        torch.testing.assert_close(FRoD.delta_output(x, cast), sparse[0], rtol=1e-12 if dtype == torch.float64 else 0,
+                                   atol=1e-12 if dtype == torch.float64 else 0)
+
+
+def test_sparse_core_stays_out_of_compiled_graphs(monkeypatch):
+    """Sparse tensors do not trace: a compiled (fullgraph) layer takes the dense core, with the same values."""
+    import diffadapt.methods.frod as frod_module
+
+    monkeypatch.setattr(frod_module, "_SPARSE_CORE_MIN_WIDTH", 8)
+    cfg, base, params, buffers = make(init_weights=False)
+    layer = Adapted(base, params, buffers, cfg).eval()
+    x = torch.randn(1, 6, 24)
+    prep = FRoD.prepare(cfg, params, buffers, 1.0)
+    assert frod_module._sparse_core(x @ prep.V, prep)  # eager takes the sparse core here
+    with torch.no_grad():
+        got, want = torch.compile(layer, fullgraph=True)(x), layer(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
