@@ -719,6 +719,86 @@ def test_delta_weight_backward_keeps_no_transient_that_grows_with_the_s_cells():
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
+# ---------------------------------------------------------------- the sparse weight path (dW, its adjoint)
+@pytest.mark.parametrize("shape", [(20, 12), (12, 20), (9, 9)])
+def test_sparse_weight_path_equals_the_dense_one(monkeypatch, shape):
+    """Where dW = U M V^T and its adjoint run with S as a compressed-row matrix (one GEMM each and a
+    sparse product), they give the two dense GEMMs' values: float64 to 1e-12 with a repeated cell, a
+    bf16 merge as the dense one rounds it; a build that autograd has to go through stays dense, and its
+    gradient is the sparse adjoint's."""
+    import diffadapt.methods.frod as frod_module
+
+    d_out, d_in = shape
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(d_in, d_out).double()
+    cfg = FRoDConfig(sparse_rate=0.05, init_weights=False, progressbar=False)
+    _, params, buffers = contract.init(FRoD, cfg, layer)
+    prep = FRoD.prepare(cfg, params, buffers, 0.7)
+    rows, cols, vals = (torch.cat([t, t[:1]]) for t in (prep.rows, prep.cols, prep.vals))
+    layout = frod_module._csr_layout(torch.stack([rows, cols]), d_in)
+    prep = prep._replace(rows=rows, cols=cols, vals=vals, layout=(layout["s_order"], layout["s_crow"]))
+    grad = torch.randn(d_out, d_in, dtype=torch.float64)
+    w16 = layer.weight.detach().to(torch.bfloat16)
+
+    def run():
+        return (FRoD.delta_weight(prep, torch.float64), *FRoD.delta_weight_backward(prep, grad),
+                FRoD.apply_to_weight(w16, prep))
+
+    assert not frod_module._sparse_weight(prep)  # narrow: the dense GEMMs
+    dense = run()
+    monkeypatch.setattr(frod_module, "_SPARSE_WEIGHT_MIN_WIDTH", 8)
+    assert frod_module._sparse_weight(prep)
+    sparse = run()
+    for a, b in zip(sparse[:3], dense[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert sparse[3].dtype == torch.bfloat16
+    torch.testing.assert_close(sparse[3].float(), dense[3].float(), rtol=8e-3, atol=0)
+    lam, vals = prep.lam.detach().requires_grad_(True), prep.vals.detach().requires_grad_(True)
+    want = torch.autograd.grad(FRoD.delta_weight(prep._replace(lam=lam, vals=vals), torch.float64), (lam, vals), grad)
+    for a, b in zip(sparse[1:3], want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_sparse_weight_path_trains_and_merges_as_the_dense_one(monkeypatch):
+    """Through the runtime: a step on the folded weight path (dW built sparse in forward, the sparse
+    adjoint in backward) and a merge give the dense path's outputs and gradients (float64)."""
+    import diffadapt as da
+    import diffadapt.methods.frod as frod_module
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(24, 10), nn.GELU(), nn.Linear(10, 24)).double().requires_grad_(False)
+    x = torch.randn(4, 64, 24, dtype=torch.float64)
+    calls = []
+    sparse_build = frod_module._sparse_delta_weight
+    monkeypatch.setattr(frod_module, "_sparse_delta_weight", lambda p, dtype: calls.append(1) or sparse_build(p, dtype))
+
+    def run(width):
+        monkeypatch.setattr(frod_module, "_SPARSE_WEIGHT_MIN_WIDTH", width)
+        model = copy.deepcopy(base)
+        torch.manual_seed(1)
+        cfg = FRoDConfig(target_modules=["0", "2"], sparse_rate=0.05, init_weights=False, progressbar=False)
+        da.add_adapter(model, cfg, "a")
+        y = model(x)
+        y.square().sum().backward()
+        grads = {k: p.grad.clone() for k, p in da.adapter_parameters(model, "a").items()}
+        da.merge_adapters(model)
+        with torch.no_grad():
+            merged = model(x)
+        da.unmerge_adapters(model)
+        return y.detach(), merged, grads
+
+    want = run(1 << 30)
+    assert not calls
+    got = run(8)
+    assert len(calls) >= 4  # both layers, forward and merge
+    assert uses_weight_path(256, 10, 24, sparse_nnz(24, 0.05)) and uses_weight_path(256, 24, 10, sparse_nnz(10, 0.05))
+    for a, b in zip(got[:2], want[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert got[2].keys() == want[2].keys()
+    for k in want[2]:
+        torch.testing.assert_close(got[2][k], want[2][k], rtol=1e-11, atol=1e-12)
+
+
 # ---------------------------------------------------------------- the sparse core (basis path)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_sparse_core_equals_the_dense_core(monkeypatch, dtype):
@@ -760,15 +840,21 @@ def test_sparse_core_equals_the_dense_core(monkeypatch, dtype):
 
 
 def test_sparse_core_stays_out_of_compiled_graphs(monkeypatch):
-    """Sparse tensors do not trace: a compiled (fullgraph) layer takes the dense core, with the same values."""
+    """Sparse tensors do not trace: a compiled (fullgraph) layer takes the dense core and the dense dW,
+    with the same values."""
     import diffadapt.methods.frod as frod_module
 
     monkeypatch.setattr(frod_module, "_SPARSE_CORE_MIN_WIDTH", 8)
     cfg, base, params, buffers = make(init_weights=False)
     layer = Adapted(base, params, buffers, cfg).eval()
     x = torch.randn(1, 6, 24)
+    monkeypatch.setattr(frod_module, "_SPARSE_WEIGHT_MIN_WIDTH", 8)
     prep = FRoD.prepare(cfg, params, buffers, 1.0)
     assert frod_module._sparse_core(x @ prep.V, prep)  # eager takes the sparse core here
+    assert frod_module._sparse_weight(prep)  # and a sparse dW on the weight path
+    many = torch.randn(2, 64, 24)
+    assert uses_weight_path(128, 20, 24, prep.rows.numel())
+    compiled = torch.compile(layer, fullgraph=True)
     with torch.no_grad():
-        got, want = torch.compile(layer, fullgraph=True)(x), layer(x)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for inp in (x, many):
+            torch.testing.assert_close(compiled(inp), layer(inp), rtol=1e-5, atol=1e-6)
