@@ -273,7 +273,7 @@ class AdapterPlan:
         what = (
             tuple(names), tuple(self.strength(n) for n in names),
             tuple((h.index, n, t._version, t.data_ptr()) for h in self.hosts for n in names if n in h.adapters
-                  for t in (*h.adapters[n].parameters(), *h.adapters[n].buffers())),
+                  for t in (*h.adapters[n].params().values(), *h.adapters[n].buffers_dict().values())),
         )
         if self._bake_cache is None or self._bake_cache[0] != what:
             self._bake_cache = (what, self.prepare(names, False))
