@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     from peft import get_peft_model
 
     torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # as bench_train.py: a saturated random model's denormals, not a method's cost
     spec = C.MODELS[args.model]
     master = C.build_master(spec, torch.float32, "cpu")
     inputs, target_t = C.make_inputs(spec, spec.batch, torch.float32, "cpu")

@@ -25,14 +25,17 @@ variants interleaved round by round, medians):
 * **merge** (``--model sd15``: the real SD1.5 UNet's 160 attention and feed-forward linears,
   shapes from its config on the meta device), per weight shape: FourierFT's merge floor, one
   ``irfft2`` of the d_out x d_in spectrum plus the add (unmerge restores the kept original: free),
-  and FRoD's, ``W + U M V^T`` (its dense core at 1 % couplings, the GEMMs associated the cheaper way),
-  against LoRA r16's merge + unmerge, two in-place ``addmm_``; times the layer count of each shape.
+  and FRoD's, ``W + U M V^T`` at 1 % couplings, both with its dense core (two GEMMs, associated the
+  cheaper way) and in the runtime's form (S in compressed-row form from 256 wide: one GEMM and a
+  sparse product), against LoRA r16's merge + unmerge, two in-place ``addmm_``; times the layer
+  count of each shape.
 
 * **FRoD adjoint** (``--model sd15`` shapes): the S-cell adjoint of FRoD's weight path,
-  ``dM = U^T G V`` at the diagonal and the 1 % cells, in the runtime's form (two GEMMs, the dense
-  ``d_in x d_in`` product, then a gather of nnz numbers) against the form it replaced (one GEMM
-  ``G V``, then ``nnz`` rows of ``U^T`` and ``(G V)^T`` gathered and multiplied: nnz x d_out
-  elements each), per weight shape and over the UNet.
+  ``dM = U^T G V`` at the diagonal and the 1 % cells, in the runtime's form (from 256 wide one GEMM
+  and the second product sampled at the cells; narrower, two GEMMs), against two dense GEMMs then a
+  gather of nnz numbers (the tenth pass's form) and the form before it (one GEMM ``G V``, then
+  ``nnz`` rows of ``U^T`` and ``(G V)^T`` gathered and multiplied: nnz x d_out elements each), per
+  weight shape and over the UNet.
 
 * **FRoD injection** (``--model sd15`` shapes): the joint decomposition of every sharing group
   (FRoD's ``group_key``: role and shape), timed alone with the runtime's batched routine, and
@@ -67,6 +70,7 @@ from diffadapt.methods.frod import (  # the injection's own steps
     FRoD,
     FRoDPrep,
     _basis_batched,
+    _csr_layout,
     _draw_pattern,
     sparse_nnz,
 )
@@ -197,6 +201,17 @@ def _lora_step(spec, master, inputs, target, rounds: int) -> float:
     return statistics.median(times)
 
 
+def _frod_prep(d_out: int, d_in: int, gen: torch.Generator) -> FRoDPrep:
+    """Random FRoD factors at 1 % cells with the group's compressed-row layout, as the runtime holds
+    them (so its forms, sparse where :func:`_sparse_weight` says so, are the ones timed)."""
+    nnz = sparse_nnz(d_in, 0.01)
+    cells = _draw_pattern(d_in, nnz, gen)
+    layout = _csr_layout(cells, d_in)
+    return FRoDPrep(torch.randn(d_in, d_in, generator=gen), torch.randn(d_out, d_in, generator=gen),
+                    torch.randn(d_in, generator=gen), torch.randn(nnz, generator=gen), cells[0], cells[1], 0.0,
+                    (layout["s_order"], layout["s_crow"]))
+
+
 def _merge_shape(d_out: int, d_in: int, gen: torch.Generator, rounds: int) -> dict:
     w = torch.randn(d_out, d_in, generator=gen)
     a, b = torch.randn(RANK, d_in, generator=gen), torch.randn(d_out, RANK, generator=gen)
@@ -210,15 +225,16 @@ def _merge_shape(d_out: int, d_in: int, gen: torch.Generator, rounds: int) -> di
         w.addmm_(b, a)
         w.addmm_(b, a, alpha=-1)
 
-    nnz = sparse_nnz(d_in, 0.01)
-    cells = torch.randperm(d_in * d_in, generator=gen)[:nnz]
-    frod = FRoDPrep(torch.randn(d_in, d_in, generator=gen), torch.randn(d_out, d_in, generator=gen),
-                    torch.randn(d_in, generator=gen), torch.randn(nnz, generator=gen), cells // d_in, cells % d_in, 0.0)
+    frod = _frod_prep(d_out, d_in, gen)
+    dense = frod._replace(layout=None)  # the dense core and two GEMMs (before the eleventh pass)
 
     def frod_merge():
         FRoD.apply_to_weight(w, frod)
 
-    return _interleaved({"fourierft": fourier, "lora": lora, "frod": frod_merge}, rounds)
+    def frod_dense():
+        FRoD.apply_to_weight(w, dense)
+
+    return _interleaved({"fourierft": fourier, "lora": lora, "frod": frod_merge, "frod_dense": frod_dense}, rounds)
 
 
 def _sd15_targets() -> list[tuple[str, torch.nn.Linear]]:
@@ -239,16 +255,18 @@ def merge_floors(rounds: int) -> list[str]:
         for k, v in m.items():
             tot[k] += v * count
         table.append(f"| {d_out} × {d_in} | {count} | {m['lora']:.2f} | {m['fourierft']:.2f} | "
-                     f"{m['fourierft'] / m['lora']:.1f} | {m['frod']:.1f} | {m['frod'] / m['lora']:.0f} |")
+                     f"{m['fourierft'] / m['lora']:.1f} | {m['frod_dense']:.1f} | {m['frod']:.1f} | "
+                     f"{m['frod'] / m['lora']:.0f} |")
     return [
         "### Merge floors (real SD1.5 UNet shapes; CPU ms per layer)",
         "",
         ("| weight (d_out × d_in) | layers | LoRA r16 merge + unmerge (2 addmm_) | FourierFT merge (irfft2 + add) | × | "
-         "FRoD merge (W + U M Vᵀ, 1 %) | × |"),
-        "|---|--:|--:|--:|--:|--:|--:|",
+         "FRoD merge, dense core (W + U M Vᵀ, 1 %) | FRoD merge, runtime (S sparse from 256 wide) | × |"),
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
         *table,
         (f"| **whole UNet, ms** | {sum(shapes.values())} | {tot['lora']:.0f} | {tot['fourierft']:.0f} | "
-         f"**{tot['fourierft'] / tot['lora']:.1f}** | {tot['frod']:.0f} | **{tot['frod'] / tot['lora']:.0f}** |"),
+         f"**{tot['fourierft'] / tot['lora']:.1f}** | {tot['frod_dense']:.0f} | {tot['frod']:.0f} | "
+         f"**{tot['frod'] / tot['lora']:.0f}** |"),
     ]
 
 
@@ -268,27 +286,27 @@ def adjoint_floors(rounds: int) -> list[str]:
     gen = torch.Generator().manual_seed(0)
     table, tot = [], Counter()
     for (d_out, d_in), count in sorted(shapes.items(), key=lambda kv: kv[0][0] * kv[0][1]):
-        nnz = sparse_nnz(d_in, 0.01)
-        cells = _draw_pattern(d_in, nnz, gen)
-        prep = FRoDPrep(torch.randn(d_in, d_in, generator=gen), torch.randn(d_out, d_in, generator=gen),
-                        torch.randn(d_in, generator=gen), torch.randn(nnz, generator=gen), cells[0], cells[1], 0.0)
+        prep = _frod_prep(d_out, d_in, gen)
+        nnz, dense = prep.rows.numel(), prep._replace(layout=None)
         grad = torch.randn(d_out, d_in, generator=gen)
         got, ref = FRoD.delta_weight_backward(prep, grad), _gathered_adjoint(prep, grad)
         err = max(((a - b).norm() / b.norm()).item() for a, b in zip(got, ref))
-        m = _interleaved({"gemm": lambda: FRoD.delta_weight_backward(prep, grad),
+        m = _interleaved({"runtime": lambda: FRoD.delta_weight_backward(prep, grad),
+                          "gemm": lambda: FRoD.delta_weight_backward(dense, grad),
                           "gather": lambda: _gathered_adjoint(prep, grad)}, rounds)
         for k, v in m.items():
             tot[k] += v * count
-        table.append(f"| {d_out} × {d_in} | {count} | {nnz:,} | {m['gemm']:.2f} | {m['gather']:.2f} | "
-                     f"{m['gather'] / m['gemm']:.1f} | {err:.0e} |")
+        table.append(f"| {d_out} × {d_in} | {count} | {nnz:,} | {m['runtime']:.2f} | {m['gemm']:.2f} | "
+                     f"{m['gather']:.2f} | {m['gemm'] / m['runtime']:.1f} | {err:.0e} |")
     return [
         "### FRoD's S-cell adjoint (real SD1.5 UNet shapes, 1 % cells; CPU ms per layer, fp32)",
         "",
-        "| weight (d_out × d_in) | layers | nnz | U^T G V, 2 GEMMs (runtime) | G V + row gathers (before) | × | rel. diff |",
-        "|---|--:|--:|--:|--:|--:|--:|",
+        ("| weight (d_out × d_in) | layers | nnz | runtime (one GEMM + cells sampled from 256 wide) | "
+         "U^T G V, 2 GEMMs (tenth pass) | G V + row gathers (before) | 2 GEMMs / runtime | rel. diff to gathers |"),
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
         *table,
-        (f"| **whole UNet, ms per step** | {sum(shapes.values())} | | {tot['gemm']:.0f} | {tot['gather']:.0f} | "
-         f"**{tot['gather'] / tot['gemm']:.1f}** | |"),
+        (f"| **whole UNet, ms per step** | {sum(shapes.values())} | | {tot['runtime']:.0f} | {tot['gemm']:.0f} | "
+         f"{tot['gather']:.0f} | **{tot['gemm'] / tot['runtime']:.1f}** | |"),
     ]
 
 
