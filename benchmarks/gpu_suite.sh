@@ -9,7 +9,7 @@
 #       -d benchmarks/wheels diffusers==0.42.1 peft==0.21.2 importlib_metadata==8.7.0
 # then, on the GPU machine, from the repository root:
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]
-# Writes sd15.md / sd3.md / switch_sd15.md (+ .json) and a log into OUT_DIR (default: gpu_results/),
+# Writes sd15.md / sd3.md / switch_sd15.md (+ .json), frod_forms.md and a log into OUT_DIR (default: gpu_results/),
 # most important first (SD1.5, SD3, switching), each part under its own time limit so that one slow
 # part cannot take the others' time.
 # SMOKE=1 runs the same sequence on the CPU on small models (seconds): a check of the script itself.
@@ -55,4 +55,8 @@ run 270 benchmarks/bench_train.py --device $dev --model $sd3 --dtype bf16 --no-e
 # switching at SD1.5 size: toggle, merge-switch, merge+unmerge vs PEFT (and PEFT LoRA)
 run 110 benchmarks/bench_switch.py --model $sw --device $dev --dtype bf16 --methods oft,boft,hra,fourierft,frod --repeat 5 \
     > "$out/switch_sd15.md"
+# FRoD's dense and sparse forms per layer shape on this device (the sparse weight path stays off CUDA until this
+# says where it pays; the sparse core's CUDA crossover is read off the same table)
+if [ "$dev" = cuda ]; then forms="--device cuda --models sd15 sd3"; else forms="--device cpu --models small --reps 1"; fi
+run 60 benchmarks/frod_forms.py $forms > "$out/frod_forms.md"
 echo "done: $out" | tee -a "$out/log"

@@ -48,11 +48,11 @@ scattered rows of ``U^T`` (no dense core: 1280x1280 175 vs 103 ms); a gather / `
 ``(x V) S^T`` (d=320, T=4096: 95 vs 79 ms).
 
 Precision and devices of the shared basis: decompositions run on the weights' device, batched
-over groups of equal (N, d_out, d_in), in float32 (float64 for float64 weights): float64 on the CPU
-cost 1.9-2.0x the time (SD1.5-width UNet, attention+ff, one thread: 190-224 s vs 103-112 s) and
-buys nothing the additive form needs -- U and Lambda0 are solved in float64 from the V actually
-stored, so init is the base exactly whatever V's rounding, and V only has to be a well-conditioned
-basis. PEFT runs them
+over groups of equal (N, d_out, d_in). The full-SVD (wide) branch runs in float32 (float64 for float64
+weights); the tall branch's Gram / Cholesky route squares the condition number, so on the CPU it runs
+in float64 (still 3-4x faster than a float32 Householder QR there), on CUDA in float32. Nothing the
+additive form needs depends on V's rounding -- U and Lambda0 are solved in float64 from the V actually
+stored, so init is the base exactly, and V only has to be a well-conditioned basis. PEFT runs them
 one category at a time in float32 on CPU; its V is *not* a stable function of the weights (sign
 flips, and arbitrary bases of (near-)degenerate eigenspaces, e.g. every single-layer group has
 ``T = I/(1+alpha)``), so a batched V differs from PEFT's. ``projection_mode="peft"`` is PEFT's own
@@ -507,6 +507,13 @@ def _sparse_delta_weight(p: FRoDPrep, dtype: torch.dtype) -> Tensor:
     return (u @ (s @ vt + lam[:, None] * vt)).to(dtype)
 
 
+def _sparse_adjoint(p: FRoDPrep, u: Tensor, g: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``U^T G V`` at the diagonal and the S cells as ``a @ b`` with one GEMM in ``a`` or ``b`` (the
+    cheaper association) and the other product only sampled at the cells."""
+    a, b = (u.mT @ g, v) if u.shape[0] >= u.shape[1] else (u.mT, g @ v)
+    return (a * b.mT).sum(1).to(p.lam.dtype), _sparse_cells(a.mT, b, p).to(p.vals.dtype)
+
+
 class FRoD(Method):
     name: ClassVar[str] = "frod"
     config_class: ClassVar[type[AdapterConfig]] = FRoDConfig
@@ -693,10 +700,8 @@ class FRoD(Method):
         The folded linear's backward calls it, so nothing of ``dW``'s build is kept from forward."""
         dtype = torch.promote_types(grad.dtype, torch.float32)
         u, g, v = prep.U.to(dtype), grad.to(dtype), prep.V.to(dtype)
-        if _sparse_weight(prep):  # the cells of a @ b, and its diagonal
-            a, b = (u.mT @ g, v) if u.shape[0] >= u.shape[1] else (u.mT, g @ v)
-            diag = (a * b.mT).sum(1)
-            return diag.to(prep.lam.dtype), _sparse_cells(a.mT, b, prep).to(prep.vals.dtype)
+        if _sparse_weight(prep):
+            return _sparse_adjoint(prep, u, g, v)
         dm = (u.mT @ g) @ v if u.shape[0] >= u.shape[1] else u.mT @ (g @ v)
         return dm.diagonal().to(prep.lam.dtype), dm[prep.rows, prep.cols].to(prep.vals.dtype)
 
