@@ -444,3 +444,38 @@ def test_layers_of_several_widths_prepare_as_one_wide_batch(side, extra):
     g_one = torch.autograd.grad(loss([BOFT.prepare(cfg, p, b, strength) for p, b in inits]), params)
     for a, b in zip(g_many, g_one):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_output_scale_fused_where_the_weight_is_smaller_else_applied_to_the_output(monkeypatch):
+    """BOFT's trained scale s goes into the base product (ScaledLinear, diag(s) W) when the layer sees at least
+    d_in tokens, else onto the output (ScaleBias: scaling a 64 x 32 weight for 4 tokens costs 16x the output's
+    numbers): both give the same outputs and gradients (float64), each taken where the rule says."""
+    import diffadapt as da
+    import diffadapt.host as host_module
+
+    seen, rule = [], host_module._FUSED_SCALE_TOKENS
+    for name in ("ScaledLinear", "ScaleBias"):
+        cls = getattr(host_module, name)
+        monkeypatch.setattr(host_module, name, type(name, (), {"apply": staticmethod(
+            lambda *a, _cls=cls, _name=name: seen.append(_name) or _cls.apply(*a))}))
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 32)).double().requires_grad_(False)
+    da.add_adapter(base, BOFTConfig(target_modules=["0"], boft_block_size=4, boft_n_butterfly_factor=2), "a")
+    params = da.adapter_parameters(base, "a")
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(torch.randn_like(p) * 0.1)
+    for tokens, want in ((4, "ScaleBias"), (96, "ScaledLinear")):
+        x = torch.randn(tokens, 64, dtype=torch.float64, requires_grad=True)
+        results = []
+        for fused in (rule, 0, 1 << 20):  # the rule, always fused, never fused
+            monkeypatch.setattr(host_module, "_FUSED_SCALE_TOKENS", fused)
+            seen.clear()
+            y = base(x)
+            grads = torch.autograd.grad(y.square().sum(), (x, *params.values()))
+            results.append((y.detach(), grads, list(seen)))
+        assert results[0][2] == [want] and results[1][2] == ["ScaledLinear"] and results[2][2] == ["ScaleBias"]
+        for y, grads, _ in results[1:]:
+            torch.testing.assert_close(y, results[0][0], rtol=1e-12, atol=1e-12)
+            for a, b in zip(grads, results[0][1]):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
