@@ -460,14 +460,20 @@ def test_layer_and_io_errors():
             FRoD.init_shared(FRoDConfig(regularization_alpha=0.0, projection_mode=mode), specs, weights)
 
 
+def _random_prep(d_out: int, d_in: int, sparse_rate: float, strength: float, seed: int = 0):
+    """One float64 layer's prepared FRoD factors with a random spectrum (``init_weights=False``), its
+    parameters and the layer: the setup of the math tests below."""
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(d_in, d_out).double()
+    cfg = FRoDConfig(sparse_rate=sparse_rate, init_weights=False, progressbar=False)
+    _, params, buffers = contract.init(FRoD, cfg, layer)
+    return FRoD.prepare(cfg, params, buffers, strength), params, layer
+
+
 def test_basis_path_core_product_matches_autograd_float64():
     """Few tokens: (x V) (U M)^T with U M rebuilt in backward, against plain autograd through the
     dense core M = diag(lam) + S (repeated cells add)."""
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(12, 20).double()
-    cfg = FRoDConfig(sparse_rate=0.1, init_weights=False, progressbar=False)
-    _, params, buffers = contract.init(FRoD, cfg, layer)
-    prep = FRoD.prepare(cfg, params, buffers, 0.8)
+    prep, params, layer = _random_prep(20, 12, 0.1, 0.8)
     x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)  # 3 tokens < d_out: basis path
     got = FRoD.delta_output(x, prep)
     core = torch.diag(prep.lam).index_put((prep.rows, prep.cols), prep.vals, accumulate=True)
@@ -485,12 +491,8 @@ def test_basis_path_core_product_matches_autograd_float64():
 def test_weight_path_and_its_adjoint_match_the_dense_core_float64(shape):
     """Many tokens: dW = (U M) V^T built from rows of U^T, and the adjoint read at the diagonal and
     the S cells, against autograd through the dense U M V^T -- with a repeated cell (they add)."""
-    torch.manual_seed(0)
     d_out, d_in = shape
-    layer = torch.nn.Linear(d_in, d_out).double()
-    cfg = FRoDConfig(sparse_rate=0.1, init_weights=False, progressbar=False)
-    _, params, buffers = contract.init(FRoD, cfg, layer)
-    prep = FRoD.prepare(cfg, params, buffers, 0.8)
+    prep, params, layer = _random_prep(d_out, d_in, 0.1, 0.8)
     rows, cols = prep.rows.clone(), prep.cols.clone()
     rows[1], cols[1] = rows[0], cols[0]  # a repeated cell
     lam = prep.lam.detach().clone().requires_grad_(True)
@@ -672,11 +674,7 @@ def test_delta_weight_backward_is_the_adjoint_of_delta_weight(shape):
     """dM = U^T G V read at the diagonal and the S cells (what the runtime's folded linear uses, W + dW
     kept from forward) against autograd through U M V^T, float64, repeated cells included."""
     d_out, d_in = shape
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(d_in, d_out).double()
-    cfg = FRoDConfig(sparse_rate=0.3, init_weights=False, progressbar=False)
-    _, params, buffers = contract.init(FRoD, cfg, layer)
-    prep = FRoD.prepare(cfg, params, buffers, 0.7)
+    prep, params, layer = _random_prep(d_out, d_in, 0.3, 0.7)
     prep = prep._replace(rows=torch.cat([prep.rows, prep.rows[:2]]), cols=torch.cat([prep.cols, prep.cols[:2]]),
                          vals=torch.cat([prep.vals, prep.vals[:2]]))  # a cell listed twice adds up
     prep = prep._replace(lam=prep.lam.detach().requires_grad_(True), vals=prep.vals.detach().requires_grad_(True))
@@ -704,11 +702,7 @@ def test_delta_weight_backward_keeps_no_transient_that_grows_with_the_s_cells():
                     self.numel = max(self.numel, t.numel())
             return out
 
-    torch.manual_seed(1)
-    layer = torch.nn.Linear(24, 10).double()
-    cfg = FRoDConfig(sparse_rate=0.3, init_weights=False, progressbar=False)
-    _, params, buffers = contract.init(FRoD, cfg, layer)
-    prep = FRoD.prepare(cfg, params, buffers, 0.7)
+    prep, params, layer = _random_prep(10, 24, 0.3, 0.7, seed=1)
     prep = prep._replace(lam=prep.lam.detach().requires_grad_(True), vals=prep.vals.detach().requires_grad_(True))
     assert prep.rows.numel() * 10 > 24 * 24
     grad = torch.randn(10, 24, dtype=torch.float64)
@@ -729,11 +723,7 @@ def test_sparse_weight_path_equals_the_dense_one(monkeypatch, shape):
     import diffadapt.methods.frod as frod_module
 
     d_out, d_in = shape
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(d_in, d_out).double()
-    cfg = FRoDConfig(sparse_rate=0.05, init_weights=False, progressbar=False)
-    _, params, buffers = contract.init(FRoD, cfg, layer)
-    prep = FRoD.prepare(cfg, params, buffers, 0.7)
+    prep, params, layer = _random_prep(d_out, d_in, 0.05, 0.7)
     rows, cols, vals = (torch.cat([t, t[:1]]) for t in (prep.rows, prep.cols, prep.vals))
     layout = frod_module._csr_layout(torch.stack([rows, cols]), d_in)
     prep = prep._replace(rows=rows, cols=cols, vals=vals, layout=(layout["s_order"], layout["s_crow"]))
@@ -807,11 +797,7 @@ def test_sparse_core_equals_the_dense_core(monkeypatch, dtype):
     its values gets the cell's gradient); bf16 activations stay bf16 (the sparse products in float32)."""
     import diffadapt.methods.frod as frod_module
 
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(32, 24).double()
-    cfg = FRoDConfig(sparse_rate=0.05, init_weights=False, progressbar=False)
-    _, params, buffers = contract.init(FRoD, cfg, layer)
-    prep = FRoD.prepare(cfg, params, buffers, 0.7)
+    prep, params, layer = _random_prep(24, 32, 0.05, 0.7)
     rows, cols, vals = (torch.cat([t, t[:1]]) for t in (prep.rows, prep.cols, prep.vals))
     layout = frod_module._csr_layout(torch.stack([rows, cols]), 32)
     prep = prep._replace(rows=rows, cols=cols, lam=prep.lam.detach().to(dtype).requires_grad_(True),
