@@ -140,9 +140,9 @@ class _FoldedLinear(torch.autograd.Function):
 
 
 # An outermost output scale s (BOFT's) is fused into the base product (ScaledLinear: the weight scaled in
-# forward and again in backward, 2 d_out d_in multiplies) where the layer sees at least this many tokens per
-# input feature; with fewer it is applied to the output (ScaleBias: two more passes over it, 2 T d_out):
-# SD1.5's 1280-wide layers at 64 tokens scaled 20x fewer numbers that way.
+# forward and again in backward, 2 d_out d_in multiplies) where the layer's tokens T are at least this many
+# times d_in; with fewer it is applied to the output (ScaleBias: two more passes over it, 2 T d_out):
+# SD1.5's 1280-wide layers at 64 tokens scale 20x fewer numbers that way.
 _FUSED_SCALE_TOKENS = 1
 
 
@@ -360,7 +360,7 @@ class AdapterHost(nn.Module):
             scale = steps[0][0].scale_only(steps[0][1])
             steps = steps[1:] if scale is not None else steps
         if (scale is not None and not steps and not folds and not self.quantized
-                and z.numel() >= _FUSED_SCALE_TOKENS * z.shape[-1] * z.shape[-1]):  # s (z W^T) + b, one product
+                and z.numel() // z.shape[-1] >= _FUSED_SCALE_TOKENS * z.shape[-1]):  # s (z W^T) + b, one product
             return ScaledLinear.apply(z, float_weight_2d(base), *scale, base.bias)
         y = self._base_product(z, folds)
         for method, prep, delta in reversed(steps):
