@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from diffadapt.formats import peft as peft_format
 from diffadapt.formats.peft import frod as peft_frod
 from diffadapt.methods import AdapterConfigError, LayerSpec, get_method
+from diffadapt.methods import frod as frod_module
 from diffadapt.methods.frod import FRoD, FRoDConfig, peft_category, sparse_nnz, uses_weight_path
 from tests import contract
 
@@ -230,6 +231,18 @@ class Tree(nn.Module):
                     parent.add_module(p, nn.Module())
                 parent = getattr(parent, p)
             parent.add_module(leaf, nn.Linear(i, o))
+
+
+@pytest.mark.parametrize("n, d_out, d_in", [(1, 9, 6), (3, 4, 6), (2, 2, 7), (1, 3, 8)])
+def test_batched_joint_basis_float64(n, d_out, d_in):
+    """The batched decomposition of two groups at once (the tall branch's T = L^T X L, the wide one's
+    complete QR + small SVD) solves each group's joint decomposition (float64 reference)."""
+    torch.manual_seed(0)
+    w = torch.randn(2, n, d_out, d_in, dtype=torch.float64)
+    V, ok = frod_module._basis_batched(w, 1e-3)
+    assert V.shape == (2, d_in, d_in) and ok.tolist() == [True, True]
+    for g in range(2):
+        assert_joint_basis(V[g], list(w[g]))
 
 
 def test_unet_and_dit_grouping():
@@ -720,7 +733,6 @@ def test_sparse_weight_path_equals_the_dense_one(monkeypatch, shape):
     sparse product), they give the two dense GEMMs' values: float64 to 1e-12 with a repeated cell, a
     bf16 merge as the dense one rounds it; a build that autograd has to go through stays dense, and its
     gradient is the sparse adjoint's."""
-    import diffadapt.methods.frod as frod_module
 
     d_out, d_in = shape
     prep, params, layer = _random_prep(d_out, d_in, 0.05, 0.7)
@@ -753,7 +765,6 @@ def test_sparse_weight_path_trains_and_merges_as_the_dense_one(monkeypatch):
     """Through the runtime: a step on the folded weight path (dW built sparse in forward, the sparse
     adjoint in backward) and a merge give the dense path's outputs and gradients (float64)."""
     import diffadapt as da
-    import diffadapt.methods.frod as frod_module
 
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(24, 10), nn.GELU(), nn.Linear(10, 24)).double().requires_grad_(False)
@@ -795,7 +806,6 @@ def test_sparse_core_equals_the_dense_core(monkeypatch, dtype):
     """Where S runs as a compressed-row matrix (wide layers, few tokens) the basis path gives the dense
     core's values and gradients: float64 to 1e-12, a repeated cell included (it adds up, and each of
     its values gets the cell's gradient); bf16 activations stay bf16 (the sparse products in float32)."""
-    import diffadapt.methods.frod as frod_module
 
     prep, params, layer = _random_prep(24, 32, 0.05, 0.7)
     rows, cols, vals = (torch.cat([t, t[:1]]) for t in (prep.rows, prep.cols, prep.vals))
@@ -828,7 +838,6 @@ def test_sparse_core_equals_the_dense_core(monkeypatch, dtype):
 def test_sparse_core_stays_out_of_compiled_graphs(monkeypatch):
     """Sparse tensors do not trace: a compiled (fullgraph) layer takes the dense core and the dense dW,
     with the same values."""
-    import diffadapt.methods.frod as frod_module
 
     monkeypatch.setattr(frod_module, "_SPARSE_CORE_MIN_WIDTH", 8)
     cfg, base, params, buffers = make(init_weights=False)
