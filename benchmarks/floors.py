@@ -66,14 +66,8 @@ from macs import layer_shapes
 
 from diffadapt.fused import ScaledLinear
 from diffadapt.methods.fourierft import FourierFT, FourierPrep, delta_weight
-from diffadapt.methods.frod import (  # the injection's own steps
-    FRoD,
-    FRoDPrep,
-    _basis_batched,
-    _csr_layout,
-    _draw_pattern,
-    sparse_nnz,
-)
+from diffadapt.methods._frod_basis import _basis_batched, _csr_layout, _draw_pattern  # the injection's own steps
+from diffadapt.methods.frod import FRoD, FRoDPrep, sparse_nnz
 
 RANK = 16
 N_FREQ = 1000

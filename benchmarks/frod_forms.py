@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 from macs import layer_shapes  # noqa: E402
 
+from diffadapt.methods import _frod_basis as basis  # noqa: E402
 from diffadapt.methods import frod as F  # noqa: E402
 
 
@@ -48,8 +49,8 @@ def meta_shapes(name: str) -> Counter:
 
 def prep_for(d_out: int, d_in: int, device: str, gen: torch.Generator) -> F.FRoDPrep:
     nnz = F.sparse_nnz(d_in, 0.01)
-    cells = F._draw_pattern(d_in, nnz, gen)
-    layout = F._csr_layout(cells, d_in)
+    cells = basis._draw_pattern(d_in, nnz, gen)
+    layout = basis._csr_layout(cells, d_in)
     t = [torch.randn(d_in, d_in, generator=gen), torch.randn(d_out, d_in, generator=gen),
          torch.randn(d_in, generator=gen), torch.randn(nnz, generator=gen)]
     v, u, lam, vals = (x.to(device) for x in t)

@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from diffadapt.formats import peft as peft_format
 from diffadapt.formats.peft import frod as peft_frod
 from diffadapt.methods import AdapterConfigError, LayerSpec, get_method
+from diffadapt.methods import _frod_basis
 from diffadapt.methods import frod as frod_module
 from diffadapt.methods.frod import FRoD, FRoDConfig, peft_category, sparse_nnz, uses_weight_path
 from tests import contract
@@ -236,10 +237,10 @@ class Tree(nn.Module):
 @pytest.mark.parametrize("n, d_out, d_in", [(1, 9, 6), (3, 4, 6), (2, 2, 7), (1, 3, 8)])
 def test_batched_joint_basis_float64(n, d_out, d_in):
     """The batched decomposition of two groups at once (the tall branch's T = L^T X L, the wide one's
-    complete QR + small SVD) solves each group's joint decomposition (float64 reference)."""
+    complete QR + eigh of R R^T) solves each group's joint decomposition (float64 reference)."""
     torch.manual_seed(0)
     w = torch.randn(2, n, d_out, d_in, dtype=torch.float64)
-    V, ok = frod_module._basis_batched(w, 1e-3)
+    V, ok = _frod_basis._basis_batched(w, 1e-3)
     assert V.shape == (2, d_in, d_in) and ok.tolist() == [True, True]
     for g in range(2):
         assert_joint_basis(V[g], list(w[g]))
@@ -737,7 +738,7 @@ def test_sparse_weight_path_equals_the_dense_one(monkeypatch, shape):
     d_out, d_in = shape
     prep, params, layer = _random_prep(d_out, d_in, 0.05, 0.7)
     rows, cols, vals = (torch.cat([t, t[:1]]) for t in (prep.rows, prep.cols, prep.vals))
-    layout = frod_module._csr_layout(torch.stack([rows, cols]), d_in)
+    layout = _frod_basis._csr_layout(torch.stack([rows, cols]), d_in)
     prep = prep._replace(rows=rows, cols=cols, vals=vals, layout=(layout["s_order"], layout["s_crow"]))
     grad = torch.randn(d_out, d_in, dtype=torch.float64)
     w16 = layer.weight.detach().to(torch.bfloat16)
@@ -809,7 +810,7 @@ def test_sparse_core_equals_the_dense_core(monkeypatch, dtype):
 
     prep, params, layer = _random_prep(24, 32, 0.05, 0.7)
     rows, cols, vals = (torch.cat([t, t[:1]]) for t in (prep.rows, prep.cols, prep.vals))
-    layout = frod_module._csr_layout(torch.stack([rows, cols]), 32)
+    layout = _frod_basis._csr_layout(torch.stack([rows, cols]), 32)
     prep = prep._replace(rows=rows, cols=cols, lam=prep.lam.detach().to(dtype).requires_grad_(True),
                          vals=vals.detach().to(dtype).requires_grad_(True), layout=(layout["s_order"], layout["s_crow"]))
     x = torch.randn(2, 5, 32, dtype=torch.float64).to(dtype).requires_grad_(True)
