@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffadapt.formats import peft as peft_format
-from diffadapt.methods._orthogonal import cayley
+from diffadapt.methods import _orthogonal
+from diffadapt.methods._orthogonal import block_inverse, cayley
 from diffadapt.methods.base import AdapterConfigError, LayerSpec
 from diffadapt.methods.oft import OFT, OFTConfig, neumann, nearest_divisor
 from tests import contract
@@ -50,6 +51,9 @@ CASES = [  # (layer kind, fan_in, config)
     ("linear", 16, dict(oft_block_size=8, coft=True, eps=0.5, block_share=True, use_cayley_neumann=True)),
     ("conv2d_1x1", 8, dict(oft_block_size=4, use_cayley_neumann=False)),
     ("conv2d_1x1", 8, dict(oft_block_size=2, use_cayley_neumann=True)),
+    # blocks of 32 / 40 rows: the CPU's recursive block inverse (block_inverse), leaves of 16 / 10
+    ("linear", 64, dict(oft_block_size=32, use_cayley_neumann=False)),
+    ("linear", 80, dict(oft_block_size=40, coft=True, eps=0.5, use_cayley_neumann=False)),
 ]
 
 
@@ -118,6 +122,44 @@ def test_neumann_is_transpose_of_exact_cayley():
     assert (series - exact).abs().max() > 0.05  # ... and not the matrix itself
     err5, err3 = ((neumann(skew, n) - exact.mT).abs().max() for n in (5, 3))
     assert err5 < 2e-3 and err5 < err3 / 2  # PEFT's 5 terms: approximately, truncation O(|S|^4)
+
+
+@pytest.mark.parametrize("n", [17, 32, 37, 64, 100])
+@pytest.mark.parametrize("scale", [0.05, 1.0, 3.0])
+def test_block_inverse_of_identity_plus_skew(n, scale):
+    """The unpivoted recursive inverse equals LAPACK's pivoted one for I + S (S skew), odd splits
+    included: from small rotations to ones far from the identity (scale 1: |S|_2 7-20, every plane
+    turned 164-174 degrees; scale 3: |S|_2 22-60). Float64 to 1e-11; float32 within 1e-6 of the
+    float64 inverse up to scale 1 (LAPACK's float32 LU: 1-3e-7), within 5e-6 at scale 3 (its error
+    grows as eps |S|^2 where the LU's grows as eps |S|)."""
+    torch.manual_seed(n)
+    u = torch.randn(5, n, n, dtype=torch.float64).triu(1) * scale
+    m = torch.eye(n, dtype=torch.float64) + u - u.mT
+    ref = torch.linalg.inv(m)
+    torch.testing.assert_close(block_inverse(m), ref, rtol=0, atol=1e-11)
+    x32 = block_inverse(m.float()).double()
+    assert (x32 - ref).abs().max() < (1e-6 if scale <= 1.0 else 5e-6)
+
+
+def test_cayley_of_wide_blocks_is_orthogonal_and_matches_inv_with_its_gradient():
+    """cayley() of 32-wide blocks on the CPU (block_inverse with inv's adjoint) against the inv_ex form
+    (the path narrower blocks and other devices take): values and gradients, float64; gradcheck."""
+    torch.manual_seed(8)
+    u = (torch.randn(3, 2, 32, 32, dtype=torch.float64).triu(1) * 0.3).requires_grad_()
+    assert 32 >= _orthogonal._BLOCK_INVERSE_MIN_SIZE
+    q = cayley(u - u.mT)
+    eye = torch.eye(32, dtype=torch.float64)
+    torch.testing.assert_close(q @ q.mT, eye.expand_as(q), rtol=0, atol=1e-12)
+    ref = 2.0 * torch.linalg.inv_ex(eye + u - u.mT)[0] - eye
+    torch.testing.assert_close(q, ref, rtol=0, atol=1e-12)
+    w = torch.randn_like(q)
+    (g,) = torch.autograd.grad((q * w).sum(), u)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), u)
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-10)
+    small = (torch.randn(2, 20, 20, dtype=torch.float64).triu(1) * 0.3).requires_grad_()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_orthogonal, "_BLOCK_INVERSE_MIN_SIZE", 20)  # 20 wide: one split into two leaves of 10
+        assert torch.autograd.gradcheck(lambda t: cayley(t - t.mT), (small,))
 
 
 # -- 2. gradients ---------------------------------------------------------------------------------------
