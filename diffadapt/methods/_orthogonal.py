@@ -98,21 +98,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def cayley(skew: Tensor) -> Tensor:
-    """``Q = (I - S)(I + S)^{-1} = 2 (I + S)^{-1} - I`` for a batch ``(..., b, b)`` of skew ``S``.
-
-    One batched inverse, whose backward is two batched matmuls (a solve's backward would be another
-    batched LU solve); ``I + S`` is always invertible for skew ``S``, so no error check (a host sync)
-    is made. On the CPU, blocks wider than ``_BLOCK_INVERSE_MIN_SIZE - 1`` are inverted by
-    :func:`block_inverse` (batched matmuls, 2-4x faster than LAPACK's per-matrix LU there), others
-    and other devices by ``inv_ex`` (one batched call).
-    """
-    eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
-    m = eye + skew
-    if skew.device.type == "cpu" and skew.shape[-1] >= _BLOCK_INVERSE_MIN_SIZE:
-        inverse = _Inverse.apply(m.reshape(-1, *m.shape[-2:])).view(m.shape)
-    else:
-        inverse = torch.linalg.inv_ex(m)[0]
-    return 2.0 * inverse - eye
+    """``Q = (I - S)(I + S)^{-1} = 2 (I + S)^{-1} - I`` for a batch ``(..., b, b)`` of skew ``S``:
+    one autograd node (:class:`_Cayley`) around one batched inverse, whose backward is two batched
+    matmuls (a solve's backward would be another batched LU solve). ``I + S`` is always invertible
+    for skew ``S``, so no error check (a host sync) is made."""
+    return _Cayley.apply(skew.reshape(-1, *skew.shape[-2:])).view(skew.shape)
 
 
 # CPU, one thread, fp32, (I + S)^{-1} of B blocks, inv_ex -> block_inverse: b 16 (B 3000) 12.7 -> 11.3 ms,
@@ -120,6 +110,15 @@ def cayley(skew: Tensor) -> Tensor:
 # from 32 wide on (a leaf of 16 or less goes to inv_ex)
 _BLOCK_INVERSE_MIN_SIZE = 32
 _BLOCK_INVERSE_LEAF = 16
+
+
+def _inverse(m: Tensor) -> Tensor:
+    """``m^{-1}`` of ``I + S`` blocks ``(B, b, b)``: :func:`block_inverse` on the CPU from
+    ``_BLOCK_INVERSE_MIN_SIZE`` rows, else one batched ``inv_ex`` (a single call: what narrow blocks and
+    launch-bound devices want)."""
+    if m.device.type == "cpu" and m.shape[-1] >= _BLOCK_INVERSE_MIN_SIZE:
+        return block_inverse(m)
+    return torch.linalg.inv_ex(m)[0]
 
 
 def block_inverse(m: Tensor) -> Tensor:
@@ -146,28 +145,35 @@ def block_inverse(m: Tensor) -> Tensor:
     zi = block_inverse(torch.baddbmm(d, c, aib, alpha=-1))
     cai = torch.bmm(c, ai)
     out = torch.empty_like(m)
-    top_right = torch.bmm(aib, zi).neg_()
+    top_right = torch.baddbmm(b, aib, zi, beta=0, alpha=-1)  # -A^{-1} B Z^{-1} (b: only a shape, beta=0)
     out[:, :h, h:] = top_right
-    out[:, h:, :h] = torch.bmm(zi, cai).neg_()
+    out[:, h:, :h] = torch.baddbmm(c, zi, cai, beta=0, alpha=-1)
     out[:, :h, :h] = torch.baddbmm(ai, top_right, cai, alpha=-1)
     out[:, h:, h:] = zi
     return out
 
 
-class _Inverse(torch.autograd.Function):
-    """``X = m^{-1}`` by :func:`block_inverse`, with inv's backward ``dm = -X^T G X^T``."""
+class _Cayley(torch.autograd.Function):
+    """``Q = 2 (I + S)^{-1} - I`` of ``(B, b, b)`` blocks as one node: forward forms ``I + S``, inverts
+    it (:func:`_inverse`) and turns ``X`` into ``Q`` in place; backward (inv's adjoint, ``dQ = 2 dX``):
+    ``dS = -2 X^T G X^T = -(1/2) (Q + I)^T G (Q + I)^T``, with only ``Q`` kept."""
 
     @staticmethod
-    def forward(ctx, m):
-        x = block_inverse(m)
-        ctx.save_for_backward(x)
-        return x
+    def forward(ctx, skew):
+        m = skew.clone()
+        m.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        q = _inverse(m).mul_(2.0)
+        q.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+        ctx.save_for_backward(q)
+        return q
 
     @staticmethod
     def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        xt = x.mT
-        return -torch.bmm(torch.bmm(xt, g), xt)
+        (q,) = ctx.saved_tensors
+        p = q.clone()
+        p.diagonal(dim1=-2, dim2=-1).add_(1.0)  # 2 X
+        pt = p.mT
+        return torch.baddbmm(g, torch.bmm(pt, g), pt, beta=0, alpha=-0.5)
 
 
 def limit_norm(skew: Tensor, constraint: float, dim: int) -> Tensor:

@@ -142,8 +142,9 @@ def test_block_inverse_of_identity_plus_skew(n, scale):
 
 
 def test_cayley_of_wide_blocks_is_orthogonal_and_matches_inv_with_its_gradient():
-    """cayley() of 32-wide blocks on the CPU (block_inverse with inv's adjoint) against the inv_ex form
-    (the path narrower blocks and other devices take): values and gradients, float64; gradcheck."""
+    """cayley() of 32-wide blocks on the CPU (block_inverse inside one node with inv's adjoint) against
+    autograd through the inv_ex form: values and gradients, float64; gradcheck of both paths (20-wide
+    blocks: inv_ex, and one split into two leaves of 10 when the threshold is lowered)."""
     torch.manual_seed(8)
     u = (torch.randn(3, 2, 32, 32, dtype=torch.float64).triu(1) * 0.3).requires_grad_()
     assert 32 >= _orthogonal._BLOCK_INVERSE_MIN_SIZE
@@ -157,6 +158,7 @@ def test_cayley_of_wide_blocks_is_orthogonal_and_matches_inv_with_its_gradient()
     (g_ref,) = torch.autograd.grad((ref * w).sum(), u)
     torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-10)
     small = (torch.randn(2, 20, 20, dtype=torch.float64).triu(1) * 0.3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: cayley(t - t.mT), (small,))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_orthogonal, "_BLOCK_INVERSE_MIN_SIZE", 20)  # 20 wide: one split into two leaves of 10
         assert torch.autograd.gradcheck(lambda t: cayley(t - t.mT), (small,))
