@@ -156,24 +156,28 @@ def block_inverse(m: Tensor) -> Tensor:
 class _Cayley(torch.autograd.Function):
     """``Q = 2 (I + S)^{-1} - I`` of ``(B, b, b)`` blocks as one node: forward forms ``I + S``, inverts
     it (:func:`_inverse`) and turns ``X`` into ``Q`` in place; backward (inv's adjoint, ``dQ = 2 dX``):
-    ``dS = -2 X^T G X^T = -(1/2) (Q + I)^T G (Q + I)^T``, with only ``Q`` kept."""
+    ``dS = -2 X^T G X^T = -(1/2) (Q + I)^T G (Q + I)^T``, with only ``Q`` kept. In the skew's dtype
+    (float32 or wider), also under autocast (whose bf16 matmuls would lose the inverse's precision)."""
 
     @staticmethod
     def forward(ctx, skew):
-        m = skew.clone()
-        m.diagonal(dim1=-2, dim2=-1).add_(1.0)
-        q = _inverse(m).mul_(2.0)
-        q.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+        with torch.autocast(skew.device.type, enabled=False):
+            m = skew.clone()
+            m.diagonal(dim1=-2, dim2=-1).add_(1.0)
+            q = _inverse(m).mul_(2.0)
+            q.diagonal(dim1=-2, dim2=-1).sub_(1.0)
         ctx.save_for_backward(q)
         return q
 
     @staticmethod
     def backward(ctx, g):
         (q,) = ctx.saved_tensors
-        p = q.clone()
-        p.diagonal(dim1=-2, dim2=-1).add_(1.0)  # 2 X
-        pt = p.mT
-        return torch.baddbmm(g, torch.bmm(pt, g), pt, beta=0, alpha=-0.5)
+        with torch.autocast(q.device.type, enabled=False):
+            g = g.to(q.dtype)
+            p = q.clone()
+            p.diagonal(dim1=-2, dim2=-1).add_(1.0)  # 2 X
+            pt = p.mT
+            return torch.baddbmm(g, torch.bmm(pt, g), pt, beta=0, alpha=-0.5)
 
 
 def limit_norm(skew: Tensor, constraint: float, dim: int) -> Tensor:

@@ -164,6 +164,24 @@ def test_cayley_of_wide_blocks_is_orthogonal_and_matches_inv_with_its_gradient()
         assert torch.autograd.gradcheck(lambda t: cayley(t - t.mT), (small,))
 
 
+def test_cayley_keeps_float32_under_bf16_autocast():
+    """Mixed-precision training runs the blocks' inverse in float32: under CPU bf16 autocast the
+    32-wide blocks (block_inverse's matmuls) and the 8-wide ones (inv_ex) agree with float64 to
+    float32 rounding, values and gradients (bf16 matmuls would be off by ~1e-2)."""
+    torch.manual_seed(9)
+    for b in (32, 8):
+        u = (torch.randn(6, b, b).triu(1) * 0.1).requires_grad_()
+        w = torch.randn(6, b, b)
+        ref = cayley((u - u.mT).double())
+        (g_ref,) = torch.autograd.grad((ref * w.double()).sum(), u)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            q = cayley(u - u.mT)
+            (g,) = torch.autograd.grad((q * w).sum(), u)
+        assert q.dtype == torch.float32 and g.dtype == torch.float32
+        assert (q.double() - ref).abs().max() < 2e-6
+        assert (g.double() - g_ref).abs().max() < 2e-5 * g_ref.abs().max()
+
+
 # -- 2. gradients ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw,merged", [
     (dict(oft_block_size=4), False),
