@@ -284,7 +284,7 @@ class BOFT(OrthogonalMethod):
     @classmethod
     def rotation_blocks(cls, config: BOFTConfig, skew: Tensor) -> Tensor:
         """All layers' ``m N`` Cayley blocks from one batched inverse."""
-        return cayley(skew.flatten(0, 2)).view(skew.shape)
+        return cayley(skew)  # (..., b, b) batches of any shape
 
     @classmethod
     def stack_key(cls, params: dict[str, Tensor], buffers: dict[str, Tensor]):
