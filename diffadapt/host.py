@@ -145,6 +145,12 @@ class _FoldedLinear(torch.autograd.Function):
 # SD1.5's 1280-wide layers at 64 tokens scale 20x fewer numbers that way.
 _FUSED_SCALE_TOKENS = 1
 
+# How many weight-path multiply-adds one of the activation path's rotation multiply-adds is worth
+# (AdapterHost._rotates_weight): the weight path is one plain GEMM and one bmm over the weight's rows, the
+# activation path strided bmm views of the tokens (small gauge, paired, x PEFT LoRA step: 1 -> 2 took
+# BOFT 1.085 -> 1.035 and HRA 0.959 -> 0.915, OFT level; 3 and 5 no better; no sd15w layer flips).
+_WEIGHT_PATH_GAIN = 2.0
+
 
 def _sole_owner(weight: Tensor) -> bool:
     """Whether ``weight`` (a plain, contiguous parameter) is the only tensor on its storage, which
@@ -336,6 +342,9 @@ class AdapterHost(nn.Module):
         if isinstance(base, nn.Conv2d):
             w = self.compose(weight_2d(base) if self.quantized else float_weight_2d(base), preps).to(x.dtype)
             return base._conv_forward(x, w.reshape(base.weight.shape), base.bias)
+        if not self.quantized and self._rotates_weight(x, preps):  # few tokens: W_eff = f(W), one product
+            w = self.compose(float_weight_2d(base), preps).to(x.dtype)
+            return F.linear(x, w, None if base.bias is None else as_dtype(base.bias, x.dtype))
         # forward sweep: rotate the input, remember each adapter's per-step factors; additive
         # adapters after the last rotation may fold W + dW into the base product instead;
         # backward sweep: y = T_1(... T_k(base(z_n)) + d_k ...), bias last (never transformed)
@@ -370,6 +379,28 @@ class AdapterHost(nn.Module):
         if base.bias is not None:
             y = y + base.bias
         return y
+
+    def _rotates_weight(self, x: Tensor, preps: list) -> bool:
+        """Whether this layer's rotations (every live step a rotation) are cheaper applied to the
+        weight than to the activations (a shape test, no host sync). A rotation of width ``k`` of
+        the ``d`` rotated features costs ``T d k`` multiply-adds on the ``T`` token rows and ``3 T d k``
+        with its backward; on the weight, ``c d k`` for the other side's ``c`` channels, three
+        times with backward, plus the weight's gradient ``g^T x``, ``T d_out d_in`` (one GEMM,
+        on the CPU the cheapest multiply-adds there are: _WEIGHT_PATH_GAIN weighs them)."""
+        if not all(method.multiplicative for method, _ in preps):
+            return False
+        tokens = x.numel() // x.shape[-1]
+        d_out, d_in = self.spec.out_features, self.spec.fan_in
+        act = weight = 0
+        for method, prep in preps:
+            k = method.rotation_width(prep)
+            if k is None:
+                return False
+            other, d = (d_in, d_out) if method.rotates_output(prep) else (d_out, d_in)
+            act, weight = act + tokens * d * k, weight + other * d * k
+        if not torch.is_grad_enabled():
+            return weight <= act
+        return tokens * d_out * d_in + 3 * weight <= _WEIGHT_PATH_GAIN * 3 * act
 
     def _base_product(self, z: Tensor, folds: list, bias: Optional[Tensor] = None) -> Tensor:
         """``z W_eff^T (+ bias)`` for the additive adapters ``folds`` folded into the base weight

@@ -388,3 +388,56 @@ def test_overrides_are_checked_when_the_config_is_made():
     with pytest.raises(AdapterConfigError, match=r"override 'to_q': .*boft_dropout"):
         da.BOFTConfig(overrides={"to_q": {"boft_dropout": 2.0}})
     assert da.BOFTConfig(overrides={"to_q": {"boft_block_size": 8}}).for_layer("a.to_q").boft_block_size == 8
+
+
+@pytest.mark.parametrize("stack", [("oft",), ("boft",), ("hra",), ("boft-output",), ("hra", "oft")])
+def test_rotations_on_the_weight_equal_rotations_on_the_activations_float64(stack, monkeypatch):
+    """A layer whose live steps are all rotations takes the weight path (``F.linear(x, f(W))``, the
+    weight's gradient ``g^T x`` and one rotation of the weight's rows) where it sees many tokens for
+    its width, else rotates the activations; each path is taken where the cost rule says, and both
+    give the same outputs and gradients (input, every adapter parameter; float64), with and without
+    autograd, for input- and output-side rotations, BOFT's scale and a stack of two rotations."""
+    import diffadapt.host as host_module
+
+    configs = {
+        "oft": lambda: da.OFTConfig(target_modules=["0"], oft_block_size=4, r=0, init_weights=False),
+        "boft": lambda: da.BOFTConfig(target_modules=["0"], boft_block_size=2, boft_n_butterfly_factor=2,
+                                      init_weights=False),
+        "boft-output": lambda: da.BOFTConfig(target_modules=["0"], boft_block_size=2, boft_n_butterfly_factor=2,
+                                             init_weights=False, rotation_side="output"),
+        "hra": lambda: da.HRAConfig(target_modules=["0"], r=2, init_weights=False),
+    }
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8)).double().requires_grad_(False)
+    for i, name in enumerate(stack):
+        da.add_adapter(model, configs[name](), f"a{i}")
+    da.set_adapters(model, [f"a{i}" for i in range(len(stack))])
+    params = [p for i in range(len(stack)) for p in da.adapter_parameters(model, f"a{i}").values()]
+    for p in params:
+        p.requires_grad_(True)
+        with torch.no_grad():
+            p.add_(torch.randn_like(p) * 0.2)
+    composed = []  # the weight path composes f(W); the activation path never does for a linear layer
+    compose = host_module.AdapterHost.compose
+    monkeypatch.setattr(host_module.AdapterHost, "compose", staticmethod(
+        lambda weight, steps: composed.append(1) or compose(weight, steps)))
+    rule = host_module._WEIGHT_PATH_GAIN
+    for tokens, rule_says_weight in ((64, True), (2, False)):
+        x = torch.randn(tokens, 8, dtype=torch.float64, requires_grad=True)
+        results = []
+        for gain in (rule, 0.0, 1e9):  # the rule, never, always
+            monkeypatch.setattr(host_module, "_WEIGHT_PATH_GAIN", gain)
+            composed.clear()
+            y = model(x)
+            grads = torch.autograd.grad(y.square().sum(), (x, *params))
+            results.append((y.detach(), grads, bool(composed)))
+        assert [r[2] for r in results] == [rule_says_weight, False, True]
+        for y, grads, _ in results[1:]:
+            torch.testing.assert_close(y, results[0][0], rtol=1e-12, atol=1e-12)
+            for a, b in zip(grads, results[0][1]):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        monkeypatch.setattr(host_module, "_WEIGHT_PATH_GAIN", rule)
+        with torch.no_grad():  # without autograd (training mode: no kept weights): the weight path where
+            composed.clear()   # it rotates fewer rows than the activations have
+            torch.testing.assert_close(model(x), results[0][0], rtol=1e-12, atol=1e-12)
+            assert bool(composed) is (tokens >= 8)

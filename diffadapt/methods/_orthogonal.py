@@ -344,6 +344,14 @@ class OrthogonalMethod(Method):
         return prep.scale
 
     @staticmethod
+    def rotation_width(prep: RotationFactors) -> int:
+        return prep.rotation.shape[-1]
+
+    @staticmethod
+    def rotates_output(prep: RotationFactors) -> bool:
+        return prep.output
+
+    @staticmethod
     def output_is_identity(prep: RotationFactors) -> bool:
         return not prep.output and prep.scale is None
 

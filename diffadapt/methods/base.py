@@ -330,6 +330,18 @@ class Method:
     def output_scale(prep: Any) -> Optional[Tensor]:  # s (out_features,) or None
         return None
 
+    @staticmethod
+    def rotation_width(prep: Any) -> Optional[int]:
+        """Multiply-adds per rotated feature of one row (a block rotation's block width, a WY
+        form's ``2 r``): the runtime's cost model for rotating the weight instead of the
+        activations. None (the default): always the activation path."""
+        return None
+
+    @staticmethod
+    def rotates_output(prep: Any) -> bool:
+        """Whether the rotation acts on the output channels (else on the input features)."""
+        return False
+
     @classmethod
     def transform_output(cls, y: Tensor, prep: Any) -> Tensor:  # y @ P.T (bias not included)
         s = cls.output_scale(prep)

@@ -169,6 +169,10 @@ class HRA(Method):
         return [HRAFactors(yg, vg) for yg, vg in zip(y.unbind(0), v.unbind(0))]
 
     @staticmethod
+    def rotation_width(prep: HRAFactors) -> int:
+        return 2 * prep.y.shape[-1]
+
+    @staticmethod
     def rotate_input(x: Tensor, prep: HRAFactors) -> Tensor:
         """``x Q_a^T = x - (x Y) V^T`` in ``x``'s dtype (two thin matmuls, one fused subtract)."""
         y, v = prep.y.to(x.dtype), prep.v.to(x.dtype)

@@ -345,12 +345,16 @@ def test_compile_fullgraph():
 @pytest.mark.parametrize("inner", [False, True])  # alone: s folded into the base product; under another adapter: fused with the bias
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(5,), (2, 7, 5)])  # a 1-D input too
-def test_runtime_fused_scale_matches_autograd_float64(bias, shape, inner):
-    """The runtime fuses BOFT's output scale -- alone into the base product (``diag(s) W``), under
-    another live adapter with the bias -- and keeps only the layer's output for backward (no y copy):
-    outputs and every gradient equal plain autograd through W_eff, float64, with one scale exactly 0
-    (its channel gets no scale gradient: y is not recoverable there)."""
+def test_runtime_fused_scale_matches_autograd_float64(bias, shape, inner, monkeypatch):
+    """The runtime fuses BOFT's output scale on the activation path -- alone into the base product
+    (``diag(s) W``), under another live adapter with the bias -- and keeps only the layer's output for
+    backward (no y copy): outputs and every gradient equal plain autograd through W_eff, float64, with
+    one scale exactly 0 (its channel gets no scale gradient: y is not recoverable there). (These few
+    tokens would take the weight path: turned off here.)"""
     import diffadapt as da
+    import diffadapt.host
+
+    monkeypatch.setattr(diffadapt.host, "_WEIGHT_PATH_GAIN", 0.0)
 
     torch.manual_seed(0)
     layer = nn.Linear(8 if len(shape) > 1 else 8, 6, bias=bias).double()
@@ -449,10 +453,12 @@ def test_layers_of_several_widths_prepare_as_one_wide_batch(side, extra):
 def test_output_scale_fused_where_the_weight_is_smaller_else_applied_to_the_output(monkeypatch):
     """BOFT's trained scale s goes into the base product (ScaledLinear, diag(s) W) when the layer sees at least
     d_in tokens, else onto the output (ScaleBias: scaling a 64 x 32 weight for 4 tokens costs 16x the output's
-    numbers): both give the same outputs and gradients (float64), each taken where the rule says."""
+    numbers): both give the same outputs and gradients (float64), each taken where the rule says (on the
+    activation path: the weight path, which 96 tokens would take here, turned off)."""
     import diffadapt as da
     import diffadapt.host as host_module
 
+    monkeypatch.setattr(host_module, "_WEIGHT_PATH_GAIN", 0.0)
     seen, rule = [], host_module._FUSED_SCALE_TOKENS
     for name in ("ScaledLinear", "ScaleBias"):
         cls = getattr(host_module, name)
