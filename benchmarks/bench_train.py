@@ -155,6 +155,9 @@ class Runner:
         self.stats.setup_s = time.perf_counter() - t0
         self.raw = self.model  # the verbs take the model itself
         if args.compile:  # the whole model, inductor (one graph per mode; warmup steps compile it)
+            # every variant's structure is a recompile of the same forward code, two modes each: past dynamo's
+            # default limit of 8 the later variants' frames would silently run eager
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.model = torch.compile(self.model, fullgraph=args.compile == "fullgraph")
         params = [p for p in self.raw.parameters() if p.requires_grad]
         self.stats.trainable = sum(p.numel() for p in params)

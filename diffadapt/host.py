@@ -342,7 +342,7 @@ class AdapterHost(nn.Module):
         if isinstance(base, nn.Conv2d):
             w = self.compose(weight_2d(base) if self.quantized else float_weight_2d(base), preps).to(x.dtype)
             return base._conv_forward(x, w.reshape(base.weight.shape), base.bias)
-        if not self.quantized and self._rotates_weight(x, preps):  # few tokens: W_eff = f(W), one product
+        if not self.quantized and self._rotates_weight(x, preps):  # many tokens for the width: F.linear(x, f(W))
             w = self.compose(float_weight_2d(base), preps).to(x.dtype)
             return F.linear(x, w, None if base.bias is None else as_dtype(base.bias, x.dtype))
         # forward sweep: rotate the input, remember each adapter's per-step factors; additive

@@ -441,3 +441,8 @@ def test_rotations_on_the_weight_equal_rotations_on_the_activations_float64(stac
             composed.clear()   # it rotates fewer rows than the activations have
             torch.testing.assert_close(model(x), results[0][0], rtol=1e-12, atol=1e-12)
             assert bool(composed) is (tokens >= 8)
+            torch._dynamo.reset()  # and as one graph (a merge's strided out= write would break it)
+            compiled = torch.compile(model, fullgraph=True, backend="eager")
+            torch.testing.assert_close(compiled(x), results[0][0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), results[0][0],
+                                   rtol=1e-12, atol=1e-12)

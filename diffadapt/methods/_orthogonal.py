@@ -376,7 +376,8 @@ class OrthogonalMethod(Method):
             blocks = prep.rotation.to(weight.dtype)
             n, b = d_in // blocks.shape[-1], blocks.shape[-1]
             right = weight.mT.reshape(n, b, d_out)
-            if torch.is_grad_enabled() and (weight.requires_grad or blocks.requires_grad):
+            if torch.compiler.is_compiling() or (  # a graph cannot write into a strided out=
+                    torch.is_grad_enabled() and (weight.requires_grad or blocks.requires_grad)):
                 w = torch.bmm(blocks.expand(n, b, b), right).view(d_in, d_out).mT  # the caller's copy lays it out
             else:  # merging: written straight into a (d_out, d_in)-contiguous weight (one allocation, no
                 # copy: at SD1.5 size the second weight-sized buffer was half of a merge's time, in page faults)
