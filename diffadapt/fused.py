@@ -1,6 +1,7 @@
-"""The layer host's fused output products: an output scale and the bias after the base product,
-with only the layer's output kept for backward (:class:`ScaleBias`), or folded into the base product
-itself (:class:`ScaledLinear`). Plain autograd functions; :mod:`diffadapt.host` picks them."""
+"""The layer host's fused products: an output scale and the bias after the base product, with only
+the layer's output kept for backward (:class:`ScaleBias`), or folded into the base product itself
+(:class:`ScaledLinear`); additive adapters folded into the base product with ``dW`` rebuilt in
+backward (:class:`FoldedLinear`). Plain autograd functions; :mod:`diffadapt.host` picks them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ from torch import Tensor
 
 def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def compose(weight: Tensor, steps: list) -> Tensor:
+    """``f_1(...f_n(W))`` for ``steps`` ``[(method, factors), ...]`` in activation order."""
+    for method, prep in reversed(steps):
+        weight = method.apply_to_weight(weight, prep)
+    return weight
 
 
 class ScaleBias(torch.autograd.Function):
@@ -71,3 +79,33 @@ class ScaledLinear(torch.autograd.Function):
         if bias is not None and ctx.needs_input_grad[4]:
             gb = as_dtype(gsum, bias.dtype)
         return gz, None, gs, None, gb
+
+
+class FoldedLinear(torch.autograd.Function):
+    """``y = x (f_1(..f_k(W)))^T (+ b)`` for additive adapters ``f_i(W) = W + dW_i`` folded into the base
+    product, with every ``dW_i`` rebuilt in backward from its few factors (``delta_fields``)
+    instead of keeping ``W + dW`` alive: the layer saves ``x`` (as LoRA does) and the factors.
+    Backward: ``grad x = g W_eff``, and ``G = g^T x``, the gradient of every ``dW_i``, goes to the
+    factors through the method's adjoint (:meth:`Method.delta_weight_backward`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, folds, *factors):  # factors: inputs so that gradients reach them
+        ctx.folds = folds  # their preps hold the same factor tensors
+        w_eff = as_dtype(compose(weight, folds), x.dtype)
+        keep = ctx.needs_input_grad[0] and any(method.keep_folded_weight(x, prep) for method, prep in folds)
+        ctx.save_for_backward(x, weight, w_eff if keep else None)  # kept: its rebuild would cost GEMMs
+        return F.linear(x, w_eff, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, w_eff = ctx.saved_tensors
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            w_eff = compose(weight, ctx.folds) if w_eff is None else w_eff
+            gx = (g2 @ as_dtype(w_eff, g.dtype)).view(x.shape)
+        if ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        gw = g2.mT @ x2  # the gradient of W_eff, so of every dW_i
+        grads = [t for method, prep in ctx.folds for t in method.delta_weight_backward(prep, gw)]
+        return gx, (as_dtype(gw, weight.dtype) if ctx.needs_input_grad[1] else None), gb, None, *grads

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from diffadapt import quantized_layers as quantized
-from diffadapt.fused import ScaleBias, ScaledLinear, as_dtype
+from diffadapt.fused import FoldedLinear, ScaleBias, ScaledLinear, as_dtype, compose
 from diffadapt.methods.base import AdapterConfig, LayerSpec, Method
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D, nn.Conv2d)
@@ -109,36 +109,6 @@ class AdapterSlot(nn.Module):
         return self.method.prepare(self.config, self.params(), self.buffers_dict(), strength, training)
 
 
-class _FoldedLinear(torch.autograd.Function):
-    """``y = x (f_1(..f_k(W)))^T (+ b)`` for additive adapters ``f_i(W) = W + dW_i`` folded into the base
-    product, with every ``dW_i`` rebuilt in backward from its few factors (``delta_fields``)
-    instead of keeping ``W + dW`` alive: the layer saves ``x`` (as LoRA does) and the factors.
-    Backward: ``grad x = g W_eff``, and ``G = g^T x``, the gradient of every ``dW_i``, goes to the
-    factors through the method's adjoint (:meth:`Method.delta_weight_backward`)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, folds, *factors):  # factors: inputs so that gradients reach them
-        ctx.folds = folds  # their preps hold the same factor tensors
-        w_eff = as_dtype(AdapterHost.compose(weight, folds), x.dtype)
-        keep = ctx.needs_input_grad[0] and any(method.keep_folded_weight(x, prep) for method, prep in folds)
-        ctx.save_for_backward(x, weight, w_eff if keep else None)  # kept: its rebuild would cost GEMMs
-        return F.linear(x, w_eff, bias)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, weight, w_eff = ctx.saved_tensors
-        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-        gx = gb = None
-        if ctx.needs_input_grad[0]:
-            w_eff = AdapterHost.compose(weight, ctx.folds) if w_eff is None else w_eff
-            gx = (g2 @ as_dtype(w_eff, g.dtype)).view(x.shape)
-        if ctx.needs_input_grad[2]:
-            gb = g2.sum(0)
-        gw = g2.mT @ x2  # the gradient of W_eff, so of every dW_i
-        grads = [t for method, prep in ctx.folds for t in method.delta_weight_backward(prep, gw)]
-        return gx, (as_dtype(gw, weight.dtype) if ctx.needs_input_grad[1] else None), gb, None, *grads
-
-
 # An outermost output scale s (BOFT's) is fused into the base product (ScaledLinear: the weight scaled in
 # forward and again in backward, 2 d_out d_in multiplies) where the layer's tokens T are at least this many
 # times d_in; with fewer it is applied to the output (ScaleBias: two more passes over it, 2 T d_out):
@@ -204,12 +174,7 @@ class AdapterHost(nn.Module):
         self.adapters[adapter_name] = slot
 
     # -- weights ------------------------------------------------------------------------------
-    @staticmethod
-    def compose(weight: Tensor, steps: list) -> Tensor:
-        """``f_1(...f_n(W))`` for ``steps`` ``[(method, factors), ...]`` in activation order."""
-        for method, prep in reversed(steps):
-            weight = method.apply_to_weight(weight, prep)
-        return weight
+    compose = staticmethod(compose)  # f_1(...f_n(W)) of (method, factors) steps in activation order
 
     def effective_weight(self) -> Tensor:
         """The 2-D weight the layer computes with now (merged and live adapters)."""
@@ -419,7 +384,7 @@ class AdapterHost(nn.Module):
             return F.linear(z, w.to(z.dtype), bias)
         if torch.is_grad_enabled() and all(m.delta_weight_backward is not None for m, _ in folds):
             factors = [getattr(prep, f) for method, prep in folds for f in method.delta_fields]
-            return _FoldedLinear.apply(z, w, bias, tuple(folds), *factors)
+            return FoldedLinear.apply(z, w, bias, tuple(folds), *factors)
         return F.linear(z, self.compose(w, folds).to(z.dtype), bias)  # a method without an adjoint
 
     def _folded_weight(self, folds: list, dtype: torch.dtype) -> Tensor:
