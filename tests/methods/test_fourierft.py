@@ -25,6 +25,7 @@ from diffadapt.methods.fourierft import (
     choose_path,
     delta_output_dense,
     delta_output_fft,
+    rows_half,
 )
 from tests import contract
 
@@ -125,9 +126,11 @@ def test_conv2d_own_definition():
         torch.testing.assert_close(contract.merged_forward(FourierFT, cfg, conv, params, buffers, x), y)
 
 
-@pytest.mark.parametrize("d_out,d_in", [(10, 12), (9, 7), (1, 6), (6, 1), (2, 2)])
+@pytest.mark.parametrize("d_out,d_in", [(10, 12), (9, 7), (1, 6), (6, 1), (2, 2), (12, 3), (13, 2), (8, 2)])
 def test_both_paths_equal_closed_form_float64(d_out, d_in):
-    """The dense (irfft2) and FFT-on-activations paths vs the cosine sum of docs/design.md, odd/even/1-wide."""
+    """The dense (irfft2, or for a tall layer the inverse FFT with the rows halved) and
+    FFT-on-activations paths vs the cosine sum of docs/design.md, odd/even/1-wide."""
+    assert rows_half(d_out, d_in, torch.device("cpu")) == (d_out >= 4 * d_in)  # both halvings are tested here
     torch.manual_seed(0)
     spec = LayerSpec("l", "linear", d_out, d_in)
     cfg = FourierFTConfig(n_frequency=min(9, d_out * d_in), scaling=3.0, random_loc_seed=11)
@@ -144,7 +147,7 @@ def test_both_paths_equal_closed_form_float64(d_out, d_in):
 # ---------------------------------------------------------------------------------------------
 # 2. gradients
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("d_out,d_in", [(6, 5), (4, 8)])
+@pytest.mark.parametrize("d_out,d_in", [(6, 5), (4, 8), (9, 2)])
 def test_gradcheck(d_out, d_in):
     torch.manual_seed(0)
     spec = LayerSpec("l", "linear", d_out, d_in)
