@@ -229,9 +229,10 @@ def block_rotate(x: Tensor, blocks: Tensor, transpose: bool = False) -> Tensor:
 GROUP_WIDTH = 16  # rotations of smaller blocks run as block-diagonal blocks of up to this width
 
 
-def group_count(b: int, counts: list[int], width: int = GROUP_WIDTH) -> int:
+def group_count(b: int, counts: list[int], width: Optional[int] = None) -> int:
     """How many ``b x b`` blocks go into one block-diagonal block: the largest power of two ``g``
-    with ``g b <= width`` that divides every layer's block count in ``counts``."""
+    with ``g b <= width`` (default GROUP_WIDTH) that divides every layer's block count in ``counts``."""
+    width = GROUP_WIDTH if width is None else width
     g = 1
     while b * g * 2 <= width and all(c % (g * 2) == 0 for c in counts):
         g *= 2
