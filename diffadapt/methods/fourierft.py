@@ -169,12 +169,13 @@ def delta_weight(coef: Tensor, buffers: dict, d_out: int, d_in: int, dtype: torc
     written straight into the real parts of a complex grid (no real-to-complex copy before the
     inverse FFT)."""
     rows = rows_half(d_out, d_in, coef.device)
-    half = "rows" if rows else "half"
-    vals = (as_dtype(coef, dtype).view(1, -1) * as_dtype(buffers[f"w_{half}2d"], dtype).view(2, -1)).view(-1)
+    half = "rows2d" if rows else "half2d"  # which half-grid's cells and weights (position_buffers)
+    cells, weights = buffers["re_" + half], buffers["w_" + half]
+    vals = (as_dtype(coef, dtype).view(1, -1) * as_dtype(weights, dtype).view(2, -1)).view(-1)
     cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64  # (dtype.to_complex() breaks dynamo)
     shape = (d_out // 2 + 1, d_in) if rows else (d_out, d_in // 2 + 1)
     grid = torch.zeros(shape, dtype=cdtype, device=coef.device)
-    torch.view_as_real(grid).view(-1).index_add_(0, buffers[f"re_{half}2d"], vals)
+    torch.view_as_real(grid).view(-1).index_add_(0, cells, vals)
     if rows:
         return torch.fft.irfftn(grid, s=(d_in, d_out), dim=(1, 0)).contiguous()  # (a strided add costs 5x the copy)
     return torch.fft.irfft2(grid, s=(d_out, d_in))
@@ -283,7 +284,7 @@ class FourierFT(Method):
         return {
             "rows": j.to(device), "cols": k.to(device),  # PEFT's `indices`
             "re_half2d": (2 * pos).to(device), "w_half2d": w2d.to(device),  # real part of half-grid cell pos
-            "re_rows2d": (2 * pos_rows).to(device), "w_rows2d": w_rows.to(device),
+            "re_rows2d": (2 * pos_rows).to(device), "w_rows2d": w_rows.to(device),  # the same, rows halved
             "pos_grad": torch.where(k <= hi, j * (hi + 1) + k, jm * (hi + 1) + km).to(device),  # half-grid cell of (j, k)
             "src": src.repeat_interleave(2).to(device), "w_fft": w_fft.to(device),
             "gather": (2 * kk[src, None] + pair).flatten().to(device),
